@@ -1,0 +1,5 @@
+import sys
+
+from asyncfx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,18 @@
+"""Exceptions raised by asyncfx. Every message names the cause and what to do about it."""
+from __future__ import annotations
+
+
+class AsyncFXError(Exception):
+    """Base class of every error asyncfx raises on purpose."""
+
+
+class CaptureError(AsyncFXError):
+    """The model could not be captured as a torch.fx graph."""
+
+
+class PlanError(AsyncFXError, ValueError):
+    """A stage plan cannot be made, or does not fit the graph it is applied to."""
+
+
+class InputMismatchError(AsyncFXError, ValueError):
+    """A call's inputs differ from the inputs the graph was captured with."""

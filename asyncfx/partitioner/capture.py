@@ -1,0 +1,494 @@
+"""Capture a denoiser as a flat torch.fx graph with known input roles.
+
+``torch.export.export(..., strict=False)`` is the primary path: it works for diffusers
+UNets and transformers whose forward has shape-dependent Python control flow.
+``torch.fx.symbolic_trace`` is the fallback for simple modules that export rejects.
+Either way the result is a :class:`Captured`: a GraphModule whose placeholders are the
+model's tensor inputs, flattened, and whose output is a flat tuple, plus what is needed
+to bind calls to it and rebuild the model's own output type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import inspect
+import linecache
+import os
+import re
+import traceback
+from typing import Any, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from asyncfx.errors import CaptureError, InputMismatchError
+from asyncfx.passes.classify import classify
+from asyncfx.passes.meta import VALUE, ValueClass
+
+#: Argument names taken as the latent when ``latent=`` is not given, in order.
+LATENT_NAMES = ("sample", "hidden_states", "x")
+#: Argument names taken as the timestep, in order.
+TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_ASYNCFX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class InputRole(str, enum.Enum):
+    """What an input of the denoiser is to a sampler."""
+
+    LATENT = "latent"        # the noisy sample x_s, new every step
+    TIMESTEP = "timestep"    # t_s, new every step
+    CONDITION = "condition"  # constant over a generation: text embeddings, labels, ids
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphInput:
+    """One tensor input of a captured graph, in placeholder order."""
+
+    name: str                 # argument path, e.g. "added_cond_kwargs.text_embeds"
+    role: InputRole
+    shape: tuple[int, ...]
+    dtype: str                # e.g. "torch.float32"
+
+    @property
+    def placeholder(self) -> str:
+        """The name of this input's placeholder in captured and stage graphs."""
+        return re.sub(r"\W", "_", self.name)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.role}, {self.dtype.removeprefix('torch.')}{list(self.shape)})"
+
+
+class CallInterface:
+    """How calls to a model map to a flat graph's inputs and back to the model's output.
+
+    Shared by :class:`Captured` and the staged model split from it.
+    """
+
+    def __init__(self, *, inputs: list[GraphInput], binder: "_Binder", leaf_constants: list[Any],
+                 in_spec: pytree.TreeSpec, out_spec: pytree.TreeSpec, model_class: str):
+        self.inputs = inputs
+        self.model_class = model_class
+        self._binder = binder
+        self._leaf_constants = leaf_constants   # per flat leaf: a constant, or _TENSOR
+        self._in_spec = in_spec
+        self._out_spec = out_spec
+
+    def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The graph's positional inputs for a model call, checked against the capture."""
+        leaves, spec = pytree.tree_flatten(self._binder.bind(args, kwargs))
+        if spec != self._in_spec:
+            raise InputMismatchError(
+                f"{self.model_class} was captured with arguments shaped like {self._in_spec}, "
+                f"but was called with {spec}; pass the same arguments, or capture again "
+                "with asyncfx.capture(model, args, kwargs) for the new call.")
+        tensors = []
+        for leaf, captured, name in zip(leaves, self._leaf_constants, self._binder.leaf_names(spec)):
+            if captured is _TENSOR:
+                tensors.append(leaf)
+            elif not _same_constant(leaf, captured):
+                raise InputMismatchError(
+                    f"argument {name!r} of {self.model_class} was {captured!r} at capture and is "
+                    f"{leaf!r} now; non-tensor arguments are baked into the graph, so pass "
+                    "the captured value or capture again with the new one.")
+        for given, expected in zip(tensors, self.inputs):
+            check_input(given, expected, self.model_class)
+        return tensors
+
+    def unflatten(self, values: Sequence[Any]) -> Any:
+        """The model's own output (tuple, tensor or diffusers output class) from flat values."""
+        return pytree.tree_unflatten(list(values), self._out_spec)
+
+
+class Captured(nn.Module):
+    """A model captured as a flat, classified fx graph; callable exactly like the model.
+
+    ``graph_module`` takes the tensor inputs listed in ``inputs`` positionally (its
+    placeholders carry the same names) and returns a flat tuple; calling the Captured binds
+    arguments like the model's forward, checks them against the captured ones and rebuilds
+    the model's output type. Every node carries its value class (``passes.meta``).
+
+    Example:
+        >>> model, args, kwargs = asyncfx.zoo.tiny.sd_unet()
+        >>> captured = asyncfx.capture(model, args, kwargs)
+        >>> captured.latent_input.name
+        'sample'
+        >>> out = captured(*args, **kwargs)          # same type and values as model(...)
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, interface: CallInterface, method: str):
+        super().__init__()
+        self.graph_module = graph_module
+        self.interface = interface
+        self.method = method
+        self.fingerprint = graph_fingerprint(graph_module, interface.inputs)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    @property
+    def inputs(self) -> list[GraphInput]:
+        return self.interface.inputs
+
+    @property
+    def model_class(self) -> str:
+        return self.interface.model_class
+
+    @property
+    def latent_input(self) -> GraphInput:
+        return next(i for i in self.inputs if i.role is InputRole.LATENT)
+
+    @property
+    def timestep_input(self) -> GraphInput | None:
+        return next((i for i in self.inputs if i.role is InputRole.TIMESTEP), None)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self.interface.flatten(args, kwargs)
+        return self.interface.unflatten(self.graph_module(*flat))
+
+
+_TENSOR = object()  # marks a tensor leaf in Captured._leaf_constants
+
+
+def check_input(given: Any, expected: GraphInput, model_class: str) -> None:
+    """Raise InputMismatchError unless ``given`` is a tensor shaped like ``expected``."""
+    if not isinstance(given, torch.Tensor):
+        raise InputMismatchError(
+            f"input {expected.name!r} of {model_class} must be a tensor like at capture "
+            f"({expected.describe()}), got {type(given).__name__}.")
+    if tuple(given.shape) != expected.shape or str(given.dtype) != expected.dtype:
+        raise InputMismatchError(
+            f"input {expected.name!r} of {model_class} is "
+            f"{str(given.dtype).removeprefix('torch.')}{list(given.shape)} but the graph was "
+            f"captured for {expected.dtype.removeprefix('torch.')}{list(expected.shape)}; "
+            "shapes are specialised, so capture again with inputs of the new shape.")
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # objects without a usable == (compared by identity then)
+        return a is b
+
+
+class _Binder:
+    """Binds call arguments to the forward signature: defaults applied, scalar timestep
+    made a tensor, so that every call flattens to the same pytree as the capture."""
+
+    def __init__(self, signature: inspect.Signature, timestep_name: str | None):
+        self.signature = signature
+        self.timestep_name = timestep_name
+        params = list(signature.parameters.values())
+        self._positional = [p.name for p in params if p.kind in (
+            p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self._var_positional = next((p.name for p in params if p.kind is p.VAR_POSITIONAL), "args")
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InputMismatchError(f"arguments do not fit forward{self.signature}: {exc}") from exc
+        bound.apply_defaults()
+        value = bound.arguments.get(self.timestep_name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # A Python number would be baked into the graph as a constant; diffusers
+            # turns it into an int64 / float64 tensor itself, so this changes nothing.
+            bound.arguments[self.timestep_name] = torch.tensor(
+                value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+        return tuple(bound.args), dict(bound.kwargs)
+
+    def leaf_names(self, spec: pytree.TreeSpec) -> list[str]:
+        """A readable name for each flat leaf, e.g. ``added_cond_kwargs.time_ids``."""
+        dummy = pytree.tree_unflatten([0] * spec.num_leaves, spec)
+        paths, _ = pytree.tree_flatten_with_path(dummy)
+        return [self._name(path) for path, _ in paths]
+
+    def _name(self, path: tuple) -> str:
+        head, key, *rest = path
+        if head.idx == 0:  # positional argument
+            i = key.idx
+            name = (self._positional[i] if i < len(self._positional)
+                    else f"{self._var_positional}[{i - len(self._positional)}]")
+        else:
+            name = str(key.key)
+        for part in rest:
+            name += f".{part.key}" if isinstance(part, pytree.MappingKey) else pytree.keystr((part,))
+        return name
+
+
+def top_level_name(leaf_name: str) -> str:
+    return leaf_name.split(".")[0].split("[")[0]
+
+
+def _assign_roles(names: list[str], is_tensor: list[bool], latent: str | None,
+                  timestep_name: str | None, model_class: str) -> list[InputRole | None]:
+    tensor_names = [n for n, t in zip(names, is_tensor) if t]
+    if not tensor_names:
+        raise CaptureError(f"{model_class} was called without any tensor argument; pass the "
+                           "latent as a tensor in the example inputs.")
+    if latent is not None:
+        matches = [n for n in tensor_names if n == latent or top_level_name(n) == latent]
+        if len(matches) != 1:
+            raise CaptureError(
+                f"latent={latent!r} names no single tensor argument of {model_class}; "
+                f"tensor arguments are {tensor_names}.")
+        latent_name = matches[0]
+    else:
+        by_name = [n for n in tensor_names if n in LATENT_NAMES]
+        latent_name = min(by_name, key=LATENT_NAMES.index) if by_name else tensor_names[0]
+    roles: list[InputRole | None] = []
+    for name, tensor in zip(names, is_tensor):
+        if not tensor:
+            roles.append(None)
+        elif name == latent_name:
+            roles.append(InputRole.LATENT)
+        elif name == timestep_name:
+            roles.append(InputRole.TIMESTEP)
+        else:
+            roles.append(InputRole.CONDITION)
+    return roles
+
+
+def _timestep_name(signature: inspect.Signature, args: tuple, kwargs: dict,
+                   latent: str | None, model_class: str) -> str | None:
+    """The first of TIMESTEP_NAMES bound to a tensor or a number (not the latent)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise CaptureError(f"example inputs do not fit {model_class}.forward"
+                           f"{signature}: {exc}") from exc
+    for name in TIMESTEP_NAMES:
+        value = bound.arguments.get(name)
+        if name != latent and (isinstance(value, torch.Tensor) or (
+                isinstance(value, (int, float)) and not isinstance(value, bool))):
+            return name
+    return None
+
+
+def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+            *, latent: str | None = None) -> Captured:
+    """Capture ``model`` called with ``args``/``kwargs`` as a flat fx graph.
+
+    ``latent`` names the argument that is the noisy sample when it is not called
+    ``sample``, ``hidden_states`` or ``x`` (default: else the first tensor argument).
+    Shapes are specialised: other shapes need another capture.
+
+    Example:
+        >>> model, args, kwargs = asyncfx.zoo.tiny.sdxl_unet()
+        >>> captured = asyncfx.capture(model, args, kwargs)
+        >>> [str(i.role) for i in captured.inputs]
+        ['latent', 'timestep', 'condition', 'condition', 'condition']
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}; "
+                           "wrap a plain function in a Module.")
+    args, kwargs = tuple(args), dict(kwargs or {})
+    model_class = type(model).__name__
+    signature = inspect.signature(model.forward)
+    timestep_name = _timestep_name(signature, args, kwargs, latent, model_class)
+    binder = _Binder(signature, timestep_name)
+    bound_args, bound_kwargs = binder.bind(args, kwargs)
+    leaves, in_spec = pytree.tree_flatten((bound_args, bound_kwargs))
+    names = binder.leaf_names(in_spec)
+    is_tensor = [isinstance(v, torch.Tensor) for v in leaves]
+    roles = _assign_roles(names, is_tensor, latent, timestep_name, model_class)
+
+    graph_module, out_spec, method = _trace(model, bound_args, bound_kwargs, leaves, names, is_tensor)
+    inputs = [GraphInput(name, role, tuple(leaf.shape), str(leaf.dtype))
+              for name, role, leaf in zip(names, roles, leaves) if role is not None]
+    _name_placeholders(graph_module, inputs)
+    classify(graph_module.graph, {i.placeholder: _ROLE_CLASS[i.role] for i in inputs})
+    constants = [_TENSOR if tensor else leaf for leaf, tensor in zip(leaves, is_tensor)]
+    interface = CallInterface(inputs=inputs, binder=binder, leaf_constants=constants,
+                              in_spec=in_spec, out_spec=out_spec, model_class=model_class)
+    return Captured(graph_module, interface, method)
+
+
+_ROLE_CLASS = {InputRole.LATENT: ValueClass.LATENT, InputRole.TIMESTEP: ValueClass.STEP,
+               InputRole.CONDITION: ValueClass.STATIC}
+
+
+def _name_placeholders(gm: fx.GraphModule, inputs: list[GraphInput]) -> None:
+    """Name each placeholder after its input (``added_cond_kwargs.time_ids`` ->
+    ``added_cond_kwargs_time_ids``) so stage graphs and plans read in the model's terms."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(inputs):
+        raise CaptureError(f"captured graph has {len(placeholders)} inputs for {len(inputs)} "
+                           "tensor arguments; please report this model.")
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for node, graph_input in zip(placeholders, inputs):
+        wanted = graph_input.placeholder
+        holder = by_name.get(wanted)
+        if holder is not None and holder is not node:  # free the name first
+            holder._rename(f"{wanted}_node")
+        node._rename(wanted)
+        node.target = node.name
+    gm.recompile()
+
+
+def _trace(model: nn.Module, args: tuple, kwargs: dict, leaves: list[Any], names: list[str],
+           is_tensor: list[bool]) -> tuple[fx.GraphModule, pytree.TreeSpec, str]:
+    try:
+        return (*_export(model, args, kwargs, is_tensor, type(model).__name__), "export")
+    except CaptureError:
+        raise
+    except Exception as export_error:
+        try:
+            gm, out_spec = _symbolic_trace(model, leaves, names, is_tensor)
+        except Exception as trace_error:
+            raise CaptureError(_both_failed_message(model, export_error, trace_error)) from export_error
+        return gm, out_spec, "symbolic_trace"
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
+            model_class: str) -> tuple[fx.GraphModule, pytree.TreeSpec]:
+    exported = torch.export.export(model, args, kwargs, strict=False)
+    mutated = dict(exported.graph_signature.buffers_to_mutate)
+    if mutated:
+        raise CaptureError(
+            f"{model_class}.forward writes to buffers {sorted(mutated.values())}; a denoiser "
+            "must not change state while sampling. Call model.eval() (batch norm in training "
+            "mode updates running statistics) or keep the state outside the model.")
+    unlifted = exported.module()
+    graph = unlifted.graph
+    graph.set_codegen(fx.graph.CodeGen())  # flat positional inputs, flat tuple output
+    _remove_checks(graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, tensor in zip(placeholders, is_tensor):
+        if not tensor:
+            if node.users:
+                raise CaptureError(f"non-tensor input {node.name} of {model_class} is still used "
+                                   "in the exported graph; pass it as a tensor instead.")
+            graph.erase_node(node)
+    output = graph.output_node()
+    output.args = (tuple(output.args[0]),)
+    gm = fx.GraphModule(unlifted, graph, class_name=f"Captured{model_class}")
+    gm.graph.lint()
+    gm.recompile()
+    return gm, exported.call_spec.out_spec
+
+
+def _remove_checks(graph: fx.Graph) -> None:
+    """Drop export's guard module call and assertion ops (ops that return nothing): input
+    checks are done by Captured itself, and a check must not pin a cut."""
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op == "output":
+            continue
+        schema = getattr(node.target, "_schema", None)
+        is_guard = node.op == "call_module" and str(node.target) == "_guards_fn"
+        if is_guard or (schema is not None and not schema.returns):
+            graph.erase_node(node)
+
+
+def _symbolic_trace(model: nn.Module, leaves: list[Any], names: list[str],
+                    is_tensor: list[bool]) -> tuple[fx.GraphModule, pytree.TreeSpec]:
+    nested = [n for n, t in zip(names, is_tensor) if t and n != top_level_name(n)]
+    if nested:
+        raise CaptureError(f"symbolic tracing needs tensors as top-level arguments; {nested} "
+                           "are nested in containers.")
+    concrete = {n: v for n, v, t in zip(names, leaves, is_tensor) if not t}
+    tracer = fx.Tracer()
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    placeholders = {n.target.lstrip("*"): n for n in graph.nodes if n.op == "placeholder"}
+    tensor_names = [n for n, t in zip(names, is_tensor) if t]
+    for name, node in placeholders.items():  # constants are specialised, not inputs
+        if name not in tensor_names:
+            _erase_specialised_input(graph, node)
+    output = graph.output_node()
+    flat, out_spec = pytree.tree_flatten(output.args[0])
+    output.args = (tuple(flat),)
+    gm = fx.GraphModule(tracer.root, graph, class_name=f"Captured{type(model).__name__}")
+    gm.graph.lint()
+    gm.recompile()
+    _record_values(gm, [v for v, t in zip(leaves, is_tensor) if t])
+    return gm, out_spec
+
+
+def _erase_specialised_input(graph: fx.Graph, placeholder: fx.Node) -> None:
+    """Remove a constant argument's placeholder and the checks fx traced on it."""
+    doomed, stack = {placeholder}, list(placeholder.users)
+    while stack:
+        node = stack.pop()
+        if node.op == "output":
+            raise CaptureError(f"the output depends on non-tensor argument {placeholder.name}; "
+                               "pass it as a tensor.")
+        if node not in doomed:
+            doomed.add(node)
+            stack.extend(node.users)
+    for node in reversed([n for n in graph.nodes if n in doomed]):
+        graph.erase_node(node)
+
+
+def _record_values(gm: fx.GraphModule, inputs: list[torch.Tensor]) -> None:
+    """Give every node of a symbolically traced graph a meta-device ``val`` like export does."""
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            result = super().run_node(node)
+            node.meta[VALUE] = pytree.tree_map_only(
+                torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                            device="meta"), result)
+            return result
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+
+
+def _both_failed_message(model: nn.Module, export_error: Exception, trace_error: Exception) -> str:
+    model_class = type(model).__name__
+    construct = _failing_construct(export_error) or _failing_construct(trace_error)
+    where = f" at {construct}" if construct else ""
+    return (
+        f"cannot capture {model_class}: torch.export failed{where} with "
+        f"{type(export_error).__name__}: {_first_line(export_error)}; the torch.fx.symbolic_trace "
+        f"fallback failed too with {type(trace_error).__name__}: {_first_line(trace_error)}. "
+        "A forward that branches on a tensor's value (if x.sum() > 0, x.item(), x.tolist()) cannot "
+        "be captured: branch on shapes or Python arguments instead, use torch.where or torch.cond, "
+        "or move the data-dependent part out of the denoiser.")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _failing_construct(error: BaseException) -> str | None:
+    """``file:line in function: source`` of the innermost frame in user code."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith((_TORCH_DIR, _ASYNCFX_DIR)) and "<" not in f.filename]
+    if not frames:
+        return None
+    frame = frames[-1]
+    source = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+    return f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}: `{source}`"
+
+
+def graph_fingerprint(gm: fx.GraphModule, inputs: Sequence[GraphInput]) -> str:
+    """A hash of the graph's structure, targets, value shapes and inputs.
+
+    Plans store it; applying a plan to another graph is then a clear error.
+    """
+    index = {node: i for i, node in enumerate(gm.graph.nodes)}
+    digest = hashlib.sha256()
+    for graph_input in inputs:
+        digest.update(repr(dataclasses.astuple(graph_input)).encode())
+    for node in gm.graph.nodes:
+        args = pytree.tree_map_only(fx.Node, lambda n: f"%{index[n]}", (node.args, node.kwargs))
+        value = node.meta.get(VALUE)
+        shape = pytree.tree_map_only(torch.Tensor, lambda t: (tuple(t.shape), str(t.dtype)), value)
+        digest.update(f"{node.op}|{_target_name(node)}|{args}|{shape}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, (str, torch._ops.OpOverload)):
+        return str(target)
+    return getattr(target, "__qualname__", repr(target))

@@ -1,0 +1,179 @@
+"""StagePlan: the contract between the compiler and the runtime.
+
+A plain dataclass that round-trips through JSON: which latent nodes form each stage,
+the tensors that cross stage boundaries, the graph inputs and their roles, and the
+cost the compiler predicted. Nothing in it refers to Python objects, so a plan can be
+compiled offline, saved, inspected and loaded by another process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from asyncfx.errors import PlanError
+
+PLAN_FORMAT = "asyncfx.StagePlan"
+PLAN_VERSION = 1
+
+
+@dataclasses.dataclass
+class PlanInput:
+    """A tensor input of the graph: its placeholder name, role, shape and dtype."""
+
+    name: str
+    role: str
+    shape: list[int]
+    dtype: str
+
+
+@dataclasses.dataclass
+class BoundaryTensor:
+    """A latent value produced by one stage and read by later ones (one step stale)."""
+
+    name: str               # the producing node, also the placeholder name in consumers
+    producer: int
+    consumers: list[int]
+    shape: list[int]
+    dtype: str
+    bytes: int
+    module: str             # module path of the producing node, "" at top level
+
+
+@dataclasses.dataclass
+class StageInfo:
+    """One stage: its latent nodes (in order) and what the compiler knows about it."""
+
+    index: int
+    nodes: list[str]        # own latent nodes, topological order
+    first_module: str
+    last_module: str
+    replicated_nodes: int   # step/static nodes this stage recomputes for itself
+    param_bytes: int        # parameters and buffers the stage holds
+    estimated_cost: float   # in the plan's cost unit
+    cut_reason: str = ""    # why the cut before this stage sits where it does
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """How a captured graph is cut into stages.
+
+    Example:
+        >>> plan = asyncfx.compile(model, 2, example_inputs=(args, kwargs))
+        >>> plan.n_stages
+        2
+        >>> plan.save("plan.json"); asyncfx.StagePlan.load("plan.json") == plan
+        True
+        >>> print(plan.summary())
+    """
+
+    fingerprint: str
+    model_class: str
+    inputs: list[PlanInput]
+    stages: list[StageInfo]
+    boundaries: list[BoundaryTensor]
+    cost: str                      # "flops" or "uniform"
+    cost_unit: str                 # what estimated_cost counts
+    total_param_bytes: int
+    devices: list[str] | None = None
+    version: int = PLAN_VERSION
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PLAN_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StagePlan":
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise PlanError("not an asyncfx stage plan (missing \"format\": "
+                            f"\"{PLAN_FORMAT}\"); make one with asyncfx.compile().")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"stage plan version {data.get('version')} is not supported by this "
+                            f"asyncfx (version {PLAN_VERSION}); compile the plan again.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        try:
+            values = {k: v for k, v in data.items() if k in fields}
+            values["inputs"] = [PlanInput(**i) for i in values["inputs"]]
+            values["stages"] = [StageInfo(**s) for s in values["stages"]]
+            values["boundaries"] = [BoundaryTensor(**b) for b in values["boundaries"]]
+            return cls(**values)
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"stage plan is malformed ({exc}); compile it again.") from exc
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the plan as JSON (atomically: a failed write leaves no partial file)."""
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "StagePlan":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError as exc:
+            raise PlanError(f"no stage plan at {os.fspath(path)!r}") from exc
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{os.fspath(path)!r} is not JSON ({exc}); is it a stage plan?") from exc
+        return cls.from_dict(data)
+
+    def summary(self) -> str:
+        """A readable table of stages and boundary tensors."""
+        total_cost = sum(s.estimated_cost for s in self.stages) or 1.0
+        lines = [f"StagePlan for {self.model_class}: {self.n_stages} stage(s), cost={self.cost} "
+                 f"({self.cost_unit}), graph {self.fingerprint}",
+                 f"inputs: " + ", ".join(f"{i.name} ({i.role}, {_tensor_type(i.dtype, i.shape)})"
+                                         for i in self.inputs)]
+        rows = [("stage", "first module", "last module", "nodes", "+repl", "params",
+                 "est. cost", "share")]
+        for s in self.stages:
+            rows.append((str(s.index), s.first_module or "(top)", s.last_module or "(top)",
+                         str(len(s.nodes)), str(s.replicated_nodes), format_bytes(s.param_bytes),
+                         f"{s.estimated_cost:.4g}", f"{s.estimated_cost / total_cost:.1%}"))
+        lines += _table(rows)
+        replicated = sum(s.param_bytes for s in self.stages) - self.total_param_bytes
+        lines.append(f"parameters: {format_bytes(self.total_param_bytes)} in the model, "
+                     f"{format_bytes(replicated)} replicated across stages")
+        if self.boundaries:
+            lines.append("boundary tensors (each read one step stale by its consumers):")
+            rows = [("tensor", "producer", "consumers", "shape", "dtype", "bytes", "module")]
+            for b in self.boundaries:
+                rows.append((b.name, str(b.producer), ",".join(map(str, b.consumers)),
+                             "x".join(map(str, b.shape)), b.dtype.removeprefix("torch."),
+                             format_bytes(b.bytes), b.module or "(top)"))
+            lines += _table(rows)
+            lines.append("bytes into each stage: " + ", ".join(
+                f"{k}: {format_bytes(self.bytes_into(k))}" for k in range(self.n_stages)))
+        reasons = [f"  cut before stage {s.index}: {s.cut_reason}" for s in self.stages if s.cut_reason]
+        if reasons:
+            lines += ["why the cuts sit where they do:"] + reasons
+        return "\n".join(lines)
+
+    def bytes_into(self, stage: int) -> int:
+        """Bytes of boundary tensors the stage receives each step."""
+        return sum(b.bytes for b in self.boundaries if stage in b.consumers)
+
+
+def format_bytes(n: float) -> str:
+    """``1234567`` -> ``'1.2 MB'`` (decimal units)."""
+    unit = "B"
+    for bigger in ("KB", "MB", "GB"):
+        if abs(n) < 1000:
+            break
+        n, unit = n / 1000, bigger
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+
+
+def _tensor_type(dtype: str, shape: list[int]) -> str:
+    return f"{dtype.removeprefix('torch.')}[{', '.join(map(str, shape))}]"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

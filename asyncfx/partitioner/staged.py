@@ -1,0 +1,76 @@
+"""split(): the stage modules of a plan, chained with fresh values (no staleness)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from asyncfx.errors import PlanError
+from asyncfx.partitioner.capture import CallInterface, Captured
+from asyncfx.partitioner.cuts import latent_order
+from asyncfx.partitioner.plan import StagePlan
+from asyncfx.passes.split import StageGraph, split_stages
+
+
+class StagedModel(nn.Module):
+    """A model cut into stage GraphModules, called exactly like the model.
+
+    ``stages[k]`` takes the inputs named ``stage_inputs[k]`` (graph inputs and boundary
+    tensors of earlier stages) and returns the boundaries named ``stage_outputs[k]``;
+    the last stage returns the model's output. Each stage holds only the weights its
+    nodes use.
+
+    Example:
+        >>> staged = asyncfx.split(captured, plan)
+        >>> len(staged.stages) == plan.n_stages
+        True
+        >>> out = staged(*args, **kwargs)            # equals model(*args, **kwargs)
+    """
+
+    def __init__(self, stages: list[StageGraph], interface: CallInterface, plan: StagePlan):
+        super().__init__()
+        self.stages = nn.ModuleList(s.module for s in stages)
+        self.stage_inputs = [s.inputs for s in stages]
+        self.stage_outputs = [s.outputs for s in stages]
+        self.interface = interface
+        self.plan = plan
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self.interface.flatten(args, kwargs)
+        values: dict[str, torch.Tensor] = {i.placeholder: v for i, v in zip(self.interface.inputs, flat)}
+        result: Any = ()
+        for stage, inputs, outputs in zip(self.stages, self.stage_inputs, self.stage_outputs):
+            result = stage(*(values[name] for name in inputs))
+            values.update(zip(outputs, result))
+        return self.interface.unflatten(result)
+
+
+def split(captured: Captured, plan: StagePlan) -> StagedModel:
+    """Build the stage modules that ``plan`` describes for ``captured``.
+
+    Example:
+        >>> captured = asyncfx.capture(model, args, kwargs)
+        >>> staged = asyncfx.split(captured, asyncfx.compile(captured, 4))
+    """
+    if not isinstance(captured, Captured):
+        raise PlanError(f"split() needs a Captured (from asyncfx.capture), got "
+                        f"{type(captured).__name__}.")
+    if plan.fingerprint != captured.fingerprint:
+        raise PlanError(
+            f"the plan was compiled for another graph (plan fingerprint {plan.fingerprint}, "
+            f"{plan.model_class}; this graph {captured.fingerprint}, {captured.model_class}): "
+            "the model, its input shapes or dtypes, or the torch version differ. Compile a "
+            "new plan for this model and inputs with asyncfx.compile().")
+    return StagedModel(split_stages(captured.graph_module, _assignment(captured.graph, plan)),
+                       captured.interface, plan)
+
+
+def _assignment(graph: fx.Graph, plan: StagePlan) -> list[list[fx.Node]]:
+    order = latent_order(graph)
+    names = [name for stage in plan.stages for name in stage.nodes]
+    if names != [n.name for n in order]:
+        raise PlanError("the plan's stages do not list the graph's latent nodes in order; "
+                        "compile the plan again with asyncfx.compile().")
+    by_name = {n.name: n for n in order}
+    return [[by_name[name] for name in stage.nodes] for stage in plan.stages]

@@ -1,0 +1,1 @@
+"""Executing a StagePlan: schedule, executors and AsyncDenoiser (see the runtime issue)."""
