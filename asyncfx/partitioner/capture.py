@@ -52,14 +52,10 @@ class GraphInput:
     """One tensor input of a captured graph, in placeholder order."""
 
     name: str                 # argument path, e.g. "added_cond_kwargs.text_embeds"
+    placeholder: str          # its placeholder in captured and stage graphs
     role: InputRole
     shape: tuple[int, ...]
     dtype: str                # e.g. "torch.float32"
-
-    @property
-    def placeholder(self) -> str:
-        """The name of this input's placeholder in captured and stage graphs."""
-        return re.sub(r"\W", "_", self.name)
 
     def describe(self) -> str:
         return f"{self.name} ({self.role}, {self.dtype.removeprefix('torch.')}{list(self.shape)})"
@@ -85,9 +81,10 @@ class CallInterface:
         leaves, spec = pytree.tree_flatten(self._binder.bind(args, kwargs))
         if spec != self._in_spec:
             raise InputMismatchError(
-                f"{self.model_class} was captured with arguments shaped like {self._in_spec}, "
-                f"but was called with {spec}; pass the same arguments, or capture again "
-                "with asyncfx.capture(model, args, kwargs) for the new call.")
+                f"{self.model_class} was captured with the arguments "
+                f"{self._binder.leaf_names(self._in_spec)} but is called with "
+                f"{self._binder.leaf_names(spec)}; pass arguments structured as at capture, or "
+                "capture again with asyncfx.capture(model, args, kwargs) for the new call.")
         tensors = []
         for leaf, captured, name in zip(leaves, self._leaf_constants, self._binder.leaf_names(spec)):
             if captured is _TENSOR:
@@ -301,9 +298,11 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     roles = _assign_roles(names, is_tensor, latent, timestep_name, model_class)
 
     graph_module, out_spec, method = _trace(model, bound_args, bound_kwargs, leaves, names, is_tensor)
-    inputs = [GraphInput(name, role, tuple(leaf.shape), str(leaf.dtype))
-              for name, role, leaf in zip(names, roles, leaves) if role is not None]
-    _name_placeholders(graph_module, inputs)
+    tensor_inputs = [(name, role, leaf) for name, role, leaf in zip(names, roles, leaves)
+                     if role is not None]
+    placeholders = _name_placeholders(graph_module, [name for name, _, _ in tensor_inputs])
+    inputs = [GraphInput(name, placeholder, role, tuple(leaf.shape), str(leaf.dtype))
+              for (name, role, leaf), placeholder in zip(tensor_inputs, placeholders)]
     classify(graph_module.graph, {i.placeholder: _ROLE_CLASS[i.role] for i in inputs})
     constants = [_TENSOR if tensor else leaf for leaf, tensor in zip(leaves, is_tensor)]
     interface = CallInterface(inputs=inputs, binder=binder, leaf_constants=constants,
@@ -315,22 +314,24 @@ _ROLE_CLASS = {InputRole.LATENT: ValueClass.LATENT, InputRole.TIMESTEP: ValueCla
                InputRole.CONDITION: ValueClass.STATIC}
 
 
-def _name_placeholders(gm: fx.GraphModule, inputs: list[GraphInput]) -> None:
+def _name_placeholders(gm: fx.GraphModule, names: list[str]) -> list[str]:
     """Name each placeholder after its input (``added_cond_kwargs.time_ids`` ->
-    ``added_cond_kwargs_time_ids``) so stage graphs and plans read in the model's terms."""
+    ``added_cond_kwargs_time_ids``) so stage graphs and plans read in the model's terms.
+    Returns the names given (fx adds a suffix to reserved names such as ``input``)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(inputs):
-        raise CaptureError(f"captured graph has {len(placeholders)} inputs for {len(inputs)} "
+    if len(placeholders) != len(names):
+        raise CaptureError(f"captured graph has {len(placeholders)} inputs for {len(names)} "
                            "tensor arguments; please report this model.")
     by_name = {n.name: n for n in gm.graph.nodes}
-    for node, graph_input in zip(placeholders, inputs):
-        wanted = graph_input.placeholder
+    for node, name in zip(placeholders, names):
+        wanted = re.sub(r"\W", "_", name)
         holder = by_name.get(wanted)
         if holder is not None and holder is not node:  # free the name first
             holder._rename(f"{wanted}_node")
         node._rename(wanted)
         node.target = node.name
     gm.recompile()
+    return [n.name for n in placeholders]
 
 
 def _trace(model: nn.Module, args: tuple, kwargs: dict, leaves: list[Any], names: list[str],
@@ -350,14 +351,14 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict, leaves: list[Any], names
 def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
             model_class: str) -> tuple[fx.GraphModule, pytree.TreeSpec]:
     exported = torch.export.export(model, args, kwargs, strict=False)
-    mutated = dict(exported.graph_signature.buffers_to_mutate)
-    if mutated:
-        raise CaptureError(
-            f"{model_class}.forward writes to buffers {sorted(mutated.values())}; a denoiser "
-            "must not change state while sampling. Call model.eval() (batch norm in training "
-            "mode updates running statistics) or keep the state outside the model.")
     unlifted = exported.module()
     graph = unlifted.graph
+    mutated = sorted(set(exported.graph_signature.buffers_to_mutate.values()) | _mutated_state(graph))
+    if mutated:
+        raise CaptureError(
+            f"{model_class}.forward writes to buffers or inputs {mutated}; a denoiser must not "
+            "change state while sampling. Call model.eval() (batch norm in training mode "
+            "updates running statistics) or keep the state outside the model.")
     graph.set_codegen(fx.graph.CodeGen())  # flat positional inputs, flat tuple output
     _remove_checks(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -373,6 +374,20 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
     gm.graph.lint()
     gm.recompile()
     return gm, exported.call_spec.out_spec
+
+
+def _mutated_state(graph: fx.Graph) -> set[str]:
+    """Weights, buffers and inputs that an in-place op writes to."""
+    written = set()
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for argument, value in zip(schema.arguments, node.args):
+            is_write = argument.alias_info is not None and argument.alias_info.is_write
+            if is_write and isinstance(value, fx.Node) and value.op in ("get_attr", "placeholder"):
+                written.add(str(value.target))
+    return written
 
 
 def _remove_checks(graph: fx.Graph) -> None:
@@ -402,13 +417,24 @@ def _symbolic_trace(model: nn.Module, leaves: list[Any], names: list[str],
         if name not in tensor_names:
             _erase_specialised_input(graph, node)
     output = graph.output_node()
-    flat, out_spec = pytree.tree_flatten(output.args[0])
+    flat, out_spec = pytree.tree_flatten(_mutable(output.args[0]))
     output.args = (tuple(flat),)
     gm = fx.GraphModule(tracer.root, graph, class_name=f"Captured{type(model).__name__}")
     gm.graph.lint()
     gm.recompile()
     _record_values(gm, [v for v, t in zip(leaves, is_tensor) if t])
     return gm, out_spec
+
+
+def _mutable(value: Any) -> Any:
+    """fx stores node arguments as immutable dicts and lists; the model returned plain ones."""
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_mutable(v) for v in value)
+    return value
 
 
 def _erase_specialised_input(graph: fx.Graph, placeholder: fx.Node) -> None:

@@ -1,0 +1,166 @@
+"""capture(): torch.export graphs of every zoo model, input roles, output types, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import fx, nn
+
+import asyncfx
+from asyncfx.zoo.tiny import ZOO
+from conftest import assert_same_output, zoo_captured, zoo_example
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_captured_graph_reproduces_model(name):
+    model, args, kwargs = zoo_example(name)
+    captured = zoo_captured(name)
+    assert captured.method == "export"
+    assert_same_output(captured(*args, **kwargs), model(*args, **kwargs))
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_output_structure_follows_return_dict(return_dict):
+    model, args, kwargs = zoo_example("sd_unet")
+    kwargs = {**kwargs, "return_dict": return_dict}
+    captured = asyncfx.capture(model, args, kwargs)
+    out = captured(*args, **kwargs)
+    assert_same_output(out, model(*args, **kwargs))
+    assert isinstance(out, tuple) != return_dict
+    assert hasattr(out, "sample") == return_dict
+
+
+def test_input_roles_of_sdxl_include_nested_conditioning():
+    captured = zoo_captured("sdxl_unet")
+    roles = {i.name: str(i.role) for i in captured.inputs}
+    assert roles == {"sample": "latent", "timestep": "timestep", "encoder_hidden_states": "condition",
+                     "added_cond_kwargs.text_embeds": "condition",
+                     "added_cond_kwargs.time_ids": "condition"}
+    placeholders = [n.name for n in captured.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["sample", "timestep", "encoder_hidden_states",
+                            "added_cond_kwargs_text_embeds", "added_cond_kwargs_time_ids"]
+
+
+def test_roles_by_name_for_transformers_and_hand_written_models():
+    flux = {i.name: str(i.role) for i in zoo_captured("flux_transformer").inputs}
+    assert flux["hidden_states"] == "latent" and flux["timestep"] == "timestep"
+    assert {flux[k] for k in ("img_ids", "txt_ids", "guidance", "pooled_projections")} == {"condition"}
+    skip = {i.name: str(i.role) for i in zoo_captured("skip_list_denoiser").inputs}
+    assert skip == {"x": "latent", "t": "timestep", "cond": "condition"}
+
+
+class TwoImages(nn.Module):
+    """The latent is neither first nor conventionally named."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 3, 1)
+
+    def forward(self, reference, noisy, t):
+        return self.conv(torch.cat([reference, noisy], 1)) * t
+
+
+def test_latent_defaults_to_first_tensor_and_can_be_named():
+    args = (torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.tensor(0.5))
+    default = asyncfx.capture(TwoImages(), args)
+    assert default.latent_input.name == "reference"
+    named = asyncfx.capture(TwoImages(), args, latent="noisy")
+    assert named.latent_input.name == "noisy"
+    assert {i.name: str(i.role) for i in named.inputs}["reference"] == "condition"
+    with pytest.raises(asyncfx.CaptureError, match="latent='image' names no single tensor"):
+        asyncfx.capture(TwoImages(), args, latent="image")
+
+
+def test_python_number_timestep_is_a_graph_input_not_a_constant():
+    model, _, kwargs = zoo_example("sd_unet")
+    kwargs = {**kwargs, "timestep": 981}
+    captured = asyncfx.capture(model, (), kwargs)
+    assert captured.timestep_input is not None
+    later = {**kwargs, "timestep": 500}
+    assert_same_output(captured(**later), model(**later))
+
+
+def numpy_tanh(h: torch.Tensor) -> torch.Tensor:
+    """A leaf function torch.export cannot trace (it leaves torch for numpy)."""
+    return torch.from_numpy(np.tanh(h.detach().numpy()))
+
+
+torch.fx.wrap("numpy_tanh")
+
+
+class NumpyActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.outer = nn.Linear(4, 4)
+
+    def forward(self, x, t, return_dict: bool = False):
+        out = self.outer(numpy_tanh(self.inner(x)) * t)
+        return {"sample": out} if return_dict else (out,)
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_symbolic_trace_fallback_where_export_fails(return_dict):
+    model, x, t = NumpyActivation(), torch.randn(2, 4), torch.tensor(2.0)
+    captured = asyncfx.capture(model, (x, t), {"return_dict": return_dict})
+    assert captured.method == "symbolic_trace"
+    assert any(n.op == "call_module" for n in captured.graph.nodes)
+    assert_same_output(captured(x, t, return_dict=return_dict), model(x, t, return_dict=return_dict))
+
+
+class BranchOnValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x, t):
+        if x.sum() > 0:
+            return self.linear(x) * t
+        return x
+
+
+def test_model_branching_on_tensor_value_is_a_clear_capture_error():
+    with pytest.raises(asyncfx.CaptureError) as info:
+        asyncfx.capture(BranchOnValue(), (torch.randn(2, 4), torch.tensor(1.0)))
+    message = str(info.value)
+    assert "cannot capture BranchOnValue" in message
+    assert "test_capture.py" in message and "if x.sum() > 0:" in message
+    assert "symbolic_trace fallback failed too" in message and "torch.cond" in message
+    assert info.value.__cause__ is not None
+
+
+def test_buffer_mutation_in_training_mode_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).train()
+    with pytest.raises(asyncfx.CaptureError, match=r"writes to buffers or inputs .*num_batches_tracked.*model.eval\(\)"):
+        asyncfx.capture(model, (torch.randn(2, 3, 4, 4),))
+
+
+def test_calls_that_differ_from_the_capture_are_refused():
+    model, args, kwargs = zoo_example("skip_list_denoiser")
+    captured = zoo_captured("skip_list_denoiser")
+    x, t, cond = args
+    with pytest.raises(asyncfx.InputMismatchError, match=r"input 'x' .* float32\[4, 3, 8, 8\] .*"
+                                                         r"captured for float32\[2, 3, 8, 8\]"):
+        captured(torch.randn(4, 3, 8, 8), t, cond)
+    with pytest.raises(asyncfx.InputMismatchError, match="input 't' .* must be a tensor"):
+        captured(x, "five", cond)
+    with pytest.raises(asyncfx.InputMismatchError,
+                       match=r"arguments \['x', 't', 'cond'\] but is called with \['x', 't\[0\]', 't\[1\]', 'cond'\]"):
+        captured(x, [5, 5], cond)
+    sd, sd_args, sd_kwargs = zoo_example("sd_unet")
+    with pytest.raises(asyncfx.InputMismatchError, match="'return_dict' .* True at capture"):
+        zoo_captured("sd_unet")(*sd_args, **sd_kwargs, return_dict=False)
+
+
+def test_non_module_is_refused():
+    with pytest.raises(asyncfx.CaptureError, match="needs a torch.nn.Module"):
+        asyncfx.capture(lambda x: x, (torch.randn(2),))
+
+
+def test_fingerprint_depends_on_shapes_not_on_weights():
+    model, args, kwargs = zoo_example("skip_list_denoiser")
+    other_weights = type(model)(channels=8, depth=3, cond_dim=6).eval()
+    same = asyncfx.capture(other_weights, args, kwargs)
+    assert same.fingerprint == zoo_captured("skip_list_denoiser").fingerprint
+    bigger = asyncfx.capture(model, (torch.randn(2, 3, 16, 16), *args[1:]))
+    assert bigger.fingerprint != same.fingerprint
