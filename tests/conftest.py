@@ -9,6 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import asyncfx
+from asyncfx.passes.meta import VALUE_CLASS, ValueClass
 from asyncfx.zoo.tiny import ZOO
 
 
@@ -36,6 +37,25 @@ def assert_same_output(got: Any, expected: Any) -> None:
     assert len(got_leaves) == len(expected_leaves)
     for g, e in zip(got_leaves, expected_leaves):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def check_boundaries(captured: asyncfx.Captured, plan: asyncfx.StagePlan,
+                     staged: asyncfx.StagedModel) -> None:
+    """Boundaries are exactly the latent values one stage makes and a later one reads."""
+    graph_inputs = {i.placeholder for i in captured.inputs}
+    nodes = {n.name: n for n in captured.graph.nodes}
+    listed = {b.name: b for b in plan.boundaries}
+    assert len(listed) == len(plan.boundaries), "a boundary is listed twice"
+    for boundary in plan.boundaries:
+        assert nodes[boundary.name].meta[VALUE_CLASS] is ValueClass.LATENT
+        assert boundary.name in plan.stages[boundary.producer].nodes
+        assert boundary.consumers and min(boundary.consumers) > boundary.producer
+        assert boundary.name in staged.stage_outputs[boundary.producer]
+        for k in boundary.consumers:
+            assert boundary.name in staged.stage_inputs[k], (boundary.name, k)
+    for k, inputs in enumerate(staged.stage_inputs):
+        for name in set(inputs) - graph_inputs:
+            assert k in listed[name].consumers, f"stage {k} reads {name} without being listed"
 
 
 @pytest.fixture(autouse=True)

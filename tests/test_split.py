@@ -10,7 +10,7 @@ import asyncfx
 from asyncfx.partitioner.cuts import cut_positions, latent_order
 from asyncfx.passes.meta import VALUE_CLASS, ValueClass
 from asyncfx.zoo.tiny import ZOO
-from conftest import assert_same_output, zoo_captured, zoo_example
+from conftest import assert_same_output, check_boundaries, zoo_captured, zoo_example
 
 
 @pytest.mark.parametrize("n_devices", [1, 2, 3, 4, 8, 16])
@@ -23,25 +23,6 @@ def test_chained_stages_equal_the_model_exactly(name, n_devices):
     assert plan.n_stages == len(staged.stages) == n_devices
     assert_same_output(staged(*args, **kwargs), model(*args, **kwargs))
     check_boundaries(captured, plan, staged)
-
-
-def check_boundaries(captured: asyncfx.Captured, plan: asyncfx.StagePlan,
-                     staged: asyncfx.StagedModel) -> None:
-    """Boundaries are exactly the latent values one stage makes and a later one reads."""
-    graph_inputs = {i.placeholder for i in captured.inputs}
-    nodes = {n.name: n for n in captured.graph.nodes}
-    listed = {b.name: b for b in plan.boundaries}
-    assert len(listed) == len(plan.boundaries), "a boundary is listed twice"
-    for boundary in plan.boundaries:
-        assert nodes[boundary.name].meta[VALUE_CLASS] is ValueClass.LATENT
-        assert boundary.name in plan.stages[boundary.producer].nodes
-        assert boundary.consumers and min(boundary.consumers) > boundary.producer
-        assert boundary.name in staged.stage_outputs[boundary.producer]
-        for k in boundary.consumers:
-            assert boundary.name in staged.stage_inputs[k], (boundary.name, k)
-    for k, inputs in enumerate(staged.stage_inputs):
-        for name in set(inputs) - graph_inputs:
-            assert k in listed[name].consumers, f"stage {k} reads {name} without being listed"
 
 
 def test_hand_made_model_cut_after_every_cuttable_node():

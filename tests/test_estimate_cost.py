@@ -1,0 +1,47 @@
+"""The estimate_cost pass: FLOPs and bytes from shapes alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import asyncfx
+from asyncfx.passes import estimate_cost
+from asyncfx.passes.meta import BYTES, FLOPS
+from test_capture import NumpyActivation
+
+
+class ConvLinearAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.linear = nn.Linear(8, 16)
+
+    def forward(self, x):
+        pooled = torch.relu(self.conv(x)).mean((2, 3))
+        q = self.linear(pooled)[:, None, None, :].expand(2, 2, 4, 16)
+        return nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+def test_flops_and_bytes_match_hand_counts():
+    captured = asyncfx.capture(ConvLinearAttention(), (torch.randn(2, 3, 8, 8),))
+    total = estimate_cost(captured.graph_module)
+    by_target = {str(n.target): n for n in captured.graph.nodes if n.op == "call_function"}
+    conv = by_target["aten.conv2d.default"]
+    assert conv.meta[FLOPS] == 2 * 8 * 3 * 3 * 3 * (2 * 8 * 8)      # 2 * Cout * Cin * k * k * outputs
+    assert conv.meta[BYTES] == 4 * (2 * 3 * 64 + 8 * 3 * 9 + 8 + 2 * 8 * 64)  # input, weight, bias, out
+    assert by_target["aten.linear.default"].meta[FLOPS] == 2 * 2 * 8 * 16
+    attention = by_target["aten.scaled_dot_product_attention.default"]
+    assert attention.meta[FLOPS] == 2 * (2 * 2 * 2 * 4 * 4 * 16)   # QK^T and AV
+    assert by_target["aten.relu.default"].meta[FLOPS] == 0
+    assert by_target["aten.relu.default"].meta[BYTES] == 2 * 4 * 2 * 8 * 64
+    assert total == sum(n.meta[FLOPS] for n in captured.graph.nodes)
+
+
+def test_nodes_that_cannot_run_on_fake_tensors_are_costed_by_bytes_with_a_warning():
+    captured = asyncfx.capture(NumpyActivation(), (torch.randn(2, 4), torch.tensor(2.0)))
+    with pytest.warns(UserWarning, match="numpy_tanh.* cannot run on fake tensors"):
+        estimate_cost(captured.graph_module)
+    leaf = next(n for n in captured.graph.nodes if "numpy_tanh" in n.name)
+    assert leaf.meta[FLOPS] == 0 and leaf.meta[BYTES] == 2 * 2 * 4 * 4
