@@ -5,12 +5,13 @@
     staged = asyncfx.split(captured, plan)              # one GraphModule per stage
 """
 from asyncfx.errors import AsyncFXError, CaptureError, InputMismatchError, PlanError
-from asyncfx.partitioner import (BoundaryTensor, Captured, GraphInput, InputRole, StagedModel,
-                                 StagePlan, capture, compile, split)
+from asyncfx.partitioner import (PRESETS, BoundaryTensor, Captured, DeviceSpec, GraphInput,
+                                 InputRole, Profile, StagedModel, StagePlan, capture, compile,
+                                 compile_profile, profile, split)
 from asyncfx.passes.meta import ValueClass
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncFXError", "BoundaryTensor", "CaptureError", "Captured", "GraphInput",
-           "InputMismatchError", "InputRole", "PlanError", "StagePlan", "StagedModel",
-           "ValueClass", "capture", "compile", "split"]
+__all__ = ["PRESETS", "AsyncFXError", "BoundaryTensor", "CaptureError", "Captured", "DeviceSpec",
+           "GraphInput", "InputMismatchError", "InputRole", "PlanError", "Profile", "StagePlan",
+           "StagedModel", "ValueClass", "capture", "compile", "compile_profile", "profile", "split"]

@@ -1,51 +1,102 @@
-"""compile(): capture if needed, estimate costs, cut the latent nodes into stages."""
+"""compile(): capture if needed, price the nodes, search the cuts, refine, make the plan."""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
-from torch import fx, nn
+from torch import nn
 
 from asyncfx.errors import CaptureError, PlanError
 from asyncfx.partitioner.capture import Captured, capture
-from asyncfx.partitioner.cuts import Cut, balanced_cuts, cut_positions, latent_order
-from asyncfx.partitioner.plan import BoundaryTensor, PlanInput, StageInfo, StagePlan
-from asyncfx.passes.estimate_cost import estimate_cost
-from asyncfx.passes.meta import BYTES, FLOPS, VALUE
-from asyncfx.passes.split import boundary_consumers, stage_members, stage_of_nodes
-
-#: Note (machine balance): the flop counter gives memory-bound ops (norms, activations,
-#: adds) zero FLOPs, yet they take time. Pricing a byte moved like this many FLOPs, about
-#: the FLOP-to-bandwidth ratio of a CPU core, keeps them from clustering in one stage.
-FLOPS_PER_BYTE = 10
-
-COSTS = {"flops": "FLOP-equivalents", "uniform": "nodes"}
+from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
+from asyncfx.partitioner.cost_model import COSTS, CostModel
+from asyncfx.partitioner.device import DeviceSpec, device_spec
+from asyncfx.partitioner.plan import BoundaryTensor, StageInfo, StagePlan
+from asyncfx.partitioner.profile import Profile, profile_captured
+from asyncfx.partitioner.search import Cut, search_cuts
 
 
 def compile(model_or_captured: nn.Module, n_devices: int, *, example_inputs: Any = None,
-            cost: str = "flops", latent: str | None = None) -> StagePlan:
-    """Cut a model into ``n_devices`` stages of balanced estimated cost.
+            cost: str = "flops", link: str | DeviceSpec = "cpu", profile: Profile | None = None,
+            refine_rounds: int = 5, repeats: int = 5, latent: str | None = None) -> StagePlan:
+    """Cut a model into ``n_devices`` stages that minimise the predicted round time.
 
-    ``example_inputs`` (needed unless a :class:`Captured` is given) is a tuple of
-    positional arguments, a dict of keyword arguments, or a pair ``(args, kwargs)``.
-    ``cost="flops"`` balances an analytical FLOP/byte estimate; ``cost="uniform"``
-    balances node counts.
+    ``example_inputs`` (needed unless a :class:`Captured` is given, and for
+    ``cost="measure"``) is a tuple of positional arguments, a dict of keyword arguments,
+    or a pair ``(args, kwargs)``. Costs:
+
+    - ``"flops"``: FLOPs and bytes estimated on fake tensors, priced by ``link``'s device
+      roofline (no run needed);
+    - ``"measure"``: per-node times measured where the inputs live (or taken from
+      ``profile``), then up to ``refine_rounds`` rounds of timing each stage as a whole
+      and searching again with corrected costs;
+    - ``"uniform"``: equal node counts, transfers free.
+
+    ``link`` (a preset name of ``asyncfx.partitioner.device.PRESETS`` or a DeviceSpec)
+    prices boundary transfers between devices.
 
     Example:
         >>> model, args, kwargs = asyncfx.zoo.tiny.sd_unet()
         >>> plan = asyncfx.compile(model, 2, example_inputs=(args, kwargs))
-        >>> [len(s.nodes) for s in plan.stages]
-        [131, 163]
+        >>> plan.n_stages
+        2
     """
     captured = as_captured(model_or_captured, example_inputs, latent)
+    spec = device_spec(link)
     if cost not in COSTS:
-        raise PlanError(f"cost={cost!r} is not known; use one of {sorted(COSTS)}.")
-    order = latent_order(captured.graph)
-    positions = cut_positions(order)
-    check_n_devices(n_devices, len(positions) + 1, captured.model_class)
-    costs = node_costs(captured.graph_module, order, cost)
-    cuts = balanced_cuts(costs, positions, n_devices)
-    return make_plan(captured, order, costs, cuts, cost)
+        raise PlanError(f"cost={cost!r} is not known; use one of {list(COSTS)}.")
+    flat_inputs = None
+    if cost == "measure":
+        if example_inputs is None:
+            raise PlanError("cost='measure' times the model on real inputs: pass example_inputs "
+                            "(and optionally a Profile from asyncfx.profile()).")
+        args, kwargs = split_example_inputs(example_inputs)
+        flat_inputs = captured.interface.flatten(args, kwargs)
+        if profile is None:
+            profile = profile_captured(captured, flat_inputs, repeats=repeats)
+    graph = cost_graph_for(captured, profile)
+    model = CostModel(graph, spec, cost)
+    plan = plan_from_cuts(model, search_cuts(model, checked(n_devices, graph)))
+    if flat_inputs is not None and refine_rounds > 0:
+        from asyncfx.partitioner.refine import refine
+
+        plan = refine(captured, model, plan, flat_inputs, rounds=refine_rounds, repeats=repeats)
+    return plan
+
+
+def compile_profile(profile: Profile, n_devices: int, *, link: str | DeviceSpec = "cpu") -> StagePlan:
+    """A plan from a saved profile alone (offline; no model, no refinement).
+
+    Example:
+        >>> plan = compile_profile(Profile.load("profile.json"), 4, link="nvlink")
+    """
+    model = CostModel(profile.graph, device_spec(link), "measure")
+    plan = plan_from_cuts(model, search_cuts(model, checked(n_devices, profile.graph)))
+    plan.notes.append(f"compiled from a profile measured on {profile.device} "
+                      f"({profile.threads} threads, median of {profile.repeats} runs)")
+    return plan
+
+
+def cost_graph_for(captured: Captured, profile: Profile | None) -> CostGraph:
+    if profile is None:
+        return build_cost_graph(captured)
+    if profile.graph.fingerprint != captured.fingerprint:
+        raise PlanError(f"the profile was measured on another graph (profile {profile.graph.fingerprint}, "
+                        f"{profile.graph.model_class}; this graph {captured.fingerprint}); profile "
+                        "this model at these input shapes again.")
+    return profile.graph
+
+
+def checked(n_devices: Any, graph: CostGraph) -> int:
+    if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+        raise PlanError(f"n_devices must be a positive integer, got {n_devices!r}.")
+    if n_devices > graph.max_stages:
+        raise PlanError(
+            f"n_devices={n_devices} is more than the {graph.max_stages} stages {graph.model_class} "
+            f"can be cut into at this input size (it has {graph.max_stages} cuttable latent "
+            f"nodes); use at most {graph.max_stages} devices.")
+    return n_devices
 
 
 def as_captured(model_or_captured: nn.Module, example_inputs: Any, latent: str | None) -> Captured:
@@ -75,87 +126,37 @@ def split_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
                        f"{type(example_inputs).__name__}.")
 
 
-def check_n_devices(n_devices: Any, max_stages: int, model_class: str) -> None:
-    if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
-        raise PlanError(f"n_devices must be a positive integer, got {n_devices!r}.")
-    if n_devices > max_stages:
-        raise PlanError(
-            f"n_devices={n_devices} is more than the {max_stages} stages {model_class} can be cut "
-            f"into at this input size (it has {max_stages} cuttable latent nodes); use at most "
-            f"{max_stages} devices.")
-
-
-def node_costs(gm: fx.GraphModule, order: Sequence[fx.Node], cost: str) -> list[float]:
-    if cost == "uniform":
-        return [1.0] * len(order)
-    if any(FLOPS not in n.meta for n in order):
-        estimate_cost(gm)
-    return [float(max(n.meta[FLOPS], FLOPS_PER_BYTE * n.meta[BYTES])) for n in order]
-
-
-def make_plan(captured: Captured, order: Sequence[fx.Node], costs: Sequence[float],
-              cuts: Sequence[Cut], cost: str) -> StagePlan:
-    """The StagePlan for cutting ``order`` before each cut position."""
-    bounds = [0] + [c.position for c in cuts] + [len(order)]
-    assignment = [list(order[a:b]) for a, b in zip(bounds, bounds[1:])]
-    members = stage_members(captured.graph, assignment)
-    tensors_per_stage = [stage_tensors(captured.graph_module, nodes) for nodes in members]
-    all_tensors = {id(t): t for ts in tensors_per_stage for t in ts}
-    stages = []
-    for k, (own, nodes) in enumerate(zip(assignment, members)):
+def plan_from_cuts(model: CostModel, cuts: Sequence[Cut]) -> StagePlan:
+    """The StagePlan for cutting the model's latent order before each cut position."""
+    graph = model.graph
+    positions = [c.position for c in cuts]
+    bounds = [0, *positions, len(graph.nodes)]
+    prediction = model.predict(positions)
+    stage_of = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    last = len(bounds) - 2
+    stages, all_weights = [], set()
+    for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        own = graph.nodes[start:end]
+        needs = {n for node in own for n in node.needs} | (set(graph.output_needs) if k == last else set())
+        weights = graph.stage_weights([*needs, *(n.name for n in own)])
+        all_weights |= weights
         stages.append(StageInfo(
-            index=k, nodes=[n.name for n in own], first_module=module_path(own[0]),
-            last_module=module_path(own[-1]), replicated_nodes=len(nodes) - len(own),
-            param_bytes=sum(_nbytes(t) for t in tensors_per_stage[k]),
-            estimated_cost=sum(costs[bounds[k]:bounds[k + 1]]),
+            index=k, nodes=[n.name for n in own], first_module=own[0].module,
+            last_module=own[-1].module, replicated_nodes=len(needs),
+            param_bytes=sum(graph.weights[w] for w in weights),
+            estimated_cost=prediction.stage_compute[k],
             cut_reason=cuts[k - 1].reason if k else ""))
-    stage_of = stage_of_nodes(assignment)
-    boundaries = [_boundary(node, stage_of[node], consumers)
-                  for node, consumers in boundary_consumers(captured.graph, assignment).items()]
-    inputs = [PlanInput(i.placeholder, str(i.role), list(i.shape), i.dtype) for i in captured.inputs]
-    return StagePlan(fingerprint=captured.fingerprint, model_class=captured.model_class,
-                     inputs=inputs, stages=stages, boundaries=boundaries, cost=cost,
-                     cost_unit=COSTS[cost],
-                     total_param_bytes=sum(_nbytes(t) for t in all_tensors.values()))
-
-
-def stage_tensors(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> list[torch.Tensor]:
-    """The distinct parameters, buffers and constants the given nodes hold."""
-    found: dict[int, torch.Tensor] = {}
-    for node in nodes:
-        if node.op == "get_attr":
-            value = _attr(gm, node.target)
-            tensors = [value] if isinstance(value, torch.Tensor) else []
-        elif node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            tensors = [*module.parameters(), *module.buffers()]
-        else:
-            continue
-        found.update((id(t), t) for t in tensors)
-    return list(found.values())
-
-
-def _attr(root: nn.Module, path: str) -> Any:
-    value: Any = root
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _boundary(node: fx.Node, producer: int, consumers: list[int]) -> BoundaryTensor:
-    value = node.meta[VALUE]
-    return BoundaryTensor(name=node.name, producer=producer, consumers=consumers,
-                          shape=list(value.shape), dtype=str(value.dtype),
-                          bytes=value.numel() * value.element_size(), module=module_path(node))
-
-
-def module_path(node: fx.Node) -> str:
-    """The path of the module a node came from (``down_blocks.2.resnets.0``), "" for top level."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        return list(stack.values())[-1][0]
-    return str(node.target) if node.op == "call_module" else ""
+    boundaries = []
+    for i, node in enumerate(graph.nodes):
+        consumers = sorted({last if r == len(graph.nodes) else int(stage_of[r]) for r in node.readers}
+                           - {int(stage_of[i])})
+        if consumers:
+            boundaries.append(BoundaryTensor(
+                name=node.name, producer=int(stage_of[i]), consumers=consumers,
+                shape=list(node.out_shape), dtype=node.out_dtype, bytes=node.out_bytes,
+                module=node.module))
+    return StagePlan(fingerprint=graph.fingerprint, model_class=graph.model_class,
+                     inputs=list(graph.inputs), stages=stages, boundaries=boundaries,
+                     cost=model.cost, cost_unit=model.unit,
+                     total_param_bytes=sum(graph.weights[w] for w in all_weights),
+                     link=model.device.name, predicted_round=prediction.round)

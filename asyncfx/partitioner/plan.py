@@ -51,8 +51,9 @@ class StageInfo:
     last_module: str
     replicated_nodes: int   # step/static nodes this stage recomputes for itself
     param_bytes: int        # parameters and buffers the stage holds
-    estimated_cost: float   # in the plan's cost unit
+    estimated_cost: float   # predicted compute, in the plan's cost unit
     cut_reason: str = ""    # why the cut before this stage sits where it does
+    measured_seconds: float | None = None  # the stage module timed as a whole
 
 
 @dataclasses.dataclass
@@ -73,10 +74,13 @@ class StagePlan:
     inputs: list[PlanInput]
     stages: list[StageInfo]
     boundaries: list[BoundaryTensor]
-    cost: str                      # "flops" or "uniform"
-    cost_unit: str                 # what estimated_cost counts
+    cost: str                      # "flops", "measure" or "uniform"
+    cost_unit: str                 # what estimated_cost counts: "seconds" or "nodes"
     total_param_bytes: int
+    link: str = "cpu"              # the DeviceSpec the cost model priced transfers with
+    predicted_round: float = 0.0   # predicted time of one round (all stages), cost unit
     devices: list[str] | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
     version: int = PLAN_VERSION
 
     @property
@@ -127,16 +131,26 @@ class StagePlan:
         """A readable table of stages and boundary tensors."""
         total_cost = sum(s.estimated_cost for s in self.stages) or 1.0
         lines = [f"StagePlan for {self.model_class}: {self.n_stages} stage(s), cost={self.cost} "
-                 f"({self.cost_unit}), graph {self.fingerprint}",
+                 f"({self.cost_unit}), link={self.link}, graph {self.fingerprint}",
                  f"inputs: " + ", ".join(f"{i.name} ({i.role}, {_tensor_type(i.dtype, i.shape)})"
                                          for i in self.inputs)]
+        measured = [s.measured_seconds for s in self.stages if s.measured_seconds is not None]
         rows = [("stage", "first module", "last module", "nodes", "+repl", "params",
-                 "est. cost", "share")]
+                 "predicted", "share") + (("measured", "error") if measured else ())]
         for s in self.stages:
-            rows.append((str(s.index), s.first_module or "(top)", s.last_module or "(top)",
-                         str(len(s.nodes)), str(s.replicated_nodes), format_bytes(s.param_bytes),
-                         f"{s.estimated_cost:.4g}", f"{s.estimated_cost / total_cost:.1%}"))
+            row = (str(s.index), s.first_module or "(top)", s.last_module or "(top)",
+                   str(len(s.nodes)), str(s.replicated_nodes), format_bytes(s.param_bytes),
+                   self.format_cost(s.estimated_cost), f"{s.estimated_cost / total_cost:.1%}")
+            if measured:
+                row += (self.format_cost(s.measured_seconds), f"{s.estimated_cost / s.measured_seconds - 1:+.0%}"
+                        if s.measured_seconds else "-")
+            rows.append(row)
         lines += _table(rows)
+        lines.append(f"predicted round (slowest stage or late transfer): "
+                     f"{self.format_cost(self.predicted_round)}")
+        if measured:
+            lines.append(f"measured slowest stage {self.format_cost(max(measured))}, balance "
+                         f"max/mean {max(measured) / (sum(measured) / len(measured)):.3f}")
         replicated = sum(s.param_bytes for s in self.stages) - self.total_param_bytes
         lines.append(f"parameters: {format_bytes(self.total_param_bytes)} in the model, "
                      f"{format_bytes(replicated)} replicated across stages")
@@ -153,7 +167,13 @@ class StagePlan:
         reasons = [f"  cut before stage {s.index}: {s.cut_reason}" for s in self.stages if s.cut_reason]
         if reasons:
             lines += ["why the cuts sit where they do:"] + reasons
+        lines += self.notes
         return "\n".join(lines)
+
+    def format_cost(self, value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value * 1e3:.3f} ms" if self.cost_unit == "seconds" else f"{value:.4g}"
 
     def bytes_into(self, stage: int) -> int:
         """Bytes of boundary tensors the stage receives each step."""

@@ -1,7 +1,7 @@
 """split(): the stage modules of a plan, chained with fresh values (no staleness)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
@@ -37,13 +37,23 @@ class StagedModel(nn.Module):
         self.plan = plan
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        flat = self.interface.flatten(args, kwargs)
-        values: dict[str, torch.Tensor] = {i.placeholder: v for i, v in zip(self.interface.inputs, flat)}
-        result: Any = ()
-        for stage, inputs, outputs in zip(self.stages, self.stage_inputs, self.stage_outputs):
-            result = stage(*(values[name] for name in inputs))
-            values.update(zip(outputs, result))
+        _, result = self._run(self.interface.flatten(args, kwargs))
         return self.interface.unflatten(result)
+
+    def stage_arguments(self, flat_inputs: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        """The arguments each stage receives when the chain runs on fresh values."""
+        arguments, _ = self._run(flat_inputs)
+        return arguments
+
+    def _run(self, flat_inputs: Sequence[torch.Tensor]) -> tuple[list[tuple[torch.Tensor, ...]], Any]:
+        values = {i.placeholder: v for i, v in zip(self.interface.inputs, flat_inputs)}
+        arguments, result = [], ()
+        for stage, inputs, outputs in zip(self.stages, self.stage_inputs, self.stage_outputs):
+            stage_args = tuple(values[name] for name in inputs)
+            arguments.append(stage_args)
+            result = stage(*stage_args)
+            values.update(zip(outputs, result))
+        return arguments, result
 
 
 def split(captured: Captured, plan: StagePlan) -> StagedModel:

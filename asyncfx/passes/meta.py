@@ -12,6 +12,8 @@ VALUE_CLASS = "asyncfx_value_class"
 FLOPS = "asyncfx_flops"
 #: Written by ``estimate_cost``: bytes the node reads and writes (int).
 BYTES = "asyncfx_bytes"
+#: Written by ``profile_nodes``: median measured seconds of the node on its device (float).
+MEASURED_SECONDS = "asyncfx_measured_seconds"
 #: Written by ``capture`` (``torch.export`` writes it itself): the node's value, a fake or
 #: meta tensor (or a pytree of them) carrying shape and dtype.
 VALUE = "val"

@@ -1,0 +1,68 @@
+"""Device and link descriptions used by the cost model.
+
+A :class:`DeviceSpec` prices a node that has not been measured (roofline: the larger of
+its FLOPs over the compute rate and its bytes over the memory bandwidth) and a boundary
+transfer (latency plus bytes over the link bandwidth). Presets are named after the link
+that joins the devices, as the command line's ``--link`` option names them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from asyncfx.errors import PlanError
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """One device kind and the link between two of them.
+
+    Example:
+        >>> nvlink = PRESETS["nvlink"]
+        >>> nvlink.transfer_seconds(90e6) < 1e-3     # 90 MB of skip tensors
+        True
+    """
+
+    name: str
+    flops_per_s: float       # sustained dense throughput at the model's dtype
+    bytes_per_s: float       # memory bandwidth
+    link_bytes_per_s: float  # device-to-device bandwidth, one direction
+    link_latency_s: float    # fixed cost of one transfer
+
+    def compute_seconds(self, flops: float, nbytes: float) -> float:
+        return max(flops / self.flops_per_s, nbytes / self.bytes_per_s)
+
+    def transfer_seconds(self, nbytes: float) -> float:
+        return self.link_latency_s + nbytes / self.link_bytes_per_s
+
+
+PRESETS: dict[str, DeviceSpec] = {
+    # CPU worker threads of one process; a boundary "transfer" is a memory copy.
+    # Compute: one x86-64 core with AVX2 FMA peaks at 2 FMA x 8 floats x 2 FLOP x ~3 GHz
+    # = 96 GFLOP/s; about half is sustained by oneDNN/MKL convolutions and GEMMs.
+    # Memory: about 20 GB/s for one core's streaming reads (DDR4/DDR5 servers give each
+    # core a fraction of 100-200 GB/s). Copy: memcpy of a large buffer runs at about
+    # 10 GB/s per core; handing a tensor to another thread costs a few microseconds.
+    "cpu": DeviceSpec("cpu", flops_per_s=50e9, bytes_per_s=20e9,
+                      link_bytes_per_s=10e9, link_latency_s=5e-6),
+    # NVIDIA A100 PCIe 40GB joined by PCIe 4.0 x16. Datasheet: 312 TFLOP/s FP16 tensor
+    # (dense), 1,555 GB/s HBM2. PCIe 4.0 x16 is 31.5 GB/s raw per direction; peer-to-peer
+    # copies measure about 25 GB/s, with about 10 us per cudaMemcpyPeerAsync.
+    "pcie4": DeviceSpec("pcie4", flops_per_s=312e12, bytes_per_s=1.555e12,
+                        link_bytes_per_s=25e9, link_latency_s=10e-6),
+    # NVIDIA H100 SXM5 joined by NVLink 4. Datasheet: 989 TFLOP/s FP16 tensor (dense),
+    # 3.35 TB/s HBM3, 900 GB/s NVLink total (450 GB/s per direction); peer copies reach
+    # about 370 GB/s one way, with about 5 us latency.
+    "nvlink": DeviceSpec("nvlink", flops_per_s=989e12, bytes_per_s=3.35e12,
+                         link_bytes_per_s=370e9, link_latency_s=5e-6),
+}
+
+
+def device_spec(device: str | DeviceSpec) -> DeviceSpec:
+    """A preset by name, or the spec itself."""
+    if isinstance(device, DeviceSpec):
+        return device
+    try:
+        return PRESETS[device]
+    except KeyError:
+        raise PlanError(f"unknown link/device {device!r}; use one of {sorted(PRESETS)} or pass "
+                        "an asyncfx.DeviceSpec.") from None

@@ -1,0 +1,99 @@
+"""Profiles: measured per-node costs of a captured graph, saved as JSON artifacts."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from asyncfx.errors import PlanError
+from asyncfx.partitioner.capture import Captured
+from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
+from asyncfx.passes.profile import profile_nodes
+
+PROFILE_FORMAT = "asyncfx.Profile"
+PROFILE_VERSION = 1
+
+
+@dataclasses.dataclass
+class Profile:
+    """Measured node costs plus the graph facts cut search needs, keyed by node name and
+    the graph fingerprint. Compile plans from it offline with ``asyncfx compile``.
+
+    Example:
+        >>> prof = asyncfx.profile(model, example_inputs=(args, kwargs))
+        >>> prof.save("profile.json")
+        >>> plan = asyncfx.compile(model, 4, example_inputs=(args, kwargs), cost="measure",
+        ...                        profile=asyncfx.Profile.load("profile.json"))
+    """
+
+    graph: CostGraph
+    device: str                   # where the nodes were timed, e.g. "cpu" or "cuda:0"
+    threads: int                  # torch intra-op threads while timing
+    warmup: int
+    repeats: int
+    model: str | None = None      # how the command line built the model, if it did
+
+    @property
+    def fingerprint(self) -> str:
+        return self.graph.fingerprint
+
+    def node_seconds(self) -> dict[str, float]:
+        return {n.name: n.measured_seconds for n in [*self.graph.nodes, *self.graph.side_nodes]}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the profile as JSON (atomically: a failed write leaves no partial file)."""
+        data = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, **dataclasses.asdict(self)}
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Profile":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError as exc:
+            raise PlanError(f"no profile at {os.fspath(path)!r}") from exc
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{os.fspath(path)!r} is not JSON ({exc}); is it a profile?") from exc
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise PlanError(f"{os.fspath(path)!r} is not an asyncfx profile; make one with "
+                            "`asyncfx profile` or asyncfx.profile().")
+        if data.get("version") != PROFILE_VERSION:
+            raise PlanError(f"profile version {data.get('version')} is not supported; profile again.")
+        try:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            values = {k: v for k, v in data.items() if k in fields}
+            values["graph"] = CostGraph.from_dict(values["graph"])
+            return cls(**values)
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"profile {os.fspath(path)!r} is malformed ({exc}); profile again.") from exc
+
+
+def profile(model_or_captured: nn.Module, example_inputs: Any, *, warmup: int = 2, repeats: int = 5,
+            latent: str | None = None) -> Profile:
+    """Time every node of the model on the device its inputs live on.
+
+    Example:
+        >>> prof = asyncfx.profile(model, (args, kwargs), repeats=5)
+        >>> sorted(prof.node_seconds().items(), key=lambda kv: -kv[1])[:3]   # slowest nodes
+    """
+    from asyncfx.partitioner.compile import as_captured, split_example_inputs
+
+    captured = as_captured(model_or_captured, example_inputs, latent)
+    args, kwargs = split_example_inputs(example_inputs)
+    return profile_captured(captured, captured.interface.flatten(args, kwargs), warmup=warmup,
+                            repeats=repeats)
+
+
+def profile_captured(captured: Captured, flat_inputs: Sequence[torch.Tensor], *, warmup: int = 2,
+                     repeats: int = 5, model: str | None = None) -> Profile:
+    profile_nodes(captured.graph_module, flat_inputs, warmup=warmup, repeats=repeats)
+    device = str(next((t.device for t in flat_inputs), torch.device("cpu")))
+    return Profile(graph=build_cost_graph(captured), device=device, threads=torch.get_num_threads(),
+                   warmup=warmup, repeats=repeats, model=model)
