@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -92,8 +92,9 @@ def profile(model_or_captured: nn.Module, example_inputs: Any, *, warmup: int = 
 
 
 def profile_captured(captured: Captured, flat_inputs: Sequence[torch.Tensor], *, warmup: int = 2,
-                     repeats: int = 5, model: str | None = None) -> Profile:
-    profile_nodes(captured.graph_module, flat_inputs, warmup=warmup, repeats=repeats)
+                     repeats: int = 5, model: str | None = None,
+                     on_run: Callable[[], None] | None = None) -> Profile:
+    profile_nodes(captured.graph_module, flat_inputs, warmup=warmup, repeats=repeats, on_run=on_run)
     device = str(next((t.device for t in flat_inputs), torch.device("cpu")))
     return Profile(graph=build_cost_graph(captured), device=device, threads=torch.get_num_threads(),
                    warmup=warmup, repeats=repeats, model=model)

@@ -21,9 +21,10 @@ COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
 
 def profile_nodes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, warmup: int = 2,
-                  repeats: int = 5) -> dict[str, float]:
+                  repeats: int = 5, on_run: Callable[[], None] | None = None) -> dict[str, float]:
     """Run ``gm`` ``warmup + repeats`` times and record each compute node's median time in
-    ``node.meta[MEASURED_SECONDS]``. Returns the medians by node name.
+    ``node.meta[MEASURED_SECONDS]``. Returns the medians by node name. ``on_run`` is called
+    after each run (for progress bars).
 
     Example:
         >>> seconds = profile_nodes(captured.graph_module, captured.interface.flatten(args, kwargs))
@@ -39,6 +40,8 @@ def profile_nodes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, warmup:
         for run in range(warmup + repeats):
             _TimedInterpreter(gm, timer).run(*inputs)
             measured = timer.collect()
+            if on_run is not None:
+                on_run()
             if run >= warmup:
                 for node, seconds in measured.items():
                     samples.setdefault(node, []).append(seconds)
