@@ -9,6 +9,7 @@ from asyncfx.partitioner import (PRESETS, BoundaryTensor, Captured, DeviceSpec, 
                                  InputRole, Profile, StagedModel, StagePlan, capture, compile,
                                  compile_profile, profile, split)
 from asyncfx.passes.meta import ValueClass
+from asyncfx import zoo
 
 __version__ = "0.1.0"
 

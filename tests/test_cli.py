@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+import asyncfx
 
 from asyncfx.cli import main
 
@@ -35,3 +38,73 @@ def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "asyncfx", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+def run_cli(*argv: str) -> int:
+    return main(list(argv))
+
+
+def test_profile_compile_show_round_trip(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("profile", "asyncfx.zoo.tiny:sd_unet", "--out", "profile.json",
+                   "--batch", "1", "--height", "8", "--width", "8", "--repeats", "2") == 0
+    assert "wrote profile.json" in capsys.readouterr().out
+    assert run_cli("compile", "profile.json", "--n-devices", "3", "--link", "nvlink",
+                   "--out", "plan.json") == 0
+    compiled = capsys.readouterr().out
+    assert "3 stage(s), cost=measure (seconds), link=nvlink" in compiled
+    assert run_cli("show", "plan.json") == 0
+    shown = capsys.readouterr().out
+    assert shown.strip() in compiled
+    plan = asyncfx.StagePlan.load(tmp_path / "plan.json")
+    model, args, kwargs = asyncfx.zoo.tiny.sd_unet(batch=1)
+    staged = asyncfx.split(asyncfx.capture(model, args, kwargs), plan)
+    torch.testing.assert_close(staged(*args, **kwargs).sample, model(*args, **kwargs).sample,
+                               rtol=0, atol=0)
+
+
+def test_profile_of_a_diffusers_model_directory(tmp_path, capsys):
+    model, _, _ = asyncfx.zoo.tiny.sdxl_unet()
+    model.save_pretrained(tmp_path / "unet")
+    out = tmp_path / "profile.json"
+    assert run_cli("profile", str(tmp_path / "unet"), "--out", str(out), "--batch", "2",
+                   "--repeats", "1", "--warmup", "0") == 0
+    profile = asyncfx.Profile.load(out)
+    roles = {i.name: i.role for i in profile.graph.inputs}
+    assert roles["added_cond_kwargs_time_ids"] == "condition"
+    shapes = {i.name: i.shape for i in profile.graph.inputs}
+    assert shapes["encoder_hidden_states"] == [2, 77, 8] and shapes["sample"] == [2, 4, 8, 8]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["profile", "nope.module:thing", "--out", "p.json"], "cannot load 'nope.module:thing'"),
+    (["profile", "missing_dir", "--out", "p.json"], "neither a directory nor package.module:function"),
+    (["profile", "asyncfx.zoo.tiny:ZOO", "--out", "p.json"], "is not a function"),
+    (["profile", "asyncfx.zoo.tiny:sd_unet", "--out", "no/such/folder/p.json"], "does not exist"),
+    (["profile", "asyncfx.zoo.tiny:skip_list_denoiser", "--height", "8", "--width", "4",
+      "--out", "p.json"], "takes one size"),
+    (["profile", "asyncfx.zoo.tiny:sd_unet", "--dtype", "int8", "--out", "p.json"],
+     "not a floating-point torch dtype"),
+    (["compile", "missing.json", "--n-devices", "2", "--out", "plan.json"], "no profile at"),
+    (["show", "missing.json"], "no stage plan at"),
+])
+def test_bad_paths_and_specs_give_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("asyncfx: error: ") and message in err
+
+
+def test_mismatched_files_give_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("profile", "asyncfx.zoo.tiny:skip_list_denoiser", "--out", "profile.json",
+                   "--repeats", "1") == 0
+    assert run_cli("compile", "profile.json", "--n-devices", "2", "--out", "plan.json") == 0
+    capsys.readouterr()
+    assert run_cli("show", "profile.json") == 2
+    assert "not an asyncfx stage plan" in capsys.readouterr().err
+    assert run_cli("compile", "plan.json", "--n-devices", "2", "--out", "x.json") == 2
+    assert "is not an asyncfx profile" in capsys.readouterr().err
+    assert run_cli("compile", "profile.json", "--n-devices", "999", "--out", "x.json") == 2
+    assert "n_devices=999 is more than" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

@@ -47,7 +47,8 @@ def unet2d(batch: int = 2, size: int = 16, seed: int = 0) -> Example:
 
 def sd_unet(batch: int = 2, size: int = 8, seed: int = 0, *,
             block_out_channels: tuple[int, ...] = (8, 16), cross_attention_dim: int = 8,
-            layers_per_block: int = 1, heads: int = 2, text_len: int = 4) -> Example:
+            layers_per_block: int = 1, heads: int = 2, text_len: int = 4,
+            use_linear_projection: bool = False) -> Example:
     """``UNet2DConditionModel`` shaped like Stable Diffusion 1.5/2.1 (cross-attention UNet).
 
     The defaults are tiny; ``sd21_unet`` below gives the real SD2.1 widths.
@@ -63,6 +64,7 @@ def sd_unet(batch: int = 2, size: int = 8, seed: int = 0, *,
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         cross_attention_dim=cross_attention_dim, attention_head_dim=heads,
         norm_num_groups=min(32, block_out_channels[0] // 2),
+        use_linear_projection=use_linear_projection,
     ).eval()
     kwargs = {
         "sample": _randn(gen, batch, 4, size, size),
@@ -75,7 +77,8 @@ def sd_unet(batch: int = 2, size: int = 8, seed: int = 0, *,
 def sd21_unet(batch: int = 2, size: int = 64, seed: int = 0) -> Example:
     """An SD2.1-shaped UNet (320/640/1280/1280 channels, 1024-wide text) with random weights."""
     return sd_unet(batch, size, seed, block_out_channels=(320, 640, 1280, 1280),
-                   cross_attention_dim=1024, layers_per_block=2, heads=64, text_len=77)
+                   cross_attention_dim=1024, layers_per_block=2, heads=64, text_len=77,
+                   use_linear_projection=True)
 
 
 def sdxl_unet(batch: int = 2, size: int = 8, seed: int = 0) -> Example:
