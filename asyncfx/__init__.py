@@ -10,9 +10,12 @@ from asyncfx.partitioner import (PRESETS, BoundaryTensor, Captured, DeviceSpec, 
                                  compile_profile, profile, split)
 from asyncfx.passes.meta import ValueClass
 from asyncfx import zoo
+from asyncfx.api import DEFAULT_WARMUP, partition
+from asyncfx.runtime.denoiser import AsyncDenoiser
 
 __version__ = "0.1.0"
 
 __all__ = ["PRESETS", "AsyncFXError", "BoundaryTensor", "CaptureError", "Captured", "DeviceSpec",
            "GraphInput", "InputMismatchError", "InputRole", "PlanError", "Profile", "StagePlan",
-           "StagedModel", "ValueClass", "capture", "compile", "compile_profile", "profile", "split"]
+           "StagedModel", "ValueClass", "AsyncDenoiser", "DEFAULT_WARMUP", "capture", "compile", "compile_profile",
+           "partition", "profile", "split"]

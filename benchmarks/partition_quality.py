@@ -1,6 +1,7 @@
 """How balanced are the stages the cost model chooses, measured, against naive cuts?
 
-    python benchmarks/partition_quality.py [--threads 2] [--repeats 3] [--quick]
+    python benchmarks/partition_quality.py [--threads 2] [--repeats 3] [--models sd21,sdxl,sd3]
+                                           [--stages 2,3,4]
 
 For an SD2.1-shaped UNet (random weights, latent 2x4x32x32, float32) and the SDXL- and
 SD3-shaped tiny models of the test zoo, on this machine's CPU, for N = 2, 3, 4:
@@ -29,9 +30,9 @@ from asyncfx.partitioner.search import balanced_cuts, search_cuts
 from asyncfx.zoo import tiny
 
 MODELS = {
-    "SD2.1-shaped UNet, 2x4x32x32": lambda: tiny.sd21_unet(batch=2, size=32),
-    "SDXL-shaped tiny UNet": tiny.sdxl_unet,
-    "SD3-shaped tiny transformer": tiny.sd3_transformer,
+    "sd21": ("SD2.1-shaped UNet, 2x4x32x32", lambda: tiny.sd21_unet(batch=2, size=32)),
+    "sdxl": ("SDXL-shaped tiny UNet", tiny.sdxl_unet),
+    "sd3": ("SD3-shaped tiny transformer", tiny.sd3_transformer),
 }
 
 
@@ -90,7 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
-    parser.add_argument("--quick", action="store_true", help="tiny models only, N=2")
+    parser.add_argument("--models", default="sd21,sdxl,sd3", help=f"of {sorted(MODELS)}")
+    parser.add_argument("--stages", default="2,3,4", help="values of N")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     torch.set_grad_enabled(False)
@@ -100,13 +102,13 @@ def main() -> None:
           "counts | equal FLOPs | prediction error, first plan | prediction error, final | "
           "slowest stage ms: cost model / counts / FLOPs |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, build in MODELS.items():
-        if options.quick and name.startswith("SD2.1"):
-            continue
-        repeats = options.repeats if name.startswith("SD2.1") else max(options.repeats, 15)
-        run_model(name, build, (2,) if options.quick else (2, 3, 4), repeats)
-    if not options.quick:
-        print(f"search time, N=8, SD2.1-shaped graph: {search_time(8):.3f} s (target < 5 s)")
+    stages = [int(n) for n in options.stages.split(",")]
+    for key in options.models.split(","):
+        name, build = MODELS[key]
+        # millisecond stages of the tiny models need more runs for a stable median
+        repeats = options.repeats if key == "sd21" else max(options.repeats, 15)
+        run_model(name, build, stages, repeats)
+    print(f"search time, N=8, SD2.1-shaped graph: {search_time(8):.3f} s (target < 5 s)")
 
 
 if __name__ == "__main__":

@@ -18,29 +18,37 @@ TOY = DeviceSpec("toy", flops_per_s=1e6, bytes_per_s=1e30, link_bytes_per_s=1e9,
 
 
 def synthetic_graph(flops: list[int], out_bytes: list[int], readers: list[list[int]],
-                    positions: list[int] | None = None) -> CostGraph:
+                    needs: list[list[str]] | None = None, side_flops: dict[str, int] | None = None,
+                    output_needs: list[str] | None = None) -> CostGraph:
     n = len(flops)
+    needs = needs or [[] for _ in range(n)]
     nodes = [CostNode(name=f"n{i}", module=f"block.{i}", flops=f, bytes=0, out_bytes=b,
-                      out_shape=[b], out_dtype="torch.uint8", readers=r, needs=[])
-             for i, (f, b, r) in enumerate(zip(flops, out_bytes, readers))]
+                      out_shape=[b], out_dtype="torch.uint8", readers=r, needs=d)
+             for i, (f, b, r, d) in enumerate(zip(flops, out_bytes, readers, needs))]
+    side = [CostNode(name=name, module="time_mlp", flops=f, bytes=0, out_bytes=0, out_shape=None,
+                     out_dtype=None, readers=[], needs=[]) for name, f in (side_flops or {}).items()]
     return CostGraph(fingerprint="synthetic", model_class="Synthetic", inputs=[], nodes=nodes,
-                     cut_positions=list(range(1, n)) if positions is None else positions,
-                     weights={}, holds={}, output_needs=[], side_nodes=[])
+                     cut_positions=list(range(1, n)), weights={}, holds={},
+                     output_needs=output_needs or [], side_nodes=side)
 
 
-def random_graph(rng: random.Random, n: int) -> CostGraph:
+def random_graph(rng: random.Random, n: int, n_side: int = 0) -> CostGraph:
     readers = []
     for i in range(n):
         later = sorted({min(n, i + 1)} | {rng.randint(i + 1, n) for _ in range(rng.randint(0, 2))})
         readers.append(later)
+    side = {f"s{j}": rng.randint(1, 15) for j in range(n_side)}
+    needs = [rng.sample(sorted(side), rng.randint(0, min(2, n_side))) for _ in range(n)]
     return synthetic_graph([rng.randint(1, 20) for _ in range(n)],
-                           [rng.choice([0, 1000, 5000, 20000]) for _ in range(n)], readers)
+                           [rng.choice([0, 1000, 5000, 20000]) for _ in range(n)], readers,
+                           needs, side, rng.sample(sorted(side), min(1, n_side)))
 
 
 def objective(model: CostModel, cuts: list[int]) -> float:
     """The search objective, written out plainly: each stage's compute, or when its
     serial sends of values read beyond the stage finish, whichever is later."""
-    bounds = [0, *cuts, len(model.graph.nodes)]
+    n = len(model.graph.nodes)
+    bounds = [0, *cuts, n]
     worst = 0.0
     for start, end in zip(bounds, bounds[1:]):
         elapsed = clock = 0.0
@@ -48,14 +56,18 @@ def objective(model: CostModel, cuts: list[int]) -> float:
             elapsed += model.own[i]
             if max(model.graph.nodes[i].readers) >= end:
                 clock = max(clock, elapsed) + model.transfer[i]
-        worst = max(worst, elapsed, clock)
+        replicated = {name for node in model.graph.nodes[start:end] for name in node.needs}
+        if end == n:
+            replicated |= set(model.graph.output_needs)
+        compute = elapsed + sum(model.side[name] for name in replicated)
+        worst = max(worst, compute, clock)
     return worst
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_search_matches_brute_force(seed):
     rng = random.Random(seed)
-    graph = random_graph(rng, rng.randint(4, 11))
+    graph = random_graph(rng, rng.randint(4, 11), n_side=seed % 4)
     model = CostModel(graph, TOY, "flops")
     n_stages = rng.randint(1, min(4, graph.max_stages))
     found = [c.position for c in search_cuts(model, n_stages)]

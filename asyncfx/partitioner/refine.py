@@ -39,15 +39,25 @@ def refine(captured: Captured, model: CostModel, plan: StagePlan, flat_inputs: S
         if max(measured) >= best_slowest:
             break
         best, best_slowest = plan, max(measured)
-        factors = np.concatenate([np.full(len(s.nodes), m / max(s.estimated_cost, 1e-12))
-                                  for s, m in zip(plan.stages, measured)])
-        model = model.rescaled(factors)
+        model = model.rescaled(_correction(model, plan, measured))
         cuts = search_cuts(model, plan.n_stages)
         if [c.position for c in cuts] == _positions(plan):
             break
         plan = plan_from_cuts(model, cuts)
     best.notes.append("refinement by measured stage times: " + "; ".join(history))
     return best
+
+
+def _correction(model: CostModel, plan: StagePlan, measured: Sequence[float]) -> np.ndarray:
+    """Per-node factors that make each stage's own nodes account for what was measured
+    beyond its replicated step/static nodes (whose cost is shared, so left as is)."""
+    bounds = [0, *_positions(plan), len(model.graph.nodes)]
+    factors = []
+    for stage, seconds, start, end in zip(plan.stages, measured, bounds, bounds[1:]):
+        own = float(model.own[start:end].sum())
+        replicated = stage.estimated_cost - own
+        factors.append(np.full(end - start, max(seconds - replicated, 0.1 * own) / max(own, 1e-12)))
+    return np.concatenate(factors)
 
 
 def _positions(plan: StagePlan) -> list[int]:

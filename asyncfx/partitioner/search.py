@@ -64,20 +64,45 @@ def candidate_positions(model: CostModel, limit: int = MAX_CANDIDATES) -> list[i
 
 
 def stage_costs(model: CostModel, candidates: Sequence[int]) -> np.ndarray:
-    """``table[a, b]``: cost of a stage from point a to point b of [0, *candidates, n]."""
-    points = [0, *candidates, len(model.graph.nodes)]
-    cost = model.attributed()
-    prefix = np.concatenate([[0.0], np.cumsum(cost)])
+    """``table[a, b]``: cost of a stage from point a to point b of [0, *candidates, n].
+
+    A stage computes its own latent nodes plus every step/static node any of them needs,
+    once (``CostModel.stage_compute``). For a fixed end, a step/static node is in the
+    stage iff its last reader before the end is at or after the start; keeping each one's
+    cost at that reader's position makes the replicated cost of every start a suffix sum.
+    """
+    n = len(model.graph.nodes)
+    points = [0, *candidates, n]
+    prefix = np.concatenate([[0.0], np.cumsum(model.own)])
     table = np.full((len(points), len(points)), np.inf)
     starts = np.array(points[:-1])
+    replicated = np.zeros(n)          # replicated[p]: cost of step/static nodes last read at p
+    last_read: dict[str, int] = {}
+    reached = 0
+
+    def read(name: str, position: int) -> None:
+        cost = model.side.get(name, 0.0)
+        if name in last_read:
+            replicated[last_read[name]] -= cost
+        replicated[position] += cost
+        last_read[name] = position
+
     for b, end in enumerate(points[1:], start=1):
+        for position in range(reached, end):
+            for name in model.graph.nodes[position].needs:
+                read(name, position)
+        reached = end
+        if end == n:  # the graph output's own needs belong to the last stage
+            for name in model.graph.output_needs:
+                read(name, n - 1)
         sends = model.last_reader[:end] >= end          # made before `end`, read at or after it
         send_time = np.where(sends, model.transfer[:end], 0.0)
         queued = np.cumsum(send_time[::-1])[::-1]        # sends from node i to the stage end
         finish = np.where(sends, prefix[1:end + 1] + queued, -np.inf)
         latest = np.maximum.accumulate(finish[::-1])[::-1]   # max over nodes >= s
         valid = starts[:b]
-        compute = prefix[end] - prefix[valid]
+        side_from = np.cumsum(replicated[:end][::-1])[::-1]   # step/static cost from s to end
+        compute = prefix[end] - prefix[valid] + side_from[valid]
         table[:b, b] = np.maximum(compute, latest[valid] - prefix[valid])
     return table
 
@@ -118,9 +143,7 @@ def explain_cuts(model: CostModel, chosen: Sequence[int], table: np.ndarray | No
                  candidates: Sequence[int] | None = None, thinned: bool = False) -> list[Cut]:
     """Why each cut sits where it does: the stage times around it and the bytes crossing."""
     bounds = [0, *chosen, len(model.graph.nodes)]
-    cost = model.attributed()
-    prefix = np.concatenate([[0.0], np.cumsum(cost)])
-    stage = [prefix[b] - prefix[a] for a, b in zip(bounds, bounds[1:])]
+    stage = model.predict(chosen).stage_compute
     if table is not None and candidates is not None:
         points = [0, *candidates, len(model.graph.nodes)]
         index = {p: i for i, p in enumerate(points)}

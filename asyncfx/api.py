@@ -1,0 +1,116 @@
+"""``asyncfx.partition()``: capture, compile and split a denoiser and run it asynchronously."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from asyncfx.errors import AsyncFXError, PlanError
+from asyncfx.partitioner import Captured, StagePlan, capture, compile, split
+from asyncfx.partitioner.compile import split_example_inputs
+from asyncfx.runtime.denoiser import AsyncDenoiser, CallInterfaceLike, SchedulerError
+from asyncfx.runtime.executor import Executor, SerialExecutor, StageProgram
+from asyncfx.runtime.local import LocalExecutor
+from asyncfx.runtime.schedule import devices_needed
+
+#: Default warm-up steps. Provisional: three sequential steps, as in the design notes'
+#: speedup example (T=50, W=3); to be set from measured quality once the trained default
+#: model exists.
+DEFAULT_WARMUP = 3
+EXECUTORS = ("local", "serial")
+
+
+class DeviceError(AsyncFXError, ValueError):
+    """The devices asked for do not exist here."""
+
+
+def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = None,
+              devices: Sequence[str | torch.device] | None = None, warmup: int = DEFAULT_WARMUP,
+              stride: int = 1, executor: str = "local", plan: StagePlan | str | os.PathLike | None = None,
+              scheduler: Any = None, time_shift: bool = False, cost: str = "flops", link: str = "cpu",
+              latent: str | None = None) -> AsyncDenoiser:
+    """Wrap ``model`` so that its stages run concurrently on ``n_devices`` devices.
+
+    The result is called exactly like ``model``. The first ``warmup`` steps of every
+    generation run the stages one after another (exactly the original model); after
+    that all stages start each step at once, reading each other's outputs from the
+    previous step. ``stride=2`` computes two steps per round on ``n_devices + 1``
+    devices and needs ``scheduler`` (its ``timesteps``). ``example_inputs=None`` captures
+    the model from its first call. ``plan`` is a StagePlan or a path to one.
+    ``devices=None`` means ``cuda:0..`` when there are enough GPUs, else CPU workers.
+
+    Example:
+        >>> pipe.unet = asyncfx.partition(pipe.unet, n_devices=2, warmup=2)
+        >>> images = pipe(prompt_embeds=embeds, num_inference_steps=20).images
+    """
+    _check_options(n_devices, warmup, stride, executor, scheduler)
+    slots = resolve_devices(devices, devices_needed(n_devices, stride))
+    plan = StagePlan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
+    if plan is not None and plan.n_stages != n_devices:
+        raise PlanError(f"the plan has {plan.n_stages} stages but n_devices={n_devices}; pass "
+                        f"n_devices={plan.n_stages} or compile a plan for {n_devices}.")
+
+    def build(args: tuple, kwargs: dict) -> tuple[Executor, CallInterfaceLike, StagePlan]:
+        captured = capture(model, args, kwargs, latent=latent)
+        stage_plan = plan or compile(captured, n_devices, cost=cost, link=link,
+                                     example_inputs=(args, kwargs) if cost == "measure" else None)
+        return _executor(captured, stage_plan, executor, slots)
+
+    denoiser = AsyncDenoiser(model, build, n_stages=n_devices, warmup=warmup, stride=stride,
+                             time_shift=time_shift, scheduler=scheduler, rebuild=plan is None)
+    if example_inputs is not None:
+        denoiser.build(*split_example_inputs(example_inputs))
+    return denoiser
+
+
+def _executor(captured: Captured, plan: StagePlan, kind: str,
+              devices: list[torch.device]) -> tuple[Executor, CallInterfaceLike, StagePlan]:
+    staged = split(captured, plan)
+    programs = [StageProgram(module, inputs, outputs) for module, inputs, outputs
+                in zip(staged.stages, staged.stage_inputs, staged.stage_outputs)]
+    graph_inputs = {i.placeholder for i in captured.inputs}
+    runner: Executor = (SerialExecutor(programs, graph_inputs) if kind == "serial"
+                        else LocalExecutor(programs, graph_inputs, devices))
+    interface = CallInterfaceLike(
+        flatten=captured.interface.flatten, unflatten=captured.interface.unflatten,
+        names=[i.placeholder for i in captured.inputs], roles=[str(i.role) for i in captured.inputs])
+    return runner, interface, plan
+
+
+def resolve_devices(devices: Sequence[str | torch.device] | None, needed: int) -> list[torch.device]:
+    """The devices of the slots: given ones (checked), else GPUs, else CPU workers."""
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    found = f"this machine has {available} CUDA device(s)" + (
+        f" ({', '.join(f'cuda:{i}' for i in range(available))})" if available else "")
+    if devices is None:
+        if available >= needed:
+            return [torch.device(f"cuda:{i}") for i in range(needed)]
+        if available == 0:
+            return [torch.device("cpu")] * needed
+        raise DeviceError(f"{needed} devices are needed and {found}; pass devices=[...] explicitly "
+                          "(e.g. fewer n_devices, or CPU workers with devices=['cpu'] * n).")
+    resolved = [torch.device(d) for d in devices]
+    if len(resolved) < needed:
+        raise DeviceError(f"{needed} devices are needed (stages plus stride 2's extra device) but "
+                          f"devices lists {len(resolved)}.")
+    missing = [str(d) for d in resolved if d.type == "cuda" and (d.index or 0) >= available]
+    if missing:
+        raise DeviceError(f"asked for {', '.join(missing)} but {found}.")
+    return resolved[:needed]
+
+
+def _check_options(n_devices: Any, warmup: Any, stride: Any, executor: str, scheduler: Any) -> None:
+    if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+        raise PlanError(f"n_devices must be a positive integer, got {n_devices!r}.")
+    if stride not in (1, 2):
+        raise PlanError(f"stride must be 1 or 2, got {stride!r}.")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < (1 if n_devices > 1 else 0):
+        raise PlanError(f"warmup must be an integer >= 1 with several devices (the last warm-up "
+                        f"step fills the stale buffers), got {warmup!r}.")
+    if executor not in EXECUTORS:
+        raise PlanError(f"executor={executor!r} is not known; use one of {list(EXECUTORS)}.")
+    if stride == 2 and getattr(scheduler, "timesteps", None) is None and scheduler is None:
+        raise SchedulerError("stride=2 computes the next step's timestep ahead of time and needs the "
+                             "sampler's schedule: pass scheduler=pipe.scheduler.")

@@ -1,0 +1,211 @@
+"""AsyncDenoiser: the drop-in module ``asyncfx.partition()`` returns.
+
+It is called exactly like the original denoiser. It counts the calls of a generation,
+asks the schedule what each stage computes, hands that to an executor, and returns the
+last stage's output in the model's own type. A new generation (the timestep goes up,
+the latent's shape changes, or the conditioning changes) resets the step count and
+the boundary buffers; ``reset()`` does it explicitly.
+
+Note (two calls per step): pipelines that run the conditional and unconditional
+passes as separate calls call the denoiser twice with the same timestep. The i-th call
+with a given timestep belongs to stream i; each stream keeps its own step count and
+boundary buffers, so each sees exactly the staleness the schedule prescribes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from asyncfx.errors import AsyncFXError, InputMismatchError
+from asyncfx.runtime.executor import BoundaryStore, Executor
+from asyncfx.runtime.schedule import Mode, schedule
+
+
+class SchedulerError(AsyncFXError, ValueError):
+    """Stride 2 needs the sampler's timesteps and did not get them."""
+
+
+@dataclasses.dataclass
+class CallInterfaceLike:
+    """What the denoiser needs to bind calls: flatten checked inputs, rebuild outputs,
+    and the placeholder names and roles of the graph inputs."""
+
+    flatten: Callable[[tuple, dict], list[torch.Tensor]]
+    unflatten: Callable[[Sequence[Any]], Any]
+    names: list[str]          # placeholder name of each flat input
+    roles: list[str]          # "latent", "timestep" or "condition"
+
+
+@dataclasses.dataclass
+class _Stream:
+    step: int = 0
+    timesteps: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    conditions: list[torch.Tensor] | None = None
+    cached: dict[int, tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
+    store: BoundaryStore = dataclasses.field(default_factory=BoundaryStore)
+
+
+class AsyncDenoiser(nn.Module):
+    """A denoiser whose stages run concurrently on one-step-stale inputs.
+
+    Built by :func:`asyncfx.partition`; see there for the options.
+
+    Example:
+        >>> pipe.unet = asyncfx.partition(pipe.unet, n_devices=2)
+        >>> image = pipe(prompt_embeds=embeds, num_inference_steps=20).images[0]
+    """
+
+    def __init__(self, model: nn.Module, build: Callable[[tuple, dict], tuple[Executor, CallInterfaceLike, Any]],
+                 *, n_stages: int, warmup: int, stride: int = 1, time_shift: bool = False,
+                 scheduler: Any = None, rebuild: bool = True):
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # read attributes from it; do not own it
+        self._build = build
+        self.n_stages, self.warmup, self.stride = n_stages, warmup, stride
+        self.time_shift, self.scheduler = time_shift, scheduler
+        self.rebuild = rebuild  # re-capture on new input shapes (not with a user's plan)
+        self.executor: Executor | None = None
+        self.interface: CallInterfaceLike | None = None
+        self.plan = None
+        self._streams: list[_Stream] = []
+        self._last_timestep: float | None = None
+        self._calls_at_timestep = 0
+        self._latent_key: tuple | None = None
+
+    # -- attributes the pipelines read come from the original model -----------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_model"), name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._model.device
+
+    @property
+    def original_model(self) -> nn.Module:
+        return self._model
+
+    def reset(self) -> None:
+        """Forget the current generation: the next call is step 0 of a new one."""
+        self._streams = []
+        self._last_timestep = None
+        self._calls_at_timestep = 0
+        self._latent_key = None
+
+    def close(self) -> None:
+        """Stop the executor's workers (they also stop when the process exits)."""
+        if self.executor is not None:
+            self.executor.close()
+
+    def build(self, args: tuple, kwargs: dict) -> None:
+        """Capture, compile and split for inputs like ``args``/``kwargs`` (done by the
+        first call when partition() got no example inputs)."""
+        self.close()
+        self.executor, self.interface, self.plan = self._build(args, kwargs)
+        self.reset()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.executor is None:
+            self.build(args, kwargs)
+        try:
+            flat = self.interface.flatten(args, kwargs)
+        except InputMismatchError:
+            if not self.rebuild:
+                raise
+            self.build(args, kwargs)  # new shapes: a new graph, and a new generation
+            flat = self.interface.flatten(args, kwargs)
+        named = dict(zip(self.interface.names, flat))
+        stream = self._stream_for(named)
+        step = stream.step
+        stream.timesteps[step] = named[self._timestep_name] if self._timestep_name else None
+        total = self._total_steps()
+        step_plan = schedule(step, self.n_stages, warmup=self.warmup, stride=self.stride,
+                             time_shift=self.time_shift, total_steps=total)
+        if step_plan.mode is Mode.CACHED:
+            outputs = stream.cached.pop(step)
+        else:
+            results = self.executor.step(step_plan, self._inputs_for(named, stream, step), stream.store)
+            outputs = results.pop(step)
+            stream.cached = results
+        stream.step += 1
+        latent = named[self._latent_name]
+        return self.interface.unflatten([o.to(latent.device) if isinstance(o, torch.Tensor) else o
+                                         for o in outputs])
+
+    # -- streams and generations ----------------------------------------------------
+    @property
+    def _latent_name(self) -> str:
+        return self.interface.names[self.interface.roles.index("latent")]
+
+    @property
+    def _timestep_name(self) -> str | None:
+        roles = self.interface.roles
+        return self.interface.names[roles.index("timestep")] if "timestep" in roles else None
+
+    def _stream_for(self, named: Mapping[str, torch.Tensor]) -> _Stream:
+        latent = named[self._latent_name]
+        latent_key = (tuple(latent.shape), latent.dtype, latent.device)
+        t = float(named[self._timestep_name].float().flatten()[0]) if self._timestep_name else None
+        if latent_key != self._latent_key or (t is not None and self._last_timestep is not None
+                                              and t > self._last_timestep):
+            self.reset()
+        self._latent_key = latent_key
+        if t is None or t != self._last_timestep:
+            self._calls_at_timestep = 0
+        index = self._calls_at_timestep
+        self._calls_at_timestep += 1
+        self._last_timestep = t
+        conditions = [named[n] for n, r in zip(self.interface.names, self.interface.roles)
+                      if r == "condition"]
+        while len(self._streams) <= index:
+            self._streams.append(_Stream())
+        stream = self._streams[index]
+        if stream.conditions is not None and not _same_tensors(stream.conditions, conditions):
+            self.reset()  # new prompt or labels: a new generation for every stream
+            return self._stream_for(named)
+        stream.conditions = conditions
+        return stream
+
+    def _total_steps(self) -> int | None:
+        if self.stride == 1:
+            return None
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if timesteps is None:
+            raise SchedulerError("stride=2 needs the sampler's timesteps: pass scheduler=pipe.scheduler "
+                                 "to asyncfx.partition() (after set_timesteps, its .timesteps list the steps).")
+        return len(timesteps)
+
+    def _inputs_for(self, named: Mapping[str, torch.Tensor], stream: _Stream,
+                    step: int) -> Callable[[int], Mapping[str, torch.Tensor]]:
+        def inputs_for(timestep_index: int) -> Mapping[str, torch.Tensor]:
+            if timestep_index == step or self._timestep_name is None:
+                return named
+            return {**named, self._timestep_name: self._timestep(named, stream, timestep_index)}
+        return inputs_for
+
+    def _timestep(self, named: Mapping[str, torch.Tensor], stream: _Stream, index: int) -> torch.Tensor:
+        if index in stream.timesteps:  # time_shift: an earlier call's timestep
+            return stream.timesteps[index]
+        current = named[self._timestep_name]
+        value = self.scheduler.timesteps[index]
+        return torch.full_like(current, float(value))
+
+
+def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x is y:
+            continue
+        if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device or not torch.equal(x, y):
+            return False
+    return True

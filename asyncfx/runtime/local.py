@@ -1,0 +1,189 @@
+"""LocalExecutor: one process, one worker thread per device slot.
+
+Each slot holds its own copy of its stage (on its device) and computes on its own
+thread; on CUDA also on its own stream, with its boundary outputs copied to their
+consumers' devices on a separate copy stream right after it finishes, ordered by
+events. Values are versioned (``BoundaryStore``), so a step writes new buffers while
+the stages of the same step read the previous version: double buffering by
+construction. On CPU the workers are threads that share memory; K workers on C cores
+get C/K intra-op threads each, so they do not oversubscribe the cores.
+"""
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, StageProgram
+from asyncfx.runtime.schedule import Mode, StageRun, StepSchedule
+
+
+class LocalExecutor(Executor):
+    """Stages on ``devices`` (one per slot: stage k on slot k, stride 2's extra last-stage
+    run on slot N), each driven by its own thread.
+
+    Example:
+        >>> executor = LocalExecutor(programs, {"sample", "timestep"}, ["cpu", "cpu"])
+        >>> outputs = executor.step(schedule(3, 2, warmup=1), inputs_for, store)
+        >>> executor.close()
+    """
+
+    def __init__(self, programs: Sequence[StageProgram], graph_inputs: set[str],
+                 devices: Sequence[str | torch.device], threads: int | None = None):
+        super().__init__(programs, graph_inputs)
+        self.devices = [torch.device(d) for d in devices]
+        if len(self.devices) < len(programs):
+            raise ValueError(f"{len(programs)} stages need at least {len(programs)} devices, "
+                             f"got {len(self.devices)}.")
+        cpu_slots = sum(d.type == "cpu" for d in self.devices)
+        threads = threads or max(1, torch.get_num_threads() // max(cpu_slots, 1))
+        self._results: queue.Queue = queue.Queue()
+        self._epoch = 0
+        self._workers = [_Worker(slot, self._slot_module(slot), self._stage(slot).outputs, device,
+                                 threads, self._results)
+                         for slot, device in enumerate(self.devices)]
+        self._consumers = self._consumer_devices()
+        for worker in self._workers:
+            worker.consumer_devices = self._consumers
+            worker.start()
+
+    def _stage(self, slot: int) -> StageProgram:
+        return self.programs[min(slot, len(self.programs) - 1)]
+
+    def _slot_module(self, slot: int) -> nn.Module:
+        module = self._stage(slot).module
+        device = self.devices[slot]
+        # A private copy per slot: moving a shared module would move the caller's weights.
+        if device.type == "cpu" and _on_cpu(module):
+            return module
+        return copy.deepcopy(module).to(device)
+
+    def _consumer_devices(self) -> dict[str, set[torch.device]]:
+        consumers: dict[str, set[torch.device]] = {}
+        for slot, device in enumerate(self.devices):
+            for name in self._stage(slot).inputs:
+                if name not in self.graph_inputs:
+                    consumers.setdefault(name, set()).add(device)
+        return consumers
+
+    def slot_modules(self) -> list[nn.Module]:
+        """The module each slot computes with (for inspecting what each device holds)."""
+        return [worker.module for worker in self._workers]
+
+    def step(self, plan: StepSchedule, inputs_for: InputsFor,
+             store: BoundaryStore) -> dict[int, tuple[torch.Tensor, ...]]:
+        self._epoch += 1
+        results: dict[int, tuple[torch.Tensor, ...]] = {}
+        if plan.mode is Mode.SEQUENTIAL:
+            for run in plan.runs:
+                self._dispatch(run, inputs_for, store)
+                self._collect([run], store, results)
+        else:
+            for run in plan.runs:
+                self._dispatch(run, inputs_for, store)
+            self._collect(plan.runs, store, results)
+        if plan.mode is not Mode.CACHED:
+            self.finish(plan, store)
+        return results
+
+    def _dispatch(self, run: StageRun, inputs_for: InputsFor, store: BoundaryStore) -> None:
+        worker = self._workers[run.slot]
+        inputs = inputs_for(run.timestep)
+        args = [inputs[name] if name in self.graph_inputs else _read(store, name, run.reads, worker.device)
+                for name in self.programs[run.stage].inputs]
+        worker.tasks.put((self._epoch, run, args))
+
+    def _collect(self, runs: Sequence[StageRun], store: BoundaryStore,
+                 results: dict[int, tuple[torch.Tensor, ...]]) -> None:
+        pending = set(runs)
+        while pending:
+            epoch, run, outputs, copies, error = self._results.get()
+            if epoch != self._epoch:
+                continue  # a run of a step that failed earlier; nobody waits for it
+            if error is not None:
+                error.add_note(f"raised in stage {run.stage} on {self._workers[run.slot].device} "
+                               f"(asyncfx local executor, step {run.gives if run.gives is not None else run.writes}); "
+                               "call reset() on the denoiser before sampling again.")
+                raise error
+            pending.discard(run)
+            self.record(run, outputs, store, results)
+            if run.writes is not None and copies:
+                store.put(run.writes, copies)
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.tasks.put(None)
+        for worker in self._workers:
+            worker.join(timeout=5)
+
+
+def _copy_key(name: str, device: torch.device) -> str:
+    return f"{name}@{device}"
+
+
+def _read(store: BoundaryStore, name: str, version: int, device: torch.device) -> torch.Tensor:
+    """The copy already made on ``device`` if there is one, else the producer's tensor."""
+    copied = _copy_key(name, device)
+    return store.get(copied, version) if store.has(copied, version) else store.get(name, version)
+
+
+def _on_cpu(module: nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in [*module.parameters(), *module.buffers()])
+
+
+class _Worker(threading.Thread):
+    def __init__(self, slot: int, module: nn.Module, outputs: list[str], device: torch.device,
+                 threads: int, results: queue.Queue):
+        super().__init__(name=f"asyncfx-stage-slot-{slot}", daemon=True)
+        self.slot, self.module, self.device, self.threads = slot, module, device, threads
+        self.outputs = outputs
+        self.results = results
+        self.tasks: queue.Queue = queue.Queue()
+        self.consumer_devices: dict[str, set[torch.device]] = {}
+
+    def run(self) -> None:
+        cuda = self.device.type == "cuda"
+        if not cuda:
+            torch.set_num_threads(self.threads)
+        compute = torch.cuda.Stream(self.device) if cuda else None
+        copier = torch.cuda.Stream(self.device) if cuda else None
+        while True:
+            task = self.tasks.get()
+            if task is None:
+                return
+            epoch, run, args = task
+            try:
+                outputs, copies = self._compute(run, args, compute, copier)
+                self.results.put((epoch, run, outputs, copies, None))
+            except BaseException as exc:  # reported to the caller, which re-raises it
+                self.results.put((epoch, run, None, None, exc))
+
+    def _compute(self, run: StageRun, args: list[torch.Tensor], compute: Any, copier: Any):
+        with torch.no_grad():
+            if compute is None:
+                return self.module(*[a.to(self.device) for a in args]), {}
+            with torch.cuda.device(self.device), torch.cuda.stream(compute):
+                outputs = self.module(*[a.to(self.device, non_blocking=True) for a in args])
+                done = torch.cuda.Event()
+                done.record(compute)
+            copies = self._copy_out(run, outputs, done, copier)
+            compute.synchronize()
+            copier.synchronize()
+            return outputs, copies
+
+    def _copy_out(self, run: StageRun, outputs: Sequence[torch.Tensor], done: Any, copier: Any) -> dict:
+        """Boundary outputs copied to each other consumer device, on the copy stream."""
+        if run.writes is None:
+            return {}
+        copies = {}
+        with torch.cuda.stream(copier):
+            copier.wait_event(done)
+            for name, value in zip(self.outputs, outputs):
+                for device in self.consumer_devices.get(name, ()):
+                    if device != self.device:
+                        copies[_copy_key(name, device)] = value.to(device, non_blocking=True)
+        return copies
