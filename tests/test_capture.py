@@ -164,3 +164,13 @@ def test_fingerprint_depends_on_shapes_not_on_weights():
     assert same.fingerprint == zoo_captured("skip_list_denoiser").fingerprint
     bigger = asyncfx.capture(model, (torch.randn(2, 3, 16, 16), *args[1:]))
     assert bigger.fingerprint != same.fingerprint
+
+
+def test_inputs_the_model_rejects_get_input_advice():
+    model, _, kwargs = zoo_example("sd3_transformer")
+    with pytest.raises(asyncfx.CaptureError) as info:
+        asyncfx.capture(model, (), {**kwargs, "timestep": torch.tensor(500.0)})  # 0-d, needs 1-d
+    message = str(info.value)
+    assert "Timesteps should be a 1d-array" in message and "embeddings.py" in message
+    assert "Check that the example inputs are what the model expects" in message
+    assert "branches on a tensor's value" not in message

@@ -471,13 +471,18 @@ def _both_failed_message(model: nn.Module, export_error: Exception, trace_error:
     model_class = type(model).__name__
     construct = _failing_construct(export_error) or _failing_construct(trace_error)
     where = f" at {construct}" if construct else ""
+    if "data-dependent" in str(export_error) or "control flow" in str(trace_error):
+        advice = ("A forward that branches on a tensor's value (if x.sum() > 0, x.item(), "
+                  "x.tolist()) cannot be captured: branch on shapes or Python arguments instead, use "
+                  "torch.where or torch.cond, or move the data-dependent part out of the denoiser.")
+    else:
+        advice = ("Check that the example inputs are what the model expects (shapes, dtypes, "
+                  "which arguments are tensors), or change the construct named above.")
     return (
         f"cannot capture {model_class}: torch.export failed{where} with "
         f"{type(export_error).__name__}: {_first_line(export_error)}; the torch.fx.symbolic_trace "
         f"fallback failed too with {type(trace_error).__name__}: {_first_line(trace_error)}. "
-        "A forward that branches on a tensor's value (if x.sum() > 0, x.item(), x.tolist()) cannot "
-        "be captured: branch on shapes or Python arguments instead, use torch.where or torch.cond, "
-        "or move the data-dependent part out of the denoiser.")
+        + advice)
 
 
 def _first_line(error: Exception) -> str:

@@ -1,0 +1,232 @@
+"""partition() and the executors: staleness as scheduled, executor and warm-up
+equivalence, streams, weights per worker, and errors."""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from torch import nn
+
+import asyncfx
+from asyncfx.api import DeviceError
+from asyncfx.runtime.denoiser import SchedulerError
+from conftest import zoo_example
+
+COEFFICIENTS = (1.0, 10.0, 100.0)
+
+
+class Chain(nn.Module):
+    """Three latent additions: stage k adds c_k * t, so an output tells exactly which
+    latent and which timesteps the stages combined."""
+
+    def forward(self, x, t):
+        h = x
+        for c in COEFFICIENTS:
+            h = h + t * c
+        return h
+
+
+def chain_denoiser(executor: str, warmup: int, stride: int = 1, scheduler=None, time_shift=False):
+    x, t = torch.zeros(1, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    plan = asyncfx.compile(Chain(), 3, example_inputs=(x, t), cost="uniform")
+    assert [len(s.nodes) for s in plan.stages] == [1, 1, 1]
+    return asyncfx.partition(Chain(), 3, example_inputs=(x, t), plan=plan, warmup=warmup,
+                             stride=stride, executor=executor, scheduler=scheduler,
+                             time_shift=time_shift)
+
+
+def expected_stride1(xs, ts, warmup, time_shift=False):
+    """eps_s from the definition: warm-up sequential, then every edge one step stale."""
+    values = {}  # (stage, version) -> value
+    for s, (x, t) in enumerate(zip(xs, ts)):
+        tt = ts[s - 1] if (time_shift and s >= warmup) else t
+        for k, c in enumerate(COEFFICIENTS):
+            previous = x if k == 0 else values[(k - 1, s if s < warmup else s - 1)]
+            values[(k, s)] = previous + c * (t if s < warmup else tt)
+    return [values[(2, s)] for s in range(len(xs))]
+
+
+@pytest.mark.parametrize("executor", ["serial", "local"])
+@pytest.mark.parametrize("time_shift", [False, True])
+def test_staleness_is_what_the_schedule_says(executor, time_shift):
+    xs = [1000.0 * (s + 1) for s in range(8)]
+    ts = [50.0 - 3 * s for s in range(8)]
+    den = chain_denoiser(executor, warmup=2, time_shift=time_shift)
+    got = [den(torch.tensor([x], dtype=torch.float64), torch.tensor(t, dtype=torch.float64)).item()
+           for x, t in zip(xs, ts)]
+    assert got == expected_stride1(xs, ts, warmup=2, time_shift=time_shift)
+    if not time_shift:  # the paper's example: eps_5 = C2(C1(C0(x3, t3), t4), t5)
+        assert got[5] == xs[3] + 1 * ts[3] + 10 * ts[4] + 100 * ts[5]
+    else:  # each stage computes with the previous step's timestep
+        assert got[5] == xs[3] + 1 * ts[2] + 10 * ts[3] + 100 * ts[4]
+    den.close()
+
+
+@pytest.mark.parametrize("executor", ["serial", "local"])
+def test_stride_two_rounds_compute_two_steps(executor):
+    steps = 7
+    xs = [1000.0 * (s + 1) for s in range(steps)]
+    ts = [60.0 - 5 * s for s in range(steps)]
+    scheduler = SimpleNamespace(timesteps=torch.tensor(ts, dtype=torch.float64))
+    den = chain_denoiser(executor, warmup=1, stride=2, scheduler=scheduler)
+    got = [den(torch.tensor([x], dtype=torch.float64), torch.tensor(t, dtype=torch.float64)).item()
+           for x, t in zip(xs, ts)]
+    c0, c1, c2 = COEFFICIENTS
+    v1 = {0: xs[0] + c0 * ts[0]}          # stage outputs kept, by version
+    v2 = {0: v1[0] + c1 * ts[0]}
+    assert got[0] == v2[0] + c2 * ts[0]   # warm-up
+    # round at step 1: stages 0, 1 with t2 read version 0; the extra device gives eps_1
+    assert got[1] == v2[0] + c2 * ts[1] and got[2] == v2[0] + c2 * ts[2]
+    v1[2], v2[2] = xs[1] + c0 * ts[2], v1[0] + c1 * ts[2]
+    assert got[3] == v2[2] + c2 * ts[3] and got[4] == v2[2] + c2 * ts[4]
+    v1[4], v2[4] = xs[3] + c0 * ts[4], v1[2] + c1 * ts[4]
+    assert got[5] == v2[4] + c2 * ts[5] and got[6] == v2[4] + c2 * ts[6]
+    den.close()
+
+
+def sample(denoiser, model_kwargs, latent_name, steps=10, two_calls=False):
+    """A DDIM loop calling ``denoiser`` like a pipeline does."""
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    scheduler.set_timesteps(steps)
+    x = model_kwargs[latent_name].clone()
+    for t in scheduler.timesteps:
+        timestep = torch.full_like(model_kwargs["timestep"], t.item())  # the example's shape
+        out = denoiser(**{**model_kwargs, latent_name: x, "timestep": timestep})
+        eps = out[0] if isinstance(out, tuple) else out.sample
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name, latent", [("sd_unet", "sample"), ("sd3_transformer", "hidden_states")])
+def test_local_workers_equal_serial(name, latent):
+    model, _, kwargs = zoo_example(name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same thread count as each worker: bitwise equal
+    try:
+        serial = {n: sample(asyncfx.partition(model, n, warmup=2, executor="serial"), kwargs, latent)
+                  for n in (2, 3)}
+    finally:
+        torch.set_num_threads(threads)
+    for n in (2, 3):
+        den = asyncfx.partition(model, n, warmup=2, executor="local")
+        torch.testing.assert_close(sample(den, kwargs, latent), serial[n], rtol=0, atol=0)
+        den.close()
+
+
+@pytest.mark.parametrize("executor", ["serial", "local"])
+def test_warmup_covering_every_step_is_the_original_run(executor):
+    model, _, kwargs = zoo_example("sd_unet")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each local worker: the same summation order, bitwise results
+    try:
+        expected = sample(model, kwargs, "sample")
+        den = asyncfx.partition(model, 3, warmup=10, executor=executor)
+        got = sample(den, kwargs, "sample")
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    den.close()
+
+
+def test_two_calls_per_step_are_two_independent_streams():
+    model, _, kwargs = zoo_example("sd_unet")
+    negative = {**kwargs, "encoder_hidden_states": torch.zeros_like(kwargs["encoder_hidden_states"])}
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    scheduler.set_timesteps(6)
+    both = asyncfx.partition(model, 2, warmup=2, executor="serial")
+    alone = [asyncfx.partition(model, 2, warmup=2, executor="serial") for _ in range(2)]
+    x = kwargs["sample"].clone()
+    for t in scheduler.timesteps:
+        for i, conditioning in enumerate((kwargs, negative)):
+            call = {**conditioning, "sample": x, "timestep": t}
+            torch.testing.assert_close(both(**call).sample, alone[i](**call).sample, rtol=0, atol=0)
+        x = x * 0.9
+
+
+def test_new_generation_and_reset_restart_the_warmup():
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    first = sample(den, kwargs, "sample", steps=4)
+    second = sample(den, kwargs, "sample", steps=4)   # timestep goes up: new generation
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    den(**{**kwargs, "timestep": torch.tensor(500)})
+    den.reset()
+    assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)  # step 0 again: exact
+
+
+def test_shape_change_mid_generation_recaptures():
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    for t in (900, 800, 700):
+        den(**{**kwargs, "timestep": torch.tensor(t)})
+    bigger = {**kwargs, "sample": torch.randn(2, 4, 16, 16), "timestep": torch.tensor(600)}
+    torch.testing.assert_close(den(**bigger).sample, model(**bigger).sample, rtol=0, atol=0)
+
+
+def test_each_worker_holds_only_its_stage_weights():
+    model, _, kwargs = zoo_example("sdxl_unet")
+    den = asyncfx.partition(model, 3, example_inputs=kwargs, executor="local")
+    held = [sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+            for m in den.executor.slot_modules()]
+    assert held == [s.param_bytes for s in den.plan.stages]
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert max(held) < total and sum(held) < 1.2 * total
+    den.close()
+
+
+class LookupDenoiser(nn.Module):
+    """Stage 1 looks up an embedding by label: a bad label fails inside that stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        self.labels = nn.Embedding(3, 4)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x, t, label):
+        h = torch.tanh(self.inp(x)) * t
+        return self.out(h + self.labels(label))
+
+
+def test_stage_exception_reaches_the_caller_with_the_stage_named():
+    x, t, good = torch.randn(2, 4), torch.tensor(1.0), torch.tensor([0, 2])
+    den = asyncfx.partition(LookupDenoiser(), 2, example_inputs=(x, t, good), warmup=1,
+                            executor="local", cost="uniform")
+    assert len(den.plan.stages[0].nodes) >= 1
+    den(x, t, good)
+    start = time.perf_counter()
+    with pytest.raises(IndexError) as info:
+        den(x, t, torch.tensor([0, 7]))
+    assert time.perf_counter() - start < 1.0
+    assert any("raised in stage 1" in note for note in info.value.__notes__)
+    den.reset()
+    torch.testing.assert_close(den(x, t, good), LookupDenoiser.forward(den.original_model, x, t, good))
+    den.close()
+
+
+def test_errors_for_devices_stride_and_options():
+    model, _, kwargs = zoo_example("sd_unet")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(DeviceError, match=r"asked for cuda:\d.* but this machine has"):
+            asyncfx.partition(model, 2, devices=["cuda:0", "cuda:1"])
+    with pytest.raises(SchedulerError, match="stride=2 .* pass scheduler=pipe.scheduler"):
+        asyncfx.partition(model, 2, stride=2)
+    with pytest.raises(DeviceError, match="3 devices are needed .* devices lists 2"):
+        asyncfx.partition(model, 2, stride=2, scheduler=DDIMScheduler(), devices=["cpu", "cpu"])
+    with pytest.raises(asyncfx.PlanError, match="warmup must be an integer >= 1"):
+        asyncfx.partition(model, 2, warmup=0)
+    with pytest.raises(asyncfx.PlanError, match="executor='mpi' is not known"):
+        asyncfx.partition(model, 2, executor="mpi")
+
+
+def test_attributes_come_from_the_original_model():
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2)
+    assert den.config is model.config and den.dtype == model.dtype and den.device == model.device
+    assert den.plan is None  # captured lazily
+    out = den(**kwargs)
+    assert type(out) is type(model(**kwargs)) and den.plan.n_stages == 2
+    den.close()
