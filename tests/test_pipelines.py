@@ -1,0 +1,97 @@
+"""diffusers pipelines with asyncfx.partition() as their denoiser, end to end.
+
+Tiny components are built from configs with random weights; prompt embeddings are
+passed directly, so no tokenizer or text encoder is needed.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
+
+import asyncfx
+from asyncfx.zoo import tiny
+
+STEPS = 6
+
+
+def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=0.0).eval()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The serial executor on one thread sums like each single-threaded local worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def images(pipe, **kwargs) -> np.ndarray:
+    return pipe(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                output_type="np", **kwargs).images
+
+
+def check_drop_in(pipe, attribute: str, **kwargs) -> None:
+    model = getattr(pipe, attribute)
+    with one_thread():
+        original = images(pipe, **kwargs)
+        setattr(pipe, attribute, asyncfx.partition(model, 2, warmup=2, executor="serial"))
+        serial = images(pipe, **kwargs)
+    async_denoiser = asyncfx.partition(model, 2, warmup=2)
+    setattr(pipe, attribute, async_denoiser)
+    local = images(pipe, **kwargs)
+    async_denoiser.close()
+    assert np.isfinite(local).all() and local.shape == original.shape
+    np.testing.assert_array_equal(local, serial)
+    difference = np.abs(local - original).mean()
+    print(f"{type(pipe).__name__}: mean |async - original| = {difference:.4f} on [0, 1] pixels")
+    assert difference < 0.25  # random weights; same composition, not the same pixels
+    assert not np.array_equal(local, original)  # the stale steps did run
+
+
+def test_stable_diffusion_pipeline():
+    unet, _, _ = tiny.sd_unet()
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=DDIMScheduler(num_train_timesteps=1000),
+                                   safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    generator = torch.Generator().manual_seed(1)
+    check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                  negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
+
+
+def test_stable_diffusion_xl_pipeline():
+    unet, _, _ = tiny.sdxl_unet()
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=None, text_encoder_2=None,
+                                     tokenizer=None, tokenizer_2=None, unet=unet,
+                                     scheduler=DDIMScheduler(num_train_timesteps=1000))
+    generator = torch.Generator().manual_seed(2)
+    check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                  negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                  pooled_prompt_embeds=torch.randn(1, 8, generator=generator),
+                  negative_pooled_prompt_embeds=torch.randn(1, 8, generator=generator))
+
+
+def test_stable_diffusion_3_pipeline():
+    transformer, _, _ = tiny.sd3_transformer()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=tiny_vae(), text_encoder=None, tokenizer=None,
+                                    text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None)
+    generator = torch.Generator().manual_seed(3)
+    check_drop_in(pipe, "transformer", prompt_embeds=torch.randn(1, 5, 16, generator=generator),
+                  negative_prompt_embeds=torch.randn(1, 5, 16, generator=generator),
+                  pooled_prompt_embeds=torch.randn(1, 12, generator=generator),
+                  negative_pooled_prompt_embeds=torch.randn(1, 12, generator=generator))
