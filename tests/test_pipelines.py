@@ -49,9 +49,9 @@ def check_drop_in(pipe, attribute: str, **kwargs) -> None:
         original = images(pipe, **kwargs)
         setattr(pipe, attribute, asyncfx.partition(model, 2, warmup=2, executor="serial"))
         serial = images(pipe, **kwargs)
-    async_denoiser = asyncfx.partition(model, 2, warmup=2)
-    setattr(pipe, attribute, async_denoiser)
-    local = images(pipe, **kwargs)
+        async_denoiser = asyncfx.partition(model, 2, warmup=2)
+        setattr(pipe, attribute, async_denoiser)
+        local = images(pipe, **kwargs)
     async_denoiser.close()
     assert np.isfinite(local).all() and local.shape == original.shape
     np.testing.assert_array_equal(local, serial)

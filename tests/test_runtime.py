@@ -104,16 +104,20 @@ def sample(denoiser, model_kwargs, latent_name, steps=10, two_calls=False):
 def test_local_workers_equal_serial(name, latent):
     model, _, kwargs = zoo_example(name)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same thread count as each worker: bitwise equal
+    torch.set_num_threads(1)  # every worker and the serial run on one thread: bitwise equal
     try:
-        serial = {n: sample(asyncfx.partition(model, n, warmup=2, executor="serial"), kwargs, latent)
-                  for n in (2, 3)}
+        for n in (2, 3):
+            serial = sample(asyncfx.partition(model, n, warmup=2, executor="serial"), kwargs, latent)
+            den = asyncfx.partition(model, n, warmup=2, executor="local")
+            torch.testing.assert_close(sample(den, kwargs, latent), serial, rtol=0, atol=0)
+            den.close()
     finally:
         torch.set_num_threads(threads)
-    for n in (2, 3):
-        den = asyncfx.partition(model, n, warmup=2, executor="local")
-        torch.testing.assert_close(sample(den, kwargs, latent), serial[n], rtol=0, atol=0)
-        den.close()
+    # with the machine's threads the summation order differs: equal to float32 rounding
+    den = asyncfx.partition(model, 2, warmup=2, executor="local")
+    serial = sample(asyncfx.partition(model, 2, warmup=2, executor="serial"), kwargs, latent)
+    torch.testing.assert_close(sample(den, kwargs, latent), serial, rtol=1e-4, atol=1e-4)
+    den.close()
 
 
 @pytest.mark.parametrize("executor", ["serial", "local"])

@@ -6,7 +6,8 @@ consumers' devices on a separate copy stream right after it finishes, ordered by
 events. Values are versioned (``BoundaryStore``), so a step writes new buffers while
 the stages of the same step read the previous version: double buffering by
 construction. On CPU the workers are threads that share memory; K workers on C cores
-get C/K intra-op threads each, so they do not oversubscribe the cores.
+get C/K intra-op threads each, so they do not oversubscribe the cores, except during
+warm-up steps, when one stage runs at a time and may use all C.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class LocalExecutor(Executor):
             raise ValueError(f"{len(programs)} stages need at least {len(programs)} devices, "
                              f"got {len(self.devices)}.")
         cpu_slots = sum(d.type == "cpu" for d in self.devices)
-        threads = threads or max(1, torch.get_num_threads() // max(cpu_slots, 1))
+        self._all_threads = torch.get_num_threads()
+        threads = threads or max(1, self._all_threads // max(cpu_slots, 1))
         self._results: queue.Queue = queue.Queue()
         self._epoch = 0
         self._workers = [_Worker(slot, self._slot_module(slot), self._stage(slot).outputs, device,
@@ -80,22 +82,23 @@ class LocalExecutor(Executor):
         results: dict[int, tuple[torch.Tensor, ...]] = {}
         if plan.mode is Mode.SEQUENTIAL:
             for run in plan.runs:
-                self._dispatch(run, inputs_for, store)
+                self._dispatch(run, inputs_for, store, self._all_threads)
                 self._collect([run], store, results)
         else:
             for run in plan.runs:
-                self._dispatch(run, inputs_for, store)
+                self._dispatch(run, inputs_for, store, None)
             self._collect(plan.runs, store, results)
         if plan.mode is not Mode.CACHED:
             self.finish(plan, store)
         return results
 
-    def _dispatch(self, run: StageRun, inputs_for: InputsFor, store: BoundaryStore) -> None:
+    def _dispatch(self, run: StageRun, inputs_for: InputsFor, store: BoundaryStore,
+                  threads: int | None) -> None:
         worker = self._workers[run.slot]
         inputs = inputs_for(run.timestep)
         args = [inputs[name] if name in self.graph_inputs else _read(store, name, run.reads, worker.device)
                 for name in self.programs[run.stage].inputs]
-        worker.tasks.put((self._epoch, run, args))
+        worker.tasks.put((self._epoch, run, args, threads))
 
     def _collect(self, runs: Sequence[StageRun], store: BoundaryStore,
                  results: dict[int, tuple[torch.Tensor, ...]]) -> None:
@@ -147,15 +150,15 @@ class _Worker(threading.Thread):
 
     def run(self) -> None:
         cuda = self.device.type == "cuda"
-        if not cuda:
-            torch.set_num_threads(self.threads)
         compute = torch.cuda.Stream(self.device) if cuda else None
         copier = torch.cuda.Stream(self.device) if cuda else None
         while True:
             task = self.tasks.get()
             if task is None:
                 return
-            epoch, run, args = task
+            epoch, run, args, threads = task
+            if not cuda and torch.get_num_threads() != (threads or self.threads):
+                torch.set_num_threads(threads or self.threads)
             try:
                 outputs, copies = self._compute(run, args, compute, copier)
                 self.results.put((epoch, run, outputs, copies, None))
