@@ -11,6 +11,7 @@ from asyncfx.errors import AsyncFXError, PlanError
 from asyncfx.partitioner import Captured, StagePlan, capture, compile, split
 from asyncfx.partitioner.compile import split_example_inputs
 from asyncfx.runtime.denoiser import AsyncDenoiser, CallInterfaceLike, SchedulerError
+from asyncfx.runtime.distributed import DistributedExecutor, TensorSpec
 from asyncfx.runtime.executor import Executor, SerialExecutor, StageProgram
 from asyncfx.runtime.local import LocalExecutor
 from asyncfx.runtime.schedule import devices_needed
@@ -19,7 +20,7 @@ from asyncfx.runtime.schedule import devices_needed
 #: speedup example (T=50, W=3); to be set from measured quality once the trained default
 #: model exists.
 DEFAULT_WARMUP = 3
-EXECUTORS = ("local", "serial")
+EXECUTORS = ("local", "serial", "distributed")
 
 
 class DeviceError(AsyncFXError, ValueError):
@@ -46,7 +47,10 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
         >>> images = pipe(prompt_embeds=embeds, num_inference_steps=20).images
     """
     _check_options(n_devices, warmup, stride, executor, scheduler)
-    slots = resolve_devices(devices, devices_needed(n_devices, stride))
+    if executor == "distributed":
+        slots = [distributed_device(devices, devices_needed(n_devices, stride))]
+    else:
+        slots = resolve_devices(devices, devices_needed(n_devices, stride))
     plan = StagePlan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
     if plan is not None and plan.n_stages != n_devices:
         raise PlanError(f"the plan has {plan.n_stages} stages but n_devices={n_devices}; pass "
@@ -54,9 +58,15 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
 
     def build(args: tuple, kwargs: dict) -> tuple[Executor, CallInterfaceLike, StagePlan]:
         captured = capture(model, args, kwargs, latent=latent)
-        stage_plan = plan or compile(captured, n_devices, cost=cost, link=link,
-                                     example_inputs=(args, kwargs) if cost == "measure" else None)
-        return _executor(captured, stage_plan, executor, slots)
+        if plan is not None:
+            stage_plan = plan
+        elif executor == "distributed":  # every rank must cut alike: rank 0 decides
+            stage_plan = _plan_from_rank_zero(lambda: compile(captured, n_devices, cost=cost, link=link,
+                                                              example_inputs=(args, kwargs)))
+        else:
+            stage_plan = compile(captured, n_devices, cost=cost, link=link,
+                                 example_inputs=(args, kwargs) if cost == "measure" else None)
+        return _executor(captured, stage_plan, executor, slots, warmup)
 
     denoiser = AsyncDenoiser(model, build, n_stages=n_devices, warmup=warmup, stride=stride,
                              time_shift=time_shift, scheduler=scheduler, rebuild=plan is None)
@@ -65,18 +75,63 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
     return denoiser
 
 
-def _executor(captured: Captured, plan: StagePlan, kind: str,
-              devices: list[torch.device]) -> tuple[Executor, CallInterfaceLike, StagePlan]:
+def _executor(captured: Captured, plan: StagePlan, kind: str, devices: list[torch.device],
+              warmup: int) -> tuple[Executor, CallInterfaceLike, StagePlan]:
     staged = split(captured, plan)
     programs = [StageProgram(module, inputs, outputs) for module, inputs, outputs
                 in zip(staged.stages, staged.stage_inputs, staged.stage_outputs)]
     graph_inputs = {i.placeholder for i in captured.inputs}
-    runner: Executor = (SerialExecutor(programs, graph_inputs) if kind == "serial"
-                        else LocalExecutor(programs, graph_inputs, devices))
+    runner: Executor
+    if kind == "serial":
+        runner = SerialExecutor(programs, graph_inputs)
+    elif kind == "local":
+        runner = LocalExecutor(programs, graph_inputs, devices)
+    else:
+        boundaries = {b.name: TensorSpec(tuple(b.shape), _dtype(b.dtype)) for b in plan.boundaries}
+        outputs = [TensorSpec(tuple(v.shape), v.dtype) for v in
+                   (node.meta["val"] for node in captured.graph.output_node().args[0])]
+        runner = DistributedExecutor(programs, graph_inputs, boundaries, outputs, devices[0], warmup)
     interface = CallInterfaceLike(
         flatten=captured.interface.flatten, unflatten=captured.interface.unflatten,
         names=[i.placeholder for i in captured.inputs], roles=[str(i.role) for i in captured.inputs])
     return runner, interface, plan
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def _plan_from_rank_zero(make_plan) -> StagePlan:
+    """Rank 0 compiles; every rank gets its plan (cost="measure" would differ per rank)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise AsyncFXError("executor='distributed' needs a torch.distributed process group: call "
+                           "dist.init_process_group(...) in every rank first (run the script under "
+                           "torchrun); asyncfx never creates one itself.")
+    box = [make_plan().to_dict() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return StagePlan.from_dict(box[0])
+
+
+def distributed_device(devices: Sequence[str | torch.device] | None, needed: int) -> torch.device:
+    """This rank's device: ``devices[rank]`` if given, else its local GPU, else the CPU."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise AsyncFXError("executor='distributed' needs a torch.distributed process group: call "
+                           "dist.init_process_group(...) in every rank first (run the script under "
+                           "torchrun); asyncfx never creates one itself.")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != needed:
+        raise DeviceError(f"the process group has {world} ranks but this partition needs {needed} "
+                          "(one per stage, plus one for stride 2); launch with "
+                          f"torchrun --nproc-per-node {needed}.")
+    if devices is not None:
+        return resolve_devices(devices, needed)[rank]
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+    return torch.device("cpu")
 
 
 def resolve_devices(devices: Sequence[str | torch.device] | None, needed: int) -> list[torch.device]:

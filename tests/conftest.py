@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from diffusers import DDIMScheduler
 
 import asyncfx
 from asyncfx.passes.meta import VALUE_CLASS, ValueClass
@@ -56,6 +57,19 @@ def check_boundaries(captured: asyncfx.Captured, plan: asyncfx.StagePlan,
     for k, inputs in enumerate(staged.stage_inputs):
         for name in set(inputs) - graph_inputs:
             assert k in listed[name].consumers, f"stage {k} reads {name} without being listed"
+
+
+def sample(denoiser, model_kwargs, latent_name, steps=10):
+    """A DDIM loop calling ``denoiser`` like a pipeline does."""
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    scheduler.set_timesteps(steps)
+    x = model_kwargs[latent_name].clone()
+    for t in scheduler.timesteps:
+        timestep = torch.full_like(model_kwargs["timestep"], t.item())  # the example's shape
+        out = denoiser(**{**model_kwargs, latent_name: x, "timestep": timestep})
+        eps = out[0] if isinstance(out, tuple) else out.sample
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
 
 
 @pytest.fixture(autouse=True)

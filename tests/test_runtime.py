@@ -13,7 +13,7 @@ from torch import nn
 import asyncfx
 from asyncfx.api import DeviceError
 from asyncfx.runtime.denoiser import SchedulerError
-from conftest import zoo_example
+from conftest import sample, zoo_example
 
 COEFFICIENTS = (1.0, 10.0, 100.0)
 
@@ -85,19 +85,6 @@ def test_stride_two_rounds_compute_two_steps(executor):
     v1[4], v2[4] = xs[3] + c0 * ts[4], v1[2] + c1 * ts[4]
     assert got[5] == v2[4] + c2 * ts[5] and got[6] == v2[4] + c2 * ts[6]
     den.close()
-
-
-def sample(denoiser, model_kwargs, latent_name, steps=10, two_calls=False):
-    """A DDIM loop calling ``denoiser`` like a pipeline does."""
-    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
-    scheduler.set_timesteps(steps)
-    x = model_kwargs[latent_name].clone()
-    for t in scheduler.timesteps:
-        timestep = torch.full_like(model_kwargs["timestep"], t.item())  # the example's shape
-        out = denoiser(**{**model_kwargs, latent_name: x, "timestep": timestep})
-        eps = out[0] if isinstance(out, tuple) else out.sample
-        x = scheduler.step(eps, t, x).prev_sample
-    return x
 
 
 @pytest.mark.parametrize("name, latent", [("sd_unet", "sample"), ("sd3_transformer", "hidden_states")])

@@ -1,0 +1,52 @@
+"""What every rank of the distributed tests runs (spawned by test_distributed.py)."""
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import asyncfx
+from asyncfx.zoo.tiny import ZOO
+from conftest import sample
+
+LATENT = {"sd_unet": "sample", "sd3_transformer": "hidden_states"}
+
+
+class _ExitAt:
+    """Wraps the denoiser; the rank that should die exits at the given call."""
+
+    def __init__(self, denoiser, exit_at: int | None):
+        self.denoiser, self.exit_at, self.calls = denoiser, exit_at, 0
+
+    def __call__(self, *args, **kwargs):
+        if self.calls == self.exit_at:
+            os._exit(0)
+        self.calls += 1
+        return self.denoiser(*args, **kwargs)
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, steps: int,
+        dying_rank: int | None = None, timeout_s: float = 60.0) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    torch.set_num_threads(1)
+    try:
+        model, _, kwargs = ZOO[model_name]()
+        denoiser = asyncfx.partition(model, world, warmup=2, executor="distributed")
+        caller = _ExitAt(denoiser, 4 if rank == dying_rank else None)
+        with torch.no_grad():
+            result = sample(caller, kwargs, LATENT[model_name], steps=steps)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        module = denoiser.executor.module
+        held = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        with open(os.path.join(out_dir, f"held{rank}.txt"), "w") as f:
+            f.write(str(held))
+    except Exception as exc:  # the test reads what each rank saw
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
