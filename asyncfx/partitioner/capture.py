@@ -471,7 +471,7 @@ def _both_failed_message(model: nn.Module, export_error: Exception, trace_error:
     model_class = type(model).__name__
     construct = _failing_construct(export_error) or _failing_construct(trace_error)
     where = f" at {construct}" if construct else ""
-    if "data-dependent" in str(export_error) or "control flow" in str(trace_error):
+    if "data-dependent" in str(export_error):
         advice = ("A forward that branches on a tensor's value (if x.sum() > 0, x.item(), "
                   "x.tolist()) cannot be captured: branch on shapes or Python arguments instead, use "
                   "torch.where or torch.cond, or move the data-dependent part out of the denoiser.")
