@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import asyncfx
-from asyncfx.partitioner.cuts import COMPUTE_OPS
+from asyncfx.passes.meta import COMPUTE_OPS
 from asyncfx.passes.meta import MEASURED_SECONDS
 from asyncfx.passes.profile import profile_nodes
 from conftest import assert_same_output, zoo_captured, zoo_example

@@ -18,6 +18,7 @@ from asyncfx.partitioner.cuts import COMPUTE_OPS, cut_positions, latent_order
 from asyncfx.partitioner.plan import PlanInput
 from asyncfx.passes.estimate_cost import estimate_cost
 from asyncfx.passes.meta import BYTES, FLOPS, MEASURED_SECONDS, VALUE, VALUE_CLASS, ValueClass
+from asyncfx.passes.split import non_latent_ancestors
 
 
 @dataclasses.dataclass
@@ -78,17 +79,19 @@ def build_cost_graph(captured: Captured) -> CostGraph:
         estimate_cost(gm)
     position = {node: i for i, node in enumerate(order)}
     weights, holds = _weights(gm)
-    nodes = [_cost_node(node, position, len(order)) for node in order]
-    side = [_cost_node(node, position, len(order)) for node in captured.graph.nodes
+    index = {node: i for i, node in enumerate(captured.graph.nodes)}
+    nodes = [_cost_node(node, position, index) for node in order]
+    side = [_cost_node(node, position, index) for node in captured.graph.nodes
             if node.op in COMPUTE_OPS and node.meta[VALUE_CLASS] is not ValueClass.LATENT]
     output = captured.graph.output_node()
     inputs = [PlanInput(i.placeholder, str(i.role), list(i.shape), i.dtype) for i in captured.inputs]
     return CostGraph(fingerprint=captured.fingerprint, model_class=captured.model_class,
                      inputs=inputs, nodes=nodes, cut_positions=cut_positions(order),
-                     weights=weights, holds=holds, output_needs=_needs(output), side_nodes=side)
+                     weights=weights, holds=holds, output_needs=_needs(output, index), side_nodes=side)
 
 
-def _cost_node(node: fx.Node, position: dict[fx.Node, int], n_nodes: int) -> CostNode:
+def _cost_node(node: fx.Node, position: dict[fx.Node, int], index: dict[fx.Node, int]) -> CostNode:
+    n_nodes = len(position)
     value = node.meta.get(VALUE)
     is_tensor = isinstance(value, torch.Tensor)
     latent = node.meta[VALUE_CLASS] is ValueClass.LATENT
@@ -100,21 +103,12 @@ def _cost_node(node: fx.Node, position: dict[fx.Node, int], n_nodes: int) -> Cos
         out_bytes=value.numel() * value.element_size() if is_tensor else 0,
         out_shape=list(value.shape) if is_tensor else None,
         out_dtype=str(value.dtype) if is_tensor else None,
-        readers=readers, needs=_needs(node) if latent else [], measured_seconds=node.meta.get(MEASURED_SECONDS))
+        readers=readers, needs=_needs(node, index) if latent else [], measured_seconds=node.meta.get(MEASURED_SECONDS))
 
 
-def _needs(node: fx.Node) -> list[str]:
+def _needs(node: fx.Node, index: dict[fx.Node, int]) -> list[str]:
     """Names of the step/static nodes ``node`` depends on, in graph order."""
-    seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        current = stack.pop()
-        if current in seen or current.op == "placeholder" or \
-                current.meta[VALUE_CLASS] is ValueClass.LATENT:
-            continue
-        seen.add(current)
-        stack.extend(current.all_input_nodes)
-    return [n.name for n in node.graph.nodes if n in seen]
+    return [n.name for n in sorted(non_latent_ancestors([node]), key=index.__getitem__)]
 
 
 def _weights(gm: fx.GraphModule) -> tuple[dict[str, int], dict[str, list[str]]]:

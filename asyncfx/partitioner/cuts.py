@@ -6,9 +6,7 @@ from typing import Sequence
 import torch
 from torch import fx
 
-from asyncfx.passes.meta import VALUE, VALUE_CLASS, ValueClass
-
-COMPUTE_OPS = ("call_function", "call_method", "call_module")
+from asyncfx.passes.meta import COMPUTE_OPS, VALUE, VALUE_CLASS, ValueClass
 
 
 def latent_order(graph: fx.Graph) -> list[fx.Node]:

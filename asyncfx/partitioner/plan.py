@@ -8,11 +8,11 @@ compiled offline, saved, inspected and loaded by another process.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 from asyncfx.errors import PlanError
+from asyncfx.partitioner.artifact import load_json, save_json
 
 PLAN_FORMAT = "asyncfx.StagePlan"
 PLAN_VERSION = 1
@@ -92,12 +92,6 @@ class StagePlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "StagePlan":
-        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
-            raise PlanError("not an asyncfx stage plan (missing \"format\": "
-                            f"\"{PLAN_FORMAT}\"); make one with asyncfx.compile().")
-        if data.get("version") != PLAN_VERSION:
-            raise PlanError(f"stage plan version {data.get('version')} is not supported by this "
-                            f"asyncfx (version {PLAN_VERSION}); compile the plan again.")
         fields = {f.name for f in dataclasses.fields(cls)}
         try:
             values = {k: v for k, v in data.items() if k in fields}
@@ -110,22 +104,12 @@ class StagePlan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON (atomically: a failed write leaves no partial file)."""
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
+        save_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StagePlan":
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError as exc:
-            raise PlanError(f"no stage plan at {os.fspath(path)!r}") from exc
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{os.fspath(path)!r} is not JSON ({exc}); is it a stage plan?") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(load_json(path, "stage plan", PLAN_FORMAT, PLAN_VERSION,
+                                       "make one with asyncfx.compile() or `asyncfx compile`."))
 
     def summary(self) -> str:
         """A readable table of stages and boundary tensors."""

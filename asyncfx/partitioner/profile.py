@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from asyncfx.errors import PlanError
+from asyncfx.partitioner.artifact import load_json, save_json
 from asyncfx.partitioner.capture import Captured
 from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
 from asyncfx.passes.profile import profile_nodes
@@ -46,26 +46,12 @@ class Profile:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the profile as JSON (atomically: a failed write leaves no partial file)."""
-        data = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, **dataclasses.asdict(self)}
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
+        save_json(path, {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, **dataclasses.asdict(self)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError as exc:
-            raise PlanError(f"no profile at {os.fspath(path)!r}") from exc
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{os.fspath(path)!r} is not JSON ({exc}); is it a profile?") from exc
-        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-            raise PlanError(f"{os.fspath(path)!r} is not an asyncfx profile; make one with "
-                            "`asyncfx profile` or asyncfx.profile().")
-        if data.get("version") != PROFILE_VERSION:
-            raise PlanError(f"profile version {data.get('version')} is not supported; profile again.")
+        data = load_json(path, "profile", PROFILE_FORMAT, PROFILE_VERSION,
+                         "make one with `asyncfx profile` or asyncfx.profile().")
         try:
             fields = {f.name for f in dataclasses.fields(cls)}
             values = {k: v for k, v in data.items() if k in fields}
@@ -73,7 +59,6 @@ class Profile:
             return cls(**values)
         except (KeyError, TypeError) as exc:
             raise PlanError(f"profile {os.fspath(path)!r} is malformed ({exc}); profile again.") from exc
-
 
 def profile(model_or_captured: nn.Module, example_inputs: Any, *, warmup: int = 2, repeats: int = 5,
             latent: str | None = None) -> Profile:

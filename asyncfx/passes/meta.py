@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import enum
 
+#: fx node kinds that compute something (the others are inputs, weights and the output).
+COMPUTE_OPS = ("call_function", "call_method", "call_module")
+
 #: Written by ``classify``: the node's :class:`ValueClass`.
 VALUE_CLASS = "asyncfx_value_class"
 #: Written by ``estimate_cost``: floating-point operations of the node (int).

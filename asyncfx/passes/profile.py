@@ -20,9 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx
 
-from asyncfx.passes.meta import MEASURED_SECONDS
-
-COMPUTE_OPS = ("call_function", "call_method", "call_module")
+from asyncfx.passes.meta import COMPUTE_OPS, MEASURED_SECONDS
 
 
 def profile_nodes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, warmup: int = 2,

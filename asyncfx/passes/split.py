@@ -38,12 +38,13 @@ def stage_members(graph: fx.Graph, assignment: Sequence[Sequence[fx.Node]]) -> l
     output = graph.output_node()
     for k, own in enumerate(assignment):
         roots = list(own) + ([output] if k == len(assignment) - 1 else [])
-        needs.append(set(own) | _non_latent_ancestors(roots))
+        needs.append(set(own) | non_latent_ancestors(roots))
     return [[n for n in graph.nodes if n in need and n.op not in ("placeholder", "output")]
             for need in needs]
 
 
-def _non_latent_ancestors(roots: Sequence[fx.Node]) -> set[fx.Node]:
+def non_latent_ancestors(roots: Sequence[fx.Node]) -> set[fx.Node]:
+    """The step/static nodes (weights included, graph inputs not) that ``roots`` need."""
     seen: set[fx.Node] = set()
     stack = [i for r in roots for i in r.all_input_nodes]
     while stack:
