@@ -56,27 +56,37 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
         raise PlanError(f"the plan has {plan.n_stages} stages but n_devices={n_devices}; pass "
                         f"n_devices={plan.n_stages} or compile a plan for {n_devices}.")
 
-    def build(args: tuple, kwargs: dict) -> tuple[Executor, CallInterfaceLike, StagePlan]:
+    def build(args: tuple, kwargs: dict):
         captured = capture(model, args, kwargs, latent=latent)
-        if plan is not None:
-            stage_plan = plan
-        elif executor == "distributed":  # every rank must cut alike: rank 0 decides
-            stage_plan = _plan_from_rank_zero(lambda: compile(captured, n_devices, cost=cost, link=link,
-                                                              example_inputs=(args, kwargs)))
-        else:
-            stage_plan = compile(captured, n_devices, cost=cost, link=link,
-                                 example_inputs=(args, kwargs) if cost == "measure" else None)
-        return _executor(captured, stage_plan, executor, slots, warmup)
+
+        def make_executor() -> tuple[Executor, StagePlan]:
+            if plan is not None:
+                stage_plan = plan
+            elif executor == "distributed":  # every rank must cut alike: rank 0 decides
+                stage_plan = _plan_from_rank_zero(lambda: compile(
+                    captured, n_devices, cost=cost, link=link, example_inputs=(args, kwargs)))
+            else:
+                stage_plan = compile(captured, n_devices, cost=cost, link=link,
+                                     example_inputs=(args, kwargs) if cost == "measure" else None)
+            return _executor(captured, stage_plan, executor, slots, warmup), stage_plan
+
+        return _interface(captured), make_executor
 
     denoiser = AsyncDenoiser(model, build, n_stages=n_devices, warmup=warmup, stride=stride,
                              time_shift=time_shift, scheduler=scheduler, rebuild=plan is None)
     if example_inputs is not None:
-        denoiser.build(*split_example_inputs(example_inputs))
+        denoiser.build(*split_example_inputs(example_inputs), compile_now=True)
     return denoiser
 
 
+def _interface(captured: Captured) -> CallInterfaceLike:
+    return CallInterfaceLike(
+        flatten=captured.interface.flatten, unflatten=captured.interface.unflatten,
+        names=[i.placeholder for i in captured.inputs], roles=[str(i.role) for i in captured.inputs])
+
+
 def _executor(captured: Captured, plan: StagePlan, kind: str, devices: list[torch.device],
-              warmup: int) -> tuple[Executor, CallInterfaceLike, StagePlan]:
+              warmup: int) -> Executor:
     staged = split(captured, plan)
     programs = [StageProgram(module, inputs, outputs) for module, inputs, outputs
                 in zip(staged.stages, staged.stage_inputs, staged.stage_outputs)]
@@ -91,10 +101,7 @@ def _executor(captured: Captured, plan: StagePlan, kind: str, devices: list[torc
         outputs = [TensorSpec(tuple(v.shape), v.dtype) for v in
                    (node.meta["val"] for node in captured.graph.output_node().args[0])]
         runner = DistributedExecutor(programs, graph_inputs, boundaries, outputs, devices[0], warmup)
-    interface = CallInterfaceLike(
-        flatten=captured.interface.flatten, unflatten=captured.interface.unflatten,
-        names=[i.placeholder for i in captured.inputs], roles=[str(i.role) for i in captured.inputs])
-    return runner, interface, plan
+    return runner
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -215,9 +215,29 @@ def test_errors_for_devices_stride_and_options():
 
 def test_attributes_come_from_the_original_model():
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2)
+    den = asyncfx.partition(model, 2, warmup=3)
     assert den.config is model.config and den.dtype == model.dtype and den.device == model.device
-    assert den.plan is None  # captured lazily
+    assert den.plan is None and den.interface is None  # captured lazily
     out = den(**kwargs)
-    assert type(out) is type(model(**kwargs)) and den.plan.n_stages == 2
+    assert type(out) is type(model(**kwargs))
+    assert den.interface is not None and den.plan is None  # compiled at the last warm-up step
+    torch.testing.assert_close(out.sample, model(**kwargs).sample, rtol=0, atol=0)
+    den(**{**kwargs, "timestep": torch.tensor(900)})
+    assert den.plan is None
+    den(**{**kwargs, "timestep": torch.tensor(800)})
+    assert den.plan is not None and den.plan.n_stages == 2
+    den.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA device")
+def test_local_executor_on_cuda_streams_matches_serial():
+    model, _, kwargs = zoo_example("sd_unet")
+    n = max(2, min(torch.cuda.device_count(), 3))
+    devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(n)]
+    den = asyncfx.partition(model, n, warmup=2, devices=devices)
+    cuda_kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    got = sample(den, cuda_kwargs, "sample")
+    expected = sample(asyncfx.partition(model, n, warmup=2, executor="serial"), kwargs, "sample")
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-3, atol=1e-3)
     den.close()

@@ -58,7 +58,8 @@ class AsyncDenoiser(nn.Module):
         >>> image = pipe(prompt_embeds=embeds, num_inference_steps=20).images[0]
     """
 
-    def __init__(self, model: nn.Module, build: Callable[[tuple, dict], tuple[Executor, CallInterfaceLike, Any]],
+    def __init__(self, model: nn.Module,
+                 build: Callable[[tuple, dict], tuple[CallInterfaceLike, Callable[[], tuple[Executor, Any]]]],
                  *, n_stages: int, warmup: int, stride: int = 1, time_shift: bool = False,
                  scheduler: Any = None, rebuild: bool = True):
         super().__init__()
@@ -69,6 +70,7 @@ class AsyncDenoiser(nn.Module):
         self.rebuild = rebuild  # re-capture on new input shapes (not with a user's plan)
         self.executor: Executor | None = None
         self.interface: CallInterfaceLike | None = None
+        self._make_executor: Callable[[], tuple[Executor, Any]] | None = None
         self.plan = None
         self._streams: list[_Stream] = []
         self._last_timestep: float | None = None
@@ -106,15 +108,26 @@ class AsyncDenoiser(nn.Module):
         if self.executor is not None:
             self.executor.close()
 
-    def build(self, args: tuple, kwargs: dict) -> None:
-        """Capture, compile and split for inputs like ``args``/``kwargs`` (done by the
-        first call when partition() got no example inputs)."""
+    def build(self, args: tuple, kwargs: dict, *, compile_now: bool = False) -> None:
+        """Capture for inputs like ``args``/``kwargs``; compile and split now, or at the
+        last warm-up step (see the note on lazy compilation in ``forward``)."""
         self.close()
-        self.executor, self.interface, self.plan = self._build(args, kwargs)
+        self.executor, self.plan = None, None
+        self.interface, self._make_executor = self._build(args, kwargs)
         self.reset()
+        if compile_now:
+            self._compile()
+
+    def _compile(self) -> None:
+        if self.executor is None:
+            self.executor, self.plan = self._make_executor()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.executor is None:
+        # Note (lazy compilation): the first call only captures the model. Warm-up steps
+        # compute exactly what the original model computes, so until the last warm-up
+        # step the original model answers, and the cost model, the split and the
+        # executor are built at that step, which is the first to need stage buffers.
+        if self.interface is None:
             self.build(args, kwargs)
         try:
             flat = self.interface.flatten(args, kwargs)
@@ -130,6 +143,10 @@ class AsyncDenoiser(nn.Module):
         total = self._total_steps()
         step_plan = schedule(step, self.n_stages, warmup=self.warmup, stride=self.stride,
                              time_shift=self.time_shift, total_steps=total)
+        if self.executor is None and step_plan.mode is Mode.SEQUENTIAL and step < self.warmup - 1:
+            stream.step += 1
+            return self._model(*args, **kwargs)
+        self._compile()
         if step_plan.mode is Mode.CACHED:
             outputs = stream.cached.pop(step)
         else:
