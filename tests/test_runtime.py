@@ -2,6 +2,7 @@
 equivalence, streams, weights per worker, and errors."""
 from __future__ import annotations
 
+import copy
 import time
 from types import SimpleNamespace
 
@@ -235,7 +236,7 @@ def test_local_executor_on_cuda_streams_matches_serial():
     model, _, kwargs = zoo_example("sd_unet")
     n = max(2, min(torch.cuda.device_count(), 3))
     devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(n)]
-    den = asyncfx.partition(model, n, warmup=2, devices=devices)
+    den = asyncfx.partition(copy.deepcopy(model).cuda(), n, warmup=2, devices=devices)
     cuda_kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     got = sample(den, cuda_kwargs, "sample")
     expected = sample(asyncfx.partition(model, n, warmup=2, executor="serial"), kwargs, "sample")
