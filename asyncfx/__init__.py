@@ -9,7 +9,7 @@ from asyncfx.partitioner import (PRESETS, BoundaryTensor, Captured, DeviceSpec, 
                                  InputRole, Profile, StagedModel, StagePlan, capture, compile,
                                  compile_profile, profile, split)
 from asyncfx.passes.meta import ValueClass
-from asyncfx import zoo
+from asyncfx import zoo  # noqa: F401  (asyncfx.zoo.tiny, asyncfx.zoo.digits)
 from asyncfx.api import DEFAULT_WARMUP, partition
 from asyncfx.runtime.denoiser import AsyncDenoiser
 

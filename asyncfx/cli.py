@@ -1,6 +1,7 @@
 """The ``asyncfx`` command line.
 
-    asyncfx demo [--model demo_unet] [--n-devices 2] [--cost flops]
+    asyncfx demo [--n-devices 2] [--warmup W] [--stride 1|2] [--steps 50] [--seed 0]
+                 [--per-class 4] [--out asyncfx_demo.png]
     asyncfx profile MODEL --out profile.json [--device cpu|cuda:0] [--height H --width W
                     --batch B --dtype float16] [--repeats 5]
     asyncfx compile profile.json --n-devices 4 [--link nvlink|pcie4|cpu] --out plan.json
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Sequence
 
 import torch
@@ -38,21 +38,23 @@ def _one_line(exc: BaseException) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     from asyncfx.partitioner.device import PRESETS
-    from asyncfx.zoo.tiny import ZOO
 
-    parser = argparse.ArgumentParser(prog="asyncfx", description=__doc__.splitlines()[0])
+    parser = _OneLineErrors(prog="asyncfx", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
-        "demo", help="capture a built-in denoiser, cut it into stages and check the split",
-        description="Capture a built-in denoiser with torch.export, classify its values, cut it "
-                    "into balanced stages, print the stage plan and check that the chained "
-                    "stages reproduce the model exactly.")
-    demo.add_argument("--model", choices=sorted(ZOO) + ["demo_unet"], default="demo_unet",
-                      help="built-in model (default: a small SD-shaped UNet)")
-    demo.add_argument("--n-devices", type=_positive_int, default=2, help="number of stages")
-    demo.add_argument("--cost", choices=("flops", "measure", "uniform"), default="flops",
-                      help="what the cut balances")
+        "demo", help="generate digits with the default model, sequentially and with asyncfx",
+        description="Load the embedded digits model, show its stage plan, generate the same grid of "
+                    "digits sequentially and with asyncfx.partition(), and print both latencies, the "
+                    "speedup and the quality metrics; write both grids and their difference as a PNG.")
+    demo.add_argument("--n-devices", type=_positive_int, default=2, help="stages (CPU workers)")
+    demo.add_argument("--warmup", type=_positive_int, default=None, help="warm-up steps (default: "
+                      "asyncfx's default)")
+    demo.add_argument("--stride", type=int, choices=(1, 2), default=1)
+    demo.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--per-class", type=_positive_int, default=4, help="samples of each digit")
+    demo.add_argument("--out", default="asyncfx_demo.png", help="PNG to write")
     demo.set_defaults(run=_demo)
 
     profile = commands.add_parser("profile", help="time every node of a model; write a profile",
@@ -84,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors in one line, like every other asyncfx error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"asyncfx: error: {message} (see asyncfx --help)\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -95,37 +104,12 @@ def _positive_int(text: str) -> int:
 
 
 def _demo(options: argparse.Namespace) -> int:
-    import asyncfx
-    from asyncfx.zoo import tiny
+    from asyncfx.demo import run_demo
 
-    torch.set_grad_enabled(False)
-    build = tiny.demo_unet if options.model == "demo_unet" else tiny.ZOO[options.model]
-    model, args, kwargs = build()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {type(model).__name__} ({options.model}), {n_params / 1e6:.2f}M parameters")
-
-    start = time.perf_counter()
-    captured = asyncfx.capture(model, args, kwargs)
-    captured_at = time.perf_counter()
-    plan = asyncfx.compile(captured, options.n_devices, cost=options.cost,
-                           example_inputs=(args, kwargs) if options.cost == "measure" else None)
-    compiled_at = time.perf_counter()
-    staged = asyncfx.split(captured, plan)
-    split_at = time.perf_counter()
-    print(f"capture {captured_at - start:.2f} s ({captured.method}, {len(captured.graph.nodes)} "
-          f"nodes), compile {compiled_at - captured_at:.2f} s, split {split_at - compiled_at:.2f} s\n")
-    print(plan.summary())
-
-    expected = _first_tensor(model(*args, **kwargs))
-    got = _first_tensor(staged(*args, **kwargs))
-    difference = (expected - got).abs().max().item()
-    print(f"\nchained stages vs original model: max |difference| = {difference:.3g} "
-          f"({'exact' if difference == 0 else 'NOT exact'})")
-    return 0 if difference == 0 else 1
-
-
-def _first_tensor(output: object) -> torch.Tensor:
-    return torch.utils._pytree.tree_leaves(output)[0]
+    _check_writable(options.out)
+    return run_demo(n_devices=options.n_devices, warmup=options.warmup, stride=options.stride,
+                    steps=options.steps, seed=options.seed, per_class=options.per_class,
+                    out=options.out)
 
 
 def _profile(options: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import fx, nn
+from torch import nn
 
 import asyncfx
 from asyncfx.zoo.tiny import ZOO

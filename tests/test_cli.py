@@ -12,26 +12,30 @@ import asyncfx
 from asyncfx.cli import main
 
 
-def test_demo_prints_the_plan_and_checks_the_split(capsys):
-    assert main(["demo", "--model", "skip_list_denoiser", "--n-devices", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "StagePlan for SkipListDenoiser: 3 stage(s)" in out
-    assert "boundary tensors" in out
-    assert "max |difference| = 0 (exact)" in out
+def test_demo_samples_the_default_model_and_writes_the_grids(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--steps", "4", "--warmup", "2", "--per-class", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "StagePlan for UNet2DConditionModel: 2 stage(s)" in printed
+    assert "speedup" in printed and "class accuracy" in printed and "PSNR" in printed
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.size == ((3 * 16 + 8) * 4, 10 * 16 * 4)  # three grids of 10 rows
 
 
-def test_demo_reports_too_many_devices_in_one_line(capsys):
-    assert main(["demo", "--model", "skip_list_denoiser", "--n-devices", "500"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("asyncfx: error: n_devices=500 is more than") and "\n" not in err
-
-
-def test_bad_options_are_usage_errors(capsys):
-    for argv in (["demo", "--n-devices", "0"], ["demo", "--model", "nope"], ["launch"]):
+def test_bad_options_are_one_line_usage_errors(capsys):
+    for argv in (["demo", "--n-devices", "0"], ["demo", "--stride", "3"], ["launch"]):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2
-    assert "is not a positive integer" in capsys.readouterr().err
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("asyncfx: error: ") and "\n" not in err
+
+
+def test_demo_output_folder_must_exist(capsys):
+    assert main(["demo", "--out", "no/such/folder/demo.png"]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_module_entry_point_runs():

@@ -1,7 +1,6 @@
 """The distributed executor with real gloo process groups, spawned by the test."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest

@@ -1,7 +1,6 @@
 """The estimate_cost pass: FLOPs and bytes from shapes alone."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-import pytest
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
                        StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)

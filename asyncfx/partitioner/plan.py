@@ -116,7 +116,7 @@ class StagePlan:
         total_cost = sum(s.estimated_cost for s in self.stages) or 1.0
         lines = [f"StagePlan for {self.model_class}: {self.n_stages} stage(s), cost={self.cost} "
                  f"({self.cost_unit}), link={self.link}, graph {self.fingerprint}",
-                 f"inputs: " + ", ".join(f"{i.name} ({i.role}, {_tensor_type(i.dtype, i.shape)})"
+                 "inputs: " + ", ".join(f"{i.name} ({i.role}, {_tensor_type(i.dtype, i.shape)})"
                                          for i in self.inputs)]
         measured = [s.measured_seconds for s in self.stages if s.measured_seconds is not None]
         rows = [("stage", "first module", "last module", "nodes", "+repl", "params",

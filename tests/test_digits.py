@@ -1,0 +1,71 @@
+"""The embedded default model: shipped weights, accuracy, and exactness under asyncfx."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import asyncfx
+from asyncfx.quality import class_accuracy
+from asyncfx.zoo.digits_model import (WEIGHTS, digits, digits_classifier, digits_dataset, held_out_split,
+                                sample_digits)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return digits()
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return digits_classifier()
+
+
+def test_shipped_files_are_small_and_load_offline(model, classifier):
+    sizes = {name: os.path.getsize(os.path.join(WEIGHTS, name)) for name in os.listdir(WEIGHTS)}
+    assert sizes["digits_unet.safetensors"] <= 5_000_000
+    assert set(sizes) >= {"digits_unet.safetensors", "digits_classifier.safetensors", "digits.json"}
+    assert model.info["seed"] == 0 and model.info["denoiser_steps"] > 0
+    assert not model.unet.training and next(model.unet.parameters()).dtype == torch.float32
+
+
+def test_classifier_reaches_its_documented_held_out_accuracy(model, classifier):
+    images, labels = digits_dataset()
+    _, held_out = held_out_split(len(images))
+    accuracy = class_accuracy(classifier, images[held_out], labels[held_out])
+    assert accuracy >= 0.97
+    assert accuracy == pytest.approx(model.info["classifier_accuracy"], abs=2e-3)
+
+
+def test_generated_digits_are_recognised(model, classifier):
+    labels = torch.arange(30) % 10
+    images = sample_digits(model.unet, model, labels, steps=50, seed=1)
+    assert class_accuracy(classifier, images, labels) >= 0.9
+
+
+def test_async_sample_with_warmup_covering_the_steps_equals_sequential(model):
+    labels = torch.arange(10)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each local worker
+    try:
+        sequential = sample_digits(model.unet, model, labels, steps=10)
+        for executor in ("serial", "local"):
+            denoiser = asyncfx.partition(model.unet, 2, warmup=10, executor=executor)
+            torch.testing.assert_close(sample_digits(denoiser, model, labels, steps=10), sequential,
+                                       rtol=0, atol=0)
+            denoiser.close()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_training_script_writes_loadable_weights(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "asyncfx.zoo.train_digits", "--steps", "3",
+                             "--classifier-epochs", "1", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trained = digits(str(tmp_path))
+    assert trained.info["denoiser_steps"] == 3
+    digits_classifier(str(tmp_path))
