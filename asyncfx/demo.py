@@ -38,7 +38,7 @@ def run_demo(*, n_devices: int = 2, warmup: int | None = None, stride: int = 1, 
         example_inputs=((x, torch.tensor(999)),
                         {"encoder_hidden_states": model.condition(labels, DEFAULT_GUIDANCE)}))
     compile_s = time.perf_counter() - start
-    print(f"\\nstage plan (compiled in {compile_s:.1f} s):")
+    print(f"\nstage plan (compiled in {compile_s:.1f} s):")
     print(denoiser.plan.summary())
     partitioned, partitioned_s = _timed(denoiser, model, labels, steps, seed, scheduler,
                                         f"asyncfx N={n_devices}")
@@ -47,7 +47,7 @@ def run_demo(*, n_devices: int = 2, warmup: int | None = None, stride: int = 1, 
     real, real_labels = digits_dataset()
     slots = n_devices + (1 if stride == 2 else 0)
     ideal = steps / (warmup + (steps - warmup) / n_devices / stride) if n_devices > 1 else 1.0
-    print(f"\\nlatency: sequential {sequential_s:.2f} s (all {torch.get_num_threads()} threads), "
+    print(f"\nlatency: sequential {sequential_s:.2f} s (all {torch.get_num_threads()} threads), "
           f"asyncfx {partitioned_s:.2f} s on {slots} CPU workers: speedup "
           f"{sequential_s / partitioned_s:.2f}x (ideal on {slots} separate devices {ideal:.2f}x; "
           "CPU workers share this machine's cores)")
