@@ -139,15 +139,14 @@ def search_cuts(model: CostModel, n_stages: int) -> list[Cut]:
     return explain_cuts(model, chosen, table, candidates, thinned=len(candidates) < len(model.graph.cut_positions))
 
 
-def explain_cuts(model: CostModel, chosen: Sequence[int], table: np.ndarray | None = None,
-                 candidates: Sequence[int] | None = None, thinned: bool = False) -> list[Cut]:
-    """Why each cut sits where it does: the stage times around it and the bytes crossing."""
+def explain_cuts(model: CostModel, chosen: Sequence[int], table: np.ndarray,
+                 candidates: Sequence[int], thinned: bool) -> list[Cut]:
+    """Why each cut sits where it does: the stage costs around it (from the search's
+    table) and the bytes live across it."""
     bounds = [0, *chosen, len(model.graph.nodes)]
-    stage = model.predict(chosen).stage_compute
-    if table is not None and candidates is not None:
-        points = [0, *candidates, len(model.graph.nodes)]
-        index = {p: i for i, p in enumerate(points)}
-        stage = [float(table[index[a], index[b]]) for a, b in zip(bounds, bounds[1:])]
+    points = [0, *candidates, len(model.graph.nodes)]
+    index = {p: i for i, p in enumerate(points)}
+    stage = [float(table[index[a], index[b]]) for a, b in zip(bounds, bounds[1:])]
     bottleneck = int(np.argmax(stage))
     crossing = crossing_bytes(model)
     unit = _unit(model)

@@ -51,11 +51,6 @@ class BoundaryStore:
         for old in [v for v in self._versions if v < version]:
             del self._versions[old]
 
-    def clear(self) -> None:
-        self._versions.clear()
-
-    def versions(self) -> list[int]:
-        return sorted(self._versions)
 
 
 class Executor:
