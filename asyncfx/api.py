@@ -11,7 +11,7 @@ from asyncfx.errors import AsyncFXError, PlanError
 from asyncfx.partitioner import Captured, StagePlan, capture, compile, split
 from asyncfx.partitioner.compile import split_example_inputs
 from asyncfx.runtime.denoiser import AsyncDenoiser, CallInterfaceLike, SchedulerError
-from asyncfx.runtime.distributed import DistributedExecutor, TensorSpec
+from asyncfx.runtime.distributed import DistributedExecutor, TensorSpec, require_process_group
 from asyncfx.runtime.executor import Executor, SerialExecutor, StageProgram
 from asyncfx.runtime.local import LocalExecutor
 from asyncfx.runtime.schedule import devices_needed
@@ -113,10 +113,7 @@ def _plan_from_rank_zero(make_plan) -> StagePlan:
     """Rank 0 compiles; every rank gets its plan (cost="measure" would differ per rank)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        raise AsyncFXError("executor='distributed' needs a torch.distributed process group: call "
-                           "dist.init_process_group(...) in every rank first (run the script under "
-                           "torchrun); asyncfx never creates one itself.")
+    require_process_group()
     box = [make_plan().to_dict() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return StagePlan.from_dict(box[0])
@@ -126,10 +123,7 @@ def distributed_device(devices: Sequence[str | torch.device] | None, needed: int
     """This rank's device: ``devices[rank]`` if given, else its local GPU, else the CPU."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        raise AsyncFXError("executor='distributed' needs a torch.distributed process group: call "
-                           "dist.init_process_group(...) in every rank first (run the script under "
-                           "torchrun); asyncfx never creates one itself.")
+    require_process_group()
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != needed:
         raise DeviceError(f"the process group has {world} ranks but this partition needs {needed} "
@@ -174,6 +168,6 @@ def _check_options(n_devices: Any, warmup: Any, stride: Any, executor: str, sche
                         f"step fills the stale buffers), got {warmup!r}.")
     if executor not in EXECUTORS:
         raise PlanError(f"executor={executor!r} is not known; use one of {list(EXECUTORS)}.")
-    if stride == 2 and getattr(scheduler, "timesteps", None) is None and scheduler is None:
+    if stride == 2 and scheduler is None:
         raise SchedulerError("stride=2 computes the next step's timestep ahead of time and needs the "
                              "sampler's schedule: pass scheduler=pipe.scheduler.")

@@ -50,10 +50,7 @@ class DistributedExecutor(Executor):
                  boundaries: dict[str, TensorSpec], outputs: Sequence[TensorSpec],
                  device: torch.device, warmup: int, group: dist.ProcessGroup | None = None):
         super().__init__(programs, graph_inputs)
-        if not dist.is_available() or not dist.is_initialized():
-            raise AsyncFXError("executor='distributed' needs a torch.distributed process group: call "
-                               "dist.init_process_group(...) in every rank first (run the script "
-                               "under torchrun); asyncfx never creates one itself.")
+        require_process_group()
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -154,6 +151,14 @@ class DistributedExecutor(Executor):
                                     f"rank {run.slot} did not arrive ({_one_line(exc)}); did rank "
                                     f"{run.slot} exit or hang?") from exc
             results[run.gives] = tuple(tensors)
+
+
+def require_process_group() -> None:
+    """Raise unless the caller has created a torch.distributed process group."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise AsyncFXError("executor='distributed' needs a torch.distributed process group: call "
+                           "dist.init_process_group(...) in every rank first (run the script under "
+                           "torchrun); asyncfx never creates one itself.")
 
 
 def _one_line(exc: BaseException) -> str:
