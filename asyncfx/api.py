@@ -10,9 +10,11 @@ from torch import nn
 from asyncfx.errors import AsyncFXError, PlanError
 from asyncfx.partitioner import Captured, StagePlan, capture, compile, split
 from asyncfx.partitioner.compile import split_example_inputs
+from asyncfx.runtime.cuda_graphs import check_cuda_graphs_option
 from asyncfx.runtime.denoiser import AsyncDenoiser, CallInterfaceLike, SchedulerError
 from asyncfx.runtime.distributed import DistributedExecutor, TensorSpec, require_process_group
 from asyncfx.runtime.executor import Executor, SerialExecutor, StageProgram
+from asyncfx.runtime.green import parse_sm_partitions, sm_partitions
 from asyncfx.runtime.local import LocalExecutor
 from asyncfx.runtime.schedule import devices_needed
 
@@ -32,7 +34,7 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
               devices: Sequence[str | torch.device] | None = None, warmup: int = DEFAULT_WARMUP,
               stride: int = 1, executor: str = "local", plan: StagePlan | str | os.PathLike | None = None,
               scheduler: Any = None, time_shift: bool = False, cost: str = "flops", link: str = "cpu",
-              latent: str | None = None) -> AsyncDenoiser:
+              latent: str | None = None, cuda_graphs: bool | None = None) -> AsyncDenoiser:
     """Wrap ``model`` so that its stages run concurrently on ``n_devices`` devices.
 
     The result is called exactly like ``model``. The first ``warmup`` steps of every
@@ -42,13 +44,23 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
     devices and needs ``scheduler`` (its ``timesteps``). ``example_inputs=None`` captures
     the model from its first call. ``plan`` is a StagePlan or a path to one.
     ``devices=None`` means ``cuda:0..`` when there are enough GPUs, else CPU workers.
+    ``devices="sm-partitions:N"`` emulates N devices on one GPU: its SMs split into N
+    disjoint groups (CUDA green contexts), one per slot; memory bandwidth stays shared, so
+    speedups measured this way are an emulation. ``cuda_graphs`` (default on for CUDA
+    slots of the local executor) replays each stage as a CUDA graph once warmed up.
+    ``model`` may also be a :class:`Captured` from ``asyncfx.capture()`` (captured once,
+    partitioned many times, e.g. in a sweep); it then accepts only its captured shapes.
 
     Example:
         >>> pipe.unet = asyncfx.partition(pipe.unet, n_devices=2, warmup=2)
         >>> images = pipe(prompt_embeds=embeds, num_inference_steps=20).images
     """
     _check_options(n_devices, warmup, stride, executor, scheduler)
-    if executor == "distributed":
+    check_cuda_graphs_option(cuda_graphs)
+    streams = None
+    if parse_sm_partitions(devices) is not None:
+        slots, streams = partition_slots(devices, devices_needed(n_devices, stride), executor)
+    elif executor == "distributed":
         slots = [distributed_device(devices, devices_needed(n_devices, stride))]
     else:
         slots = resolve_devices(devices, devices_needed(n_devices, stride))
@@ -58,7 +70,7 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
                         f"n_devices={plan.n_stages} or compile a plan for {n_devices}.")
 
     def build(args: tuple, kwargs: dict):
-        captured = capture(model, args, kwargs, latent=latent)
+        captured = model if isinstance(model, Captured) else capture(model, args, kwargs, latent=latent)
 
         def make_executor() -> tuple[Executor, StagePlan]:
             if plan is not None:
@@ -69,7 +81,7 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
             else:
                 stage_plan = compile(captured, n_devices, cost=cost, link=link,
                                      example_inputs=(args, kwargs) if cost == "measure" else None)
-            return _executor(captured, stage_plan, executor, slots, warmup), stage_plan
+            return _executor(captured, stage_plan, executor, slots, warmup, streams, cuda_graphs), stage_plan
 
         return _interface(captured), make_executor
 
@@ -87,7 +99,7 @@ def _interface(captured: Captured) -> CallInterfaceLike:
 
 
 def _executor(captured: Captured, plan: StagePlan, kind: str, devices: list[torch.device],
-              warmup: int) -> Executor:
+              warmup: int, streams: list[Any] | None = None, cuda_graphs: bool | None = None) -> Executor:
     staged = split(captured, plan)
     programs = [StageProgram(module, inputs, outputs) for module, inputs, outputs
                 in zip(staged.stages, staged.stage_inputs, staged.stage_outputs)]
@@ -96,7 +108,7 @@ def _executor(captured: Captured, plan: StagePlan, kind: str, devices: list[torc
     if kind == "serial":
         runner = SerialExecutor(programs, graph_inputs)
     elif kind == "local":
-        runner = LocalExecutor(programs, graph_inputs, devices)
+        runner = LocalExecutor(programs, graph_inputs, devices, streams=streams, cuda_graphs=cuda_graphs)
     else:
         boundaries = {b.name: TensorSpec(tuple(b.shape), _dtype(b.dtype)) for b in plan.boundaries}
         outputs = [TensorSpec(tuple(v.shape), v.dtype) for v in
@@ -136,11 +148,27 @@ def distributed_device(devices: Sequence[str | torch.device] | None, needed: int
     return torch.device("cpu")
 
 
+def partition_slots(devices: str, needed: int, executor: str) -> tuple[list[torch.device], list[Any]]:
+    """Slots and their streams for ``devices="sm-partitions:N"``: one SM partition each."""
+    count, device = parse_sm_partitions(devices)
+    if count != needed:
+        raise DeviceError(f"devices={devices!r} makes {count} emulated devices but this partition needs "
+                          f"{needed} (one per stage, plus one for stride 2); write 'sm-partitions:{needed}'.")
+    if executor != "local":
+        raise DeviceError(f"SM partitions are emulated devices inside one process; use executor='local' "
+                          f"with devices={devices!r}, not executor={executor!r}.")
+    partitions = sm_partitions(count, device)
+    return [device] * count, [p.stream for p in partitions]
+
+
 def resolve_devices(devices: Sequence[str | torch.device] | None, needed: int) -> list[torch.device]:
     """The devices of the slots: given ones (checked), else GPUs, else CPU workers."""
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     found = f"this machine has {available} CUDA device(s)" + (
         f" ({', '.join(f'cuda:{i}' for i in range(available))})" if available else "")
+    if isinstance(devices, str):
+        raise DeviceError(f"devices={devices!r} is a string; pass a list such as ['cuda:0', 'cuda:1'] "
+                          "(one per slot), or 'sm-partitions:N' to emulate N devices on one GPU.")
     if devices is None:
         if available >= needed:
             return [torch.device(f"cuda:{i}") for i in range(needed)]

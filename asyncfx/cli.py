@@ -6,6 +6,7 @@
                     --batch B --dtype float16] [--repeats 5]
     asyncfx compile profile.json --n-devices 4 [--link nvlink|pcie4|cpu] --out plan.json
     asyncfx show plan.json
+    asyncfx simulate plan.json [--link nvlink|pcie4|cpu] [--steps 50 --warmup 3 --stride 1]
 
 MODEL is ``package.module:function`` returning (model, args, kwargs), or a local diffusers
 model directory. Errors print one line and exit with status 2.
@@ -83,6 +84,19 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="print a plan's summary table")
     show.add_argument("plan", help="plan JSON from `asyncfx compile`")
     show.set_defaults(run=_show)
+
+    simulate = commands.add_parser(
+        "simulate", help="predict a generation's latency on N devices from a plan",
+        description="Predict the end-to-end latency and speedup of a generation on N real devices "
+                    "from the plan's stage times, boundary bytes and a link model, with and without "
+                    "overlapping transfers.")
+    simulate.add_argument("plan", help="plan JSON from `asyncfx compile`")
+    simulate.add_argument("--link", choices=sorted(PRESETS), default=None,
+                          help="link between devices (default: the plan's)")
+    simulate.add_argument("--steps", type=_positive_int, default=50)
+    simulate.add_argument("--warmup", type=_positive_int, default=3)
+    simulate.add_argument("--stride", type=int, choices=(1, 2), default=1)
+    simulate.set_defaults(run=_simulate)
     return parser
 
 
@@ -163,6 +177,16 @@ def _show(options: argparse.Namespace) -> int:
     from asyncfx.partitioner.plan import StagePlan
 
     print(StagePlan.load(options.plan).summary())
+    return 0
+
+
+def _simulate(options: argparse.Namespace) -> int:
+    from asyncfx.partitioner.plan import StagePlan
+    from asyncfx.partitioner.simulate import simulate
+
+    plan = StagePlan.load(options.plan)
+    print(simulate(plan, link=options.link, steps=options.steps, warmup=options.warmup,
+                   stride=options.stride).summary())
     return 0
 
 

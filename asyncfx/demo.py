@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 import asyncfx
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
+from asyncfx.sweep import digits_example_inputs
 from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, IMAGE_SIZE, digits, digits_classifier,
                                 digits_dataset, make_scheduler, sample_digits)
 
@@ -32,11 +33,8 @@ def run_demo(*, n_devices: int = 2, warmup: int | None = None, stride: int = 1, 
     sequential, sequential_s = _timed(model.unet, model, labels, steps, seed, None, "sequential")
     scheduler = make_scheduler()
     start = time.perf_counter()
-    x = torch.zeros(2 * len(labels), 1, IMAGE_SIZE, IMAGE_SIZE)
-    denoiser = asyncfx.partition(
-        model.unet, n_devices, warmup=warmup, stride=stride, scheduler=scheduler,
-        example_inputs=((x, torch.tensor(999)),
-                        {"encoder_hidden_states": model.condition(labels, DEFAULT_GUIDANCE)}))
+    denoiser = asyncfx.partition(model.unet, n_devices, warmup=warmup, stride=stride, scheduler=scheduler,
+                                 example_inputs=digits_example_inputs(model, labels))
     compile_s = time.perf_counter() - start
     print(f"\nstage plan (compiled in {compile_s:.1f} s):")
     print(denoiser.plan.summary())
@@ -74,14 +72,11 @@ def save_grids(path: str, left: torch.Tensor, right: torch.Tensor, per_class: in
     """Write the two sample grids (a row per digit) and their difference side by side."""
     from PIL import Image
 
-    def grid(images: torch.Tensor) -> np.ndarray:
-        tiles = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-        rows = [np.concatenate(list(tiles[d * per_class:(d + 1) * per_class]), axis=1) for d in range(10)]
-        return np.concatenate(rows, axis=0)
+    from asyncfx.viz import difference_images, tile_images
 
-    difference = (((left - right).abs() * 4).clamp(0, 2) - 1)
     gap = np.full((10 * IMAGE_SIZE, 4), 255, dtype=np.uint8)
-    canvas = np.concatenate([grid(left), gap, grid(right), gap, grid(difference)], axis=1)
+    grids = [tile_images(images, rows=10) for images in (left, right, difference_images(right, left))]
+    canvas = np.concatenate([grids[0], gap, grids[1], gap, grids[2]], axis=1)
     image = Image.fromarray(canvas).resize((canvas.shape[1] * 4, canvas.shape[0] * 4), Image.NEAREST)
     tmp = f"{path}.tmp.png"
     image.save(tmp)

@@ -20,16 +20,12 @@ import torch
 
 import asyncfx
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
-from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, IMAGE_SIZE, digits, digits_classifier,
+from asyncfx.sweep import digits_example_inputs
+from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, digits, digits_classifier,
                                 digits_dataset, make_scheduler, sample_digits)
 
 HEADER = ("| N | stride | warm-up | PSNR dB | SSIM | class acc. | Frechet dist. | speedup |\n"
           "|---|---|---|---|---|---|---|---|")
-
-
-def example_inputs(model, labels):
-    x = torch.zeros(2 * len(labels), 1, IMAGE_SIZE, IMAGE_SIZE)
-    return (x, torch.tensor(999)), {"encoder_hidden_states": model.condition(labels, DEFAULT_GUIDANCE)}
 
 
 def generate(denoiser, model, labels, steps, scheduler=None):
@@ -56,7 +52,7 @@ def speedup(model, labels, n, stride, warmup, steps, sequential_s, plan, cores):
 
         def run():
             den = asyncfx.partition(model.unet, n, warmup=warmup, stride=stride, scheduler=scheduler,
-                                    plan=plan, example_inputs=example_inputs(model, labels))
+                                    plan=plan, example_inputs=digits_example_inputs(model, labels))
             try:
                 return generate(den, model, labels, steps, scheduler)[1]
             finally:
@@ -94,7 +90,7 @@ def main() -> None:
              f"{frechet_distance(classifier.features(sequential), real_features):.2f}, "
              f"{sequential_s:.1f} s on one core.", "", HEADER]
     print("\n".join(lines), flush=True)
-    captured = asyncfx.capture(model.unet, *example_inputs(model, labels))
+    captured = asyncfx.capture(model.unet, *digits_example_inputs(model, labels))
     for n in map(int, options.stages.split(",")):
         plan = asyncfx.compile(captured, n) if n > 1 else None
         for stride in (1, 2):
@@ -104,7 +100,7 @@ def main() -> None:
                 scheduler = make_scheduler()
                 den = asyncfx.partition(model.unet, n, warmup=warmup, stride=stride, scheduler=scheduler,
                                         plan=plan, executor="serial",
-                                        example_inputs=example_inputs(model, labels))
+                                        example_inputs=digits_example_inputs(model, labels))
                 images, _ = generate(den, model, labels, options.steps, scheduler)
                 row = (f"| {n} | {stride} | {warmup} | {psnr(images, sequential).mean():.2f} | "
                        f"{ssim(images, sequential).mean():.4f} | "

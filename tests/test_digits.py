@@ -69,3 +69,16 @@ def test_training_script_writes_loadable_weights(tmp_path):
     trained = digits(str(tmp_path))
     assert trained.info["denoiser_steps"] == 3
     digits_classifier(str(tmp_path))
+
+
+def test_speed_quality_sweep_rows():
+    from asyncfx.sweep import speed_quality_sweep
+
+    model, classifier = asyncfx.zoo.digits(), asyncfx.zoo.digits_classifier()
+    rows = speed_quality_sweep(model, classifier, torch.arange(4), stages=(2,), strides=(1,),
+                               warmups=(1, 6), steps=6, repeats=1)
+    assert [(r.n_stages, r.stride, r.warmup) for r in rows] == [(2, 1, 1), (2, 1, 6)]
+    stale, exact = rows
+    assert exact.psnr == float("inf") and exact.ssim == pytest.approx(1.0)   # warm-up covers every step
+    assert stale.psnr < 60 and stale.predicted_speedup > 1.0
+    assert exact.predicted_speedup == pytest.approx(1.0) and exact.ideal_speedup == pytest.approx(1.0)

@@ -159,4 +159,5 @@ def plan_from_cuts(model: CostModel, cuts: Sequence[Cut]) -> StagePlan:
                      inputs=list(graph.inputs), stages=stages, boundaries=boundaries,
                      cost=model.cost, cost_unit=model.unit,
                      total_param_bytes=sum(graph.weights[w] for w in all_weights),
-                     link=model.device.name, predicted_round=prediction.round)
+                     link=model.device.name, predicted_round=prediction.round,
+                     sequential_cost=float(model.own.sum() + sum(model.side.values())))

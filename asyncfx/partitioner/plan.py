@@ -79,6 +79,8 @@ class StagePlan:
     total_param_bytes: int
     link: str = "cpu"              # the DeviceSpec the cost model priced transfers with
     predicted_round: float = 0.0   # predicted time of one round (all stages), cost unit
+    sequential_cost: float = 0.0   # predicted time of the whole model on one device, cost unit
+    measured_sequential: float | None = None  # the whole model timed on one device, seconds
     devices: list[str] | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     version: int = PLAN_VERSION

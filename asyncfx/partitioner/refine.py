@@ -45,7 +45,28 @@ def refine(captured: Captured, model: CostModel, plan: StagePlan, flat_inputs: S
             break
         plan = plan_from_cuts(model, cuts)
     best.notes.append("refinement by measured stage times: " + "; ".join(history))
+    best.measured_sequential = time_whole(captured, flat_inputs, repeats=repeats)
     return best
+
+
+def measure_stages(captured: Captured, plan: StagePlan, example_inputs: object, *,
+                   repeats: int = 5) -> StagePlan:
+    """Fill in ``plan``'s measured stage times and whole-model time, timed on the
+    example inputs' device (CUDA graphs on GPUs), and return it.
+
+    Example:
+        >>> naive = measure_stages(captured, asyncfx.compile(captured, 4, cost="uniform"), (args, kwargs))
+        >>> [s.measured_seconds for s in naive.stages]
+    """
+    from asyncfx.partitioner.compile import split_example_inputs
+
+    args, kwargs = split_example_inputs(example_inputs)
+    flat_inputs = captured.interface.flatten(args, kwargs)
+    measured = time_stages(split(captured, plan), flat_inputs, repeats=repeats)
+    for stage, seconds in zip(plan.stages, measured):
+        stage.measured_seconds = seconds
+    plan.measured_sequential = time_whole(captured, flat_inputs, repeats=repeats)
+    return plan
 
 
 def _correction(model: CostModel, plan: StagePlan, measured: Sequence[float]) -> np.ndarray:
@@ -77,12 +98,24 @@ def time_stages(staged: StagedModel, flat_inputs: Sequence[torch.Tensor], *, war
         timings = []
         for index, (stage, args) in enumerate(zip(staged.stages, stage_args)):
             run = lambda stage=stage, args=args: stage(*args)  # noqa: E731
-            if args and args[0].is_cuda:
-                run = _cuda_graph_or_eager(run, index)
-                timings.append(_median_cuda(run, warmup, repeats))
-            else:
-                timings.append(_median_wall(run, warmup, repeats))
+            timings.append(_median_seconds(run, f"stage {index}", bool(args) and args[0].is_cuda,
+                                           warmup, repeats))
     return timings
+
+
+def time_whole(captured: Captured, flat_inputs: Sequence[torch.Tensor], *, warmup: int = 2,
+               repeats: int = 5) -> float:
+    """Median seconds of the whole captured graph on one device, timed like a stage."""
+    with torch.no_grad():
+        run = lambda: captured.graph_module(*flat_inputs)  # noqa: E731
+        return _median_seconds(run, "the whole model", bool(flat_inputs) and flat_inputs[0].is_cuda,
+                               warmup, repeats)
+
+
+def _median_seconds(run: Callable[[], object], what: str, cuda: bool, warmup: int, repeats: int) -> float:
+    if cuda:
+        return _median_cuda(_cuda_graph_or_eager(run, what), warmup, repeats)
+    return _median_wall(run, warmup, repeats)
 
 
 def _median_wall(run: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -110,7 +143,7 @@ def _median_cuda(run: Callable[[], object], warmup: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def _cuda_graph_or_eager(run: Callable[[], object], index: int) -> Callable[[], object]:
+def _cuda_graph_or_eager(run: Callable[[], object], what: str) -> Callable[[], object]:
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -122,6 +155,6 @@ def _cuda_graph_or_eager(run: Callable[[], object], index: int) -> Callable[[], 
             run()
         return graph.replay
     except Exception as exc:  # capture fails on CPU syncs, dynamic allocations, ...
-        warnings.warn(f"stage {index} cannot be captured as a CUDA graph ({type(exc).__name__}: "
+        warnings.warn(f"{what} cannot be captured as a CUDA graph ({type(exc).__name__}: "
                       f"{exc}); timing it eagerly, which includes launch overhead.", stacklevel=3)
         return run

@@ -7,7 +7,9 @@ events. Values are versioned (``BoundaryStore``), so a step writes new buffers w
 the stages of the same step read the previous version: double buffering by
 construction. On CPU the workers are threads that share memory; K workers on C cores
 get C/K intra-op threads each, so they do not oversubscribe the cores, except during
-warm-up steps, when one stage runs at a time and may use all C.
+warm-up steps, when one stage runs at a time and may use all C. On CUDA each stage
+replays as a CUDA graph once warmed up (``cuda_graphs``, see ``cuda_graphs.py``), and a
+slot may be given its own stream, e.g. one SM partition of a GPU (``green.py``).
 """
 from __future__ import annotations
 
@@ -19,13 +21,16 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from asyncfx.runtime.cuda_graphs import GraphedStage, check_cuda_graphs_option
 from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, StageProgram
 from asyncfx.runtime.schedule import Mode, StageRun, StepSchedule
 
 
 class LocalExecutor(Executor):
     """Stages on ``devices`` (one per slot: stage k on slot k, stride 2's extra last-stage
-    run on slot N), each driven by its own thread.
+    run on slot N), each driven by its own thread. ``streams`` optionally gives each slot
+    the CUDA stream to compute on (SM partitions); ``cuda_graphs`` (default: on for CUDA
+    slots) replays each stage as a CUDA graph after its first calls.
 
     Example:
         >>> executor = LocalExecutor(programs, {"sample", "timestep"}, ["cpu", "cpu"])
@@ -34,19 +39,26 @@ class LocalExecutor(Executor):
     """
 
     def __init__(self, programs: Sequence[StageProgram], graph_inputs: set[str],
-                 devices: Sequence[str | torch.device], threads: int | None = None):
+                 devices: Sequence[str | torch.device], threads: int | None = None, *,
+                 streams: Sequence[Any] | None = None, cuda_graphs: bool | None = None):
         super().__init__(programs, graph_inputs)
         self.devices = [torch.device(d) for d in devices]
         if len(self.devices) < len(programs):
             raise ValueError(f"{len(programs)} stages need at least {len(programs)} devices, "
                              f"got {len(self.devices)}.")
+        streams = list(streams) if streams is not None else [None] * len(self.devices)
+        if len(streams) != len(self.devices):
+            raise ValueError(f"streams lists {len(streams)} streams for {len(self.devices)} slots.")
+        use_graphs = check_cuda_graphs_option(cuda_graphs) is not False
         cpu_slots = sum(d.type == "cpu" for d in self.devices)
         self._all_threads = torch.get_num_threads()
         threads = threads or max(1, self._all_threads // max(cpu_slots, 1))
         self._results: queue.Queue = queue.Queue()
         self._epoch = 0
         self._workers = [_Worker(slot, self._slot_module(slot), self._stage(slot).outputs, device,
-                                 threads, self._results)
+                                 threads, self._results, stream=streams[slot],
+                                 cuda_graph=use_graphs and device.type == "cuda",
+                                 name=f"stage {min(slot, len(programs) - 1)} (slot {slot})")
                          for slot, device in enumerate(self.devices)]
         self._consumers = self._consumer_devices()
         for worker in self._workers:
@@ -75,6 +87,10 @@ class LocalExecutor(Executor):
     def slot_modules(self) -> list[nn.Module]:
         """The module each slot computes with (for inspecting what each device holds)."""
         return [worker.module for worker in self._workers]
+
+    def graphed_slots(self) -> list[bool]:
+        """Whether each slot now replays its stage as a CUDA graph."""
+        return [worker.graphed is not None and worker.graphed.graphed for worker in self._workers]
 
     def step(self, plan: StepSchedule, inputs_for: InputsFor,
              store: BoundaryStore) -> dict[int, tuple[torch.Tensor, ...]]:
@@ -140,18 +156,23 @@ def _on_cpu(module: nn.Module) -> bool:
 
 class _Worker(threading.Thread):
     def __init__(self, slot: int, module: nn.Module, outputs: list[str], device: torch.device,
-                 threads: int, results: queue.Queue):
+                 threads: int, results: queue.Queue, *, stream: Any = None, cuda_graph: bool = False,
+                 name: str = ""):
         super().__init__(name=f"asyncfx-stage-slot-{slot}", daemon=True)
         self.slot, self.module, self.device, self.threads = slot, module, device, threads
         self.outputs = outputs
         self.results = results
         self.tasks: queue.Queue = queue.Queue()
         self.consumer_devices: dict[str, set[torch.device]] = {}
+        self.stream, self.cuda_graph, self.stage_name = stream, cuda_graph, name
+        self.graphed: GraphedStage | None = None
 
     def run(self) -> None:
         cuda = self.device.type == "cuda"
-        compute = torch.cuda.Stream(self.device) if cuda else None
+        compute = (self.stream or torch.cuda.Stream(self.device)) if cuda else None
         copier = torch.cuda.Stream(self.device) if cuda else None
+        if self.cuda_graph:
+            self.graphed = GraphedStage(self.module, name=self.stage_name, stream=compute)
         while True:
             task = self.tasks.get()
             if task is None:
@@ -170,7 +191,8 @@ class _Worker(threading.Thread):
             if compute is None:
                 return self.module(*[a.to(self.device) for a in args]), {}
             with torch.cuda.device(self.device), torch.cuda.stream(compute):
-                outputs = self.module(*[a.to(self.device, non_blocking=True) for a in args])
+                args = [a.to(self.device, non_blocking=True) for a in args]
+                outputs = self.graphed(args) if self.graphed is not None else self.module(*args)
                 done = torch.cuda.Event()
                 done.record(compute)
             copies = self._copy_out(run, outputs, done, copier)

@@ -107,6 +107,34 @@ def sdxl_unet(batch: int = 2, size: int = 8, seed: int = 0) -> Example:
     return model, (), kwargs
 
 
+def sdxl_base_unet(batch: int = 2, size: int = 128, seed: int = 0) -> Example:
+    """A UNet shaped like SDXL base 1.0 (320/640/1280 channels, 1/2/10 transformer layers,
+    2048-wide text, text_time conditioning; 2.57B parameters) with random weights. Build it
+    under ``with torch.device("cuda"):`` to initialise the weights on a GPU."""
+    from diffusers import UNet2DConditionModel
+
+    gen = _seeded(seed)
+    model = UNet2DConditionModel(
+        sample_size=size, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=1280 + 6 * 256, use_linear_projection=True,
+    ).eval()
+    kwargs = {
+        "sample": _randn(gen, batch, 4, size, size),
+        "timestep": torch.tensor(500),
+        "encoder_hidden_states": _randn(gen, batch, 77, 2048),
+        "added_cond_kwargs": {
+            "text_embeds": _randn(gen, batch, 1280),
+            "time_ids": torch.tensor([[8.0 * size, 8.0 * size, 0.0, 0.0, 8.0 * size, 8.0 * size]] * batch),
+        },
+    }
+    return model, (), kwargs
+
+
 def sd3_transformer(batch: int = 2, size: int = 8, seed: int = 0) -> Example:
     """``SD3Transformer2DModel`` (MMDiT) with joint text/image attention."""
     from diffusers import SD3Transformer2DModel

@@ -1,0 +1,145 @@
+"""Predict end-to-end sampling latency on N real devices from a plan alone.
+
+The plan knows each stage's time (measured, or predicted in seconds), the bytes every
+boundary tensor carries and who reads it, and the whole model's time on one device. A
+link model (``DeviceSpec``) prices the transfers. One generation of ``steps`` steps is:
+
+- ``warmup`` sequential steps of the whole model on one device;
+- ``ceil((steps - warmup) / stride)`` parallel rounds. In a round every stage runs once
+  on its own device and sends each boundary tensor it made to each stage that reads it
+  (one after another on its copy stream); then the noise prediction is broadcast so
+  every device can take the scheduler step. With transfers overlapped, a stage's sends
+  run during the next round's compute, so a round lasts as long as the slowest stage or
+  the busiest copy stream; without overlap a stage's sends follow its compute.
+
+Stride 2 runs two steps per round on N + 1 devices (AsyncDiff's stride batching).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from asyncfx.errors import PlanError
+from asyncfx.partitioner.device import DeviceSpec, device_spec
+from asyncfx.partitioner.plan import StagePlan
+
+
+@dataclasses.dataclass
+class Simulation:
+    """Predicted times of one generation, in seconds."""
+
+    n_stages: int
+    devices: int
+    link: str
+    steps: int
+    warmup: int
+    stride: int
+    stage_seconds: list[float]
+    send_seconds: list[float]       # per stage: its boundary sends, one after another
+    broadcast_seconds: float        # the noise prediction to every device, once per round
+    sequential_step: float          # the whole model on one device
+    round_overlapped: float
+    round_serial: float
+    source: str                     # where the stage times came from
+
+    @property
+    def rounds(self) -> int:
+        return math.ceil(max(self.steps - self.warmup, 0) / self.stride)
+
+    @property
+    def sequential_total(self) -> float:
+        return self.steps * self.sequential_step
+
+    def total(self, overlap: bool = True) -> float:
+        """Seconds for the whole generation (warm-up included)."""
+        round_seconds = self.round_overlapped if overlap else self.round_serial
+        return min(self.warmup, self.steps) * self.sequential_step + self.rounds * round_seconds
+
+    def speedup(self, overlap: bool = True) -> float:
+        return self.sequential_total / self.total(overlap)
+
+    @property
+    def ideal_speedup(self) -> float:
+        """T / (W + (T - W) / (N * stride)): perfect balance, free transfers."""
+        warmup = min(self.warmup, self.steps)
+        return self.steps / (warmup + (self.steps - warmup) / (self.n_stages * self.stride))
+
+    def summary(self) -> str:
+        def ms(seconds: float) -> str:
+            return f"{seconds * 1e3:.3f} ms"
+
+        lines = [f"{self.n_stages} stages on {self.devices} devices over {self.link}, {self.steps} steps, "
+                 f"warm-up {self.warmup}, stride {self.stride} (stage times: {self.source})",
+                 "stage times: " + ", ".join(ms(s) for s in self.stage_seconds),
+                 "boundary sends per stage: " + ", ".join(ms(s) for s in self.send_seconds),
+                 f"noise-prediction broadcast per round: {ms(self.broadcast_seconds)}",
+                 f"sequential step {ms(self.sequential_step)}; round {ms(self.round_overlapped)} with "
+                 f"transfers overlapped, {ms(self.round_serial)} without",
+                 f"generation: sequential {self.sequential_total:.3f} s; asyncfx "
+                 f"{self.total(True):.3f} s overlapped ({self.speedup(True):.2f}x), "
+                 f"{self.total(False):.3f} s without overlap ({self.speedup(False):.2f}x); "
+                 f"ideal {self.ideal_speedup:.2f}x ({self.speedup(True) / self.ideal_speedup:.0%} of it)"]
+        return "\n".join(lines)
+
+
+def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: int = 50,
+             warmup: int = 3, stride: int = 1) -> Simulation:
+    """Predicted latency of a generation with ``plan`` on N devices joined by ``link``
+    (default: the link the plan was compiled for).
+
+    Example:
+        >>> sim = simulate(StagePlan.load("plan.json"), link="pcie4", steps=50, warmup=3)
+        >>> print(sim.summary()); sim.speedup(overlap=True)
+    """
+    _check_schedule(steps, warmup, stride)
+    spec = device_spec(link if link is not None else plan.link)
+    stage_seconds, sequential, source = stage_times(plan)
+    sends = [0.0] * plan.n_stages
+    for boundary in plan.boundaries:
+        sends[boundary.producer] += len(boundary.consumers) * spec.transfer_seconds(boundary.bytes)
+    broadcast = spec.transfer_seconds(_latent_bytes(plan)) if plan.n_stages > 1 else 0.0
+    return Simulation(
+        n_stages=plan.n_stages, devices=plan.n_stages + (1 if stride == 2 else 0), link=spec.name,
+        steps=steps, warmup=warmup, stride=stride, stage_seconds=stage_seconds, send_seconds=sends,
+        broadcast_seconds=broadcast, sequential_step=sequential,
+        round_overlapped=max(*stage_seconds, *sends) + broadcast,
+        round_serial=max(c + s for c, s in zip(stage_seconds, sends)) + broadcast, source=source)
+
+
+def stage_times(plan: StagePlan) -> tuple[list[float], float, str]:
+    """Stage seconds, whole-model seconds on one device, and where they came from:
+    measured where the plan has measurements, else the plan's predictions in seconds."""
+    measured = [s.measured_seconds for s in plan.stages]
+    if all(m is not None for m in measured):
+        predicted_total = sum(s.estimated_cost for s in plan.stages) or 1.0
+        sequential = plan.measured_sequential
+        if sequential is None:  # scale the predicted whole model by how the stages measured
+            sequential = plan.sequential_cost * sum(measured) / predicted_total
+        return [float(m) for m in measured], float(sequential), "measured"
+    if plan.cost_unit != "seconds":
+        raise PlanError(f"the plan's stage costs are in {plan.cost_unit}, not seconds, and it has no "
+                        "measured stage times; compile with cost='flops' or cost='measure', or fill "
+                        "the times with asyncfx.partitioner.refine.measure_stages().")
+    if plan.sequential_cost <= 0:
+        raise PlanError("the plan has no predicted whole-model time (written by an older asyncfx); "
+                        "compile it again.")
+    return [s.estimated_cost for s in plan.stages], plan.sequential_cost, "predicted"
+
+
+def _latent_bytes(plan: StagePlan) -> int:
+    latent = next((i for i in plan.inputs if i.role == "latent"), None)
+    if latent is None:
+        raise PlanError("the plan names no latent input, so the noise prediction's size is unknown; "
+                        "compile it again.")
+    dtype = getattr(torch, latent.dtype.removeprefix("torch."))
+    return math.prod(latent.shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _check_schedule(steps: int, warmup: int, stride: int) -> None:
+    if steps < 1 or warmup < 1:
+        raise PlanError(f"steps and warm-up must be at least 1 (got steps={steps}, warmup={warmup}).")
+    if stride not in (1, 2):
+        raise PlanError(f"stride must be 1 or 2, got {stride}.")
+

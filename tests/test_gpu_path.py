@@ -1,0 +1,127 @@
+"""CUDA graphs per stage and SM-partition emulation: the guards on CPU, the real thing on GPUs."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import asyncfx
+from asyncfx.api import DeviceError
+from asyncfx.errors import AsyncFXError
+from asyncfx.runtime.cuda_graphs import GraphedStage
+from asyncfx.runtime.green import PartitionError, parse_sm_partitions, sm_partitions
+from conftest import sample, zoo_example
+
+def test_parse_sm_partitions():
+    assert parse_sm_partitions("sm-partitions:4") == (4, torch.device("cuda", 0))
+    assert parse_sm_partitions("sm-partitions:2@cuda:1") == (2, torch.device("cuda", 1))
+    assert parse_sm_partitions(["cuda:0"]) is None and parse_sm_partitions("cpu") is None
+    with pytest.raises(PartitionError, match="not understood"):
+        parse_sm_partitions("sm-partitions:four")
+    with pytest.raises(PartitionError, match="ask for 1 or more"):
+        parse_sm_partitions("sm-partitions:0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_sm_partitions_without_cuda_say_so():
+    model, args, kwargs = zoo_example("sd_unet")
+    with pytest.raises(PartitionError, match="need a CUDA GPU, and torch sees none"):
+        asyncfx.partition(model, 2, devices="sm-partitions:2", example_inputs=(args, kwargs))
+    with pytest.raises(PartitionError, match="not cpu"):
+        sm_partitions(2, "cpu")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"devices": "sm-partitions:3"}, DeviceError, "needs 2 .* write 'sm-partitions:2'"),
+    ({"devices": "sm-partitions:2", "executor": "serial"}, DeviceError, "use executor='local'"),
+    ({"devices": "cuda:0"}, DeviceError, "is a string; pass a list"),
+    ({"cuda_graphs": "yes"}, AsyncFXError, "cuda_graphs must be True, False or None"),
+])
+def test_device_option_errors(kwargs, error, match):
+    model, _, _ = zoo_example("sd_unet")
+    with pytest.raises(error, match=match):
+        asyncfx.partition(model, 2, **kwargs)
+
+
+def test_cuda_graphs_option_is_inert_on_cpu_workers():
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=2, cuda_graphs=True, devices=["cpu", "cpu"])
+    got = sample(den, kwargs, "sample", steps=5)
+    assert den.executor.graphed_slots() == [False, False]
+    expected = sample(asyncfx.partition(model, 2, warmup=2, executor="serial"), kwargs, "sample", steps=5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    den.close()
+
+
+class _Affine(nn.Module):
+    """Returns a tuple, like every stage module."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return (nn.functional.gelu(self.linear(x)),)
+
+
+class _Syncing(nn.Module):
+    """Reads a value back to the host mid-forward: cannot be captured."""
+
+    def forward(self, x):
+        return (x * float(x.sum()),)
+
+
+@pytest.mark.parametrize("module, graphed", [(_Affine(), True), (_Syncing(), False)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphed_stage_replays_or_falls_back(module, graphed):
+    module = module.cuda()
+    stream = torch.cuda.Stream()
+    stage = GraphedStage(module, name="stage 0", stream=stream)
+    inputs = [torch.randn(4, 8, device="cuda") for _ in range(5)]
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), torch.cuda.stream(stream):
+        warnings.simplefilter("always")
+        outputs = [stage([x]) for x in inputs]
+        torch.cuda.synchronize()
+    assert stage.graphed is graphed
+    assert any("stage 0 cannot be captured" in str(w.message) for w in caught) is not graphed
+    with torch.no_grad():
+        for x, out in zip(inputs, outputs):  # earlier outputs were not overwritten by later replays
+            torch.testing.assert_close(out[0], module(x)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("devices", [["cuda:0", "cuda:0"], "sm-partitions:2"])
+def test_cuda_graphs_and_partitions_match_serial(devices):
+    model, _, kwargs = zoo_example("sd_unet")
+    try:
+        den = asyncfx.partition(copy.deepcopy(model).cuda(), 2, warmup=2, devices=devices)
+    except PartitionError as exc:
+        pytest.skip(f"this GPU or driver cannot make SM partitions: {exc}")
+    cuda_kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    got = sample(den, cuda_kwargs, "sample", steps=8)
+    assert all(den.executor.graphed_slots())
+    expected = sample(asyncfx.partition(model, 2, warmup=2, executor="serial"), kwargs, "sample", steps=8)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-3, atol=1e-3)
+    den.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sm_partitions_are_disjoint_groups():
+    try:
+        parts = sm_partitions(2)
+    except PartitionError as exc:
+        pytest.skip(f"this GPU or driver cannot make SM partitions: {exc}")
+    total = torch.cuda.get_device_properties(0).multi_processor_count
+    assert len(parts) == 2 and parts[0].sm_count == parts[1].sm_count
+    assert sum(p.sm_count for p in parts) <= total
+    x = torch.randn(256, 256, device="cuda")
+    with torch.cuda.stream(parts[1].stream):
+        y = x @ x
+    parts[1].stream.synchronize()
+    torch.testing.assert_close(y, x @ x)

@@ -1,0 +1,81 @@
+"""The latency simulator on a hand-made plan, and `asyncfx simulate`."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from asyncfx.cli import main
+from asyncfx.errors import PlanError
+from asyncfx.partitioner.device import DeviceSpec
+from asyncfx.partitioner.simulate import simulate
+from plans import hand_plan
+
+# 1 GB/s and 1 ms per transfer: a boundary of B bytes costs 1 ms + B ns.
+SLOW = DeviceSpec("slow", flops_per_s=1e12, bytes_per_s=1e11, link_bytes_per_s=1e9, link_latency_s=1e-3)
+
+
+def test_round_times_with_and_without_overlap():
+    sim = simulate(hand_plan(), link=SLOW, steps=50, warmup=3)
+    # stage 0 sends skip twice (2 x 17 ms) and a once (2 ms); stage 1 sends b (3 ms)
+    assert sim.send_seconds == pytest.approx([0.036, 0.003, 0.0])
+    assert sim.broadcast_seconds == pytest.approx(1e-3 + 1024e-9)
+    assert sim.round_overlapped == pytest.approx(0.036 + sim.broadcast_seconds)    # busiest copy stream
+    assert sim.round_serial == pytest.approx(0.010 + 0.036 + sim.broadcast_seconds)
+    assert sim.sequential_step == pytest.approx(0.027)                             # measured whole model
+    assert sim.total(True) == pytest.approx(3 * 0.027 + 47 * sim.round_overlapped)
+    assert sim.speedup(False) < sim.speedup(True) < sim.ideal_speedup
+
+
+def test_fast_link_is_compute_bound_and_ideal_formula():
+    fast = DeviceSpec("fast", 1e12, 1e11, link_bytes_per_s=1e15, link_latency_s=0.0)
+    sim = simulate(hand_plan(), link=fast, steps=50, warmup=3)
+    assert sim.round_overlapped == pytest.approx(0.012, rel=1e-6)   # the slowest stage
+    assert sim.ideal_speedup == pytest.approx(50 / (3 + 47 / 3))
+    assert sim.speedup() == pytest.approx(50 * 0.027 / (3 * 0.027 + 47 * sim.round_overlapped))
+
+
+def test_stride_two_runs_two_steps_per_round_on_one_more_device():
+    fast = DeviceSpec("fast", 1e12, 1e11, link_bytes_per_s=1e15, link_latency_s=0.0)
+    sim = simulate(hand_plan(), link=fast, steps=50, warmup=3, stride=2)
+    assert (sim.devices, sim.rounds) == (4, math.ceil(47 / 2))
+    assert sim.ideal_speedup == pytest.approx(50 / (3 + 47 / 6))
+
+
+def test_predicted_times_scale_the_whole_model_by_the_measurements():
+    plan = hand_plan()
+    plan.measured_sequential = None
+    plan.stages[0].measured_seconds = 0.020   # stages measured 40 ms against 30 ms predicted
+    sim = simulate(plan)
+    assert sim.source == "measured"
+    assert sim.sequential_step == pytest.approx(0.028 * 0.040 / 0.030)
+    unmeasured = simulate(hand_plan(measured=False))
+    assert unmeasured.source == "predicted" and unmeasured.stage_seconds == pytest.approx([0.010, 0.012, 0.008])
+
+
+def test_node_count_plans_need_measurements():
+    plan = hand_plan(measured=False)
+    plan.cost_unit = "nodes"
+    with pytest.raises(PlanError, match="cost='flops' or cost='measure'"):
+        simulate(plan)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"stride": 3}, "stride must be 1 or 2"),
+                                           ({"warmup": 0}, "at least 1")])
+def test_bad_schedules(kwargs, match):
+    with pytest.raises(PlanError, match=match):
+        simulate(hand_plan(), **kwargs)
+
+
+def test_cli_simulate(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    hand_plan().save(path)
+    assert main(["simulate", str(path), "--link", "pcie4", "--steps", "20", "--warmup", "2"]) == 0
+    out = capsys.readouterr().out
+    sim = simulate(hand_plan(), link="pcie4", steps=20, warmup=2)
+    assert f"({sim.speedup(True):.2f}x)" in out and "3 stages on 3 devices over pcie4, 20 steps" in out
+
+
+def test_cli_simulate_missing_plan(tmp_path, capsys):
+    assert main(["simulate", str(tmp_path / "none.json")]) == 2
+    assert "none.json" in capsys.readouterr().err
