@@ -51,7 +51,13 @@ def speed_quality_sweep(model: Digits, classifier: DigitClassifier, labels: torc
         ...                            torch.arange(20) % 10, stages=(2,), warmups=(1, 3))
         >>> [(r.warmup, round(r.psnr, 1)) for r in rows]
     """
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return _sweep(model, classifier, labels, stages, strides, warmups, steps, link, real_features, repeats)
+
+
+def _sweep(model: Digits, classifier: DigitClassifier, labels: torch.Tensor, stages: Sequence[int],
+           strides: Sequence[int], warmups: Sequence[int], steps: int, link: str,
+           real_features: torch.Tensor | None, repeats: int) -> list[SweepRow]:
     sequential = sample_digits(model.unet, model, labels, steps=steps, seed=0)
     inputs = digits_example_inputs(model, labels)
     captured = asyncfx.capture(model.unet, *inputs)

@@ -6,7 +6,8 @@ A mid-size SD-shaped UNet (64/128/128 channels, latent 2x4x32x32, about 120 ms a
 on one core) samples 20 DDIM steps. In one run: the original model with 1 intra-op
 thread and with all threads, and the partitioned model on N CPU workers (one thread
 each; plan from cost="measure" profiled on one thread). Prints end-to-end times, the
-ratios, and the fraction of the ideal speedup T / (W + (T - W) / N).
+ratios, the fraction of the ideal speedup T / (W + (T - W) / N), and what the simulator
+(``asyncfx simulate``) predicted for the partitioned run from the plan's stage times.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import asyncfx
+from asyncfx.partitioner.simulate import simulate
 from asyncfx.zoo import tiny
 
 
@@ -73,6 +75,7 @@ def main() -> None:
     torch.set_num_threads(cores)
     partitioned = timed(denoiser, kwargs, options.steps, options.repeats, cores)
     measured = [s.measured_seconds for s in denoiser.plan.stages]
+    predicted = simulate(denoiser.plan, link="cpu", steps=options.steps, warmup=options.warmup)
     denoiser.close()
 
     T, W, N = options.steps, options.warmup, options.n_devices
@@ -87,6 +90,9 @@ def main() -> None:
     print(f"  speedup over 1 thread:  {one_thread / partitioned:.2f}x  (ideal {ideal:.2f}x, "
           f"{one_thread / partitioned / ideal:.0%} of ideal; target 1.7x)")
     print(f"  speedup over {cores} threads: {all_threads / partitioned:.2f}x")
+    print(f"  simulator: {predicted.total():.2f} s for asyncfx ({predicted.total() / partitioned - 1:+.0%} "
+          f"against the measurement), from stage times measured alone and a whole-model step of "
+          f"{predicted.sequential_step * 1e3:.1f} ms on one thread")
 
 
 if __name__ == "__main__":

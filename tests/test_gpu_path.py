@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import pathlib
+import sys
 import warnings
 
 import pytest
@@ -125,3 +128,29 @@ def test_sm_partitions_are_disjoint_groups():
         y = x @ x
     parts[1].stream.synchronize()
     torch.testing.assert_close(y, x @ x)
+
+
+def _gpu_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_benchmark", pathlib.Path(__file__).parent.parent / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_dry_run_writes_its_table(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    assert _gpu_benchmark().main(["--dry-run", "--models", "sd21", "--steps", "5", "--warmup", "2",
+                                  "--refine-rounds", "0", "--write", str(results)]) == 0
+    text = results.read_text()
+    assert "## GPU: emulated devices on CPU (dry run)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| sd21 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["N=2, stride 1", "N=4, stride 1", "N=3, stride 2"]
+    assert all("CPU workers" in r for r in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_benchmark_refuses_to_run_without_a_gpu(capsys):
+    assert _gpu_benchmark().main([]) == 2
+    assert "no CUDA device here" in capsys.readouterr().err

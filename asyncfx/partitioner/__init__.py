@@ -4,8 +4,9 @@ from asyncfx.partitioner.compile import compile, compile_profile
 from asyncfx.partitioner.device import PRESETS, DeviceSpec
 from asyncfx.partitioner.plan import BoundaryTensor, PlanInput, StageInfo, StagePlan
 from asyncfx.partitioner.profile import Profile, profile
+from asyncfx.partitioner.simulate import Simulation, simulate
 from asyncfx.partitioner.staged import StagedModel, split
 
 __all__ = ["PRESETS", "BoundaryTensor", "Captured", "DeviceSpec", "GraphInput", "InputRole",
-           "PlanInput", "Profile", "StageInfo", "StagePlan", "StagedModel", "capture", "compile",
-           "compile_profile", "profile", "split"]
+           "PlanInput", "Profile", "Simulation", "StageInfo", "StagePlan", "StagedModel", "capture",
+           "compile", "compile_profile", "profile", "simulate", "split"]

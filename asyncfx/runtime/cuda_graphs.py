@@ -67,7 +67,8 @@ class GraphedStage:
         static_inputs = [a.clone() for a in args]
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
+            # thread_local: other workers keep launching and allocating while this one captures
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 static_outputs = tuple(self.module(*static_inputs))
         except Exception as exc:  # host syncs, data-dependent shapes, unsupported ops
             self.failure = f"{type(exc).__name__}: {' '.join(str(exc).split())}"

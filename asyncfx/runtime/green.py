@@ -78,7 +78,7 @@ def sm_partitions(count: int, device: str | torch.device = "cuda:0") -> list[SmP
     whole = _call(driver, "cuDeviceGetDevResource", cu_device,
                   driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM)
     total = int(whole.sm.smCount)
-    per_group = _group_size(total, count, whole)
+    per_group = _group_size(total, count, whole, torch.cuda.get_device_capability(device)[0])
     groups, made, _ = _call(driver, "cuDevSmResourceSplitByCount", count, whole, 0, per_group)
     if int(made) < count:
         raise PartitionError(f"the GPU's {total} SMs split into only {int(made)} groups of at least "
@@ -95,10 +95,13 @@ def sm_partitions(count: int, device: str | torch.device = "cuda:0") -> list[SmP
     return partitions
 
 
-def _group_size(total: int, count: int, whole: Any) -> int:
-    """SMs per group: an equal share, rounded down to the driver's partition granularity."""
+def _group_size(total: int, count: int, whole: Any, major: int) -> int:
+    """SMs per group: an equal share, rounded down to the driver's partition granularity
+    (reported by newer drivers; else the documented one: 8 SMs from compute capability
+    9.0, 2 before)."""
+    documented = 8 if major >= 9 else 2
     granularity = max(int(getattr(whole.sm, "smCoscheduledAlignment", 0) or 0),
-                      int(getattr(whole.sm, "minSmPartitionSize", 0) or 0), 2)
+                      int(getattr(whole.sm, "minSmPartitionSize", 0) or 0), documented)
     size = total // count // granularity * granularity
     if size < 1:
         raise PartitionError(f"the GPU has {total} SMs, too few for {count} partitions of at least "

@@ -71,8 +71,9 @@ class LocalExecutor(Executor):
     def _slot_module(self, slot: int) -> nn.Module:
         module = self._stage(slot).module
         device = self.devices[slot]
-        # A private copy per slot: moving a shared module would move the caller's weights.
-        if device.type == "cpu" and _on_cpu(module):
+        # Weights already where the slot computes are shared (inference only reads them);
+        # otherwise a private copy: moving a shared module would move the caller's weights.
+        if _on_device(module, device):
             return module
         return copy.deepcopy(module).to(device)
 
@@ -150,8 +151,9 @@ def _read(store: BoundaryStore, name: str, version: int, device: torch.device) -
     return store.get(copied, version) if store.has(copied, version) else store.get(name, version)
 
 
-def _on_cpu(module: nn.Module) -> bool:
-    return all(t.device.type == "cpu" for t in [*module.parameters(), *module.buffers()])
+def _on_device(module: nn.Module, device: torch.device) -> bool:
+    return all(t.device.type == device.type and (device.index is None or t.device.index == device.index)
+               for t in [*module.parameters(), *module.buffers()])
 
 
 class _Worker(threading.Thread):

@@ -1,0 +1,310 @@
+"""Speedup of asyncfx on one GPU split into SM partitions (emulated devices), in one run.
+
+    python benchmarks/gpu.py [--models sd21,sdxl] [--steps 50] [--warmup 3]
+                             [--write benchmarks/RESULTS.md]
+    python benchmarks/gpu.py --dry-run --steps 6 --warmup 2     # CPU: checks the script itself
+
+For each model (SD2.1-shaped UNet at 768x768 and SDXL-shaped UNet at 1024x1024, random
+weights, float16, a classifier-free-guidance batch of 2) it measures:
+
+- sequential eager and sequential CUDA-graph step times on the whole GPU (the graph is
+  the fair baseline: eager diffusers is launch-bound);
+- for N=2 and N=4 with stride 1, and N=3 with stride 2 (4 partitions): the plan
+  (cost="measure" with refinement), each stage replayed alone on one partition, the
+  whole model replayed on one partition of the same size (the baseline), the round time
+  of asyncfx.partition(devices="sm-partitions:P"), and a 50-step DDIM generation with
+  warm-up 3 against the same generation on the baseline partition;
+- the simulator's prediction from the per-partition stage times, to compare;
+- runtime overhead: round time minus the slowest stage alone.
+
+Partitions share memory bandwidth and L2, so every multi-partition number is an
+emulation of separate devices and is labelled so. With --dry-run the same code runs on
+CPU worker threads with tiny models: the numbers mean nothing, the script is exercised.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+import asyncfx
+from asyncfx.partitioner.device import DeviceSpec
+from asyncfx.partitioner.simulate import simulate
+from asyncfx.runtime.cuda_graphs import GraphedStage
+from asyncfx.runtime.green import sm_partitions
+from asyncfx.zoo import tiny
+
+#: (stages, stride): stride 2 needs one more device than stages.
+CONFIGS = ((2, 1), (4, 1), (3, 2))
+#: Stages on partitions of one GPU exchange boundaries through its own memory.
+SAME_GPU = DeviceSpec("same GPU", flops_per_s=1e15, bytes_per_s=3e12, link_bytes_per_s=1e12,
+                      link_latency_s=5e-6)
+MODELS = {
+    "sd21": ("SD2.1-shaped UNet, 768x768 (latent 96), fp16, batch 2", lambda: tiny.sd21_unet(2, 96)),
+    "sdxl": ("SDXL-shaped UNet, 1024x1024 (latent 128), fp16, batch 2", lambda: tiny.sdxl_base_unet(2, 128)),
+}
+DRY_MODELS = {
+    "sd21": ("tiny SD-shaped UNet (dry run)", lambda: tiny.sd_unet(2, 16)),
+    "sdxl": ("tiny SDXL-shaped UNet (dry run)", tiny.sdxl_unet),
+}
+
+
+class Rig:
+    """Where stages run: SM partitions of one GPU, or, in a dry run, CPU worker threads."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.device = torch.device("cuda:0" if cuda else "cpu")
+        self.name = torch.cuda.get_device_name(0) if cuda else "CPU (dry run)"
+        self.sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 0
+
+    def devices(self, slots: int) -> Any:
+        return f"sm-partitions:{slots}" if self.cuda else ["cpu"] * slots
+
+    def partition_stream(self, slots: int) -> tuple[Any, int]:
+        """A stream on one of ``slots`` equal partitions, and its SM count."""
+        if not self.cuda:
+            return None, 0
+        part = sm_partitions(slots, self.device)[0]
+        return part.stream, part.sm_count
+
+    def whole_gpu_stream(self) -> Any:
+        return torch.cuda.Stream(self.device) if self.cuda else None
+
+    def median(self, run: Callable[[], Any], stream: Any, warmup: int = 3, repeats: int = 20) -> float:
+        """Median seconds of ``run`` on ``stream`` (CUDA events), or wall time on CPU."""
+        if not self.cuda:
+            for _ in range(warmup):
+                run()
+            return statistics.median(_wall(run) for _ in range(repeats))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                run()
+            samples = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                run()
+                end.record(stream)
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(samples)
+
+    def graphed(self, module: Any, stream: Any, name: str) -> Callable[[Sequence[torch.Tensor]], Any]:
+        """``module`` replayed as a CUDA graph on ``stream`` (called plainly on CPU)."""
+        if not self.cuda:
+            return lambda args: module(*args)
+        return GraphedStage(module, name=name, stream=stream)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def _wall(run: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    config: str
+    partitions: str
+    baseline_step_ms: float     # whole model on one partition of the same size (CUDA graph)
+    slowest_stage_ms: float     # slowest stage alone on one partition
+    balance: float              # max/mean of the stages on a partition
+    round_ms: float             # one asyncfx round (two steps with stride 2)
+    round_speedup: float        # baseline steps per round / round
+    e2e_s: float
+    baseline_e2e_s: float
+    ideal: float
+    predicted_speedup: float
+    overhead: float             # (round - slowest stage) / round
+
+    @property
+    def e2e_speedup(self) -> float:
+        return self.baseline_e2e_s / self.e2e_s
+
+    def markdown(self) -> str:
+        error = self.predicted_speedup / self.e2e_speedup - 1
+        return (f"| {self.model} | {self.config} | {self.partitions} | {self.baseline_step_ms:.2f} | "
+                f"{self.slowest_stage_ms:.2f} | {self.balance:.3f} | {self.round_ms:.2f} | "
+                f"{self.round_speedup:.2f}x | {self.e2e_s:.3f} / {self.baseline_e2e_s:.3f} | "
+                f"{self.e2e_speedup:.2f}x | {self.ideal:.2f}x ({self.e2e_speedup / self.ideal:.0%}) | "
+                f"{self.predicted_speedup:.2f}x ({error:+.0%}) | {self.overhead:.1%} |")
+
+
+HEADER = ("| model | config | partitions | baseline step ms | slowest stage ms | balance | round ms | "
+          "round speedup | 50-step s (asyncfx / baseline) | speedup | ideal (fraction) | simulator "
+          "(error) | overhead |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def build(rig: Rig, factory: Callable[[], Any], dtype: torch.dtype) -> tuple[Any, dict]:
+    """The model and its example keyword arguments on the rig's device and dtype."""
+    with torch.device(rig.device):
+        model, _, kwargs = factory()
+    model = model.to(rig.device, dtype)
+
+    def move(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor):
+            return value.to(rig.device, dtype if value.is_floating_point() else value.dtype)
+        return value
+
+    return model, move(kwargs)
+
+
+def generation(rig: Rig, denoiser: Callable[..., Any], kwargs: dict, steps: int,
+               scheduler: Any) -> tuple[float, list[float]]:
+    """Seconds for one DDIM generation calling ``denoiser`` like a pipeline, and each call's seconds."""
+    scheduler.set_timesteps(steps)
+    x = kwargs["sample"].clone()
+    calls = []
+    rig.sync()
+    start = time.perf_counter()
+    for t in scheduler.timesteps:
+        timestep = torch.full_like(kwargs["timestep"], int(t))
+        call_start = time.perf_counter()
+        eps = denoiser(**{**kwargs, "sample": x, "timestep": timestep}).sample
+        calls.append(time.perf_counter() - call_start)
+        x = scheduler.step(eps, t, x).prev_sample
+    rig.sync()
+    return time.perf_counter() - start, calls
+
+
+def round_seconds(calls: Sequence[float], warmup: int, stride: int) -> float:
+    """Median time of a parallel round from the per-call times (a round is ``stride`` calls)."""
+    parallel = list(calls[warmup:])
+    rounds = [sum(parallel[i:i + stride]) for i in range(0, len(parallel) - stride + 1, stride)]
+    return statistics.median(rounds)
+
+
+def run_model(rig: Rig, name: str, label: str, factory: Callable[[], Any], options: argparse.Namespace,
+              dtype: torch.dtype) -> list[str]:
+    from diffusers import DDIMScheduler
+
+    with torch.no_grad():
+        model, kwargs = build(rig, factory, dtype)
+        captured = asyncfx.capture(model, (), kwargs)
+        flat = captured.interface.flatten((), kwargs)
+        whole = rig.whole_gpu_stream()
+        eager_s = rig.median(lambda: model(**kwargs), whole)
+        graph = rig.graphed(captured.graph_module, whole, "the whole model")
+        graph_s = rig.median(lambda: graph(flat), whole)
+        print(f"\n{label} on {rig.name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
+              f"parameters; sequential step on the whole GPU: eager {eager_s * 1e3:.2f} ms, "
+              f"CUDA graph {graph_s * 1e3:.2f} ms", flush=True)
+        lines = [f"{label}: sequential step on the whole GPU, eager {eager_s * 1e3:.2f} ms, CUDA graph "
+                 f"{graph_s * 1e3:.2f} ms."]
+        print(HEADER, flush=True)
+        rows = []
+        for n, stride in CONFIGS:
+            rows.append(run_config(rig, name, captured, model, kwargs, flat, n, stride, options, DDIMScheduler))
+            print(rows[-1].markdown(), flush=True)
+        return lines + ["", HEADER] + [r.markdown() for r in rows]
+
+
+def run_config(rig: Rig, name: str, captured: asyncfx.Captured, model: Any, kwargs: dict,
+               flat: list[torch.Tensor], n: int, stride: int, options: argparse.Namespace,
+               scheduler_class: Any) -> Row:
+    slots = n + (1 if stride == 2 else 0)
+    plan = asyncfx.compile(captured, n, example_inputs=((), kwargs), cost="measure",
+                           refine_rounds=options.refine_rounds, link="nvlink")
+    stream, sms = rig.partition_stream(slots)
+    baseline = rig.graphed(captured.graph_module, stream, "the whole model on one partition")
+    baseline_s = rig.median(lambda: baseline(flat), stream)
+    staged = asyncfx.split(captured, plan)
+    stage_s = []
+    for k, (module, args) in enumerate(zip(staged.stages, staged.stage_arguments(flat))):
+        stage = rig.graphed(module, stream, f"stage {k} on one partition")
+        stage_s.append(rig.median(lambda stage=stage, args=args: stage(args), stream))
+    on_partition = copy.deepcopy(plan)
+    for info, seconds in zip(on_partition.stages, stage_s):
+        info.measured_seconds = seconds
+    on_partition.measured_sequential = baseline_s
+    predicted = simulate(on_partition, link=SAME_GPU, steps=options.steps, warmup=options.warmup, stride=stride)
+
+    scheduler = scheduler_class(num_train_timesteps=1000, clip_sample=False)
+    denoiser = asyncfx.partition(captured, n, plan=plan, devices=rig.devices(slots), warmup=options.warmup,
+                                 stride=stride, scheduler=scheduler)
+    try:
+        generation(rig, denoiser, kwargs, options.steps, scheduler)  # captures the stage graphs
+        denoiser.reset()
+        e2e_s, calls = generation(rig, denoiser, kwargs, options.steps, scheduler)
+    finally:
+        denoiser.close()
+    baseline_model = _BaselineDenoiser(baseline, captured)
+    baseline_e2e_s, _ = generation(rig, baseline_model, kwargs, options.steps, scheduler)
+    round_s = round_seconds(calls, options.warmup, stride)
+    partitions = f"{slots} x {sms} SMs (emulated)" if rig.cuda else f"{slots} CPU workers"
+    return Row(model=name, config=f"N={n}, stride {stride}", partitions=partitions,
+               baseline_step_ms=baseline_s * 1e3, slowest_stage_ms=max(stage_s) * 1e3,
+               balance=max(stage_s) / statistics.mean(stage_s), round_ms=round_s * 1e3,
+               round_speedup=stride * baseline_s / round_s, e2e_s=e2e_s, baseline_e2e_s=baseline_e2e_s,
+               ideal=predicted.ideal_speedup, predicted_speedup=predicted.speedup(),
+               overhead=(round_s - max(stage_s)) / round_s)
+
+
+class _BaselineDenoiser:
+    """The whole captured model replayed on one partition, called like the model."""
+
+    def __init__(self, graphed: Callable[[Sequence[torch.Tensor]], Any], captured: asyncfx.Captured):
+        self.graphed, self.captured = graphed, captured
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        stream = getattr(self.graphed, "stream", None)
+        flat = self.captured.interface.flatten(args, kwargs)
+        if stream is None:
+            return self.captured.interface.unflatten(list(self.graphed(flat)))
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outputs = list(self.graphed(flat))
+        torch.cuda.current_stream().wait_stream(stream)
+        return self.captured.interface.unflatten(outputs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sd21,sdxl")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--refine-rounds", type=int, default=3)
+    parser.add_argument("--dry-run", action="store_true", help="tiny models on CPU workers")
+    parser.add_argument("--write", help="append the tables to this markdown file")
+    options = parser.parse_args(argv)
+    if not options.dry_run and not torch.cuda.is_available():
+        print("gpu.py: no CUDA device here; run it on a GPU, or pass --dry-run to check the script "
+              "on CPU.", file=sys.stderr)
+        return 2
+    rig = Rig(cuda=not options.dry_run)
+    table = MODELS if rig.cuda else DRY_MODELS
+    dtype = torch.float16 if rig.cuda else torch.float32
+    unknown = set(options.models.split(",")) - set(table)
+    if unknown:
+        print(f"gpu.py: unknown models {sorted(unknown)}; choose from {sorted(table)}.", file=sys.stderr)
+        return 2
+    lines = [f"{rig.name}, torch {torch.__version__}, {options.steps} DDIM steps, warm-up "
+             f"{options.warmup}. Multi-partition rows are emulated devices (disjoint SM groups of one "
+             "GPU sharing its memory bandwidth); the baseline is the whole model as a CUDA graph on "
+             "one partition of the same size."]
+    for name in options.models.split(","):
+        label, factory = table[name]
+        lines += ["", *run_model(rig, name, label, factory, options, dtype)]
+    if options.write:
+        with open(options.write, "a", encoding="utf-8") as f:
+            f.write(f"\n## GPU: emulated devices on {rig.name} (`python benchmarks/gpu.py`)\n\n")
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
