@@ -31,7 +31,7 @@ class DeviceError(AsyncFXError, ValueError):
 
 
 def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = None,
-              devices: Sequence[str | torch.device] | None = None, warmup: int = DEFAULT_WARMUP,
+              devices: Sequence[str | torch.device] | str | None = None, warmup: int = DEFAULT_WARMUP,
               stride: int = 1, executor: str = "local", plan: StagePlan | str | os.PathLike | None = None,
               scheduler: Any = None, time_shift: bool = False, cost: str = "flops", link: str = "cpu",
               latent: str | None = None, cuda_graphs: bool | None = None) -> AsyncDenoiser:

@@ -5,7 +5,7 @@
     asyncfx profile MODEL --out profile.json [--device cpu|cuda:0] [--height H --width W
                     --batch B --dtype float16] [--repeats 5]
     asyncfx compile profile.json --n-devices 4 [--link nvlink|pcie4|cpu] --out plan.json
-    asyncfx show plan.json
+    asyncfx show plan.json [--profile profile.json] [--plot plan.png]
     asyncfx simulate plan.json [--link nvlink|pcie4|cpu] [--steps 50 --warmup 3 --stride 1]
 
 MODEL is ``package.module:function`` returning (model, args, kwargs), or a local diffusers
@@ -81,8 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--out", required=True, help="plan JSON to write")
     compile_.set_defaults(run=_compile)
 
-    show = commands.add_parser("show", help="print a plan's summary table")
+    show = commands.add_parser("show", help="print a plan's summary table; optionally draw it",
+                               description="Print a plan's summary; with --plot also draw the bytes "
+                                           "crossing each cut, the stage times (when measured) and, "
+                                           "given the profile it was compiled from, the per-node cost "
+                                           "with the cuts (needs matplotlib).")
     show.add_argument("plan", help="plan JSON from `asyncfx compile`")
+    show.add_argument("--profile", help="profile JSON the plan was compiled from (per-node cost view)")
+    show.add_argument("--plot", help="PNG to write the views to")
     show.set_defaults(run=_show)
 
     simulate = commands.add_parser(
@@ -175,8 +181,20 @@ def _compile(options: argparse.Namespace) -> int:
 
 def _show(options: argparse.Namespace) -> int:
     from asyncfx.partitioner.plan import StagePlan
+    from asyncfx.partitioner.profile import Profile
 
-    print(StagePlan.load(options.plan).summary())
+    if options.profile and not options.plot:
+        raise AsyncFXError("--profile only adds a view to --plot; pass --plot plan.png as well.")
+    if options.plot:
+        _check_writable(options.plot)
+    plan = StagePlan.load(options.plan)
+    profile = Profile.load(options.profile) if options.profile else None
+    print(plan.summary())
+    if options.plot:
+        from asyncfx.viz import save_plan_views
+
+        views = save_plan_views(plan, options.plot, profile=profile)
+        print(f"wrote {options.plot} ({', '.join(views)})")
     return 0
 
 

@@ -398,17 +398,61 @@ def plot_samples(sequential: torch.Tensor, asynchronous: torch.Tensor, *, rows: 
     return list(axes)
 
 
+# --- all views of a plan in one file ---------------------------------------------------
+
+def save_plan_views(plan: StagePlan, path: str, *, profile: Profile | None = None) -> list[str]:
+    """Draw what a plan alone (and its profile, if given) can show into one PNG: per-node
+    cost with the cuts (with a profile), bytes crossing each cut (2+ stages), stage times
+    (when measured). Returns the names of the views drawn. Written atomically.
+
+    Example:
+        >>> save_plan_views(StagePlan.load("plan.json"), "plan.png", profile=Profile.load("profile.json"))
+        ['node costs', 'cut bytes', 'stage times']
+    """
+    import os
+
+    views = []
+    if profile is not None:
+        _matching_graph(profile, plan)
+        views.append(("node costs", lambda ax: plot_node_costs(profile, plan, ax=ax)))
+    if plan.n_stages > 1:
+        views.append(("cut bytes", lambda ax: plot_cut_bytes(plan, ax=ax)))
+    if all(s.measured_seconds is not None for s in plan.stages):
+        views.append(("stage times", lambda ax: plot_stage_times({"plan": plan}, ax=ax)))
+    if not views:
+        raise PlanError("this one-stage plan has no measured stage times and no profile was given: "
+                        "nothing to draw; pass the profile it was compiled from.")
+    _require_matplotlib()
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4 * len(views)))  # not pyplot's: nothing stays registered
+    axes = figure.subplots(len(views), 1, squeeze=False)[:, 0]
+    for ax, (_, draw) in zip(axes, views):
+        draw(ax)
+    figure.tight_layout()
+    temporary = f"{path}.tmp.png"
+    figure.savefig(temporary, dpi=100)
+    os.replace(temporary, path)
+    return [name for name, _ in views]
+
+
 # --- helpers ----------------------------------------------------------------------------
 
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
     if ax is not None:
         return ax
+    _require_matplotlib()
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)[1]
+
+
+def _require_matplotlib() -> None:
     try:
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError as exc:
         raise AsyncFXError("asyncfx.viz draws with matplotlib, which is not installed; "
                            "pip install 'asyncfx[viz]'.") from exc
-    return plt.subplots(figsize=figsize)[1]
 
 
 def _legend_patches(colors: Mapping[str, str]) -> list[Any]:

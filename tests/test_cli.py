@@ -112,3 +112,22 @@ def test_mismatched_files_give_one_line(tmp_path, monkeypatch, capsys):
     assert run_cli("compile", "profile.json", "--n-devices", "999", "--out", "x.json") == 2
     assert "n_devices=999 is more than" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_show_draws_the_plan_views(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("profile", "asyncfx.zoo.tiny:sd_unet", "--out", "profile.json",
+                   "--batch", "1", "--repeats", "1") == 0
+    assert run_cli("compile", "profile.json", "--n-devices", "2", "--out", "plan.json") == 0
+    capsys.readouterr()
+    assert run_cli("show", "plan.json", "--profile", "profile.json", "--plot", "plan.png") == 0
+    assert "wrote plan.png (node costs, cut bytes)" in capsys.readouterr().out
+    from PIL import Image
+
+    with Image.open(tmp_path / "plan.png") as image:
+        assert image.size == (1200, 800)  # two views of 12 x 4 inches at 100 dpi
+    assert run_cli("show", "plan.json", "--profile", "profile.json") == 2
+    assert "--profile only adds a view to --plot" in capsys.readouterr().err
+    assert run_cli("show", "plan.json", "--plot", "no/such/dir/plan.png") == 2
+    assert "does not exist" in capsys.readouterr().err
