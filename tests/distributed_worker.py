@@ -37,9 +37,11 @@ def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, st
         model, _, kwargs = ZOO[model_name]()
         denoiser = asyncfx.partition(model, world, warmup=2, executor="distributed")
         caller = _ExitAt(denoiser, 4 if rank == dying_rank else None)
-        with torch.no_grad():
-            result = sample(caller, kwargs, LATENT[model_name], steps=steps)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        with torch.no_grad():  # two generations: the second starts while the first's last
+            results = [sample(caller, kwargs, LATENT[model_name], steps=steps)  # messages fly
+                       for _ in range(2)]
+        denoiser.close()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         module = denoiser.executor.module
         held = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
         with open(os.path.join(out_dir, f"held{rank}.txt"), "w") as f:

@@ -40,8 +40,10 @@ def test_distributed_ranks_equal_serial(tmp_path, model_name, world):
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
     assert not errors, errors
     expected = serial_result(model_name, world)
-    for rank in range(world):  # every rank's sampler took the same steps
-        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, rtol=0, atol=0)
+    for rank in range(world):  # every rank's sampler took the same steps, in both generations
+        first, second = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(first, expected, rtol=0, atol=0)
+        torch.testing.assert_close(second, expected, rtol=0, atol=0)
     held = [int((tmp_path / f"held{rank}.txt").read_text()) for rank in range(world)]
     plan = asyncfx.compile(asyncfx.capture(zoo_example(model_name)[0], (), zoo_example(model_name)[2]),
                            world)
@@ -53,3 +55,26 @@ def test_a_rank_that_exits_makes_the_others_fail_clearly(tmp_path):
     message = (tmp_path / "error0.txt").read_text()
     assert message.startswith("PeerError: rank 0:") and "did rank 1 exit or hang?" in message
     assert elapsed < 60
+
+
+def test_send_hooks_fire_right_after_each_boundary_is_made():
+    from asyncfx.runtime.distributed import with_send_hooks
+
+    model, _, kwargs = zoo_example("sd_unet")
+    captured = asyncfx.capture(model, (), kwargs)
+    staged = asyncfx.split(captured, asyncfx.compile(captured, 3))
+    stage, outputs = staged.stages[0], staged.stage_outputs[0]
+    seen = []
+    hooked = with_send_hooks(stage, outputs, lambda name, value: seen.append((name, value.clone())))
+    args = staged.stage_arguments(captured.interface.flatten((), kwargs))[0]
+    got = hooked(*args)
+    assert [name for name, _ in seen] == outputs
+    for (_, value), expected, out in zip(seen, stage(*args), got):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    nodes = list(hooked.graph.nodes)
+    for name in outputs:  # the hook is the very next node after the producer
+        producer = next(i for i, n in enumerate(nodes) if n.name == name)
+        assert nodes[producer + 1].target == "asyncfx_send_hook"
+    assert sum(n.target == "asyncfx_send_hook" for n in stage.graph.nodes) == 0  # the original is untouched
+    assert dict(hooked.named_parameters()).keys() == dict(stage.named_parameters()).keys()

@@ -9,20 +9,26 @@ timeout turns a dead peer into an error on the ranks that wait for it.
 Protocol (both sides derive it from the schedule, so sends and receives always pair):
 - a warm-up step sends each boundary right after it is computed, and its readers
   receive it before they run, in stage order;
-- a parallel step reads the previous version: first every rank sends the outputs it
-  kept from the previous step (unless the previous step was warm-up, which already
-  delivered them), then receives its inputs, then computes and keeps its outputs.
-Nothing is sent that will not be read in the same step, so no message outlives a
-generation.
+- a parallel step first waits for the messages of the previous parallel step (its
+  inputs, one step stale; after a warm-up step they are already here), then posts
+  non-blocking receives for the boundaries it will read next step and computes; each
+  boundary tensor is sent (non-blocking) the moment the stage produces it, through a
+  hook node inserted after its producer in the stage graph. Transfers thus overlap the
+  rest of the producer's stage, the other stages and the broadcast.
+The last parallel step of a generation leaves messages in flight; the next
+generation's first step (or close()) waits for them and drops them. Every rank posts
+the same operations in the same order, so this never deadlocks: a rank only waits for
+sends its peers posted before they joined the previous broadcast.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import fx, nn
 
 from asyncfx.errors import AsyncFXError
 from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, StageProgram
@@ -37,6 +43,14 @@ class PeerError(AsyncFXError, RuntimeError):
 class TensorSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """Non-blocking messages of one parallel step of one stream of calls."""
+
+    receives: list[tuple[str, int, int, torch.Tensor, Any]] = dataclasses.field(default_factory=list)
+    sends: list[tuple[str, int, torch.Tensor, Any]] = dataclasses.field(default_factory=list)
 
 
 class DistributedExecutor(Executor):
@@ -64,7 +78,12 @@ class DistributedExecutor(Executor):
         self.programs = [p if i == stage else StageProgram(None, p.inputs, p.outputs)  # type: ignore[arg-type]
                          for i, p in enumerate(programs)]
         module = programs[stage].module
-        self.module = module if self.device.type == "cpu" else copy.deepcopy(module).to(self.device)
+        module = module if self.device.type == "cpu" else copy.deepcopy(module).to(self.device)
+        self.module = module  # what this rank holds
+        self._hooked = with_send_hooks(module, programs[stage].outputs, self._produced)
+        self._tags = {name: i for i, name in enumerate(sorted(boundaries))}
+        self._in_flight: dict[BoundaryStore, _InFlight] = {}
+        self._sending: _InFlight | None = None  # set while a parallel step computes
 
     def step(self, plan: StepSchedule, inputs_for: InputsFor,
              store: BoundaryStore) -> dict[int, tuple[torch.Tensor, ...]]:
@@ -73,12 +92,17 @@ class DistributedExecutor(Executor):
             return results
         mine = [r for r in plan.runs if r.slot == self.slot]
         if plan.mode is Mode.PARALLEL:
-            reads = plan.runs[0].reads
-            if reads >= self.warmup:  # the previous step was parallel: deliver its outputs now
-                self._exchange(plan.runs, reads, store)
-            for run in mine:
-                self._compute(run, inputs_for, store, results)
+            self._deliver(store)
+            flight = self._post_receives(plan.runs)
+            self._sending = flight
+            try:
+                for run in mine:
+                    self._compute(run, inputs_for, store, results)
+            finally:
+                self._sending = None
+                self._in_flight[store] = flight
         else:
+            self._drain()  # a new generation: the last one's final messages are not read
             for run in plan.runs:
                 if run.slot == self.slot:
                     self._compute(run, inputs_for, store, results)
@@ -93,8 +117,65 @@ class DistributedExecutor(Executor):
         args = [inputs[name].to(self.device) if name in self.graph_inputs else store.get(name, run.reads)
                 for name in self.programs[run.stage].inputs]
         with torch.no_grad():
-            outputs = self.module(*args)
+            outputs = self._hooked(*args)
         self.record(run, outputs, store, results)
+
+    def _produced(self, name: str, tensor: torch.Tensor) -> None:
+        """The hook after each boundary producer: in a parallel step, send it now."""
+        flight = self._sending
+        if flight is None:
+            return
+        tensor = tensor.contiguous()
+        for reader in self._readers(name):
+            work = self._guard(lambda: dist.isend(tensor, dst=reader, group=self.group, tag=self._tags[name]),
+                               f"sending boundary tensor {name!r} to rank {reader}", reader)
+            flight.sends.append((name, reader, tensor, work))
+
+    def _post_receives(self, runs: Sequence[StageRun]) -> _InFlight:
+        """Non-blocking receives of what this step's runs write and this rank reads."""
+        flight = _InFlight()
+        for run in runs:
+            if run.writes is None or run.slot == self.rank:
+                continue
+            for name in self.programs[run.stage].outputs:
+                if self.rank in self._readers(name):
+                    spec = self.boundaries[name]
+                    buffer = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+                    work = self._guard(lambda: dist.irecv(buffer, src=run.slot, group=self.group,
+                                                          tag=self._tags[name]),
+                                       f"waiting for boundary tensor {name!r} from rank {run.slot}", run.slot)
+                    flight.receives.append((name, run.slot, run.writes, buffer, work))
+        return flight
+
+    def _deliver(self, store: BoundaryStore) -> None:
+        """Wait for the previous parallel step's messages and store what arrived."""
+        flight = self._in_flight.pop(store, None)
+        if flight is None:
+            return  # the previous step was a warm-up step, which delivered synchronously
+        self._wait(flight)
+        for name, _, version, buffer, _ in flight.receives:
+            store.put(version, {name: buffer})
+
+    def _drain(self) -> None:
+        while self._in_flight:
+            self._wait(self._in_flight.pop(next(iter(self._in_flight))))
+
+    def _wait(self, flight: _InFlight) -> None:
+        for name, peer, _, work in flight.sends:
+            self._guard(work.wait, f"sending boundary tensor {name!r} to rank {peer}", peer)
+        for name, peer, _, _, work in flight.receives:
+            self._guard(work.wait, f"waiting for boundary tensor {name!r} from rank {peer}", peer)
+
+    def _guard(self, operation: Callable[[], Any], what: str, peer: int) -> Any:
+        try:
+            return operation()
+        except RuntimeError as exc:
+            raise PeerError(f"rank {self.rank}: {what} failed ({_one_line(exc)}); did rank {peer} "
+                            "exit or hang?") from exc
+
+    def close(self) -> None:
+        """Wait for the messages still in flight (they pair with posted peer operations)."""
+        self._drain()
 
     def _exchange(self, runs: Sequence[StageRun], version: int | None, store: BoundaryStore) -> None:
         """Send this rank's outputs of ``runs`` (version ``version``) to the ranks that read
@@ -119,20 +200,14 @@ class DistributedExecutor(Executor):
         return sorted(readers)
 
     def _send(self, tensor: torch.Tensor, peer: int, name: str) -> None:
-        try:
-            dist.send(tensor.contiguous(), dst=peer, group=self.group)
-        except RuntimeError as exc:
-            raise PeerError(f"rank {self.rank}: sending boundary tensor {name!r} to rank {peer} "
-                            f"failed ({_one_line(exc)}); did rank {peer} exit or hang?") from exc
+        self._guard(lambda: dist.send(tensor.contiguous(), dst=peer, group=self.group, tag=self._tags[name]),
+                    f"sending boundary tensor {name!r} to rank {peer}", peer)
 
     def _recv(self, name: str, peer: int) -> torch.Tensor:
         spec = self.boundaries[name]
         buffer = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
-        try:
-            dist.recv(buffer, src=peer, group=self.group)
-        except RuntimeError as exc:
-            raise PeerError(f"rank {self.rank}: waiting for boundary tensor {name!r} from rank {peer} "
-                            f"failed ({_one_line(exc)}); did rank {peer} exit or hang?") from exc
+        self._guard(lambda: dist.recv(buffer, src=peer, group=self.group, tag=self._tags[name]),
+                    f"waiting for boundary tensor {name!r} from rank {peer}", peer)
         return buffer
 
     def _broadcast_outputs(self, plan: StepSchedule, results: dict[int, tuple[torch.Tensor, ...]]) -> None:
@@ -151,6 +226,37 @@ class DistributedExecutor(Executor):
                                     f"rank {run.slot} did not arrive ({_one_line(exc)}); did rank "
                                     f"{run.slot} exit or hang?") from exc
             results[run.gives] = tuple(tensors)
+
+
+class _SendHook(nn.Module):
+    """A node of the stage graph that hands a freshly made boundary tensor to a callback."""
+
+    def __init__(self, callback: Callable[[str, torch.Tensor], None]):
+        super().__init__()
+        self.callback = callback
+
+    def forward(self, name: str, tensor: torch.Tensor) -> None:
+        self.callback(name, tensor)
+
+
+def with_send_hooks(module: fx.GraphModule, outputs: Sequence[str],
+                    callback: Callable[[str, torch.Tensor], None]) -> fx.GraphModule:
+    """A copy of the stage module (sharing its weights) that calls ``callback(name, value)``
+    right after each node named in ``outputs`` has computed its value."""
+    if not outputs:
+        return module
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(module.graph._codegen)
+    graph.output(graph.graph_copy(module.graph, {}))
+    hooked = fx.GraphModule(module, graph)
+    hooked.add_submodule("asyncfx_send_hook", _SendHook(callback))
+    wanted = set(outputs)
+    for node in list(hooked.graph.nodes):
+        if node.name in wanted:
+            with hooked.graph.inserting_after(node):
+                hooked.graph.call_module("asyncfx_send_hook", (node.name, node))
+    hooked.recompile()
+    return hooked
 
 
 def require_process_group() -> None:
