@@ -134,6 +134,10 @@ class StagePlan:
         lines += _table(rows)
         lines.append(f"predicted round (slowest stage or late transfer): "
                      f"{self.format_cost(self.predicted_round)}")
+        if self.sequential_cost:
+            lines.append(f"whole model on one device: predicted {self.format_cost(self.sequential_cost)}"
+                         + (f", measured {self.measured_sequential * 1e3:.3f} ms"
+                            if self.measured_sequential is not None else ""))
         if measured:
             lines.append(f"measured slowest stage {self.format_cost(max(measured))}, balance "
                          f"max/mean {max(measured) / (sum(measured) / len(measured)):.3f}")
