@@ -6,6 +6,7 @@ import importlib.util
 import pathlib
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -154,3 +155,45 @@ def test_gpu_benchmark_dry_run_writes_its_table(tmp_path):
 def test_gpu_benchmark_refuses_to_run_without_a_gpu(capsys):
     assert _gpu_benchmark().main([]) == 2
     assert "no CUDA device here" in capsys.readouterr().err
+
+
+def _sm_resource(count, alignment=0, minimum=0):
+    return SimpleNamespace(sm=SimpleNamespace(smCount=count, smCoscheduledAlignment=alignment,
+                                              minSmPartitionSize=minimum))
+
+
+@pytest.mark.parametrize("total, count, major, reported, expected", [
+    (132, 4, 9, (0, 0), 32),      # H100 SXM: 4 x 32 SMs (the design notes' emulation)
+    (132, 2, 9, (0, 0), 64),
+    (132, 3, 9, (0, 0), 40),
+    (108, 4, 8, (0, 0), 26),      # A100: granularity 2
+    (132, 4, 9, (16, 8), 32),     # a driver that reports its own alignment
+])
+def test_sm_group_size_respects_the_partition_granularity(total, count, major, reported, expected):
+    from asyncfx.runtime.green import _group_size
+
+    assert _group_size(total, count, _sm_resource(total, *reported), major) == expected
+
+
+def test_too_many_sm_partitions_is_a_clear_error():
+    from asyncfx.runtime.green import _group_size
+
+    with pytest.raises(PartitionError, match="too few for 20 partitions of at least 8 SMs; ask for at most 16"):
+        _group_size(132, 20, _sm_resource(132), 9)
+
+
+def test_driver_failures_name_the_call_and_the_cuda_error():
+    from asyncfx.runtime.green import _call
+
+    class Status(int):
+        name = "CUDA_ERROR_NOT_SUPPORTED"
+
+    driver = SimpleNamespace(
+        CUresult=SimpleNamespace(CUDA_SUCCESS=0),
+        cuGetErrorString=lambda status: (0, b"operation not supported"),
+        cuGreenCtxCreate=lambda *args: (Status(801), None),
+        cuDeviceGet=lambda ordinal: (0, ordinal + 10))
+    assert _call(driver, "cuDeviceGet", 1) == 11
+    with pytest.raises(PartitionError, match=r"cuGreenCtxCreate failed: CUDA_ERROR_NOT_SUPPORTED "
+                                             r"\(operation not supported\)"):
+        _call(driver, "cuGreenCtxCreate", None, 0, 0)
