@@ -1,6 +1,6 @@
 """End-to-end sampling speedup of asyncfx.partition() on CPU workers.
 
-    python benchmarks/cpu_speedup.py [--steps 20] [--warmup 2] [--n-devices 2]
+    python benchmarks/cpu_speedup.py [--steps 20] [--warmup 2] [--n-devices 2] [--distributed]
 
 A mid-size SD-shaped UNet (64/128/128 channels, latent 2x4x32x32, about 120 ms a step
 on one core) samples 20 DDIM steps. In one run: the original model with 1 intra-op
@@ -8,14 +8,21 @@ thread and with all threads, and the partitioned model on N CPU workers (one thr
 each; plan from cost="measure" profiled on one thread). Prints end-to-end times, the
 ratios, the fraction of the ideal speedup T / (W + (T - W) / N), and what the simulator
 (``asyncfx simulate``) predicted for the partitioned run from the plan's stage times.
+With --distributed it also runs executor="distributed": N processes (one thread each)
+joined by a gloo process group, boundary tensors sent as they are made.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import statistics
+import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from diffusers import DDIMScheduler
 
 import asyncfx
@@ -28,12 +35,15 @@ def build():
                         heads=8, text_len=16)
 
 
-def sample(denoiser, kwargs: dict, steps: int) -> torch.Tensor:
+def sample(denoiser, kwargs: dict, steps: int, call_seconds: list | None = None) -> torch.Tensor:
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(steps)
     x = kwargs["sample"].clone()
     for t in scheduler.timesteps:
+        start = time.perf_counter()
         eps = denoiser(**{**kwargs, "sample": x, "timestep": t}).sample
+        if call_seconds is not None:
+            call_seconds.append(time.perf_counter() - start)
         x = scheduler.step(eps, t, x).prev_sample
     return x
 
@@ -53,12 +63,40 @@ def timed(denoiser, kwargs: dict, steps: int, repeats: int, threads: int) -> flo
     return statistics.median(samples)
 
 
+def distributed_rank(rank: int, world: int, folder: str, steps: int, warmup: int, repeats: int) -> None:
+    """One rank of the distributed run; rank 0 writes the median generation time."""
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'init')}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    try:
+        torch.set_grad_enabled(False)
+        model, _, kwargs = build()
+        torch.set_num_threads(1)  # each rank profiles and runs as one core
+        denoiser = asyncfx.partition(model, world, example_inputs=kwargs, warmup=warmup, cost="measure",
+                                     executor="distributed")
+        seconds = timed(denoiser, kwargs, steps, repeats, 1)
+        denoiser.close()
+        if rank == 0:
+            with open(os.path.join(folder, "seconds"), "w") as f:
+                f.write(str(seconds))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(world: int, steps: int, warmup: int, repeats: int) -> float:
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(distributed_rank, args=(world, folder, steps, warmup, repeats), nprocs=world,
+                           start_method="spawn", join=True)
+        with open(os.path.join(folder, "seconds")) as f:
+            return float(f.read())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--n-devices", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--distributed", action="store_true", help="also run executor='distributed'")
     options = parser.parse_args()
     torch.set_grad_enabled(False)
     cores = torch.get_num_threads()
@@ -74,6 +112,9 @@ def main() -> None:
     compile_seconds = time.perf_counter() - start
     torch.set_num_threads(cores)
     partitioned = timed(denoiser, kwargs, options.steps, options.repeats, cores)
+    calls: list[float] = []
+    sample(denoiser, kwargs, options.steps, calls)
+    round_seconds = statistics.median(calls[options.warmup:])
     measured = [s.measured_seconds for s in denoiser.plan.stages]
     predicted = simulate(denoiser.plan, link="cpu", steps=options.steps, warmup=options.warmup)
     denoiser.close()
@@ -90,9 +131,15 @@ def main() -> None:
     print(f"  speedup over 1 thread:  {one_thread / partitioned:.2f}x  (ideal {ideal:.2f}x, "
           f"{one_thread / partitioned / ideal:.0%} of ideal; target 1.7x)")
     print(f"  speedup over {cores} threads: {all_threads / partitioned:.2f}x")
+    print(f"  round {round_seconds * 1e3:.1f} ms against the slowest stage alone {max(measured) * 1e3:.1f} ms: "
+          f"{1 - max(measured) / round_seconds:.0%} of the round is runtime overhead and contention")
     print(f"  simulator: {predicted.total():.2f} s for asyncfx ({predicted.total() / partitioned - 1:+.0%} "
           f"against the measurement), from stage times measured alone and a whole-model step of "
           f"{predicted.sequential_step * 1e3:.1f} ms on one thread")
+    if options.distributed:
+        distributed = run_distributed(N, options.steps, options.warmup, options.repeats)
+        print(f"  asyncfx, {N} gloo ranks   {distributed:7.2f} s: {one_thread / distributed:.2f}x over 1 thread "
+              f"({one_thread / distributed / ideal:.0%} of ideal)")
 
 
 if __name__ == "__main__":
