@@ -9,6 +9,7 @@ each view is a plain function too (``cut_traffic``, ``module_graph``, ``tile_ima
     >>> viz.plot_cut_bytes(plan)                     # bytes crossing each cut, by tensor
     >>> viz.plot_module_graph(captured, plan, depth=2, color_by="stage")
     >>> viz.plot_stage_times({"cost model": plan, "equal node counts": naive})
+    >>> viz.plot_timeline(simulate(plan, link="pcie4"))   # warm-up, then parallel rounds
     >>> viz.plot_samples(sequential_images, async_images)
 
 matplotlib is an optional dependency: ``pip install 'asyncfx[viz]'``.
@@ -28,6 +29,7 @@ from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
 from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.partitioner.plan import BoundaryTensor, StagePlan, format_bytes
 from asyncfx.partitioner.profile import Profile
+from asyncfx.partitioner.simulate import Simulation
 from asyncfx.passes.meta import COMPUTE_OPS, VALUE_CLASS, ValueClass
 
 if TYPE_CHECKING:
@@ -350,6 +352,63 @@ def plot_speed_quality(rows: Sequence[Any], *, metric: str = "psnr", ax: Axes | 
     ax.legend(fontsize="small")
     ax.set_title("more warm-up: closer to sequential, less speedup")
     return ax
+
+
+# --- timeline of a generation ----------------------------------------------------------
+
+def plot_timeline(sim: Simulation, *, rounds: int = 3, ax: Axes | None = None) -> Axes:
+    """A Gantt chart of the start of a generation as the simulator sees it: the warm-up
+    steps, whose stages run one after another (stage k on device k), then ``rounds``
+    parallel rounds where every stage starts at once, each stage's boundary sends on its
+    copy stream (hatched) and the noise-prediction broadcast closing the round. With
+    stride 2 the extra device runs the last stage for the round's second step.
+
+    Example:
+        >>> plot_timeline(simulate(plan, link="pcie4", steps=50, warmup=3), rounds=4)
+    """
+    if rounds < 1:
+        raise AsyncFXError(f"rounds must be at least 1, got {rounds}.")
+    ax = _axes(ax, figsize=(12, 0.8 + 0.7 * sim.devices))
+    colors = stage_colors(sim.n_stages)
+    chain = sum(sim.stage_seconds) or 1.0
+    t = 0.0
+    for step in range(min(sim.warmup, sim.steps)):  # scaled so a step lasts the whole model's time
+        for k, seconds in enumerate(sim.stage_seconds):
+            width = seconds * sim.sequential_step / chain
+            ax.barh(k, width * 1e3, left=t * 1e3, color=colors[k], edgecolor="white", gid=f"warmup:{step}:{k}")
+            t += width
+    ax.axvline(t * 1e3, color="black", lw=1)
+    ax.annotate("warm-up ", (t * 1e3, 0.02), xycoords=("data", "axes fraction"), ha="right", va="bottom",
+                fontsize="small")
+    for r in range(min(rounds, sim.rounds)):
+        _draw_round(ax, sim, r, t, colors)
+        t += sim.round_overlapped
+        ax.axvline(t * 1e3, color="black", lw=0.5, ls=":")
+    ax.set_yticks(range(sim.devices), [f"device {k}" for k in range(sim.devices)])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms from the start of the generation")
+    ax.legend(handles=_legend_patches({f"stage {k}": c for k, c in enumerate(colors)}),
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    ax.set_title(f"{sim.n_stages} stages, stride {sim.stride}, over {sim.link}: warm-up, then rounds of "
+                 f"{sim.round_overlapped * 1e3:.2f} ms ({sim.speedup():.2f}x predicted)")
+    return ax
+
+
+def _draw_round(ax: Axes, sim: Simulation, index: int, start: float, colors: list[str]) -> None:
+    lanes = list(enumerate(sim.stage_seconds))
+    if sim.stride == 2:  # the extra device computes the last stage of the round's second step
+        lanes.append((sim.n_stages - 1, sim.stage_seconds[-1]))
+    for device, (stage, seconds) in enumerate(lanes):
+        ax.barh(device, seconds * 1e3, left=start * 1e3, color=colors[stage], edgecolor="white",
+                gid=f"round:{index}:{device}")
+        send = sim.send_seconds[stage] if device < sim.n_stages else 0.0
+        if send > 0:
+            ax.barh(device + 0.3, send * 1e3, left=(start + seconds) * 1e3, height=0.25, color="none",
+                    edgecolor=colors[stage], hatch="////", gid=f"send:{index}:{device}")
+    end = start + sim.round_overlapped
+    if sim.broadcast_seconds > 0:
+        ax.axvspan((end - sim.broadcast_seconds) * 1e3, end * 1e3, color="black", alpha=0.15, lw=0,
+                   gid=f"broadcast:{index}")
 
 
 # --- samples ----------------------------------------------------------------------------

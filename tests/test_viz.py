@@ -194,3 +194,25 @@ def test_speed_quality_one_line_per_configuration():
     assert [t.get_text() for t in ax.texts].count("W=3") == 4
     with pytest.raises(AsyncFXError, match="not a column"):
         viz.plot_speed_quality(rows, metric="lpips")
+
+
+@pytest.mark.parametrize("stride, devices", [(1, 3), (2, 4)])
+def test_timeline_draws_warmup_chains_and_parallel_rounds(stride, devices):
+    from asyncfx.partitioner.device import DeviceSpec
+    from asyncfx.partitioner.simulate import simulate
+
+    slow = DeviceSpec("slow", 1e12, 1e11, link_bytes_per_s=1e9, link_latency_s=1e-3)
+    sim = simulate(hand_plan(), link=slow, steps=10, warmup=2, stride=stride)
+    ax = viz.plot_timeline(sim, rounds=3)
+    assert len(_gids(ax, "warmup:")) == 2 * 3                 # every stage, one after another
+    rounds = sorted(_gids(ax, "round:"))
+    assert len(rounds) == 3 * devices and f"round:2:{devices - 1}" in rounds
+    assert sorted(_gids(ax, "send:")) == sorted(f"send:{r}:{k}" for r in range(3) for k in (0, 1))
+    assert len(_gids(ax, "broadcast:")) == 3
+    warmup_bars = [p for p in ax.patches if (p.get_gid() or "").startswith("warmup:")]
+    assert sum(p.get_width() for p in warmup_bars) == pytest.approx(2 * sim.sequential_step * 1e3)
+    first_round = [p for p in ax.patches if (p.get_gid() or "").startswith("round:0:")]
+    assert [p.get_x() for p in first_round] == pytest.approx([2 * sim.sequential_step * 1e3] * devices)  # at once
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"device {k}" for k in range(devices)]
+    with pytest.raises(AsyncFXError, match="rounds must be at least 1"):
+        viz.plot_timeline(sim, rounds=0)
