@@ -216,3 +216,21 @@ def test_timeline_draws_warmup_chains_and_parallel_rounds(stride, devices):
     assert [t.get_text() for t in ax.get_yticklabels()] == [f"device {k}" for k in range(devices)]
     with pytest.raises(AsyncFXError, match="rounds must be at least 1"):
         viz.plot_timeline(sim, rounds=0)
+
+
+def test_save_plan_views_draws_what_the_plan_can_show(tmp_path, sd):
+    _, profile, plan, _ = sd
+    path = tmp_path / "plan.png"
+    assert viz.save_plan_views(plan, str(path), profile=profile) == ["node costs", "cut bytes", "stage times"]
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.size == (1200, 1200)
+    assert viz.save_plan_views(hand_plan(measured=False), str(path)) == ["cut bytes"]
+    one_stage = hand_plan(measured=False)
+    one_stage.stages, one_stage.boundaries = one_stage.stages[:1], []
+    with pytest.raises(PlanError, match="nothing to draw"):
+        viz.save_plan_views(one_stage, str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()
+    with pytest.raises(PlanError, match="compiled for another graph"):
+        viz.save_plan_views(hand_plan(), str(path), profile=profile)
