@@ -9,7 +9,7 @@ import contextlib
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
 
 import asyncfx
@@ -94,3 +94,13 @@ def test_stable_diffusion_3_pipeline():
                   negative_prompt_embeds=torch.randn(1, 5, 16, generator=generator),
                   pooled_prompt_embeds=torch.randn(1, 12, generator=generator),
                   negative_pooled_prompt_embeds=torch.randn(1, 12, generator=generator))
+
+
+def test_flux_pipeline():
+    transformer, _, _ = tiny.flux_transformer()  # 8 packed channels: a 2-channel latent in 2x2 patches
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(latent_channels=2),
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        transformer=transformer)
+    generator = torch.Generator().manual_seed(4)
+    check_drop_in(pipe, "transformer", prompt_embeds=torch.randn(1, 3, 16, generator=generator),
+                  pooled_prompt_embeds=torch.randn(1, 12, generator=generator), height=16, width=16)
