@@ -9,8 +9,11 @@ import contextlib
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
+from diffusers import (AutoencoderKL, AutoencoderKLTemporalDecoder, DDIMScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline,
+                       UNetSpatioTemporalConditionModel)
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import asyncfx
 from asyncfx.zoo import tiny
@@ -38,8 +41,9 @@ def one_thread():
 
 
 def images(pipe, **kwargs) -> np.ndarray:
-    return pipe(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
-                output_type="np", **kwargs).images
+    result = pipe(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                  output_type="np", **kwargs)
+    return np.asarray(result.frames if hasattr(result, "frames") else result.images)
 
 
 def check_drop_in(pipe, attribute: str, **kwargs) -> None:
@@ -104,3 +108,24 @@ def test_flux_pipeline():
     generator = torch.Generator().manual_seed(4)
     check_drop_in(pipe, "transformer", prompt_embeds=torch.randn(1, 3, 16, generator=generator),
                   pooled_prompt_embeds=torch.randn(1, 12, generator=generator), height=16, width=16)
+
+
+def test_stable_video_diffusion_pipeline():
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(  # 4 in = noisy latent + conditioning image latent
+        sample_size=2, in_channels=4, out_channels=2, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=8, num_attention_heads=(2, 4), addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12, num_frames=2).eval()
+    vae = AutoencoderKLTemporalDecoder(in_channels=3, out_channels=3, latent_channels=2, layers_per_block=1,
+                                       down_block_types=("DownEncoderBlock2D",) * 2,
+                                       block_out_channels=(32, 64)).eval()
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=8, projection_dim=8, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+        patch_size=8, intermediate_size=16)).eval()
+    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=image_encoder, unet=unet,
+                                        scheduler=EulerDiscreteScheduler(),
+                                        feature_extractor=CLIPImageProcessor())
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    check_drop_in(pipe, "unet", image=image, height=16, width=16, num_frames=2, decode_chunk_size=2)
