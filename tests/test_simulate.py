@@ -79,3 +79,10 @@ def test_cli_simulate(tmp_path, capsys):
 def test_cli_simulate_missing_plan(tmp_path, capsys):
     assert main(["simulate", str(tmp_path / "none.json")]) == 2
     assert "none.json" in capsys.readouterr().err
+
+
+def test_plans_without_a_whole_model_time_must_be_compiled_again():
+    plan = hand_plan()
+    plan.measured_sequential, plan.sequential_cost = None, 0.0   # as an older asyncfx wrote it
+    with pytest.raises(PlanError, match="no whole-model time .* compile it again"):
+        simulate(plan)

@@ -112,6 +112,8 @@ def stage_times(plan: StagePlan) -> tuple[list[float], float, str]:
     """Stage seconds, whole-model seconds on one device, and where they came from:
     measured where the plan has measurements, else the plan's predictions in seconds."""
     measured = [s.measured_seconds for s in plan.stages]
+    if plan.measured_sequential is None and plan.sequential_cost <= 0:
+        raise PlanError("the plan has no whole-model time (written by an older asyncfx); compile it again.")
     if all(m is not None for m in measured):
         predicted_total = sum(s.estimated_cost for s in plan.stages) or 1.0
         sequential = plan.measured_sequential
@@ -122,9 +124,6 @@ def stage_times(plan: StagePlan) -> tuple[list[float], float, str]:
         raise PlanError(f"the plan's stage costs are in {plan.cost_unit}, not seconds, and it has no "
                         "measured stage times; compile with cost='flops' or cost='measure', or fill "
                         "the times with asyncfx.partitioner.refine.measure_stages().")
-    if plan.sequential_cost <= 0:
-        raise PlanError("the plan has no predicted whole-model time (written by an older asyncfx); "
-                        "compile it again.")
     return [s.estimated_cost for s in plan.stages], plan.sequential_cost, "predicted"
 
 
