@@ -294,17 +294,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"gpu.py: unknown models {sorted(unknown)}; choose from {sorted(table)}.", file=sys.stderr)
         return 2
-    lines = [f"{rig.name}, torch {torch.__version__}, {options.steps} DDIM steps, warm-up "
+    intro = (f"\n## GPU: emulated devices on {rig.name} (`python benchmarks/gpu.py`)\n\n"
+             f"{rig.name}, torch {torch.__version__}, {options.steps} DDIM steps, warm-up "
              f"{options.warmup}. Multi-partition rows are emulated devices (disjoint SM groups of one "
              "GPU sharing its memory bandwidth); the baseline is the whole model as a CUDA graph on "
-             "one partition of the same size."]
-    for name in options.models.split(","):
+             "one partition of the same size.\n")
+    for index, name in enumerate(options.models.split(",")):
         label, factory = table[name]
-        lines += ["", *run_model(rig, name, label, factory, options, dtype)]
-    if options.write:
-        with open(options.write, "a", encoding="utf-8") as f:
-            f.write(f"\n## GPU: emulated devices on {rig.name} (`python benchmarks/gpu.py`)\n\n")
-            f.write("\n".join(lines) + "\n")
+        lines = run_model(rig, name, label, factory, options, dtype)
+        if options.write:  # model by model: a run cut short keeps the tables it finished
+            with open(options.write, "a", encoding="utf-8") as f:
+                f.write((intro if index == 0 else "") + "\n" + "\n".join(lines) + "\n")
     return 0
 
 
