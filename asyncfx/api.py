@@ -81,7 +81,7 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
             else:
                 stage_plan = compile(captured, n_devices, cost=cost, link=link,
                                      example_inputs=(args, kwargs) if cost == "measure" else None)
-            return _executor(captured, stage_plan, executor, slots, warmup, streams, cuda_graphs), stage_plan
+            return _executor(captured, stage_plan, executor, slots, streams, cuda_graphs), stage_plan
 
         return _interface(captured), make_executor
 
@@ -99,7 +99,7 @@ def _interface(captured: Captured) -> CallInterfaceLike:
 
 
 def _executor(captured: Captured, plan: StagePlan, kind: str, devices: list[torch.device],
-              warmup: int, streams: list[Any] | None = None, cuda_graphs: bool | None = None) -> Executor:
+              streams: list[Any] | None = None, cuda_graphs: bool | None = None) -> Executor:
     staged = split(captured, plan)
     programs = [StageProgram(module, inputs, outputs) for module, inputs, outputs
                 in zip(staged.stages, staged.stage_inputs, staged.stage_outputs)]
@@ -113,7 +113,7 @@ def _executor(captured: Captured, plan: StagePlan, kind: str, devices: list[torc
         boundaries = {b.name: TensorSpec(tuple(b.shape), _dtype(b.dtype)) for b in plan.boundaries}
         outputs = [TensorSpec(tuple(v.shape), v.dtype) for v in
                    (node.meta["val"] for node in captured.graph.output_node().args[0])]
-        runner = DistributedExecutor(programs, graph_inputs, boundaries, outputs, devices[0], warmup)
+        runner = DistributedExecutor(programs, graph_inputs, boundaries, outputs, devices[0])
     return runner
 
 

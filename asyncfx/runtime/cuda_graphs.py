@@ -84,5 +84,5 @@ def check_cuda_graphs_option(cuda_graphs: Any) -> bool | None:
     """``cuda_graphs`` must be None (on where the stage runs on CUDA), True or False."""
     if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
         raise AsyncFXError(f"cuda_graphs must be True, False or None (CUDA graphs on CUDA devices), "
-                         f"got {cuda_graphs!r}.")
+                           f"got {cuda_graphs!r}.")
     return cuda_graphs

@@ -62,14 +62,13 @@ class DistributedExecutor(Executor):
 
     def __init__(self, programs: Sequence[StageProgram], graph_inputs: set[str],
                  boundaries: dict[str, TensorSpec], outputs: Sequence[TensorSpec],
-                 device: torch.device, warmup: int, group: dist.ProcessGroup | None = None):
+                 device: torch.device, group: dist.ProcessGroup | None = None):
         super().__init__(programs, graph_inputs)
         require_process_group()
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.device = torch.device(device)
-        self.warmup = warmup
         self.boundaries = boundaries
         self.outputs = list(outputs)
         self.slot = self.rank
@@ -78,10 +77,12 @@ class DistributedExecutor(Executor):
         self.programs = [p if i == stage else StageProgram(None, p.inputs, p.outputs)  # type: ignore[arg-type]
                          for i, p in enumerate(programs)]
         module = programs[stage].module
-        module = module if self.device.type == "cpu" else copy.deepcopy(module).to(self.device)
-        self.module = module  # what this rank holds
-        self._hooked = with_send_hooks(module, programs[stage].outputs, self._produced)
+        self.module = module if self.device.type == "cpu" else copy.deepcopy(module).to(self.device)
+        self._hooked = with_send_hooks(self.module, programs[stage].outputs, self._produced)
         self._tags = {name: i for i, name in enumerate(sorted(boundaries))}
+        self._reader_ranks = {name: [slot for slot in range(self.world)
+                                     if name in self.programs[min(slot, len(self.programs) - 1)].inputs]
+                              for name in boundaries}
         self._in_flight: dict[BoundaryStore, _InFlight] = {}
         self._sending: _InFlight | None = None  # set while a parallel step computes
 
@@ -128,7 +129,7 @@ class DistributedExecutor(Executor):
         tensor = tensor.contiguous()
         for reader in self._readers(name):
             work = self._guard(lambda: dist.isend(tensor, dst=reader, group=self.group, tag=self._tags[name]),
-                               f"sending boundary tensor {name!r} to rank {reader}", reader)
+                               _sending(name, reader), reader)
             flight.sends.append((name, reader, tensor, work))
 
     def _post_receives(self, runs: Sequence[StageRun]) -> _InFlight:
@@ -139,11 +140,10 @@ class DistributedExecutor(Executor):
                 continue
             for name in self.programs[run.stage].outputs:
                 if self.rank in self._readers(name):
-                    spec = self.boundaries[name]
-                    buffer = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+                    buffer = self._buffer(name)
                     work = self._guard(lambda: dist.irecv(buffer, src=run.slot, group=self.group,
                                                           tag=self._tags[name]),
-                                       f"waiting for boundary tensor {name!r} from rank {run.slot}", run.slot)
+                                       _receiving(name, run.slot), run.slot)
                     flight.receives.append((name, run.slot, run.writes, buffer, work))
         return flight
 
@@ -162,9 +162,9 @@ class DistributedExecutor(Executor):
 
     def _wait(self, flight: _InFlight) -> None:
         for name, peer, _, work in flight.sends:
-            self._guard(work.wait, f"sending boundary tensor {name!r} to rank {peer}", peer)
+            self._guard(work.wait, _sending(name, peer), peer)
         for name, peer, _, _, work in flight.receives:
-            self._guard(work.wait, f"waiting for boundary tensor {name!r} from rank {peer}", peer)
+            self._guard(work.wait, _receiving(name, peer), peer)
 
     def _guard(self, operation: Callable[[], Any], what: str, peer: int) -> Any:
         try:
@@ -195,19 +195,20 @@ class DistributedExecutor(Executor):
                     store.put(version, {name: self._recv(name, producer)})
 
     def _readers(self, name: str) -> list[int]:
-        readers = [slot for slot in range(self.world)
-                   if name in self.programs[min(slot, len(self.programs) - 1)].inputs]
-        return sorted(readers)
+        return self._reader_ranks[name]
+
+    def _buffer(self, name: str) -> torch.Tensor:
+        spec = self.boundaries[name]
+        return torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
 
     def _send(self, tensor: torch.Tensor, peer: int, name: str) -> None:
         self._guard(lambda: dist.send(tensor.contiguous(), dst=peer, group=self.group, tag=self._tags[name]),
-                    f"sending boundary tensor {name!r} to rank {peer}", peer)
+                    _sending(name, peer), peer)
 
     def _recv(self, name: str, peer: int) -> torch.Tensor:
-        spec = self.boundaries[name]
-        buffer = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+        buffer = self._buffer(name)
         self._guard(lambda: dist.recv(buffer, src=peer, group=self.group, tag=self._tags[name]),
-                    f"waiting for boundary tensor {name!r} from rank {peer}", peer)
+                    _receiving(name, peer), peer)
         return buffer
 
     def _broadcast_outputs(self, plan: StepSchedule, results: dict[int, tuple[torch.Tensor, ...]]) -> None:
@@ -265,6 +266,14 @@ def require_process_group() -> None:
         raise AsyncFXError("executor='distributed' needs a torch.distributed process group: call "
                            "dist.init_process_group(...) in every rank first (run the script under "
                            "torchrun); asyncfx never creates one itself.")
+
+
+def _sending(name: str, peer: int) -> str:
+    return f"sending boundary tensor {name!r} to rank {peer}"
+
+
+def _receiving(name: str, peer: int) -> str:
+    return f"waiting for boundary tensor {name!r} from rank {peer}"
 
 
 def _one_line(exc: BaseException) -> str:
