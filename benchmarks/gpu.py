@@ -35,6 +35,7 @@ import torch
 
 import asyncfx
 from asyncfx.partitioner.device import DeviceSpec
+from asyncfx.partitioner.refine import median_cuda_seconds, median_wall_seconds
 from asyncfx.partitioner.simulate import simulate
 from asyncfx.runtime.cuda_graphs import GraphedStage
 from asyncfx.runtime.green import sm_partitions
@@ -80,21 +81,9 @@ class Rig:
     def median(self, run: Callable[[], Any], stream: Any, warmup: int = 3, repeats: int = 20) -> float:
         """Median seconds of ``run`` on ``stream`` (CUDA events), or wall time on CPU."""
         if not self.cuda:
-            for _ in range(warmup):
-                run()
-            return statistics.median(_wall(run) for _ in range(repeats))
+            return median_wall_seconds(run, warmup, repeats)
         with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                run()
-            samples = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                run()
-                end.record(stream)
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(samples)
+            return median_cuda_seconds(run, warmup, repeats)
 
     def graphed(self, module: Any, stream: Any, name: str) -> Callable[[Sequence[torch.Tensor]], Any]:
         """``module`` replayed as a CUDA graph on ``stream`` (called plainly on CPU)."""
@@ -105,12 +94,6 @@ class Rig:
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
-
-
-def _wall(run: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 @dataclasses.dataclass

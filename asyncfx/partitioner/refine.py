@@ -114,11 +114,12 @@ def time_whole(captured: Captured, flat_inputs: Sequence[torch.Tensor], *, warmu
 
 def _median_seconds(run: Callable[[], object], what: str, cuda: bool, warmup: int, repeats: int) -> float:
     if cuda:
-        return _median_cuda(_cuda_graph_or_eager(run, what), warmup, repeats)
-    return _median_wall(run, warmup, repeats)
+        return median_cuda_seconds(_cuda_graph_or_eager(run, what), warmup, repeats)
+    return median_wall_seconds(run, warmup, repeats)
 
 
-def _median_wall(run: Callable[[], object], warmup: int, repeats: int) -> float:
+def median_wall_seconds(run: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median wall-clock seconds of ``run`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         run()
     samples = []
@@ -129,7 +130,8 @@ def _median_wall(run: Callable[[], object], warmup: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def _median_cuda(run: Callable[[], object], warmup: int, repeats: int) -> float:
+def median_cuda_seconds(run: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median seconds of ``run`` on the current CUDA stream, between CUDA events."""
     for _ in range(warmup):
         run()
     samples = []
