@@ -125,9 +125,25 @@ class Row:
                 f"{self.predicted_speedup:.2f}x ({error:+.0%}) | {self.overhead:.1%} |")
 
 
-HEADER = ("| model | config | partitions | baseline step ms | slowest stage ms | balance | round ms | "
-          "round speedup | 50-step s (asyncfx / baseline) | speedup | ideal (fraction) | simulator "
-          "(error) | overhead |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+class Report:
+    """Prints results as they arrive and appends them to a markdown file at once, so a run
+    cut short (a time limit, a crash in a later configuration) keeps every row it measured."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def add(self, *lines: str) -> None:
+        text = "\n".join(lines)
+        print(text, flush=True)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+
+
+def header(steps: int) -> str:
+    return ("| model | config | partitions | baseline step ms | slowest stage ms | balance | round ms | "
+            f"round speedup | {steps}-step s (asyncfx / baseline) | speedup | ideal (fraction) | "
+            "simulator (error) | overhead |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def build(rig: Rig, factory: Callable[[], Any], dtype: torch.dtype) -> tuple[Any, dict]:
@@ -172,7 +188,7 @@ def round_seconds(calls: Sequence[float], warmup: int, stride: int) -> float:
 
 
 def run_model(rig: Rig, name: str, label: str, factory: Callable[[], Any], options: argparse.Namespace,
-              dtype: torch.dtype) -> list[str]:
+              dtype: torch.dtype, report: Report) -> None:
     from diffusers import DDIMScheduler
 
     with torch.no_grad():
@@ -183,19 +199,14 @@ def run_model(rig: Rig, name: str, label: str, factory: Callable[[], Any], optio
         eager_s = rig.median(lambda: model(**kwargs), whole)
         graph = rig.graphed(captured.graph_module, whole, "the whole model")
         graph_s = rig.median(lambda: graph(flat), whole)
-        print(f"\n{label} on {rig.name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
-              f"parameters; sequential step on the whole GPU: eager {eager_s * 1e3:.2f} ms, "
-              f"CUDA graph {graph_s * 1e3:.2f} ms", flush=True)
-        lines = [f"{label}: sequential step on the whole GPU, eager {eager_s * 1e3:.2f} ms, CUDA graph "
-                 f"{graph_s * 1e3:.2f} ms."]
+        parameters = sum(p.numel() for p in model.parameters()) / 1e9
+        report.add("", f"{label} ({parameters:.2f}B parameters): sequential step on the whole GPU, "
+                   f"eager {eager_s * 1e3:.2f} ms, CUDA graph {graph_s * 1e3:.2f} ms.")
         profile = asyncfx.profile(captured, ((), kwargs))  # once; every plan starts from it
-        print(HEADER, flush=True)
-        rows = []
+        report.add("", header(options.steps))
         for n, stride in CONFIGS:
-            rows.append(run_config(rig, name, captured, profile, kwargs, flat, n, stride, options,
-                                   DDIMScheduler))
-            print(rows[-1].markdown(), flush=True)
-        return lines + ["", HEADER] + [r.markdown() for r in rows]
+            row = run_config(rig, name, captured, profile, kwargs, flat, n, stride, options, DDIMScheduler)
+            report.add(row.markdown())
 
 
 def run_config(rig: Rig, name: str, captured: asyncfx.Captured, profile: asyncfx.Profile, kwargs: dict,
@@ -277,17 +288,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"gpu.py: unknown models {sorted(unknown)}; choose from {sorted(table)}.", file=sys.stderr)
         return 2
-    intro = (f"\n## GPU: emulated devices on {rig.name} (`python benchmarks/gpu.py`)\n\n"
-             f"{rig.name}, torch {torch.__version__}, {options.steps} DDIM steps, warm-up "
-             f"{options.warmup}. Multi-partition rows are emulated devices (disjoint SM groups of one "
-             "GPU sharing its memory bandwidth); the baseline is the whole model as a CUDA graph on "
-             "one partition of the same size.\n")
-    for index, name in enumerate(options.models.split(",")):
+    report = Report(options.write)
+    report.add(f"\n## GPU: emulated devices on {rig.name} (`python benchmarks/gpu.py`)\n\n"
+               f"{rig.name}, torch {torch.__version__}, {options.steps} DDIM steps, warm-up "
+               f"{options.warmup}. Multi-partition rows are emulated devices (disjoint SM groups of one "
+               "GPU sharing its memory bandwidth); the baseline is the whole model as a CUDA graph on "
+               "one partition of the same size.")
+    for name in options.models.split(","):
         label, factory = table[name]
-        lines = run_model(rig, name, label, factory, options, dtype)
-        if options.write:  # model by model: a run cut short keeps the tables it finished
-            with open(options.write, "a", encoding="utf-8") as f:
-                f.write((intro if index == 0 else "") + "\n" + "\n".join(lines) + "\n")
+        run_model(rig, name, label, factory, options, dtype, report)
     return 0
 
 

@@ -1,8 +1,51 @@
 #!/bin/sh
-# Everything a session with a GPU checks, in one run (about 10 minutes on an H100/H200):
-# the GPU-marked tests, then benchmarks/gpu.py appending its tables to RESULTS.md.
-#   sh benchmarks/gpu_check.sh [results.md]
-set -e
+# Everything a session with a GPU checks, in one run of about 8 minutes on an H100/H200:
+#   sh benchmarks/gpu_check.sh [out-dir]
+# 1. what the machine has (GPU, driver, torch, cuda-python, diffusers);
+# 2. a smoke check of SM partitions (4 groups, a matrix product on each);
+# 3. benchmarks/gpu.py, writing its tables to out-dir/gpu_tables.md row by row;
+# 4. the GPU-marked tests.
+# Each part runs under its own time limit and a failing part does not stop the next, so
+# one run returns every result it could get. Everything goes to out-dir (default: $OUT if
+# set, else benchmarks/gpu_check): gpu_check.log, gpu_tables.md, and one exit status per
+# part in status.txt. Copy the tables into benchmarks/RESULTS.md afterwards.
+out="${1:-${OUT:-benchmarks/gpu_check}}"
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python -m pytest -q -m gpu tests/test_gpu_path.py tests/test_runtime.py tests/test_profile.py
-python benchmarks/gpu.py --write "${1:-benchmarks/RESULTS.md}"
+python=${PYTHON:-python3}
+
+part() {  # part NAME SECONDS COMMAND...: run COMMAND with a time limit, log its status
+    name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit} s)"
+    start=$(date +%s)
+    timeout "$limit" "$@"
+    status=$?
+    echo "=== $name: exit $status after $(( $(date +%s) - start )) s"
+    echo "$name $status" >> "$out/status.txt"
+}
+
+{
+    : > "$out/status.txt"
+    part environment 60 sh -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
+        $python -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda,
+            torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")';
+        $python -m pip list 2>/dev/null | grep -i -E '^(cuda-bindings|cuda-python|diffusers|networkx) '"
+    part sm-partitions 60 "$python" -c '
+import torch
+from asyncfx.runtime.green import sm_partitions
+parts = sm_partitions(4)
+x = torch.randn(2048, 2048, device="cuda")
+outs = []
+for p in parts:
+    with torch.cuda.stream(p.stream):
+        outs.append(x @ x)
+torch.cuda.synchronize()
+for y in outs:
+    torch.testing.assert_close(y, x @ x)
+print("4 partitions:", [p.sm_count for p in parts], "SMs; a product on each matches")'
+    part benchmark "${BENCHMARK_LIMIT_S:-420}" "$python" benchmarks/gpu.py --write "$out/gpu_tables.md"
+    part gpu-tests "${TESTS_LIMIT_S:-150}" "$python" -m pytest -q -m gpu -p no:cacheprovider \
+        tests/test_gpu_path.py tests/test_runtime.py tests/test_profile.py
+} 2>&1 | tee "$out/gpu_check.log"
+! grep -q -v ' 0$' "$out/status.txt"

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import pathlib
+import subprocess
 import sys
 import warnings
 from types import SimpleNamespace
@@ -155,6 +157,23 @@ def test_gpu_benchmark_dry_run_writes_its_table(tmp_path):
 def test_gpu_benchmark_refuses_to_run_without_a_gpu(capsys):
     assert _gpu_benchmark().main([]) == 2
     assert "no CUDA device here" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the parts failing on a machine without CUDA")
+def test_gpu_check_runs_every_part_and_records_each_status(tmp_path):
+    """The one-run GPU check keeps going after a failing part, so a single GPU session
+    returns every result it could get."""
+    script = pathlib.Path(__file__).parent.parent / "benchmarks" / "gpu_check.sh"
+    done = subprocess.run(["sh", str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable}, cwd=script.parent.parent)
+    statuses = dict(line.split() for line in (tmp_path / "status.txt").read_text().splitlines())
+    assert list(statuses) == ["environment", "sm-partitions", "benchmark", "gpu-tests"]
+    assert statuses["sm-partitions"] == "1" and statuses["benchmark"] == "2"
+    assert statuses["gpu-tests"] == "0"  # every GPU test skips here
+    assert done.returncode != 0
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "SM partitions need a CUDA GPU" in log and "no CUDA device here" in log
+    assert log == done.stdout
 
 
 def _sm_resource(count, alignment=0, minimum=0):

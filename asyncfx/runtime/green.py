@@ -73,7 +73,8 @@ def sm_partitions(count: int, device: str | torch.device = "cuda:0") -> list[SmP
     device = torch.device(device)
     _check_cuda(device)
     driver = _driver()
-    torch.cuda.init()  # the primary context, which the green contexts' memory is shared with
+    torch.cuda.synchronize(device)  # makes the primary context, whose memory the groups share
+    _call(driver, "cuInit", 0)      # no-op after torch's, but cuda-python may have loaded the driver anew
     cu_device = _call(driver, "cuDeviceGet", device.index or 0)
     whole = _call(driver, "cuDeviceGetDevResource", cu_device,
                   driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM)
