@@ -10,9 +10,22 @@
 # set, else benchmarks/gpu_check): gpu_check.log, gpu_tables.md, and one exit status per
 # part in status.txt. Copy the tables into benchmarks/RESULTS.md afterwards.
 out="${1:-${OUT:-benchmarks/gpu_check}}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
+cd "$(dirname "$0")/.." || exit 2
+# asyncfx from this checkout, whether or not it is installed
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
+
+ENVIRONMENT='
+import importlib.metadata as metadata, sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+for name in ("cuda-bindings", "cuda-python", "diffusers", "networkx", "numpy"):
+    try:
+        print(name, metadata.version(name))
+    except metadata.PackageNotFoundError:
+        print(name, "not installed")
+props = torch.cuda.get_device_properties(0)
+print(props.name, props.multi_processor_count, "SMs", props.total_memory // 2**30, "GiB")'
 
 part() {  # part NAME SECONDS COMMAND...: run COMMAND with a time limit, log its status
     name=$1 limit=$2
@@ -28,9 +41,7 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND with a time limit, log its
 {
     : > "$out/status.txt"
     part environment 60 sh -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
-        $python -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda,
-            torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")';
-        $python -m pip list 2>/dev/null | grep -i -E '^(cuda-bindings|cuda-python|diffusers|networkx) '"
+        $python -c '$ENVIRONMENT'"
     part sm-partitions 60 "$python" -c '
 import torch
 from asyncfx.runtime.green import sm_partitions
