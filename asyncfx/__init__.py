@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = ["PRESETS", "AsyncFXError", "BoundaryTensor", "CaptureError", "Captured", "DeviceSpec",
            "GraphInput", "InputMismatchError", "InputRole", "PlanError", "Profile", "StagePlan",
-           "StagedModel", "ValueClass", "AsyncDenoiser", "DEFAULT_WARMUP", "capture", "compile", "compile_profile",
-           "partition", "profile", "split"]
+           "StagedModel", "ValueClass", "AsyncDenoiser", "DEFAULT_WARMUP", "capture", "compile",
+           "compile_profile", "partition", "profile", "split"]

@@ -12,7 +12,7 @@ import asyncfx
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
 from asyncfx.sweep import digits_example_inputs
 from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, IMAGE_SIZE, digits, digits_classifier,
-                                digits_dataset, make_scheduler, sample_digits)
+                                      digits_dataset, make_scheduler, sample_digits)
 
 
 def run_demo(*, n_devices: int = 2, warmup: int | None = None, stride: int = 1, steps: int = 50,
@@ -51,8 +51,9 @@ def run_demo(*, n_devices: int = 2, warmup: int | None = None, stride: int = 1, 
           "CPU workers share this machine's cores)")
     features_real = classifier.features(real)
     for name, images in (("sequential", sequential), ("asyncfx", partitioned)):
+        distance = frechet_distance(classifier.features(images), features_real)
         print(f"{name:>10}: class accuracy {class_accuracy(classifier, images, labels):.3f}, "
-              f"Frechet distance to real digits {frechet_distance(classifier.features(images), features_real):.2f}")
+              f"Frechet distance to real digits {distance:.2f}")
     print(f"asyncfx vs sequential, same seeds: PSNR {psnr(partitioned, sequential).mean():.2f} dB, "
           f"SSIM {ssim(partitioned, sequential).mean():.4f}")
     save_grids(out, sequential, partitioned, per_class)

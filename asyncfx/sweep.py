@@ -52,7 +52,8 @@ def speed_quality_sweep(model: Digits, classifier: DigitClassifier, labels: torc
         >>> [(r.warmup, round(r.psnr, 1)) for r in rows]
     """
     with torch.no_grad():
-        return _sweep(model, classifier, labels, stages, strides, warmups, steps, link, real_features, repeats)
+        return _sweep(model, classifier, labels, stages, strides, warmups, steps, link, real_features,
+                      repeats)
 
 
 def _sweep(model: Digits, classifier: DigitClassifier, labels: torch.Tensor, stages: Sequence[int],

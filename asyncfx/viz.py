@@ -241,7 +241,8 @@ def group_colors(graph: nx.DiGraph, color_by: str, n_stages: int = 0) -> list[st
         return [VALUE_CLASS_COLORS[d["value_class"]] for _, d in graph.nodes(data=True)]
     if color_by == "stage":
         colors = stage_colors(max(n_stages, 1))
-        return [colors[d["stages"][0]] if d["stages"] else REPLICATED_COLOR for _, d in graph.nodes(data=True)]
+        return [colors[d["stages"][0]] if d["stages"] else REPLICATED_COLOR
+                for _, d in graph.nodes(data=True)]
     raise AsyncFXError(f"color_by={color_by!r} is not known; use 'stage' or 'value_class'.")
 
 
@@ -277,7 +278,8 @@ def plot_module_graph(captured: Captured, plan: StagePlan | None = None, *, dept
     ax.set_yticks([-1, 0, 1], ["static", "latent", "step"])
     ax.tick_params(left=True, labelleft=True)
     ax.set_ylim(-1.6, 2.2)
-    ax.set_title(f"{captured.model_class}: modules at depth {depth}, coloured by {color_by.replace('_', ' ')}")
+    ax.set_title(f"{captured.model_class}: modules at depth {depth}, "
+                 f"coloured by {color_by.replace('_', ' ')}")
     return ax
 
 
@@ -335,7 +337,8 @@ def plot_speed_quality(rows: Sequence[Any], *, metric: str = "psnr", ax: Axes | 
     if not rows:
         raise AsyncFXError("plot_speed_quality needs at least one row; run speed_quality_sweep first.")
     if not hasattr(rows[0], metric):
-        raise AsyncFXError(f"metric={metric!r} is not a column of the rows; use psnr, ssim or class_accuracy.")
+        raise AsyncFXError(f"metric={metric!r} is not a column of the rows; "
+                           "use psnr, ssim or class_accuracy.")
     ax = _axes(ax, figsize=(7, 4.5))
     groups: dict[tuple[int, int], list[Any]] = {}
     for row in rows:
@@ -375,7 +378,8 @@ def plot_timeline(sim: Simulation, *, rounds: int = 3, ax: Axes | None = None) -
     for step in range(min(sim.warmup, sim.steps)):  # scaled so a step lasts the whole model's time
         for k, seconds in enumerate(sim.stage_seconds):
             width = seconds * sim.sequential_step / chain
-            ax.barh(k, width * 1e3, left=t * 1e3, color=colors[k], edgecolor="white", gid=f"warmup:{step}:{k}")
+            ax.barh(k, width * 1e3, left=t * 1e3, color=colors[k], edgecolor="white",
+                    gid=f"warmup:{step}:{k}")
             t += width
     ax.axvline(t * 1e3, color="black", lw=1)
     ax.annotate("warm-up ", (t * 1e3, 0.02), xycoords=("data", "axes fraction"), ha="right", va="bottom",

@@ -131,15 +131,16 @@ def main() -> None:
     print(f"  speedup over 1 thread:  {one_thread / partitioned:.2f}x  (ideal {ideal:.2f}x, "
           f"{one_thread / partitioned / ideal:.0%} of ideal; target 1.7x)")
     print(f"  speedup over {cores} threads: {all_threads / partitioned:.2f}x")
-    print(f"  round {round_seconds * 1e3:.1f} ms against the slowest stage alone {max(measured) * 1e3:.1f} ms: "
+    print(f"  round {round_seconds * 1e3:.1f} ms against the slowest stage alone "
+          f"{max(measured) * 1e3:.1f} ms: "
           f"{1 - max(measured) / round_seconds:.0%} of the round is runtime overhead and contention")
     print(f"  simulator: {predicted.total():.2f} s for asyncfx ({predicted.total() / partitioned - 1:+.0%} "
           f"against the measurement), from stage times measured alone and a whole-model step of "
           f"{predicted.sequential_step * 1e3:.1f} ms on one thread")
     if options.distributed:
         distributed = run_distributed(N, options.steps, options.warmup, options.repeats)
-        print(f"  asyncfx, {N} gloo ranks   {distributed:7.2f} s: {one_thread / distributed:.2f}x over 1 thread "
-              f"({one_thread / distributed / ideal:.0%} of ideal)")
+        print(f"  asyncfx, {N} gloo ranks   {distributed:7.2f} s: {one_thread / distributed:.2f}x over "
+              f"1 thread ({one_thread / distributed / ideal:.0%} of ideal)")
 
 
 if __name__ == "__main__":

@@ -227,7 +227,8 @@ def run_config(rig: Rig, name: str, captured: asyncfx.Captured, profile: asyncfx
     for info, seconds in zip(on_partition.stages, stage_s):
         info.measured_seconds = seconds
     on_partition.measured_sequential = baseline_s
-    predicted = simulate(on_partition, link=SAME_GPU, steps=options.steps, warmup=options.warmup, stride=stride)
+    predicted = simulate(on_partition, link=SAME_GPU, steps=options.steps, warmup=options.warmup,
+                         stride=stride)
 
     scheduler = scheduler_class(num_train_timesteps=1000, clip_sample=False)
     denoiser = asyncfx.partition(captured, n, plan=plan, devices=rig.devices(slots), warmup=options.warmup,

@@ -22,7 +22,7 @@ import asyncfx
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
 from asyncfx.sweep import digits_example_inputs
 from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, digits, digits_classifier,
-                                digits_dataset, make_scheduler, sample_digits)
+                                      digits_dataset, make_scheduler, sample_digits)
 
 HEADER = ("| N | stride | warm-up | PSNR dB | SSIM | class acc. | Frechet dist. | speedup |\n"
           "|---|---|---|---|---|---|---|---|")
@@ -102,11 +102,12 @@ def main() -> None:
                                         plan=plan, executor="serial",
                                         example_inputs=digits_example_inputs(model, labels))
                 images, _ = generate(den, model, labels, options.steps, scheduler)
+                gain = speedup(model, labels, n, stride, warmup, options.steps, sequential_s, plan, cores)
                 row = (f"| {n} | {stride} | {warmup} | {psnr(images, sequential).mean():.2f} | "
                        f"{ssim(images, sequential).mean():.4f} | "
                        f"{class_accuracy(classifier, images, labels):.3f} | "
                        f"{frechet_distance(classifier.features(images), real_features):.2f} | "
-                       f"{speedup(model, labels, n, stride, warmup, options.steps, sequential_s, plan, cores)} |")
+                       f"{gain} |")
                 print(row, flush=True)
                 lines.append(row)
     if options.write:

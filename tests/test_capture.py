@@ -131,7 +131,8 @@ def test_model_branching_on_tensor_value_is_a_clear_capture_error():
 
 def test_buffer_mutation_in_training_mode_is_refused():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).train()
-    with pytest.raises(asyncfx.CaptureError, match=r"writes to buffers or inputs .*num_batches_tracked.*model.eval\(\)"):
+    with pytest.raises(asyncfx.CaptureError,
+                       match=r"writes to buffers or inputs .*num_batches_tracked.*model.eval\(\)"):
         asyncfx.capture(model, (torch.randn(2, 3, 4, 4),))
 
 
@@ -145,7 +146,8 @@ def test_calls_that_differ_from_the_capture_are_refused():
     with pytest.raises(asyncfx.InputMismatchError, match="input 't' .* must be a tensor"):
         captured(x, "five", cond)
     with pytest.raises(asyncfx.InputMismatchError,
-                       match=r"arguments \['x', 't', 'cond'\] but is called with \['x', 't\[0\]', 't\[1\]', 'cond'\]"):
+                       match=r"arguments \['x', 't', 'cond'\] but is called with "
+                             r"\['x', 't\[0\]', 't\[1\]', 'cond'\]"):
         captured(x, [5, 5], cond)
     sd, sd_args, sd_kwargs = zoo_example("sd_unet")
     with pytest.raises(asyncfx.InputMismatchError, match="'return_dict' .* True at capture"):

@@ -11,7 +11,7 @@ import torch
 import asyncfx
 from asyncfx.quality import class_accuracy
 from asyncfx.zoo.digits_model import (WEIGHTS, digits, digits_classifier, digits_dataset, held_out_split,
-                                sample_digits)
+                                      sample_digits)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from asyncfx.runtime.cuda_graphs import GraphedStage
 from asyncfx.runtime.green import PartitionError, parse_sm_partitions, sm_partitions
 from conftest import sample, zoo_example
 
+
 def test_parse_sm_partitions():
     assert parse_sm_partitions("sm-partitions:4") == (4, torch.device("cuda", 0))
     assert parse_sm_partitions("sm-partitions:2@cuda:1") == (2, torch.device("cuda", 1))
@@ -197,7 +198,8 @@ def test_sm_group_size_respects_the_partition_granularity(total, count, major, r
 def test_too_many_sm_partitions_is_a_clear_error():
     from asyncfx.runtime.green import _group_size
 
-    with pytest.raises(PartitionError, match="too few for 20 partitions of at least 8 SMs; ask for at most 16"):
+    with pytest.raises(PartitionError,
+                       match="too few for 20 partitions of at least 8 SMs; ask for at most 16"):
         _group_size(132, 20, _sm_resource(132), 9)
 
 

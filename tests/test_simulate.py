@@ -50,7 +50,8 @@ def test_predicted_times_scale_the_whole_model_by_the_measurements():
     assert sim.source == "measured"
     assert sim.sequential_step == pytest.approx(0.028 * 0.040 / 0.030)
     unmeasured = simulate(hand_plan(measured=False))
-    assert unmeasured.source == "predicted" and unmeasured.stage_seconds == pytest.approx([0.010, 0.012, 0.008])
+    assert unmeasured.source == "predicted"
+    assert unmeasured.stage_seconds == pytest.approx([0.010, 0.012, 0.008])
 
 
 def test_node_count_plans_need_measurements():

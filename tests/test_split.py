@@ -146,7 +146,7 @@ def test_bad_n_devices_are_refused():
         with pytest.raises(asyncfx.PlanError, match="n_devices must be a positive integer"):
             asyncfx.compile(captured, bad)
     with pytest.raises(asyncfx.PlanError, match=f"n_devices={most + 1} is more than the {most} "
-                                                 "stages SkipListDenoiser can be cut into"):
+                                                "stages SkipListDenoiser can be cut into"):
         asyncfx.compile(captured, most + 1)
 
 

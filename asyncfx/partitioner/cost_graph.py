@@ -103,7 +103,8 @@ def _cost_node(node: fx.Node, position: dict[fx.Node, int], index: dict[fx.Node,
         out_bytes=value.numel() * value.element_size() if is_tensor else 0,
         out_shape=list(value.shape) if is_tensor else None,
         out_dtype=str(value.dtype) if is_tensor else None,
-        readers=readers, needs=_needs(node, index) if latent else [], measured_seconds=node.meta.get(MEASURED_SECONDS))
+        readers=readers, needs=_needs(node, index) if latent else [],
+        measured_seconds=node.meta.get(MEASURED_SECONDS))
 
 
 def _needs(node: fx.Node, index: dict[fx.Node, int]) -> list[str]:

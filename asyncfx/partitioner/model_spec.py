@@ -124,7 +124,8 @@ def example_kwargs(model: nn.Module, batch: int, height: int | None, width: int 
         time_dim = 6 * config["addition_time_embed_dim"]
         makers["added_cond_kwargs"] = lambda: {
             "text_embeds": torch.randn(batch, config["projection_class_embeddings_input_dim"] - time_dim),
-            "time_ids": torch.tensor([[height * 8.0, width * 8.0, 0.0, 0.0, height * 8.0, width * 8.0]] * batch)}
+            "time_ids": torch.tensor([[height * 8.0, width * 8.0, 0.0, 0.0, height * 8.0, width * 8.0]]
+                                     * batch)}
     kwargs = {}
     for name, parameter in inspect.signature(model.forward).parameters.items():
         if name in makers:

@@ -119,7 +119,7 @@ class StagePlan:
         lines = [f"StagePlan for {self.model_class}: {self.n_stages} stage(s), cost={self.cost} "
                  f"({self.cost_unit}), link={self.link}, graph {self.fingerprint}",
                  "inputs: " + ", ".join(f"{i.name} ({i.role}, {_tensor_type(i.dtype, i.shape)})"
-                                         for i in self.inputs)]
+                                        for i in self.inputs)]
         measured = [s.measured_seconds for s in self.stages if s.measured_seconds is not None]
         rows = [("stage", "first module", "last module", "nodes", "+repl", "params",
                  "predicted", "share") + (("measured", "error") if measured else ())]
@@ -128,8 +128,8 @@ class StagePlan:
                    str(len(s.nodes)), str(s.replicated_nodes), format_bytes(s.param_bytes),
                    self.format_cost(s.estimated_cost), f"{s.estimated_cost / total_cost:.1%}")
             if measured:
-                row += (self.format_cost(s.measured_seconds), f"{s.estimated_cost / s.measured_seconds - 1:+.0%}"
-                        if s.measured_seconds else "-")
+                error = f"{s.estimated_cost / s.measured_seconds - 1:+.0%}" if s.measured_seconds else "-"
+                row += (self.format_cost(s.measured_seconds), error)
             rows.append(row)
         lines += _table(rows)
         lines.append(f"predicted round (slowest stage or late transfer): "

@@ -60,6 +60,7 @@ class Profile:
         except (KeyError, TypeError) as exc:
             raise PlanError(f"profile {os.fspath(path)!r} is malformed ({exc}); profile again.") from exc
 
+
 def profile(model_or_captured: nn.Module, example_inputs: Any, *, warmup: int = 2, repeats: int = 5,
             latent: str | None = None) -> Profile:
     """Time every node of the model on the device its inputs live on.

@@ -136,7 +136,8 @@ def search_cuts(model: CostModel, n_stages: int) -> list[Cut]:
     if len(set(chosen)) != n_stages - 1 or not np.isfinite(best[n_stages, m - 1]):
         raise PlanError(f"no plan with {n_stages} non-empty stages over {len(candidates)} "
                         "candidate cut positions; use fewer devices.")
-    return explain_cuts(model, chosen, table, candidates, thinned=len(candidates) < len(model.graph.cut_positions))
+    thinned = len(candidates) < len(model.graph.cut_positions)
+    return explain_cuts(model, chosen, table, candidates, thinned=thinned)
 
 
 def explain_cuts(model: CostModel, chosen: Sequence[int], table: np.ndarray,

@@ -141,4 +141,3 @@ def _check_schedule(steps: int, warmup: int, stride: int) -> None:
         raise PlanError(f"steps and warm-up must be at least 1 (got steps={steps}, warmup={warmup}).")
     if stride not in (1, 2):
         raise PlanError(f"stride must be 1 or 2, got {stride}.")
-

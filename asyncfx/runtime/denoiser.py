@@ -198,7 +198,8 @@ class AsyncDenoiser(nn.Module):
         timesteps = getattr(self.scheduler, "timesteps", None)
         if timesteps is None:
             raise SchedulerError("stride=2 needs the sampler's timesteps: pass scheduler=pipe.scheduler "
-                                 "to asyncfx.partition() (after set_timesteps, its .timesteps list the steps).")
+                                 "to asyncfx.partition() (after set_timesteps, its .timesteps list the "
+                                 "steps).")
         return len(timesteps)
 
     def _inputs_for(self, named: Mapping[str, torch.Tensor], stream: _Stream,

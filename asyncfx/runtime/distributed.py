@@ -74,7 +74,8 @@ class DistributedExecutor(Executor):
         self.slot = self.rank
         stage = min(self.slot, len(programs) - 1)
         # keep only this rank's stage; the others are never run here
-        self.programs = [p if i == stage else StageProgram(None, p.inputs, p.outputs)  # type: ignore[arg-type]
+        self.programs = [p if i == stage
+                         else StageProgram(None, p.inputs, p.outputs)  # type: ignore[arg-type]
                          for i, p in enumerate(programs)]
         module = programs[stage].module
         self.module = module if self.device.type == "cpu" else copy.deepcopy(module).to(self.device)

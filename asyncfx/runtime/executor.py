@@ -52,7 +52,6 @@ class BoundaryStore:
             del self._versions[old]
 
 
-
 class Executor:
     """Runs one step's schedule; returns the flat outputs of the last stage by step."""
 

@@ -125,8 +125,9 @@ class LocalExecutor(Executor):
             if epoch != self._epoch:
                 continue  # a run of a step that failed earlier; nobody waits for it
             if error is not None:
+                step = run.gives if run.gives is not None else run.writes
                 error.add_note(f"raised in stage {run.stage} on {self._workers[run.slot].device} "
-                               f"(asyncfx local executor, step {run.gives if run.gives is not None else run.writes}); "
+                               f"(asyncfx local executor, step {step}); "
                                "call reset() on the denoiser before sampling again.")
                 raise error
             pending.discard(run)

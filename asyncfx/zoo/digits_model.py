@@ -28,8 +28,8 @@ PROMPT_TOKENS = 2
 PROMPT_DIM = 32
 UNET_CONFIG = dict(
     sample_size=IMAGE_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
-    block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
-                                                        "CrossAttnDownBlock2D"),
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=PROMPT_DIM, attention_head_dim=8, norm_num_groups=8,
 )

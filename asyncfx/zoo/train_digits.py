@@ -21,12 +21,13 @@ from torch import nn
 from tqdm import tqdm
 
 from asyncfx.zoo.digits_model import (NULL_CLASS, WEIGHTS, ClassPrompt, DigitClassifier, UNET_CONFIG,
-                                SCHEDULE, digits_dataset, held_out_split, make_scheduler, make_unet)
+                                      SCHEDULE, digits_dataset, held_out_split, make_scheduler, make_unet)
 
 SEED = 0
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 40) -> tuple[DigitClassifier, float]:
+def train_classifier(images: torch.Tensor, labels: torch.Tensor,
+                     epochs: int = 40) -> tuple[DigitClassifier, float]:
     torch.manual_seed(SEED)
     train, held_out = held_out_split(len(images))
     classifier = DigitClassifier()
