@@ -86,10 +86,11 @@ class CallInterface:
                 f"{self._binder.leaf_names(spec)}; pass arguments structured as at capture, or "
                 "capture again with asyncfx.capture(model, args, kwargs) for the new call.")
         tensors = []
-        for leaf, captured, name in zip(leaves, self._leaf_constants, self._binder.leaf_names(spec)):
+        for index, (leaf, captured) in enumerate(zip(leaves, self._leaf_constants)):
             if captured is _TENSOR:
                 tensors.append(leaf)
             elif not _same_constant(leaf, captured):
+                name = self._binder.leaf_names(spec)[index]  # named only when needed: it is slow
                 raise InputMismatchError(
                     f"argument {name!r} of {self.model_class} was {captured!r} at capture and is "
                     f"{leaf!r} now; non-tensor arguments are baked into the graph, so pass "
