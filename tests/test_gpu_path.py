@@ -117,6 +117,45 @@ def test_cuda_graphs_and_partitions_match_serial(devices):
     den.close()
 
 
+class _TimedChain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+
+    def forward(self, sample, timestep):
+        for layer in self.layers:
+            sample = torch.tanh(layer(sample)) + timestep / 1000
+        return sample
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_stages_wait_for_inputs_the_caller_is_still_writing(cuda_graphs):
+    """The latent is written on the caller's stream after a long kernel; with a CPU
+    timestep nothing synchronises the host, so only the stage streams' wait keeps them
+    from reading it early."""
+    model = _TimedChain().cuda()
+    example = (torch.randn(2, 64, device="cuda"), torch.tensor(999.0))
+    latents = [torch.randn(2, 64) for _ in range(6)]
+
+    def run(denoiser):
+        outputs = []
+        for step, latent in enumerate(latents):
+            x = torch.zeros(2, 64, device="cuda")
+            torch.cuda._sleep(20_000_000)   # the caller's stream stays busy for milliseconds
+            x.copy_(latent, non_blocking=True)
+            outputs.append(denoiser(x, torch.tensor(999.0 - step)).cpu())
+        return outputs
+
+    den = asyncfx.partition(model, 2, warmup=1, example_inputs=(example, {}), devices=["cuda:0"] * 2,
+                            cuda_graphs=cuda_graphs)
+    expected = run(asyncfx.partition(model, 2, warmup=1, example_inputs=(example, {}), executor="serial"))
+    for got, want in zip(run(den), expected):
+        torch.testing.assert_close(got, want)
+    den.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sm_partitions_are_disjoint_groups():

@@ -28,7 +28,8 @@ from asyncfx.runtime.schedule import Mode, StageRun, StepSchedule
 
 class LocalExecutor(Executor):
     """Stages on ``devices`` (one per slot: stage k on slot k, stride 2's extra last-stage
-    run on slot N), each driven by its own thread. ``streams`` optionally gives each slot
+    run on slot N), each driven by its own thread. On CUDA a stage's stream first waits for the caller's
+    current stream, which wrote its inputs (the sampler's step). ``streams`` optionally gives each slot
     the CUDA stream to compute on (SM partitions); ``cuda_graphs`` (default: on for CUDA
     slots) replays each stage as a CUDA graph after its first calls.
 
@@ -113,9 +114,11 @@ class LocalExecutor(Executor):
                   threads: int | None) -> None:
         worker = self._workers[run.slot]
         inputs = inputs_for(run.timestep)
+        names = self.programs[run.stage].inputs
         args = [inputs[name] if name in self.graph_inputs else _read(store, name, run.reads, worker.device)
-                for name in self.programs[run.stage].inputs]
-        worker.tasks.put((self._epoch, run, args, threads))
+                for name in names]
+        written = _recorded_on_current_streams([inputs[name] for name in names if name in self.graph_inputs])
+        worker.tasks.put((self._epoch, run, args, written, threads))
 
     def _collect(self, runs: Sequence[StageRun], store: BoundaryStore,
                  results: dict[int, tuple[torch.Tensor, ...]]) -> None:
@@ -152,6 +155,20 @@ def _read(store: BoundaryStore, name: str, version: int, device: torch.device) -
     return store.get(copied, version) if store.has(copied, version) else store.get(name, version)
 
 
+def _recorded_on_current_streams(tensors: Sequence[torch.Tensor]) -> list[Any]:
+    """An event on the caller's current stream of each CUDA device ``tensors`` live on.
+
+    The caller writes the graph inputs on its own stream (the sampler's step, a
+    ``torch.full_like`` timestep) and nothing synchronises it before dispatch, so each
+    stage's stream waits on these events before reading them."""
+    events = []
+    for device in {t.device for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda}:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        events.append(event)
+    return events
+
+
 def _on_device(module: nn.Module, device: torch.device) -> bool:
     return all(t.device.type == device.type and (device.index is None or t.device.index == device.index)
                for t in [*module.parameters(), *module.buffers()])
@@ -180,20 +197,23 @@ class _Worker(threading.Thread):
             task = self.tasks.get()
             if task is None:
                 return
-            epoch, run, args, threads = task
+            epoch, run, args, written, threads = task
             if not cuda and torch.get_num_threads() != (threads or self.threads):
                 torch.set_num_threads(threads or self.threads)
             try:
-                outputs, copies = self._compute(run, args, compute, copier)
+                outputs, copies = self._compute(run, args, written, compute, copier)
                 self.results.put((epoch, run, outputs, copies, None))
             except BaseException as exc:  # reported to the caller, which re-raises it
                 self.results.put((epoch, run, None, None, exc))
 
-    def _compute(self, run: StageRun, args: list[torch.Tensor], compute: Any, copier: Any):
+    def _compute(self, run: StageRun, args: list[torch.Tensor], written: Sequence[Any], compute: Any,
+                 copier: Any):
         with torch.no_grad():
             if compute is None:
                 return self.module(*[a.to(self.device) for a in args]), {}
             with torch.cuda.device(self.device), torch.cuda.stream(compute):
+                for event in written:
+                    compute.wait_event(event)
                 args = [a.to(self.device, non_blocking=True) for a in args]
                 outputs = self.graphed(args) if self.graphed is not None else self.module(*args)
                 done = torch.cuda.Event()
