@@ -1,5 +1,5 @@
 #!/bin/sh
-# Everything a session with a GPU checks, in one run of about 8 minutes on an H100/H200:
+# Everything a session with a GPU checks, in one run of at most 9.5 minutes on an H100/H200:
 #   sh benchmarks/gpu_check.sh [out-dir]
 # 1. what the machine has (GPU, driver, torch, cuda-python, diffusers);
 # 2. a smoke check of SM partitions (4 groups, a matrix product on each);
@@ -40,9 +40,9 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND with a time limit, log its
 
 {
     : > "$out/status.txt"
-    part environment 60 sh -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
+    part environment 30 sh -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
         $python -c '$ENVIRONMENT'"
-    part sm-partitions 60 "$python" -c '
+    part sm-partitions 45 "$python" -c '
 import torch
 from asyncfx.runtime.green import sm_partitions
 parts = sm_partitions(4)
@@ -55,8 +55,8 @@ torch.cuda.synchronize()
 for y in outs:
     torch.testing.assert_close(y, x @ x)
 print("4 partitions:", [p.sm_count for p in parts], "SMs; a product on each matches")'
-    part benchmark "${BENCHMARK_LIMIT_S:-420}" "$python" benchmarks/gpu.py --write "$out/gpu_tables.md"
-    part gpu-tests "${TESTS_LIMIT_S:-150}" "$python" -m pytest -q -m gpu -p no:cacheprovider \
+    part benchmark "${BENCHMARK_LIMIT_S:-360}" "$python" benchmarks/gpu.py --write "$out/gpu_tables.md"
+    part gpu-tests "${TESTS_LIMIT_S:-120}" "$python" -m pytest -q -m gpu -p no:cacheprovider \
         tests/test_gpu_path.py tests/test_runtime.py tests/test_profile.py
 } 2>&1 | tee "$out/gpu_check.log"
 ! grep -q -v ' 0$' "$out/status.txt"
