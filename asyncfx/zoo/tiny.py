@@ -95,16 +95,7 @@ def sdxl_unet(batch: int = 2, size: int = 8, seed: int = 0) -> Example:
         addition_embed_type="text_time", addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=8 + 6 * 4, use_linear_projection=True,
     ).eval()
-    kwargs = {
-        "sample": _randn(gen, batch, 4, size, size),
-        "timestep": torch.tensor(500),
-        "encoder_hidden_states": _randn(gen, batch, 4, 8),
-        "added_cond_kwargs": {
-            "text_embeds": _randn(gen, batch, 8),
-            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch),
-        },
-    }
-    return model, (), kwargs
+    return model, (), _text_time_inputs(gen, batch, size, tokens=4, width=8, pooled=8, pixels=64)
 
 
 def sdxl_base_unet(batch: int = 2, size: int = 128, seed: int = 0) -> Example:
@@ -123,16 +114,24 @@ def sdxl_base_unet(batch: int = 2, size: int = 128, seed: int = 0) -> Example:
         cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=1280 + 6 * 256, use_linear_projection=True,
     ).eval()
-    kwargs = {
+    return model, (), _text_time_inputs(gen, batch, size, tokens=77, width=2048, pooled=1280,
+                                        pixels=8 * size)
+
+
+def _text_time_inputs(gen: torch.Generator, batch: int, size: int, *, tokens: int, width: int,
+                      pooled: int, pixels: int) -> dict:
+    """Keyword arguments of an SDXL-conditioned UNet: latent, timestep, text states and the
+    pooled text and (original size, crop, target size) of ``pixels``-square images."""
+    return {
         "sample": _randn(gen, batch, 4, size, size),
         "timestep": torch.tensor(500),
-        "encoder_hidden_states": _randn(gen, batch, 77, 2048),
+        "encoder_hidden_states": _randn(gen, batch, tokens, width),
         "added_cond_kwargs": {
-            "text_embeds": _randn(gen, batch, 1280),
-            "time_ids": torch.tensor([[8.0 * size, 8.0 * size, 0.0, 0.0, 8.0 * size, 8.0 * size]] * batch),
+            "text_embeds": _randn(gen, batch, pooled),
+            "time_ids": torch.tensor([[float(pixels), float(pixels), 0.0, 0.0, float(pixels),
+                                       float(pixels)]] * batch),
         },
     }
-    return model, (), kwargs
 
 
 def sd3_transformer(batch: int = 2, size: int = 8, seed: int = 0) -> Example:
