@@ -257,3 +257,15 @@ def test_driver_failures_name_the_call_and_the_cuda_error():
     with pytest.raises(PartitionError, match=r"cuGreenCtxCreate failed: CUDA_ERROR_NOT_SUPPORTED "
                                              r"\(operation not supported\)"):
         _call(driver, "cuGreenCtxCreate", None, 0, 0)
+
+
+@pytest.mark.parametrize("name, billions", [("sd21", 0.866), ("sdxl", 2.567)])
+def test_gpu_benchmark_models_have_the_real_sizes_and_run_on_their_inputs(name, billions):
+    """Built on the meta device (no memory, no arithmetic): the shapes a GPU run will see."""
+    label, factory = _gpu_benchmark().MODELS[name]
+    with torch.device("meta"), torch.no_grad():
+        model, args, kwargs = factory()
+        out = model(*args, **kwargs).sample
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.001)
+    assert out.shape == kwargs["sample"].shape
+    assert f"latent {kwargs['sample'].shape[-1]}" in label and kwargs["sample"].shape[0] == 2
