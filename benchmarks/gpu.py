@@ -10,7 +10,8 @@ weights, float16, a classifier-free-guidance batch of 2) it measures:
 - sequential eager and sequential CUDA-graph step times on the whole GPU (the graph is
   the fair baseline: eager diffusers is launch-bound);
 - for N=2 and N=4 with stride 1, and N=3 with stride 2 (4 partitions): the plan
-  (cost="measure" with refinement), each stage replayed alone on one partition, the
+  (cost="measure", refined by stage times measured on one partition of the size the
+  stages will run on), each stage replayed alone on one partition, the
   whole model replayed on one partition of the same size (the baseline), the round time
   of asyncfx.partition(devices="sm-partitions:P"), and a 50-step DDIM generation with
   warm-up 3 against the same generation on the baseline partition;
@@ -24,6 +25,7 @@ CPU worker threads with tiny models: the numbers mean nothing, the script is exe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import statistics
@@ -74,6 +76,10 @@ class Rig:
             return None, 0
         part = sm_partitions(slots, self.device)[0]
         return part.stream, part.sm_count
+
+    def on(self, stream: Any) -> Any:
+        """A context that makes ``stream`` current (nothing to do on CPU)."""
+        return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
 
     def whole_gpu_stream(self) -> Any:
         return torch.cuda.Stream(self.device) if self.cuda else None
@@ -213,9 +219,10 @@ def run_config(rig: Rig, name: str, captured: asyncfx.Captured, profile: asyncfx
                flat: list[torch.Tensor], n: int, stride: int, options: argparse.Namespace,
                scheduler_class: Any) -> Row:
     slots = n + (1 if stride == 2 else 0)
-    plan = asyncfx.compile(captured, n, example_inputs=((), kwargs), cost="measure", profile=profile,
-                           refine_rounds=options.refine_rounds, link="nvlink")
     stream, sms = rig.partition_stream(slots)
+    with rig.on(stream):  # refinement balances the stages as they will run: on one partition
+        plan = asyncfx.compile(captured, n, example_inputs=((), kwargs), cost="measure", profile=profile,
+                               refine_rounds=options.refine_rounds, link="nvlink")
     baseline = rig.graphed(captured.graph_module, stream, "the whole model on one partition")
     baseline_s = rig.median(lambda: baseline(flat), stream)
     staged = asyncfx.split(captured, plan)
@@ -274,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default="sd21,sdxl")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--refine-rounds", type=int, default=3)
+    parser.add_argument("--refine-rounds", type=int, default=5)
     parser.add_argument("--dry-run", action="store_true", help="tiny models on CPU workers")
     parser.add_argument("--write", help="append the tables to this markdown file")
     options = parser.parse_args(argv)

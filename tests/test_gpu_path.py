@@ -173,6 +173,28 @@ def test_sm_partitions_are_disjoint_groups():
     torch.testing.assert_close(y, x @ x)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stage_times_are_measured_on_the_current_streams_partition():
+    """Refinement's CUDA graphs are captured on the current stream, so under an SM
+    partition's stream they run on its quarter of the SMs: a compute-bound model is much
+    slower there than on the whole GPU."""
+    from asyncfx.partitioner.refine import measure_stages
+
+    try:
+        quarter = sm_partitions(4)[0]
+    except PartitionError as exc:
+        pytest.skip(f"this GPU or driver cannot make SM partitions: {exc}")
+    model = nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(4)]).cuda().half()
+    x = torch.randn(8192, 4096, device="cuda", dtype=torch.half)
+    captured = asyncfx.capture(model, (x,))
+    plan = asyncfx.compile(captured, 2, cost="uniform")
+    whole = measure_stages(captured, copy.deepcopy(plan), (x,)).measured_sequential
+    with torch.cuda.stream(quarter.stream):
+        on_quarter = measure_stages(captured, copy.deepcopy(plan), (x,)).measured_sequential
+    assert on_quarter > 2 * whole
+
+
 def _gpu_benchmark():
     spec = importlib.util.spec_from_file_location(
         "gpu_benchmark", pathlib.Path(__file__).parent.parent / "benchmarks" / "gpu.py")

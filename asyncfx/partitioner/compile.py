@@ -34,7 +34,9 @@ def compile(model_or_captured: nn.Module, n_devices: int, *, example_inputs: Any
     - ``"uniform"``: equal node counts, transfers free.
 
     ``link`` (a preset name of ``asyncfx.partitioner.device.PRESETS`` or a DeviceSpec)
-    prices boundary transfers between devices.
+    prices boundary transfers between devices. On CUDA, measurements run on the current
+    stream: compile under ``torch.cuda.stream(partition.stream)`` to balance the stages
+    for the SM partitions of ``devices="sm-partitions:N"`` rather than for the whole GPU.
 
     Example:
         >>> model, args, kwargs = asyncfx.zoo.tiny.sd_unet()

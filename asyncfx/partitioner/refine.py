@@ -90,8 +90,9 @@ def time_stages(staged: StagedModel, flat_inputs: Sequence[torch.Tensor], *, war
     """Median seconds of each stage module run alone on its real inputs.
 
     On CUDA each stage is captured as a CUDA graph and its replays are timed with events
-    (eager stages are launch-bound); a stage that cannot be captured is timed eagerly,
-    with a warning that names the reason.
+    (eager stages are launch-bound), all on the current stream: under
+    ``torch.cuda.stream(partition.stream)`` the times are those of an SM partition. A stage
+    that cannot be captured is timed eagerly, with a warning that names the reason.
     """
     with torch.no_grad():
         stage_args = staged.stage_arguments(flat_inputs)
@@ -147,16 +148,24 @@ def median_cuda_seconds(run: Callable[[], object], warmup: int, repeats: int) ->
 
 def _cuda_graph_or_eager(run: Callable[[], object], what: str) -> Callable[[], object]:
     try:
-        stream = torch.cuda.Stream()
+        stream = _capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             run()  # warm up allocations outside the graph
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             run()
         return graph.replay
     except Exception as exc:  # capture fails on CPU syncs, dynamic allocations, ...
         warnings.warn(f"{what} cannot be captured as a CUDA graph ({type(exc).__name__}: "
                       f"{exc}); timing it eagerly, which includes launch overhead.", stacklevel=3)
         return run
+
+
+def _capture_stream() -> torch.cuda.Stream:
+    """Where to capture: the current stream, so that the graph's kernels belong to its
+    context (an SM partition's green context), unless it is the default stream, which
+    cannot capture; then a new stream of the whole GPU."""
+    current = torch.cuda.current_stream()
+    return current if current != torch.cuda.default_stream(current.device) else torch.cuda.Stream()

@@ -28,10 +28,11 @@ from asyncfx.runtime.schedule import Mode, StageRun, StepSchedule
 
 class LocalExecutor(Executor):
     """Stages on ``devices`` (one per slot: stage k on slot k, stride 2's extra last-stage
-    run on slot N), each driven by its own thread. On CUDA a stage's stream first waits for the caller's
-    current stream, which wrote its inputs (the sampler's step). ``streams`` optionally gives each slot
-    the CUDA stream to compute on (SM partitions); ``cuda_graphs`` (default: on for CUDA
-    slots) replays each stage as a CUDA graph after its first calls.
+    run on slot N), each driven by its own thread. On CUDA a stage's stream first waits
+    for the caller's current stream, which wrote its inputs (the sampler's step).
+    ``streams`` optionally gives each slot the CUDA stream to compute on (SM partitions);
+    ``cuda_graphs`` (default: on for CUDA slots) replays each stage as a CUDA graph after
+    its first calls.
 
     Example:
         >>> executor = LocalExecutor(programs, {"sample", "timestep"}, ["cpu", "cpu"])
