@@ -70,12 +70,12 @@ class Rig:
     def devices(self, slots: int) -> Any:
         return f"sm-partitions:{slots}" if self.cuda else ["cpu"] * slots
 
-    def partition_stream(self, slots: int) -> tuple[Any, int]:
-        """A stream on one of ``slots`` equal partitions, and its SM count."""
+    def partition_streams(self, slots: int) -> tuple[list[Any], int]:
+        """A stream on each of ``slots`` equal partitions, and their SM count."""
         if not self.cuda:
-            return None, 0
-        part = sm_partitions(slots, self.device)[0]
-        return part.stream, part.sm_count
+            return [None] * slots, 0
+        parts = sm_partitions(slots, self.device)
+        return [p.stream for p in parts], parts[0].sm_count
 
     def on(self, stream: Any) -> Any:
         """A context that makes ``stream`` current (nothing to do on CPU)."""
@@ -109,6 +109,7 @@ class Row:
     partitions: str
     baseline_step_ms: float     # whole model on one partition of the same size (CUDA graph)
     slowest_stage_ms: float     # slowest stage alone on one partition
+    concurrent_ms: float        # every stage replayed at once on its partition, no runtime
     balance: float              # max/mean of the stages on a partition
     round_ms: float             # one asyncfx round (two steps with stride 2)
     round_speedup: float        # baseline steps per round / round
@@ -117,6 +118,7 @@ class Row:
     ideal: float
     predicted_speedup: float
     overhead: float             # (round - slowest stage) / round
+    runtime: float              # (round - concurrent) / round: the part that is not contention
 
     @property
     def e2e_speedup(self) -> float:
@@ -125,10 +127,11 @@ class Row:
     def markdown(self) -> str:
         error = self.predicted_speedup / self.e2e_speedup - 1
         return (f"| {self.model} | {self.config} | {self.partitions} | {self.baseline_step_ms:.2f} | "
-                f"{self.slowest_stage_ms:.2f} | {self.balance:.3f} | {self.round_ms:.2f} | "
+                f"{self.slowest_stage_ms:.2f} | {self.concurrent_ms:.2f} | {self.balance:.3f} | "
+                f"{self.round_ms:.2f} | "
                 f"{self.round_speedup:.2f}x | {self.e2e_s:.3f} / {self.baseline_e2e_s:.3f} | "
                 f"{self.e2e_speedup:.2f}x | {self.ideal:.2f}x ({self.e2e_speedup / self.ideal:.0%}) | "
-                f"{self.predicted_speedup:.2f}x ({error:+.0%}) | {self.overhead:.1%} |")
+                f"{self.predicted_speedup:.2f}x ({error:+.0%}) | {self.overhead:.1%} ({self.runtime:.1%}) |")
 
 
 class Report:
@@ -147,9 +150,10 @@ class Report:
 
 
 def header(steps: int) -> str:
-    return ("| model | config | partitions | baseline step ms | slowest stage ms | balance | round ms | "
-            f"round speedup | {steps}-step s (asyncfx / baseline) | speedup | ideal (fraction) | "
-            "simulator (error) | overhead |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    return ("| model | config | partitions | baseline step ms | slowest stage ms | all stages at once ms | "
+            f"balance | round ms | round speedup | {steps}-step s (asyncfx / baseline) | speedup | "
+            "ideal (fraction) | simulator (error) | overhead (runtime alone) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def build(rig: Rig, factory: Callable[[], Any], dtype: torch.dtype) -> tuple[Any, dict]:
@@ -219,17 +223,20 @@ def run_config(rig: Rig, name: str, captured: asyncfx.Captured, profile: asyncfx
                flat: list[torch.Tensor], n: int, stride: int, options: argparse.Namespace,
                scheduler_class: Any) -> Row:
     slots = n + (1 if stride == 2 else 0)
-    stream, sms = rig.partition_stream(slots)
+    streams, sms = rig.partition_streams(slots)
+    stream = streams[0]
     with rig.on(stream):  # refinement balances the stages as they will run: on one partition
         plan = asyncfx.compile(captured, n, example_inputs=((), kwargs), cost="measure", profile=profile,
                                refine_rounds=options.refine_rounds, link="nvlink")
     baseline = rig.graphed(captured.graph_module, stream, "the whole model on one partition")
     baseline_s = rig.median(lambda: baseline(flat), stream)
     staged = asyncfx.split(captured, plan)
+    stage_args = staged.stage_arguments(flat)
     stage_s = []
-    for k, (module, args) in enumerate(zip(staged.stages, staged.stage_arguments(flat))):
+    for k, (module, args) in enumerate(zip(staged.stages, stage_args)):
         stage = rig.graphed(module, stream, f"stage {k} on one partition")
         stage_s.append(rig.median(lambda stage=stage, args=args: stage(args), stream))
+    concurrent_s = concurrent_round_seconds(rig, staged.stages, stage_args, streams)
     on_partition = copy.deepcopy(plan)
     for info, seconds in zip(on_partition.stages, stage_s):
         info.measured_seconds = seconds
@@ -255,7 +262,27 @@ def run_config(rig: Rig, name: str, captured: asyncfx.Captured, profile: asyncfx
                balance=max(stage_s) / statistics.mean(stage_s), round_ms=round_s * 1e3,
                round_speedup=stride * baseline_s / round_s, e2e_s=e2e_s, baseline_e2e_s=baseline_e2e_s,
                ideal=predicted.ideal_speedup, predicted_speedup=predicted.speedup(),
-               overhead=(round_s - max(stage_s)) / round_s)
+               overhead=(round_s - max(stage_s)) / round_s, concurrent_ms=concurrent_s * 1e3,
+               runtime=(round_s - concurrent_s) / round_s)
+
+
+def concurrent_round_seconds(rig: Rig, stages: Sequence[Any], stage_args: Sequence[Sequence[torch.Tensor]],
+                             streams: Sequence[Any]) -> float:
+    """Every stage replayed at once, each on its own partition (with stride 2 the last
+    stage on the extra one too), launched from one thread: a round with the partitions'
+    contention for memory bandwidth and L2 but without the runtime."""
+    jobs = []
+    for slot, stream in enumerate(streams):
+        k = min(slot, len(stages) - 1)
+        jobs.append((rig.graphed(stages[k], stream, f"stage {k} on partition {slot}"), stage_args[k], stream))
+
+    def all_at_once() -> None:
+        for run, args, stream in jobs:
+            with rig.on(stream):
+                run(args)
+        rig.sync()
+
+    return median_wall_seconds(all_at_once, 3, 20)
 
 
 class _BaselineDenoiser:
