@@ -11,12 +11,16 @@ weights, float16, a classifier-free-guidance batch of 2) it measures:
   the fair baseline: eager diffusers is launch-bound);
 - for N=2 and N=4 with stride 1, and N=3 with stride 2 (4 partitions): the plan
   (cost="measure", refined by stage times measured on one partition of the size the
-  stages will run on), each stage replayed alone on one partition, the
-  whole model replayed on one partition of the same size (the baseline), the round time
-  of asyncfx.partition(devices="sm-partitions:P"), and a 50-step DDIM generation with
+  stages will run on), each stage replayed alone on one partition, all stages replayed
+  at once each on its own partition without the runtime, the whole model replayed on
+  one partition of the same size (the baseline), the round time of
+  asyncfx.partition(devices="sm-partitions:P"), and a 50-step DDIM generation with
   warm-up 3 against the same generation on the baseline partition;
-- the simulator's prediction from the per-partition stage times, to compare;
-- runtime overhead: round time minus the slowest stage alone.
+- the simulator's prediction from the stage times measured all at once (as they run in
+  the emulation), to compare with the measured generation;
+- overhead: round time minus the slowest stage alone, and the part of it that is the
+  runtime's (round time minus all stages at once) rather than the partitions'
+  contention for memory.
 
 Partitions share memory bandwidth and L2, so every multi-partition number is an
 emulation of separate devices and is labelled so. With --dry-run the same code runs on
@@ -96,6 +100,18 @@ class Rig:
         if not self.cuda:
             return lambda args: module(*args)
         return GraphedStage(module, name=name, stream=stream)
+
+    def mark(self) -> Any:
+        """A point in time on the current stream (a CUDA event), or the wall clock on CPU."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds_between(self, begin: Any, end: Any) -> float:
+        """Seconds between two marks (after a sync on CUDA)."""
+        return begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
 
     def sync(self) -> None:
         if self.cuda:
@@ -236,12 +252,12 @@ def run_config(rig: Rig, name: str, captured: asyncfx.Captured, profile: asyncfx
     for k, (module, args) in enumerate(zip(staged.stages, stage_args)):
         stage = rig.graphed(module, stream, f"stage {k} on one partition")
         stage_s.append(rig.median(lambda stage=stage, args=args: stage(args), stream))
-    concurrent_s = concurrent_round_seconds(rig, staged.stages, stage_args, streams)
-    on_partition = copy.deepcopy(plan)
-    for info, seconds in zip(on_partition.stages, stage_s):
+    concurrent = all_stages_at_once(rig, staged.stages, stage_args, streams)
+    on_partitions = copy.deepcopy(plan)  # the simulator sees the stages as they run: all at once
+    for info, seconds in zip(on_partitions.stages, concurrent.stage_seconds):
         info.measured_seconds = seconds
-    on_partition.measured_sequential = baseline_s
-    predicted = simulate(on_partition, link=SAME_GPU, steps=options.steps, warmup=options.warmup,
+    on_partitions.measured_sequential = baseline_s
+    predicted = simulate(on_partitions, link=SAME_GPU, steps=options.steps, warmup=options.warmup,
                          stride=stride)
 
     scheduler = scheduler_class(num_train_timesteps=1000, clip_sample=False)
@@ -262,27 +278,43 @@ def run_config(rig: Rig, name: str, captured: asyncfx.Captured, profile: asyncfx
                balance=max(stage_s) / statistics.mean(stage_s), round_ms=round_s * 1e3,
                round_speedup=stride * baseline_s / round_s, e2e_s=e2e_s, baseline_e2e_s=baseline_e2e_s,
                ideal=predicted.ideal_speedup, predicted_speedup=predicted.speedup(),
-               overhead=(round_s - max(stage_s)) / round_s, concurrent_ms=concurrent_s * 1e3,
-               runtime=(round_s - concurrent_s) / round_s)
+               overhead=(round_s - max(stage_s)) / round_s, concurrent_ms=concurrent.round_seconds * 1e3,
+               runtime=(round_s - concurrent.round_seconds) / round_s)
 
 
-def concurrent_round_seconds(rig: Rig, stages: Sequence[Any], stage_args: Sequence[Sequence[torch.Tensor]],
-                             streams: Sequence[Any]) -> float:
-    """Every stage replayed at once, each on its own partition (with stride 2 the last
-    stage on the extra one too), launched from one thread: a round with the partitions'
-    contention for memory bandwidth and L2 but without the runtime."""
-    jobs = []
-    for slot, stream in enumerate(streams):
-        k = min(slot, len(stages) - 1)
-        jobs.append((rig.graphed(stages[k], stream, f"stage {k} on partition {slot}"), stage_args[k], stream))
+@dataclasses.dataclass
+class Concurrent:
+    """Every stage replayed at once on its own partition, without the runtime."""
 
-    def all_at_once() -> None:
+    round_seconds: float            # median wall time of a round
+    stage_seconds: list[float]      # median time of each stage during those rounds
+
+
+def all_stages_at_once(rig: Rig, stages: Sequence[Any], stage_args: Sequence[Sequence[torch.Tensor]],
+                       streams: Sequence[Any], warmup: int = 3, repeats: int = 20) -> Concurrent:
+    """Replay every stage at once, each on its own partition (with stride 2 the last stage
+    on the extra one too), launched from one thread: rounds with the partitions'
+    contention for memory bandwidth and L2 but without the runtime, and each stage's time
+    under that contention (the longer of its two runs with stride 2)."""
+    slots = [min(slot, len(stages) - 1) for slot in range(len(streams))]
+    jobs = [(rig.graphed(stages[k], stream, f"stage {k} on partition {slot}"), stage_args[k], stream)
+            for slot, (k, stream) in enumerate(zip(slots, streams))]
+    rounds, per_stage = [], [[] for _ in stages]
+    for repeat in range(warmup + repeats):
+        rig.sync()
+        start, marks = time.perf_counter(), []
         for run, args, stream in jobs:
             with rig.on(stream):
+                begin = rig.mark()
                 run(args)
+                marks.append((begin, rig.mark()))
         rig.sync()
-
-    return median_wall_seconds(all_at_once, 3, 20)
+        if repeat >= warmup:
+            rounds.append(time.perf_counter() - start)
+            seconds = [rig.seconds_between(*pair) for pair in marks]
+            for k in range(len(stages)):
+                per_stage[k].append(max(s for slot, s in zip(slots, seconds) if slot == k))
+    return Concurrent(statistics.median(rounds), [statistics.median(s) for s in per_stage])
 
 
 class _BaselineDenoiser:
