@@ -296,9 +296,9 @@ def all_stages_at_once(rig: Rig, stages: Sequence[Any], stage_args: Sequence[Seq
     on the extra one too), launched from one thread: rounds with the partitions'
     contention for memory bandwidth and L2 but without the runtime, and each stage's time
     under that contention (the longer of its two runs with stride 2)."""
-    slots = [min(slot, len(stages) - 1) for slot in range(len(streams))]
+    stage_of_slot = [min(slot, len(stages) - 1) for slot in range(len(streams))]
     jobs = [(rig.graphed(stages[k], stream, f"stage {k} on partition {slot}"), stage_args[k], stream)
-            for slot, (k, stream) in enumerate(zip(slots, streams))]
+            for slot, (k, stream) in enumerate(zip(stage_of_slot, streams))]
     rounds, per_stage = [], [[] for _ in stages]
     for repeat in range(warmup + repeats):
         rig.sync()
@@ -313,7 +313,7 @@ def all_stages_at_once(rig: Rig, stages: Sequence[Any], stage_args: Sequence[Seq
             rounds.append(time.perf_counter() - start)
             seconds = [rig.seconds_between(*pair) for pair in marks]
             for k in range(len(stages)):
-                per_stage[k].append(max(s for slot, s in zip(slots, seconds) if slot == k))
+                per_stage[k].append(max(s for stage, s in zip(stage_of_slot, seconds) if stage == k))
     return Concurrent(statistics.median(rounds), [statistics.median(s) for s in per_stage])
 
 
