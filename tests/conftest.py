@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import pathlib
+import sys
 from typing import Any
 
 import pytest
@@ -12,6 +15,16 @@ from diffusers import DDIMScheduler
 import asyncfx
 from asyncfx.passes.meta import VALUE_CLASS, ValueClass
 from asyncfx.zoo.tiny import ZOO
+
+
+def load_benchmark(name: str) -> Any:
+    """The module of ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 @functools.lru_cache(maxsize=None)

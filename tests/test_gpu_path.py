@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -19,7 +18,7 @@ from asyncfx.api import DeviceError
 from asyncfx.errors import AsyncFXError
 from asyncfx.runtime.cuda_graphs import GraphedStage
 from asyncfx.runtime.green import PartitionError, parse_sm_partitions, sm_partitions
-from conftest import sample, zoo_example
+from conftest import load_benchmark, sample, zoo_example
 
 
 def test_parse_sm_partitions():
@@ -196,12 +195,7 @@ def test_stage_times_are_measured_on_the_current_streams_partition():
 
 
 def _gpu_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_benchmark", pathlib.Path(__file__).parent.parent / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu")
 
 
 def test_gpu_benchmark_dry_run_writes_its_table(tmp_path):

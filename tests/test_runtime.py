@@ -14,7 +14,7 @@ from torch import nn
 import asyncfx
 from asyncfx.api import DeviceError
 from asyncfx.runtime.denoiser import SchedulerError
-from conftest import sample, zoo_example
+from conftest import load_benchmark, sample, zoo_example
 
 COEFFICIENTS = (1.0, 10.0, 100.0)
 
@@ -242,3 +242,14 @@ def test_local_executor_on_cuda_streams_matches_serial():
     expected = sample(asyncfx.partition(model, n, warmup=2, executor="serial"), kwargs, "sample")
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-3, atol=1e-3)
     den.close()
+
+
+def test_runtime_overhead_benchmark_reports_every_executor(capsys):
+    benchmark = load_benchmark("runtime_overhead")
+    assert benchmark.main(["--calls", "6", "--stages", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("model alone:")
+    assert [line.split(":")[0] for line in lines[2:]] == ["N=2, serial executor", "N=2, local  executor"]
+    assert all("us CPU in the calling thread" in line for line in lines[1:])
+    with pytest.raises(SystemExit):
+        benchmark.main(["--stages", "two"])

@@ -1,0 +1,102 @@
+"""Host cost of the asyncfx runtime per denoiser call, with stages that do almost nothing.
+
+    python benchmarks/runtime_overhead.py [--calls 300] [--stages 2,4]
+
+A chain of tiny Linear layers (microseconds of arithmetic) is partitioned, so what a
+call costs beyond the model itself is the runtime: binding and checking the inputs,
+tracking the generation, scheduling the step, running or handing each stage to its
+worker, collecting and rebuilding the output. In one run it times the model alone (the
+baseline), the serial executor (every stage in the calling thread: the runtime without
+threads) and the local executor on CPU worker threads, each as the median wall time of
+a parallel step and the CPU time the calling thread spent in it. On a GPU the calling
+thread's time is what a round cannot hide; ``benchmarks/gpu.py`` measures the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+import asyncfx
+
+WARMUP = 1
+
+
+class TinyChain(nn.Module):
+    """A denoiser-shaped chain of 16 8x8 Linear layers."""
+
+    def __init__(self, layers: int = 16):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(layers))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            sample = layer(sample) + timestep / 1000
+        return sample
+
+
+def per_call(denoiser: Callable[..., Any], sample: torch.Tensor, calls: int,
+             generations: int = 3) -> tuple[float, float]:
+    """Median wall seconds and calling-thread CPU seconds of the calls after warm-up."""
+    walls, cpus = [], []
+    for _ in range(generations):
+        getattr(denoiser, "reset", lambda: None)()
+        for step in range(calls):
+            timestep = torch.tensor(999.0 - step)
+            wall, cpu = time.perf_counter(), time.thread_time()
+            denoiser(sample, timestep)
+            if step >= WARMUP:
+                cpus.append(time.thread_time() - cpu)
+                walls.append(time.perf_counter() - wall)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def run(calls: int, stage_counts: Sequence[int]) -> list[str]:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # tiny layers: more threads would only measure their wake-ups
+    model = TinyChain().eval()
+    example = (torch.randn(2, 8), torch.tensor(999.0))
+    lines = []
+    with torch.no_grad():
+        alone_wall, alone_cpu = per_call(model, example[0], calls)
+        lines.append(f"model alone:                      {alone_wall * 1e6:7.0f} us a call "
+                     f"({alone_cpu * 1e6:.0f} us CPU in the calling thread)")
+        for n in stage_counts:
+            for executor, devices in (("serial", None), ("local", ["cpu"] * n)):
+                den = asyncfx.partition(model, n, warmup=WARMUP, executor=executor, devices=devices,
+                                        example_inputs=(example, {}))
+                try:
+                    wall, cpu = per_call(den, example[0], calls)
+                finally:
+                    den.close()
+                lines.append(f"N={n}, {executor:6} executor:          {wall * 1e6:7.0f} us a call "
+                             f"({cpu * 1e6:.0f} us CPU in the calling thread); runtime "
+                             f"+{(wall - alone_wall) * 1e6:.0f} us over the model alone")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=300, help="denoiser calls per generation")
+    parser.add_argument("--stages", default="2,4", help="stage counts, comma-separated")
+    options = parser.parse_args(argv)
+    try:
+        stage_counts = [int(n) for n in options.stages.split(",")]
+    except ValueError:
+        parser.error(f"--stages {options.stages!r} must be integers separated by commas, e.g. 2,4")
+    if options.calls <= WARMUP + 1 or min(stage_counts) < 2:
+        parser.error(f"need --calls > {WARMUP + 1} and stage counts of at least 2")
+    print(f"torch {torch.__version__}, {options.calls} calls a generation, 3 generations, "
+          "1 intra-op thread", flush=True)
+    for line in run(options.calls, stage_counts):
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
