@@ -116,6 +116,23 @@ def test_cuda_graphs_and_partitions_match_serial(devices):
     den.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_workers_capturing_at_the_same_step_all_end_up_graphed():
+    """Four workers reach their capture call in the same step; torch.cuda.graph empties
+    the allocator's cache first, which another capture under way forbids, so captures
+    take turns and none falls back to eager."""
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(copy.deepcopy(model).cuda(), 4, warmup=2, devices=["cuda:0"] * 4)
+    cuda_kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sample(den, cuda_kwargs, "sample", steps=8)
+    assert not [w for w in caught if "cannot be captured" in str(w.message)]
+    assert den.executor.graphed_slots() == [True] * 4
+    den.close()
+
+
 class _TimedChain(nn.Module):
     def __init__(self):
         super().__init__()

@@ -10,9 +10,16 @@ so a replay must not overwrite what a consumer still reads.
 
 A module that cannot be captured (a host synchronisation, a data-dependent shape) keeps
 running eagerly, with one warning that names the reason.
+
+Note (one capture at a time): ``torch.cuda.graph`` synchronises the device and empties
+the caching allocator's cache before it captures, and the allocator refuses to empty its
+cache while another capture is under way. Stages whose workers capture at the same step
+therefore share a ``capture_lock``; replays and eager calls on other threads go on while
+one stage captures (``capture_error_mode="thread_local"``).
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any, Sequence
 
@@ -37,9 +44,10 @@ class GraphedStage:
     """
 
     def __init__(self, module: nn.Module, *, name: str, stream: torch.cuda.Stream,
-                 eager_calls: int = EAGER_CALLS_BEFORE_CAPTURE):
+                 eager_calls: int = EAGER_CALLS_BEFORE_CAPTURE, capture_lock: Any = None):
         self.module, self.name, self.stream = module, name, stream
         self.eager_calls = eager_calls
+        self.capture_lock = capture_lock or threading.Lock()
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failure: str | None = None
@@ -55,7 +63,8 @@ class GraphedStage:
         inside ``torch.cuda.stream(self.stream)``)."""
         self.calls += 1
         if self.graph is None and self.failure is None and self.calls > self.eager_calls:
-            self._capture(args)
+            with self.capture_lock:
+                self._capture(args)
         if self.graph is None:
             return tuple(self.module(*args))
         for static, value in zip(self._static_inputs, args):

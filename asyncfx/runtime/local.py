@@ -57,9 +57,10 @@ class LocalExecutor(Executor):
         threads = threads or max(1, self._all_threads // max(cpu_slots, 1))
         self._results: queue.Queue = queue.Queue()
         self._epoch = 0
+        capture_lock = threading.Lock()  # workers capture their graphs one at a time
         self._workers = [_Worker(slot, self._slot_module(slot), self._stage(slot).outputs, device,
                                  threads, self._results, stream=streams[slot],
-                                 cuda_graph=use_graphs and device.type == "cuda",
+                                 cuda_graph=use_graphs and device.type == "cuda", capture_lock=capture_lock,
                                  name=f"stage {min(slot, len(programs) - 1)} (slot {slot})")
                          for slot, device in enumerate(self.devices)]
         self._consumers = self._consumer_devices()
@@ -178,7 +179,7 @@ def _on_device(module: nn.Module, device: torch.device) -> bool:
 class _Worker(threading.Thread):
     def __init__(self, slot: int, module: nn.Module, outputs: list[str], device: torch.device,
                  threads: int, results: queue.Queue, *, stream: Any = None, cuda_graph: bool = False,
-                 name: str = ""):
+                 capture_lock: Any = None, name: str = ""):
         super().__init__(name=f"asyncfx-stage-slot-{slot}", daemon=True)
         self.slot, self.module, self.device, self.threads = slot, module, device, threads
         self.outputs = outputs
@@ -186,6 +187,7 @@ class _Worker(threading.Thread):
         self.tasks: queue.Queue = queue.Queue()
         self.consumer_devices: dict[str, set[torch.device]] = {}
         self.stream, self.cuda_graph, self.stage_name = stream, cuda_graph, name
+        self.capture_lock = capture_lock
         self.graphed: GraphedStage | None = None
 
     def run(self) -> None:
@@ -193,7 +195,8 @@ class _Worker(threading.Thread):
         compute = (self.stream or torch.cuda.Stream(self.device)) if cuda else None
         copier = torch.cuda.Stream(self.device) if cuda else None
         if self.cuda_graph:
-            self.graphed = GraphedStage(self.module, name=self.stage_name, stream=compute)
+            self.graphed = GraphedStage(self.module, name=self.stage_name, stream=compute,
+                                        capture_lock=self.capture_lock)
         while True:
             task = self.tasks.get()
             if task is None:
