@@ -113,8 +113,12 @@ class Rig:
         """Seconds between two marks (after a sync on CUDA)."""
         return begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
 
-    def sync(self) -> None:
+    def sync(self, streams: Sequence[Any] = ()) -> None:
+        """Wait for the GPU: ``streams`` one by one (partition streams belong to green
+        contexts, so this does not lean on what a device-wide sync covers), then the device."""
         if self.cuda:
+            for stream in streams:
+                stream.synchronize()
             torch.cuda.synchronize(self.device)
 
 
@@ -301,14 +305,14 @@ def all_stages_at_once(rig: Rig, stages: Sequence[Any], stage_args: Sequence[Seq
             for slot, (k, stream) in enumerate(zip(stage_of_slot, streams))]
     rounds, per_stage = [], [[] for _ in stages]
     for repeat in range(warmup + repeats):
-        rig.sync()
+        rig.sync(streams)
         start, marks = time.perf_counter(), []
         for run, args, stream in jobs:
             with rig.on(stream):
                 begin = rig.mark()
                 run(args)
                 marks.append((begin, rig.mark()))
-        rig.sync()
+        rig.sync(streams)
         if repeat >= warmup:
             rounds.append(time.perf_counter() - start)
             seconds = [rig.seconds_between(*pair) for pair in marks]

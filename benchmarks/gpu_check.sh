@@ -51,7 +51,8 @@ outs = []
 for p in parts:
     with torch.cuda.stream(p.stream):
         outs.append(x @ x)
-torch.cuda.synchronize()
+for p in parts:
+    p.stream.synchronize()
 for y in outs:
     torch.testing.assert_close(y, x @ x)
 print("4 partitions:", [p.sm_count for p in parts], "SMs; a product on each matches")'
