@@ -153,14 +153,13 @@ def test_stages_wait_for_inputs_the_caller_is_still_writing(cuda_graphs):
     from reading it early."""
     model = _TimedChain().cuda()
     example = (torch.randn(2, 64, device="cuda"), torch.tensor(999.0))
-    latents = [torch.randn(2, 64) for _ in range(6)]
+    latents = [torch.randn(2, 64, device="cuda") for _ in range(6)]
 
     def run(denoiser):
         outputs = []
         for step, latent in enumerate(latents):
-            x = torch.zeros(2, 64, device="cuda")
-            torch.cuda._sleep(20_000_000)   # the caller's stream stays busy for milliseconds
-            x.copy_(latent, non_blocking=True)
+            torch.cuda._sleep(20_000_000)   # the caller's stream stays busy for milliseconds,
+            x = latent * 1.0                # then writes the latent: the host does not wait
             outputs.append(denoiser(x, torch.tensor(999.0 - step)).cpu())
         return outputs
 
