@@ -12,9 +12,10 @@ A module that cannot be captured (a host synchronisation, a data-dependent shape
 running eagerly, with one warning that names the reason.
 
 Note (one capture at a time): ``torch.cuda.graph`` synchronises the device and empties
-the caching allocator's cache before it captures, and the allocator refuses to empty its
-cache while another capture is under way. Stages whose workers capture at the same step
-therefore share a ``capture_lock``; replays and eager calls on other threads go on while
+the caching allocator's cache before it captures; emptying it while another thread's
+capture is under way is not something the allocator supports (it syncs and frees the
+events of every stream). Stages whose workers capture at the same step therefore share
+a ``capture_lock``; replays and eager calls on other threads go on while
 one stage captures (``capture_error_mode="thread_local"``).
 """
 from __future__ import annotations
