@@ -293,11 +293,25 @@ def test_driver_failures_name_the_call_and_the_cuda_error():
 
 @pytest.mark.parametrize("name, billions", [("sd21", 0.866), ("sdxl", 2.567)])
 def test_gpu_benchmark_models_have_the_real_sizes_and_run_on_their_inputs(name, billions):
-    """Built on the meta device (no memory, no arithmetic): the shapes a GPU run will see."""
-    label, factory = _gpu_benchmark().MODELS[name]
-    with torch.device("meta"), torch.no_grad():
-        model, args, kwargs = factory()
-        out = model(*args, **kwargs).sample
+    """Built by gpu.py's own build() on the meta device (no memory, no arithmetic), as a GPU
+    run builds them under ``torch.device("cuda")``: the shapes and dtypes it will see."""
+    benchmark = _gpu_benchmark()
+    label, factory = benchmark.MODELS[name]
+    model, kwargs = benchmark.build(SimpleNamespace(device=torch.device("meta")), factory, torch.float16)
+    with torch.no_grad():
+        out = model(**kwargs).sample
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.001)
-    assert out.shape == kwargs["sample"].shape
+    assert out.shape == kwargs["sample"].shape and out.dtype == torch.float16 and out.is_meta
     assert f"latent {kwargs['sample'].shape[-1]}" in label and kwargs["sample"].shape[0] == 2
+
+
+def test_tiny_inputs_are_drawn_on_the_cpu_under_any_default_device():
+    """A CPU generator cannot draw CUDA tensors: the zoo draws on the CPU, so building under
+    ``with torch.device("cuda"):`` works and gives the same inputs as on a CPU."""
+    from asyncfx.zoo import tiny
+
+    _, _, on_cpu = tiny.sd_unet()
+    with torch.device("meta"):
+        _, _, elsewhere = tiny.sd_unet()
+    assert elsewhere["sample"].device.type == "cpu"
+    torch.testing.assert_close(elsewhere["sample"], on_cpu["sample"], rtol=0, atol=0)

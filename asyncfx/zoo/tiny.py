@@ -27,7 +27,9 @@ def _seeded(seed: int) -> torch.Generator:
 
 
 def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen)
+    """Drawn on the generator's device (the CPU), so the same seed gives the same inputs
+    even under ``with torch.device("cuda"):``, where a CPU generator could not draw."""
+    return torch.randn(*shape, generator=gen, device=gen.device)
 
 
 def unet2d(batch: int = 2, size: int = 16, seed: int = 0) -> Example:
