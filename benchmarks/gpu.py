@@ -223,6 +223,7 @@ def run_model(rig: Rig, name: str, label: str, factory: Callable[[], Any], optio
 
     with torch.no_grad():
         model, kwargs = build(rig, factory, dtype)
+        rig.sync()  # the inputs' copies to the GPU ran on the default stream; timing uses others
         captured = asyncfx.capture(model, (), kwargs)
         flat = captured.interface.flatten((), kwargs)
         whole = rig.whole_gpu_stream()
