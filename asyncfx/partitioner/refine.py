@@ -99,8 +99,7 @@ def time_stages(staged: StagedModel, flat_inputs: Sequence[torch.Tensor], *, war
         timings = []
         for index, (stage, args) in enumerate(zip(staged.stages, stage_args)):
             run = lambda stage=stage, args=args: stage(*args)  # noqa: E731
-            timings.append(_median_seconds(run, f"stage {index}", bool(args) and args[0].is_cuda,
-                                           warmup, repeats))
+            timings.append(_median_seconds(run, f"stage {index}", _on_cuda(args), warmup, repeats))
     return timings
 
 
@@ -109,8 +108,12 @@ def time_whole(captured: Captured, flat_inputs: Sequence[torch.Tensor], *, warmu
     """Median seconds of the whole captured graph on one device, timed like a stage."""
     with torch.no_grad():
         run = lambda: captured.graph_module(*flat_inputs)  # noqa: E731
-        return _median_seconds(run, "the whole model", bool(flat_inputs) and flat_inputs[0].is_cuda,
-                               warmup, repeats)
+        return _median_seconds(run, "the whole model", _on_cuda(flat_inputs), warmup, repeats)
+
+
+def _on_cuda(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a run on these inputs computes on a GPU (a CPU timestep may come along)."""
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
 
 
 def _median_seconds(run: Callable[[], object], what: str, cuda: bool, warmup: int, repeats: int) -> float:

@@ -36,7 +36,9 @@ def profile_nodes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, warmup:
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"profile_nodes needs warmup >= 0 and repeats >= 1, got {warmup}, {repeats}.")
-    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    # the GPU if any input lives there (a timestep may stay on the CPU)
+    cuda = [t.device for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda]
+    device = cuda[0] if cuda else torch.device("cpu")
     timer = _CudaTimer(device) if device.type == "cuda" else _WallTimer()
     samples: dict[fx.Node, list[float]] = {}
     with torch.no_grad():
@@ -97,6 +99,8 @@ class _CudaTimer:
         return result
 
     def collect(self) -> dict[fx.Node, float]:
+        if self.events:  # the last event of the pass, on whatever stream was current
+            list(self.events.values())[-1][1].synchronize()
         torch.cuda.synchronize(self.device)
         times = {node: start.elapsed_time(end) / 1e3 for node, (start, end) in self.events.items()}
         self.events = {}
