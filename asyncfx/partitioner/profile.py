@@ -12,7 +12,7 @@ from asyncfx.errors import PlanError
 from asyncfx.partitioner.artifact import load_json, save_json
 from asyncfx.partitioner.capture import Captured
 from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
-from asyncfx.passes.profile import profile_nodes
+from asyncfx.passes.profile import profile_nodes, timing_device
 
 PROFILE_FORMAT = "asyncfx.Profile"
 PROFILE_VERSION = 1
@@ -81,6 +81,6 @@ def profile_captured(captured: Captured, flat_inputs: Sequence[torch.Tensor], *,
                      repeats: int = 5, model: str | None = None,
                      on_run: Callable[[], None] | None = None) -> Profile:
     profile_nodes(captured.graph_module, flat_inputs, warmup=warmup, repeats=repeats, on_run=on_run)
-    device = str(next((t.device for t in flat_inputs), torch.device("cpu")))
+    device = str(timing_device(flat_inputs))
     return Profile(graph=build_cost_graph(captured), device=device, threads=torch.get_num_threads(),
                    warmup=warmup, repeats=repeats, model=model)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from asyncfx.partitioner.capture import Captured
+from asyncfx.passes.profile import timing_device
 from asyncfx.partitioner.cost_model import CostModel
 from asyncfx.partitioner.plan import StagePlan
 from asyncfx.partitioner.search import search_cuts
@@ -112,8 +113,7 @@ def time_whole(captured: Captured, flat_inputs: Sequence[torch.Tensor], *, warmu
 
 
 def _on_cuda(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether a run on these inputs computes on a GPU (a CPU timestep may come along)."""
-    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+    return timing_device(tensors).type == "cuda"
 
 
 def _median_seconds(run: Callable[[], object], what: str, cuda: bool, warmup: int, repeats: int) -> float:

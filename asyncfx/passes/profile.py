@@ -36,9 +36,7 @@ def profile_nodes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, warmup:
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"profile_nodes needs warmup >= 0 and repeats >= 1, got {warmup}, {repeats}.")
-    # the GPU if any input lives there (a timestep may stay on the CPU)
-    cuda = [t.device for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda]
-    device = cuda[0] if cuda else torch.device("cpu")
+    device = timing_device(inputs)
     timer = _CudaTimer(device) if device.type == "cuda" else _WallTimer()
     samples: dict[fx.Node, list[float]] = {}
     with torch.no_grad():
@@ -58,6 +56,13 @@ def profile_nodes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, warmup:
     for node, seconds in medians.items():
         node.meta[MEASURED_SECONDS] = seconds
     return {node.name: seconds for node, seconds in medians.items()}
+
+
+def timing_device(inputs: Sequence[Any]) -> torch.device:
+    """Where a graph on ``inputs`` computes: the GPU if any input lives there (a timestep
+    may stay on the CPU), else the CPU."""
+    cuda = [t.device for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda]
+    return cuda[0] if cuda else torch.device("cpu")
 
 
 def _median_whole_graph(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], repeats: int) -> float:
