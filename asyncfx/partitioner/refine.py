@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from asyncfx.partitioner.capture import Captured
-from asyncfx.passes.profile import timing_device
 from asyncfx.partitioner.cost_model import CostModel
 from asyncfx.partitioner.plan import StagePlan
 from asyncfx.partitioner.search import search_cuts
 from asyncfx.partitioner.staged import StagedModel, split
+from asyncfx.passes.profile import timing_device
 
 
 def refine(captured: Captured, model: CostModel, plan: StagePlan, flat_inputs: Sequence[torch.Tensor],

@@ -15,8 +15,8 @@ Note (one capture at a time): ``torch.cuda.graph`` synchronises the device and e
 the caching allocator's cache before it captures; emptying it while another thread's
 capture is under way is not something the allocator supports (it syncs and frees the
 events of every stream). Stages whose workers capture at the same step therefore share
-a ``capture_lock``; replays and eager calls on other threads go on while
-one stage captures (``capture_error_mode="thread_local"``).
+a ``capture_lock``; replays and eager calls on other threads go on while one stage
+captures (``capture_error_mode="thread_local"``).
 """
 from __future__ import annotations
 
