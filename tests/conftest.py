@@ -39,6 +39,11 @@ def zoo_captured(name: str) -> asyncfx.Captured:
     return asyncfx.capture(model, args, kwargs)
 
 
+def on_cuda(inputs: Any) -> Any:
+    """Example inputs (any nesting of args and kwargs) with every tensor moved to the GPU."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.cuda(), inputs)
+
+
 def leaves(output: Any) -> list[torch.Tensor]:
     """The tensors of a model output (tuple, dataclass or tensor), in order."""
     return [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]

@@ -18,7 +18,7 @@ from asyncfx.api import DeviceError
 from asyncfx.errors import AsyncFXError
 from asyncfx.runtime.cuda_graphs import GraphedStage
 from asyncfx.runtime.green import PartitionError, parse_sm_partitions, sm_partitions
-from conftest import load_benchmark, sample, zoo_example
+from conftest import load_benchmark, on_cuda, sample, zoo_example
 
 
 def test_parse_sm_partitions():
@@ -109,7 +109,7 @@ def test_cuda_graphs_and_partitions_match_serial(devices):
         den = asyncfx.partition(model, 2, warmup=2, devices=devices)
     except PartitionError as exc:
         pytest.skip(f"this GPU or driver cannot make SM partitions: {exc}")
-    cuda_kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    cuda_kwargs = on_cuda(kwargs)
     got = sample(den, cuda_kwargs, "sample", steps=8)
     assert all(den.executor.graphed_slots())
     # the same kernels in the caller's thread (TF32 convolutions would part from a CPU run)
@@ -126,7 +126,7 @@ def test_workers_capturing_at_the_same_step_all_end_up_graphed():
     way, so captures take turns and none falls back to eager."""
     model, _, kwargs = zoo_example("sd_unet")
     den = asyncfx.partition(copy.deepcopy(model).cuda(), 4, warmup=2, devices=["cuda:0"] * 4)
-    cuda_kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    cuda_kwargs = on_cuda(kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sample(den, cuda_kwargs, "sample", steps=8)

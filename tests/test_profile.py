@@ -8,7 +8,7 @@ import asyncfx
 from asyncfx.passes.meta import COMPUTE_OPS
 from asyncfx.passes.meta import MEASURED_SECONDS
 from asyncfx.passes.profile import profile_nodes
-from conftest import assert_same_output, zoo_captured, zoo_example
+from conftest import assert_same_output, on_cuda, zoo_captured, zoo_example
 
 
 def test_profile_pass_times_every_compute_node():
@@ -71,9 +71,7 @@ def test_measure_needs_example_inputs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_profile_uses_events_and_stage_times_use_graphs():
     model, args, kwargs = zoo_example("sd_unet")
-    device_args = torch.utils._pytree.tree_map(lambda v: v.cuda() if isinstance(v, torch.Tensor) else v,
-                                               (args, kwargs))
-    plan = asyncfx.compile(model.cuda(), 2, example_inputs=device_args, cost="measure",
+    plan = asyncfx.compile(model.cuda(), 2, example_inputs=on_cuda((args, kwargs)), cost="measure",
                            refine_rounds=2, repeats=3)
     assert all(s.measured_seconds > 0 for s in plan.stages)
     model.cpu()

@@ -14,7 +14,7 @@ from torch import nn
 import asyncfx
 from asyncfx.api import DeviceError
 from asyncfx.runtime.denoiser import SchedulerError
-from conftest import load_benchmark, sample, zoo_example
+from conftest import load_benchmark, on_cuda, sample, zoo_example
 
 COEFFICIENTS = (1.0, 10.0, 100.0)
 
@@ -238,7 +238,7 @@ def test_local_executor_on_cuda_streams_matches_serial():
     devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(n)]
     model = copy.deepcopy(model).cuda()
     den = asyncfx.partition(model, n, warmup=2, devices=devices)
-    cuda_kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    cuda_kwargs = on_cuda(kwargs)
     got = sample(den, cuda_kwargs, "sample")
     expected = sample(asyncfx.partition(model, n, warmup=2, executor="serial"), cuda_kwargs, "sample")
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # the same kernels on the GPU
