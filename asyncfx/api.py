@@ -86,7 +86,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
         return _interface(captured), make_executor
 
     denoiser = AsyncDenoiser(model, build, n_stages=n_devices, warmup=warmup, stride=stride,
-                             time_shift=time_shift, scheduler=scheduler, rebuild=plan is None)
+                             time_shift=time_shift, scheduler=scheduler, rebuild=plan is None,
+                             convertible=not isinstance(model, Captured))
     if example_inputs is not None:
         denoiser.build(*split_example_inputs(example_inputs), compile_now=True)
     return denoiser

@@ -6,6 +6,7 @@ passed directly, so no tokenizer or text encoder is needed.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import numpy as np
 import torch
@@ -73,6 +74,26 @@ def test_stable_diffusion_pipeline():
     generator = torch.Generator().manual_seed(1)
     check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),
                   negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
+
+
+def test_pipe_to_converts_a_partitioned_denoiser():
+    def pipeline(unet):
+        return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
+                                       scheduler=DDIMScheduler(num_train_timesteps=1000),
+                                       safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+    unet, _, _ = tiny.sd_unet()
+    generator = torch.Generator().manual_seed(1)
+    embeds = {"prompt_embeds": torch.randn(1, 4, 8, generator=generator, dtype=torch.float64),
+              "negative_prompt_embeds": torch.randn(1, 4, 8, generator=generator, dtype=torch.float64)}
+    with one_thread():
+        expected = images(pipeline(copy.deepcopy(unet)).to(torch.float64), **embeds)
+        pipe = pipeline(asyncfx.partition(unet, 2, warmup=STEPS, executor="serial"))
+        pipe.to(torch.float64)  # after partition(): the denoiser follows, as the model would
+        assert pipe.unet.dtype == torch.float64
+        got = images(pipe, **embeds)
+    np.testing.assert_array_equal(got, expected)  # warm-up covers every step: the original run
 
 
 def test_stable_diffusion_xl_pipeline():

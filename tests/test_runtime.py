@@ -14,7 +14,7 @@ from torch import nn
 import asyncfx
 from asyncfx.api import DeviceError
 from asyncfx.runtime.denoiser import SchedulerError
-from conftest import load_benchmark, on_cuda, sample, zoo_example
+from conftest import load_benchmark, on_cuda, sample, zoo_captured, zoo_example
 
 COEFFICIENTS = (1.0, 10.0, 100.0)
 
@@ -228,6 +228,33 @@ def test_attributes_come_from_the_original_model():
     den(**{**kwargs, "timestep": torch.tensor(800)})
     assert den.plan is not None and den.plan.n_stages == 2
     den.close()
+
+
+def test_converting_the_denoiser_converts_the_model_and_captures_it_again():
+    model = copy.deepcopy(zoo_example("sd_unet")[0])  # the zoo's model is shared with other tests
+    _, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    sample(den, kwargs, "sample", steps=3)
+    executor = den.executor
+    assert den.to("cpu") is den and den.executor is executor  # nothing to convert: stages kept
+    den.to(torch.float64)
+    assert den.executor is None and den.plan is None
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    double = {k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()}
+    got = sample(den, double, "sample", steps=4)
+    assert got.dtype == torch.float64
+    assert {b.dtype for b in den.plan.boundaries} == {"torch.float64"}
+    fresh = asyncfx.partition(copy.deepcopy(model), 2, warmup=1, executor="serial")
+    torch.testing.assert_close(got, sample(fresh, double, "sample", steps=4), rtol=0, atol=0)
+
+
+def test_a_denoiser_partitioned_from_a_captured_graph_refuses_to_convert():
+    captured = zoo_captured("sd_unet")
+    den = asyncfx.partition(captured, 2, executor="serial")
+    with pytest.raises(asyncfx.AsyncFXError, match="convert the model first, then capture"):
+        den.half()
+    assert {p.dtype for p in captured.parameters()} == {torch.float32}
+    assert den.to("cpu", torch.float32) is den  # nothing to convert
 
 
 @pytest.mark.gpu

@@ -6,6 +6,12 @@ last stage's output in the model's own type. A new generation (the timestep goes
 the latent's shape changes, or the conditioning changes) resets the step count and
 the boundary buffers; ``reset()`` does it explicitly.
 
+Note (converting): ``.to()``, ``.half()``, ``.cuda()`` and the like (``pipe.to(...)``
+included) convert the original model, and the next call captures and splits it again,
+since the stages were specialised to the old dtype and device. Devices the stages run on
+are the ones ``partition()`` chose; only the original model (warm-up steps before the
+first compile, capture) moves.
+
 Note (two calls per step): pipelines that run the conditional and unconditional
 passes as separate calls call the denoiser twice with the same timestep. The i-th call
 with a given timestep belongs to stream i; each stream keeps its own step count and
@@ -61,13 +67,14 @@ class AsyncDenoiser(nn.Module):
     def __init__(self, model: nn.Module,
                  build: Callable[[tuple, dict], tuple[CallInterfaceLike, Callable[[], tuple[Executor, Any]]]],
                  *, n_stages: int, warmup: int, stride: int = 1, time_shift: bool = False,
-                 scheduler: Any = None, rebuild: bool = True):
+                 scheduler: Any = None, rebuild: bool = True, convertible: bool = True):
         super().__init__()
         object.__setattr__(self, "_model", model)  # read attributes from it; do not own it
         self._build = build
         self.n_stages, self.warmup, self.stride = n_stages, warmup, stride
         self.time_shift, self.scheduler = time_shift, scheduler
         self.rebuild = rebuild  # re-capture on new input shapes (not with a user's plan)
+        self.convertible = convertible  # .to() may convert the model and re-capture it
         self.executor: Executor | None = None
         self.interface: CallInterfaceLike | None = None
         self._make_executor: Callable[[], tuple[Executor, Any]] | None = None
@@ -102,6 +109,21 @@ class AsyncDenoiser(nn.Module):
         self._last_timestep = None
         self._calls_at_timestep = 0
         self._latent_key = None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> AsyncDenoiser:
+        """``.to()`` and friends: convert the original model and capture it again at the
+        next call (see the note on converting); a no-op conversion keeps the stages."""
+        if not _would_change(self._model, fn):
+            return self
+        if not self.convertible:
+            raise AsyncFXError("this denoiser was partitioned from a captured graph, which is specialised to "
+                               "the dtype and device it was captured with; convert the model first, then "
+                               "capture and partition it again.")
+        self._model._apply(fn)
+        self.close()
+        self.executor, self.plan, self.interface, self._make_executor = None, None, None, None
+        self.reset()
+        return self
 
     def close(self) -> None:
         """Stop the executor's workers (they also stop when the process exits)."""
@@ -216,6 +238,20 @@ class AsyncDenoiser(nn.Module):
         current = named[self._timestep_name]
         value = self.scheduler.timesteps[index]
         return torch.full_like(current, float(value))
+
+
+def _would_change(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether ``fn`` (a conversion of ``nn.Module._apply``) changes the dtype or device of
+    the model's tensors, probed on its first floating-point tensor (conversions to another
+    dtype leave integer tensors alone) and its first other tensor."""
+    tensors = [*model.parameters(), *model.buffers()]
+    probes = [next((t for t in tensors if t.is_floating_point()), None),
+              next((t for t in tensors if not t.is_floating_point()), None)]
+    for tensor in (t for t in probes if t is not None):
+        converted = fn(tensor)
+        if converted.dtype != tensor.dtype or converted.device != tensor.device:
+            return True
+    return False
 
 
 def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
