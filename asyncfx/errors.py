@@ -16,3 +16,8 @@ class PlanError(AsyncFXError, ValueError):
 
 class InputMismatchError(AsyncFXError, ValueError):
     """A call's inputs differ from the inputs the graph was captured with."""
+
+
+class ArgumentsError(InputMismatchError):
+    """A call's arguments do not bind to the model's forward (missing or unknown ones):
+    a mistake in the call, not new shapes that a new capture would fit."""

@@ -158,6 +158,39 @@ def test_shape_change_mid_generation_recaptures():
     torch.testing.assert_close(den(**bigger).sample, model(**bigger).sample, rtol=0, atol=0)
 
 
+def test_a_call_with_missing_arguments_is_an_error_that_keeps_the_generation():
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    untouched = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    calls = [{**kwargs, "timestep": torch.tensor(t)} for t in (900, 800, 700)]
+    torch.testing.assert_close(den(**calls[0]).sample, untouched(**calls[0]).sample, rtol=0, atol=0)
+    interface, executor = den.interface, den.executor
+    with pytest.raises(asyncfx.ArgumentsError, match="missing a required argument: 'encoder_hidden_states'"):
+        den(kwargs["sample"], torch.tensor(800))
+    assert den.interface is interface and den.executor is executor  # nothing recaptured
+    for call in calls[1:]:  # the generation goes on as if the bad call never happened
+        torch.testing.assert_close(den(**call).sample, untouched(**call).sample, rtol=0, atol=0)
+
+
+class NarrowChain(Chain):
+    def forward(self, x, t):
+        if x.shape[-1] > 4:
+            raise ValueError("this model takes inputs at most 4 wide")
+        return super().forward(x, t)
+
+
+def test_a_recapture_that_fails_keeps_the_current_build():
+    den, untouched = (asyncfx.partition(NarrowChain(), 2, warmup=1, executor="serial") for _ in range(2))
+    x, t = torch.ones(1, 4), torch.tensor(3.0)
+    torch.testing.assert_close(den(x, t), untouched(x, t), rtol=0, atol=0)
+    interface, executor = den.interface, den.executor
+    with pytest.raises(asyncfx.CaptureError, match="at most 4 wide"):
+        den(torch.ones(1, 8), t)
+    assert den.interface is interface and den.executor is executor
+    later = torch.tensor(2.0)  # the generation goes on
+    torch.testing.assert_close(den(x * 2, later), untouched(x * 2, later), rtol=0, atol=0)
+
+
 def test_each_worker_holds_only_its_stage_weights():
     model, _, kwargs = zoo_example("sdxl_unet")
     den = asyncfx.partition(model, 3, example_inputs=kwargs, executor="local")

@@ -23,7 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from asyncfx.errors import CaptureError, InputMismatchError
+from asyncfx.errors import ArgumentsError, CaptureError, InputMismatchError
 from asyncfx.passes.classify import classify
 from asyncfx.passes.meta import VALUE, ValueClass
 
@@ -192,7 +192,7 @@ class _Binder:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise InputMismatchError(f"arguments do not fit forward{self.signature}: {exc}") from exc
+            raise ArgumentsError(f"{exc}: the arguments do not fit forward{self.signature}.") from exc
         bound.apply_defaults()
         value = bound.arguments.get(self.timestep_name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):

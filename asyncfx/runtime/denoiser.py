@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from asyncfx.errors import AsyncFXError, InputMismatchError
+from asyncfx.errors import ArgumentsError, AsyncFXError, InputMismatchError
 from asyncfx.runtime.executor import BoundaryStore, Executor
 from asyncfx.runtime.schedule import Mode, schedule
 
@@ -133,9 +133,10 @@ class AsyncDenoiser(nn.Module):
     def build(self, args: tuple, kwargs: dict, *, compile_now: bool = False) -> None:
         """Capture for inputs like ``args``/``kwargs``; compile and split now, or at the
         last warm-up step (see the note on lazy compilation in ``forward``)."""
+        interface, make_executor = self._build(args, kwargs)  # a capture that fails keeps the old build
         self.close()
         self.executor, self.plan = None, None
-        self.interface, self._make_executor = self._build(args, kwargs)
+        self.interface, self._make_executor = interface, make_executor
         self.reset()
         if compile_now:
             self._compile()
@@ -153,6 +154,8 @@ class AsyncDenoiser(nn.Module):
             self.build(args, kwargs)
         try:
             flat = self.interface.flatten(args, kwargs)
+        except ArgumentsError:
+            raise  # a mistake in the call: a new capture would not fit it either
         except InputMismatchError:
             if not self.rebuild:
                 raise
