@@ -68,8 +68,9 @@ class GraphedStage:
                 self._capture(args)
         if self.graph is None:
             return tuple(self.module(*args))
-        for static, value in zip(self._static_inputs, args):
-            static.copy_(value, non_blocking=True)
+        # one call for every input: the host work of a replay is what the workers of a
+        # round serialise on (they share the interpreter lock), so it is kept short
+        torch._foreach_copy_(self._static_inputs, list(args), non_blocking=True)
         self.graph.replay()
         return tuple(out.clone() for out in self._static_outputs)
 
