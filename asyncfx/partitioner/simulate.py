@@ -8,9 +8,12 @@ link model (``DeviceSpec``) prices the transfers. One generation of ``steps`` st
 - ``ceil((steps - warmup) / stride)`` parallel rounds. In a round every stage runs once
   on its own device and sends each boundary tensor it made to each stage that reads it
   (one after another on its copy stream); then the noise prediction is broadcast so
-  every device can take the scheduler step. With transfers overlapped, a stage's sends
-  run during the next round's compute, so a round lasts as long as the slowest stage or
-  the busiest copy stream; without overlap a stage's sends follow its compute.
+  every device can take the scheduler step. Without overlap a stage's sends follow its
+  compute, so a round lasts as long as the slowest stage plus its sends. With transfers
+  overlapped a round lasts as long as the slowest stage or the busiest copy stream: a
+  bound, since only tensors a stage makes before its end can be sent while it computes
+  (as the distributed executor sends them), and a reader needs them at the start of the
+  next round. A runtime that sends each tensor as it is made lands between the two.
 
 Stride 2 runs two steps per round on N + 1 devices (AsyncDiff's stride batching).
 """
