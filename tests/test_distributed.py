@@ -58,7 +58,7 @@ def test_a_rank_that_exits_makes_the_others_fail_clearly(tmp_path):
 
 
 def test_send_hooks_fire_right_after_each_boundary_is_made():
-    from asyncfx.runtime.distributed import with_send_hooks
+    from asyncfx.runtime.hooks import with_send_hooks
 
     model, _, kwargs = zoo_example("sd_unet")
     captured = asyncfx.capture(model, (), kwargs)

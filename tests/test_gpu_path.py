@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import os
 import pathlib
+import queue
 import subprocess
 import sys
 import warnings
@@ -171,6 +172,89 @@ def test_stages_wait_for_inputs_the_caller_is_still_writing(cuda_graphs):
     for got, want in zip(run(den), expected):  # an early read would be off by O(1), not 1e-4
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     den.close()
+
+
+class _EarlyAndLate(nn.Module):
+    """One output made at once, then a long chain of matrix products (milliseconds on a GPU)."""
+
+    def __init__(self, size: int = 2048, depth: int = 48):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(size, size) / size ** 0.5)
+        self.depth = depth
+
+    def forward(self, x):
+        early = x * 2
+        late = early
+        for _ in range(self.depth):
+            late = torch.tanh(late @ self.weight)
+        return early, late
+
+
+def _early_and_late_stage() -> tuple[torch.fx.GraphModule, list[str]]:
+    module = torch.fx.symbolic_trace(_EarlyAndLate().cuda())
+    return module, [node.name for node in module.graph.output_node().args[0]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_worker_copies_every_boundary_output_eagerly_and_from_its_cuda_graph():
+    from asyncfx.runtime.local import _Worker
+    from asyncfx.runtime.schedule import StageRun
+
+    module, names = _early_and_late_stage()
+    device = torch.device("cuda:0")
+    results: queue.Queue = queue.Queue()
+    # the executor only copies to other devices; to the same one the copy path runs alike
+    worker = _Worker(0, module, device, 1, results, destinations={name: [device] for name in names},
+                     cuda_graph=True, name="stage 0")
+    worker.start()
+    try:
+        for step in range(5):  # eager, eager, captured, replayed, replayed
+            x = torch.randn(2048, 2048, device=device)
+            worker.tasks.put((1, StageRun(0, step, step, step, None, 0), [x], [], None))
+            _, _, outputs, copies, error = results.get(timeout=120)
+            assert error is None, error
+            with torch.no_grad():
+                expected = module(x)
+            for name, out, want in zip(names, outputs, expected):
+                copied = copies[f"{name}@{device}"]
+                assert copied.data_ptr() != out.data_ptr()
+                torch.testing.assert_close(copied, out, rtol=0, atol=0)
+                torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+        assert worker.graphed is not None and worker.graphed.graphed
+    finally:
+        worker.tasks.put(None)
+        worker.join(timeout=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_copies_start_when_the_stage_makes_the_tensor_not_when_it_ends():
+    from asyncfx.runtime.cuda_graphs import EAGER_CALLS_BEFORE_CAPTURE
+    from asyncfx.runtime.hooks import with_send_hooks
+    from asyncfx.runtime.local import _Sender
+
+    module, (early, _) = _early_and_late_stage()
+    compute, copier = torch.cuda.Stream(), torch.cuda.Stream()
+    sender = _Sender({early: [torch.device("cuda:0")]}, copier)
+    stage = GraphedStage(with_send_hooks(module, [early], sender.made), name="stage 0", stream=compute)
+    x = torch.randn(2048, 2048, device="cuda")
+    margins = []
+    for _ in range(EAGER_CALLS_BEFORE_CAPTURE + 3):  # eager calls, the capture, replays
+        sender.begin(stores=True)
+        with torch.no_grad(), torch.cuda.stream(compute):
+            outputs = stage([x])
+            if stage.graphed:
+                sender.replayed()
+            finished = torch.cuda.Event(enable_timing=True)
+            finished.record(compute)
+        copied = torch.cuda.Event(enable_timing=True)
+        copied.record(copier)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(sender.end()[f"{early}@cuda:0"], outputs[0], rtol=0, atol=0)
+        margins.append(copied.elapsed_time(finished))  # ms from the copy's end to the stage's end
+    assert stage.graphed
+    assert min(margins) > 0.5, margins  # each copy was done while the matrix products still ran
 
 
 @pytest.mark.gpu

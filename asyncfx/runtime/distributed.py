@@ -28,10 +28,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import fx, nn
 
 from asyncfx.errors import AsyncFXError
 from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, StageProgram
+from asyncfx.runtime.hooks import with_send_hooks
 from asyncfx.runtime.schedule import Mode, StageRun, StepSchedule
 
 
@@ -228,37 +228,6 @@ class DistributedExecutor(Executor):
                                     f"rank {run.slot} did not arrive ({_one_line(exc)}); did rank "
                                     f"{run.slot} exit or hang?") from exc
             results[run.gives] = tuple(tensors)
-
-
-class _SendHook(nn.Module):
-    """A node of the stage graph that hands a freshly made boundary tensor to a callback."""
-
-    def __init__(self, callback: Callable[[str, torch.Tensor], None]):
-        super().__init__()
-        self.callback = callback
-
-    def forward(self, name: str, tensor: torch.Tensor) -> None:
-        self.callback(name, tensor)
-
-
-def with_send_hooks(module: fx.GraphModule, outputs: Sequence[str],
-                    callback: Callable[[str, torch.Tensor], None]) -> fx.GraphModule:
-    """A copy of the stage module (sharing its weights) that calls ``callback(name, value)``
-    right after each node named in ``outputs`` has computed its value."""
-    if not outputs:
-        return module
-    graph = fx.Graph()
-    graph._codegen = copy.deepcopy(module.graph._codegen)
-    graph.output(graph.graph_copy(module.graph, {}))
-    hooked = fx.GraphModule(module, graph)
-    hooked.add_submodule("asyncfx_send_hook", _SendHook(callback))
-    wanted = set(outputs)
-    for node in list(hooked.graph.nodes):
-        if node.name in wanted:
-            with hooked.graph.inserting_after(node):
-                hooked.graph.call_module("asyncfx_send_hook", (node.name, node))
-    hooked.recompile()
-    return hooked
 
 
 def require_process_group() -> None:

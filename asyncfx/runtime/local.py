@@ -1,15 +1,24 @@
 """LocalExecutor: one process, one worker thread per device slot.
 
 Each slot holds its own copy of its stage (on its device) and computes on its own
-thread; on CUDA also on its own stream, with its boundary outputs copied to their
-consumers' devices on a separate copy stream right after it finishes, ordered by
-events. Values are versioned (``BoundaryStore``), so a step writes new buffers while
+thread; on CUDA also on its own stream, with each boundary output copied to the other
+devices that read it, on a copy stream, the moment the stage makes it (see the note on
+sending). Values are versioned (``BoundaryStore``), so a step writes new buffers while
 the stages of the same step read the previous version: double buffering by
 construction. On CPU the workers are threads that share memory; K workers on C cores
 get C/K intra-op threads each, so they do not oversubscribe the cores, except during
 warm-up steps, when one stage runs at a time and may use all C. On CUDA each stage
 replays as a CUDA graph once warmed up (``cuda_graphs``, see ``cuda_graphs.py``), and a
 slot may be given its own stream, e.g. one SM partition of a GPU (``green.py``).
+
+Note (sending): the stage graph reports each boundary tensor as it is made (send hooks,
+``hooks.py``). Run eagerly, the hook records an event on the compute stream and queues
+the copies behind it on the copy stream, so they overlap the rest of the stage. A CUDA
+graph does not run Python, so while a stage is captured the hook records an *external*
+event instead, which becomes a node of the graph; after each replay the worker queues
+the copies behind those events, reading the buffers the graph writes, and they still
+start when the graph reaches each tensor, not when it ends. The next replay overwrites
+those buffers, so a worker waits for its copies before it reports the step done.
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ from torch import nn
 
 from asyncfx.runtime.cuda_graphs import GraphedStage, check_cuda_graphs_option
 from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, StageProgram
+from asyncfx.runtime.hooks import with_send_hooks
 from asyncfx.runtime.schedule import Mode, StageRun, StepSchedule
 
 
@@ -58,14 +68,14 @@ class LocalExecutor(Executor):
         self._results: queue.Queue = queue.Queue()
         self._epoch = 0
         capture_lock = threading.Lock()  # workers capture their graphs one at a time
-        self._workers = [_Worker(slot, self._slot_module(slot), self._stage(slot).outputs, device,
-                                 threads, self._results, stream=streams[slot],
-                                 cuda_graph=use_graphs and device.type == "cuda", capture_lock=capture_lock,
+        consumers = self._consumer_devices()
+        self._workers = [_Worker(slot, self._slot_module(slot), device, threads, self._results,
+                                 destinations=_destinations(self._stage(slot).outputs, consumers, device),
+                                 stream=streams[slot], cuda_graph=use_graphs and device.type == "cuda",
+                                 capture_lock=capture_lock,
                                  name=f"stage {min(slot, len(programs) - 1)} (slot {slot})")
                          for slot, device in enumerate(self.devices)]
-        self._consumers = self._consumer_devices()
         for worker in self._workers:
-            worker.consumer_devices = self._consumers
             worker.start()
 
     def _stage(self, slot: int) -> StageProgram:
@@ -151,6 +161,14 @@ def _copy_key(name: str, device: torch.device) -> str:
     return f"{name}@{device}"
 
 
+def _destinations(outputs: Sequence[str], consumers: dict[str, set[torch.device]],
+                  device: torch.device) -> dict[str, list[torch.device]]:
+    """The other devices each boundary output of a slot on ``device`` must be copied to."""
+    destinations = {name: sorted((d for d in consumers.get(name, ()) if d != device), key=str)
+                    for name in outputs}
+    return {name: devices for name, devices in destinations.items() if devices}
+
+
 def _read(store: BoundaryStore, name: str, version: int, device: torch.device) -> torch.Tensor:
     """The copy already made on ``device`` if there is one, else the producer's tensor."""
     copied = _copy_key(name, device)
@@ -177,15 +195,18 @@ def _on_device(module: nn.Module, device: torch.device) -> bool:
 
 
 class _Worker(threading.Thread):
-    def __init__(self, slot: int, module: nn.Module, outputs: list[str], device: torch.device,
-                 threads: int, results: queue.Queue, *, stream: Any = None, cuda_graph: bool = False,
-                 capture_lock: Any = None, name: str = ""):
+    """One slot: takes runs from ``tasks``, computes them on ``device`` and puts
+    ``(epoch, run, outputs, copies, error)`` on ``results``. ``destinations`` names the
+    boundary outputs to copy to other devices (CUDA only: CPU slots share memory)."""
+
+    def __init__(self, slot: int, module: nn.Module, device: torch.device, threads: int,
+                 results: queue.Queue, *, destinations: dict[str, list[torch.device]] | None = None,
+                 stream: Any = None, cuda_graph: bool = False, capture_lock: Any = None, name: str = ""):
         super().__init__(name=f"asyncfx-stage-slot-{slot}", daemon=True)
         self.slot, self.module, self.device, self.threads = slot, module, device, threads
-        self.outputs = outputs
         self.results = results
         self.tasks: queue.Queue = queue.Queue()
-        self.consumer_devices: dict[str, set[torch.device]] = {}
+        self.destinations = destinations or {}
         self.stream, self.cuda_graph, self.stage_name = stream, cuda_graph, name
         self.capture_lock = capture_lock
         self.graphed: GraphedStage | None = None
@@ -193,9 +214,12 @@ class _Worker(threading.Thread):
     def run(self) -> None:
         cuda = self.device.type == "cuda"
         compute = (self.stream or torch.cuda.Stream(self.device)) if cuda else None
-        copier = torch.cuda.Stream(self.device) if cuda else None
+        sender = _Sender(self.destinations, torch.cuda.Stream(self.device)) if cuda else None
+        runnable = self.module
+        if sender is not None and self.destinations:
+            runnable = with_send_hooks(self.module, list(self.destinations), sender.made)
         if self.cuda_graph:
-            self.graphed = GraphedStage(self.module, name=self.stage_name, stream=compute,
+            self.graphed = GraphedStage(runnable, name=self.stage_name, stream=compute,
                                         capture_lock=self.capture_lock)
         while True:
             task = self.tasks.get()
@@ -205,37 +229,67 @@ class _Worker(threading.Thread):
             if not cuda and torch.get_num_threads() != (threads or self.threads):
                 torch.set_num_threads(threads or self.threads)
             try:
-                outputs, copies = self._compute(run, args, written, compute, copier)
+                if compute is None:
+                    with torch.no_grad():
+                        outputs, copies = runnable(*[a.to(self.device) for a in args]), {}
+                else:
+                    outputs, copies = self._compute(runnable, run, args, written, compute, sender)
                 self.results.put((epoch, run, outputs, copies, None))
             except BaseException as exc:  # reported to the caller, which re-raises it
                 self.results.put((epoch, run, None, None, exc))
 
-    def _compute(self, run: StageRun, args: list[torch.Tensor], written: Sequence[Any], compute: Any,
-                 copier: Any):
-        with torch.no_grad():
-            if compute is None:
-                return self.module(*[a.to(self.device) for a in args]), {}
-            with torch.cuda.device(self.device), torch.cuda.stream(compute):
-                for event in written:
-                    compute.wait_event(event)
-                args = [a.to(self.device, non_blocking=True) for a in args]
-                outputs = self.graphed(args) if self.graphed is not None else self.module(*args)
-                done = torch.cuda.Event()
-                done.record(compute)
-            copies = self._copy_out(run, outputs, done, copier)
-            compute.synchronize()
-            copier.synchronize()
-            return outputs, copies
+    def _compute(self, runnable: nn.Module, run: StageRun, args: list[torch.Tensor], written: Sequence[Any],
+                 compute: Any, sender: _Sender) -> tuple[Any, dict[str, torch.Tensor]]:
+        sender.begin(stores=run.writes is not None)
+        with torch.no_grad(), torch.cuda.device(self.device), torch.cuda.stream(compute):
+            for event in written:
+                compute.wait_event(event)
+            args = [a.to(self.device, non_blocking=True) for a in args]
+            if self.graphed is None:
+                outputs = runnable(*args)
+            else:
+                outputs = self.graphed(args)
+                if self.graphed.graphed:  # replayed: the hooks did not run, their events did
+                    sender.replayed()
+        compute.synchronize()
+        sender.copier.synchronize()  # the next replay overwrites what the copies read
+        return outputs, sender.end()
 
-    def _copy_out(self, run: StageRun, outputs: Sequence[torch.Tensor], done: Any, copier: Any) -> dict:
-        """Boundary outputs copied to each other consumer device, on the copy stream."""
-        if run.writes is None:
-            return {}
-        copies = {}
-        with torch.cuda.stream(copier):
-            copier.wait_event(done)
-            for name, value in zip(self.outputs, outputs):
-                for device in self.consumer_devices.get(name, ()):
-                    if device != self.device:
-                        copies[_copy_key(name, device)] = value.to(device, non_blocking=True)
+
+class _Sender:
+    """Copies boundary outputs to the other devices that read them as the stage makes
+    them (see the note on sending); ``made`` is the stage's send hook."""
+
+    def __init__(self, destinations: dict[str, list[torch.device]], copier: Any):
+        self.destinations, self.copier = destinations, copier
+        self.marks: dict[str, tuple[Any, torch.Tensor]] = {}  # events and buffers of the captured graph
+        self._copies: dict[str, torch.Tensor] | None = None   # None: this run's outputs are not kept
+
+    def begin(self, *, stores: bool) -> None:
+        self._copies = {} if stores else None
+
+    def end(self) -> dict[str, torch.Tensor]:
+        copies, self._copies = self._copies or {}, None
         return copies
+
+    def made(self, name: str, tensor: torch.Tensor) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            event = torch.cuda.Event(external=True)  # a node of the graph, waited on after replays
+            event.record()
+            self.marks[name] = (event, tensor)
+        elif self._copies is not None:
+            event = torch.cuda.Event()
+            event.record()
+            self._copy(name, tensor, event)
+
+    def replayed(self) -> None:
+        if self._copies is not None:
+            for name, (event, tensor) in self.marks.items():
+                self._copy(name, tensor, event)
+
+    def _copy(self, name: str, tensor: torch.Tensor, made: Any) -> None:
+        self.copier.wait_event(made)
+        with torch.cuda.stream(self.copier):
+            for device in self.destinations[name]:  # a real copy even to the same device
+                copied = torch.empty_like(tensor, device=device).copy_(tensor, non_blocking=True)
+                self._copies[_copy_key(name, device)] = copied
