@@ -72,9 +72,9 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
     def build(args: tuple, kwargs: dict):
         captured = model if isinstance(model, Captured) else capture(model, args, kwargs, latent=latent)
 
-        def make_executor() -> tuple[Executor, StagePlan]:
-            if plan is not None:
-                stage_plan = plan
+        def make_executor(compiled: StagePlan | None = None) -> tuple[Executor, StagePlan]:
+            if compiled is not None or plan is not None:  # compiled before the executor was closed
+                stage_plan = compiled or plan
             elif executor == "distributed":  # every rank must cut alike: rank 0 decides
                 stage_plan = _plan_from_rank_zero(lambda: compile(
                     captured, n_devices, cost=cost, link=link, example_inputs=(args, kwargs)))

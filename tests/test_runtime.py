@@ -3,6 +3,7 @@ equivalence, streams, weights per worker, and errors."""
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from types import SimpleNamespace
 
@@ -189,6 +190,36 @@ def test_a_recapture_that_fails_keeps_the_current_build():
     assert den.interface is interface and den.executor is executor
     later = torch.tensor(2.0)  # the generation goes on
     torch.testing.assert_close(den(x * 2, later), untouched(x * 2, later), rtol=0, atol=0)
+
+
+def test_closing_stops_the_workers_and_the_next_call_starts_new_ones_from_the_same_plan():
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1)
+    reference = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    calls = [{**kwargs, "timestep": torch.tensor(t)} for t in (900, 800, 700, 600)]
+    got = [den(**call).sample for call in calls[:2]]
+    closed, plan = den.executor, den.plan
+    den.close()
+    assert den.executor is None and not any(worker.is_alive() for worker in closed._workers)
+    with pytest.raises(asyncfx.AsyncFXError, match="executor was closed"):  # not a wait for dead workers
+        closed.step(None, None, None)
+    got += [den(**call).sample for call in calls[2:]]  # the generation goes on, on new workers
+    assert den.plan is plan and den.executor is not None
+    for value, call in zip(got, calls):
+        torch.testing.assert_close(value, reference(**call).sample, rtol=1e-4, atol=1e-4)
+    den.close()
+
+
+def test_workers_stop_when_the_denoiser_is_garbage_collected():
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1)
+    den(**kwargs)  # the last warm-up step starts the workers
+    workers = list(den.executor._workers)
+    del den
+    gc.collect()
+    for worker in workers:
+        worker.join(timeout=10)
+    assert not any(worker.is_alive() for worker in workers)
 
 
 def test_each_worker_holds_only_its_stage_weights():

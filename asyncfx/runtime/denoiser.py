@@ -30,6 +30,11 @@ from asyncfx.runtime.executor import BoundaryStore, Executor
 from asyncfx.runtime.schedule import Mode, schedule
 
 
+#: ``make_executor(plan)``: the executor for the captured graph, and its plan (``plan`` if
+#: given, e.g. compiled before the last executor was closed; else compiled now).
+MakeExecutor = Callable[[Any], tuple[Executor, Any]]
+
+
 class SchedulerError(AsyncFXError, ValueError):
     """Stride 2 needs the sampler's timesteps and did not get them."""
 
@@ -65,7 +70,7 @@ class AsyncDenoiser(nn.Module):
     """
 
     def __init__(self, model: nn.Module,
-                 build: Callable[[tuple, dict], tuple[CallInterfaceLike, Callable[[], tuple[Executor, Any]]]],
+                 build: Callable[[tuple, dict], tuple[CallInterfaceLike, MakeExecutor]],
                  *, n_stages: int, warmup: int, stride: int = 1, time_shift: bool = False,
                  scheduler: Any = None, rebuild: bool = True, convertible: bool = True):
         super().__init__()
@@ -77,7 +82,7 @@ class AsyncDenoiser(nn.Module):
         self.convertible = convertible  # .to() may convert the model and re-capture it
         self.executor: Executor | None = None
         self.interface: CallInterfaceLike | None = None
-        self._make_executor: Callable[[], tuple[Executor, Any]] | None = None
+        self._make_executor: MakeExecutor | None = None
         self.plan = None
         self._streams: list[_Stream] = []
         self._last_timestep: float | None = None
@@ -121,21 +126,23 @@ class AsyncDenoiser(nn.Module):
                                "capture and partition it again.")
         self._model._apply(fn)
         self.close()
-        self.executor, self.plan, self.interface, self._make_executor = None, None, None, None
+        self.plan, self.interface, self._make_executor = None, None, None
         self.reset()
         return self
 
     def close(self) -> None:
-        """Stop the executor's workers (they also stop when the process exits)."""
+        """Stop the executor's workers and free what they hold; the next call starts new ones
+        from the same plan (workers also stop when the denoiser is garbage collected)."""
         if self.executor is not None:
             self.executor.close()
+            self.executor = None
 
     def build(self, args: tuple, kwargs: dict, *, compile_now: bool = False) -> None:
         """Capture for inputs like ``args``/``kwargs``; compile and split now, or at the
         last warm-up step (see the note on lazy compilation in ``forward``)."""
         interface, make_executor = self._build(args, kwargs)  # a capture that fails keeps the old build
         self.close()
-        self.executor, self.plan = None, None
+        self.plan = None
         self.interface, self._make_executor = interface, make_executor
         self.reset()
         if compile_now:
@@ -143,7 +150,7 @@ class AsyncDenoiser(nn.Module):
 
     def _compile(self) -> None:
         if self.executor is None:
-            self.executor, self.plan = self._make_executor()
+            self.executor, self.plan = self._make_executor(self.plan)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # Note (lazy compilation): the first call only captures the model. Warm-up steps

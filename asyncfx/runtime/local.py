@@ -25,11 +25,13 @@ from __future__ import annotations
 import copy
 import queue
 import threading
+import weakref
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from asyncfx.errors import AsyncFXError
 from asyncfx.runtime.cuda_graphs import GraphedStage, check_cuda_graphs_option
 from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, StageProgram
 from asyncfx.runtime.hooks import with_send_hooks
@@ -77,6 +79,8 @@ class LocalExecutor(Executor):
                          for slot, device in enumerate(self.devices)]
         for worker in self._workers:
             worker.start()
+        # workers hold their stages (weights, graphs): stop them when the executor goes away
+        self._stop = weakref.finalize(self, _stop_workers, list(self._workers))
 
     def _stage(self, slot: int) -> StageProgram:
         return self.programs[min(slot, len(self.programs) - 1)]
@@ -108,6 +112,9 @@ class LocalExecutor(Executor):
 
     def step(self, plan: StepSchedule, inputs_for: InputsFor,
              store: BoundaryStore) -> dict[int, tuple[torch.Tensor, ...]]:
+        if not self._stop.alive:
+            raise AsyncFXError("this local executor was closed and its workers have stopped; make a new "
+                               "one (an AsyncDenoiser does so by itself at its next call).")
         self._epoch += 1
         results: dict[int, tuple[torch.Tensor, ...]] = {}
         if plan.mode is Mode.SEQUENTIAL:
@@ -151,10 +158,14 @@ class LocalExecutor(Executor):
                 store.put(run.writes, copies)
 
     def close(self) -> None:
-        for worker in self._workers:
-            worker.tasks.put(None)
+        self._stop()
         for worker in self._workers:
             worker.join(timeout=5)
+
+
+def _stop_workers(workers: Sequence[_Worker]) -> None:
+    for worker in workers:
+        worker.tasks.put(None)
 
 
 def _copy_key(name: str, device: torch.device) -> str:
