@@ -283,7 +283,10 @@ def test_attributes_come_from_the_original_model():
     den = asyncfx.partition(model, 2, warmup=3)
     assert den.config is model.config and den.dtype == model.dtype and den.device == model.device
     assert den.plan is None and den.interface is None  # captured lazily
+    assert repr(den) == ("AsyncDenoiser(UNet2DConditionModel, n_stages=2, warmup=3, stride=1: "
+                         "not captured yet (at the first call))")
     out = den(**kwargs)
+    assert repr(den).endswith(": captured; stages built at the last warm-up step)")
     assert type(out) is type(model(**kwargs))
     assert den.interface is not None and den.plan is None  # compiled at the last warm-up step
     torch.testing.assert_close(out.sample, model(**kwargs).sample, rtol=0, atol=0)
@@ -291,6 +294,7 @@ def test_attributes_come_from_the_original_model():
     assert den.plan is None
     den(**{**kwargs, "timestep": torch.tensor(800)})
     assert den.plan is not None and den.plan.n_stages == 2
+    assert repr(den).endswith(": running on LocalExecutor on cpu, cpu)")
     den.close()
 
 

@@ -108,6 +108,19 @@ class AsyncDenoiser(nn.Module):
     def original_model(self) -> nn.Module:
         return self._model
 
+    def extra_repr(self) -> str:
+        """What ``print(pipe.unet)`` shows: the model, the options and how far it is built."""
+        if self.interface is None:
+            state = "not captured yet (at the first call)"
+        elif self.executor is None:
+            state = "captured; stages built at the last warm-up step"
+        else:
+            devices = getattr(self.executor, "devices", None)
+            where = f" on {', '.join(str(d) for d in devices)}" if devices else ""
+            state = f"running on {type(self.executor).__name__}{where}"
+        return (f"{type(self._model).__name__}, n_stages={self.n_stages}, warmup={self.warmup}, "
+                f"stride={self.stride}: {state}")
+
     def reset(self) -> None:
         """Forget the current generation: the next call is step 0 of a new one."""
         self._streams = []
