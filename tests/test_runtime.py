@@ -89,6 +89,40 @@ def test_stride_two_rounds_compute_two_steps(executor):
     den.close()
 
 
+@pytest.mark.parametrize("scale, begin", [(1.0, 0), (1e-3, 0), (1.0, 3)])
+def test_stride_two_follows_the_scale_and_start_of_the_calls_timesteps(scale, begin):
+    """Flux's pipeline passes t / 1000; image-to-image pipelines start at the scheduler's
+    begin index. The timesteps stride 2 computes ahead must follow the calls alike."""
+    ts = [60.0 - 5 * s for s in range(7)]
+    expected = chain_denoiser("serial", warmup=1, stride=2,
+                              scheduler=SimpleNamespace(timesteps=torch.tensor(ts, dtype=torch.float64)))
+    longer = torch.tensor([90.0, 80.0, 70.0][:begin] + ts, dtype=torch.float64)
+    den = chain_denoiser("serial", warmup=1, stride=2,
+                         scheduler=SimpleNamespace(timesteps=longer, begin_index=begin or None))
+    x = torch.zeros(1, dtype=torch.float64)  # the chain then returns sum_k c_k * (stage k's timestep)
+    for t in ts:
+        got = den(x, torch.tensor(t * scale, dtype=torch.float64))
+        torch.testing.assert_close(got / scale, expected(x, torch.tensor(t, dtype=torch.float64)),
+                                   rtol=1e-12, atol=0)
+
+
+def test_stride_two_refuses_calls_that_do_not_follow_its_scheduler():
+    ts = [60.0 - 5 * s for s in range(6)]
+    other = SimpleNamespace(timesteps=torch.tensor([61.0 - 7 * s for s in range(6)], dtype=torch.float64))
+    den = chain_denoiser("serial", warmup=1, stride=2, scheduler=other)
+    x = torch.ones(1, dtype=torch.float64)
+    den(x, torch.tensor(ts[0], dtype=torch.float64))  # sets the scale: 60 / 61
+    with pytest.raises(SchedulerError, match=r"call 1 of this generation got timestep 55 but the scheduler's "
+                                             r"timesteps give 53\.1.*pass scheduler=pipe.scheduler"):
+        den(x, torch.tensor(ts[1], dtype=torch.float64))
+    short = chain_denoiser("serial", warmup=1, stride=2,
+                           scheduler=SimpleNamespace(timesteps=torch.tensor(ts[:2], dtype=torch.float64)))
+    short(x, torch.tensor(ts[0], dtype=torch.float64))
+    short(x, torch.tensor(ts[1], dtype=torch.float64))
+    with pytest.raises(SchedulerError, match="call 3 of a generation but the scheduler lists 2 timesteps"):
+        short(x, torch.tensor(ts[2], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name, latent", [("sd_unet", "sample"), ("sd3_transformer", "hidden_states")])
 def test_local_workers_equal_serial(name, latent):
     model, _, kwargs = zoo_example(name)

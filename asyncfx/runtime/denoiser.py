@@ -20,6 +20,7 @@ boundary buffers, so each sees exactly the staleness the schedule prescribes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -56,6 +57,7 @@ class _Stream:
     timesteps: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     conditions: list[torch.Tensor] | None = None
     cached: dict[int, tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
+    timestep_scale: float | None = None  # call timestep / scheduler timestep (stride 2)
     store: BoundaryStore = dataclasses.field(default_factory=BoundaryStore)
 
 
@@ -186,6 +188,8 @@ class AsyncDenoiser(nn.Module):
         step = stream.step
         stream.timesteps[step] = named[self._timestep_name] if self._timestep_name else None
         total = self._total_steps()
+        if total is not None:
+            self._check_timestep(stream, step, total)
         step_plan = schedule(step, self.n_stages, warmup=self.warmup, stride=self.stride,
                              time_shift=self.time_shift, total_steps=total)
         if self.executor is None and step_plan.mode is Mode.SEQUENTIAL and step < self.warmup - 1:
@@ -216,7 +220,7 @@ class AsyncDenoiser(nn.Module):
     def _stream_for(self, named: Mapping[str, torch.Tensor]) -> _Stream:
         latent = named[self._latent_name]
         latent_key = (tuple(latent.shape), latent.dtype, latent.device)
-        t = float(named[self._timestep_name].float().flatten()[0]) if self._timestep_name else None
+        t = float(named[self._timestep_name].flatten()[0].item()) if self._timestep_name else None
         if latent_key != self._latent_key or (t is not None and self._last_timestep is not None
                                               and t > self._last_timestep):
             self.reset()
@@ -238,14 +242,39 @@ class AsyncDenoiser(nn.Module):
         return stream
 
     def _total_steps(self) -> int | None:
-        if self.stride == 1:
-            return None
+        return None if self.stride == 1 else len(self._sampler_timesteps())
+
+    def _sampler_timesteps(self) -> Sequence[Any]:
+        """The timesteps of a generation's calls: the scheduler's from its begin index
+        (image-to-image pipelines start part-way through the schedule)."""
         timesteps = getattr(self.scheduler, "timesteps", None)
         if timesteps is None:
             raise SchedulerError("stride=2 needs the sampler's timesteps: pass scheduler=pipe.scheduler "
                                  "to asyncfx.partition() (after set_timesteps, its .timesteps list the "
                                  "steps).")
-        return len(timesteps)
+        return timesteps[getattr(self.scheduler, "begin_index", None) or 0:]
+
+    def _check_timestep(self, stream: _Stream, step: int, total: int) -> None:
+        """Stride 2 takes the next step's timestep from the scheduler, so the calls must
+        follow it: each call's timestep is ``scale * timesteps[step]``, with one scale per
+        generation (1 for most pipelines; Flux's passes t / 1000)."""
+        given = self._last_timestep
+        if given is None:
+            return  # the model takes no timestep
+        fix = ("stride=2 computes the next step's timestep from the scheduler, so it must be the "
+               "scheduler the pipeline samples with: pass scheduler=pipe.scheduler to "
+               "asyncfx.partition() (again after replacing pipe.scheduler).")
+        if step >= total:
+            raise SchedulerError(f"this is call {step + 1} of a generation but the scheduler lists {total} "
+                                 f"timesteps; {fix}")
+        expected = float(self._sampler_timesteps()[step])
+        if stream.timestep_scale is None and expected != 0:
+            stream.timestep_scale = given / expected
+        scale = 1.0 if stream.timestep_scale is None else stream.timestep_scale
+        if not math.isclose(given, scale * expected, rel_tol=1e-3, abs_tol=1e-6):
+            raise SchedulerError(f"call {step} of this generation got timestep {given:g} but the "
+                                 f"scheduler's timesteps give {scale * expected:g} (scale {scale:g} x "
+                                 f"{expected:g}); {fix}")
 
     def _inputs_for(self, named: Mapping[str, torch.Tensor], stream: _Stream,
                     step: int) -> Callable[[int], Mapping[str, torch.Tensor]]:
@@ -259,8 +288,8 @@ class AsyncDenoiser(nn.Module):
         if index in stream.timesteps:  # time_shift: an earlier call's timestep
             return stream.timesteps[index]
         current = named[self._timestep_name]
-        value = self.scheduler.timesteps[index]
-        return torch.full_like(current, float(value))
+        scale = 1.0 if stream.timestep_scale is None else stream.timestep_scale
+        return torch.full_like(current, scale * float(self._sampler_timesteps()[index]))
 
 
 def _would_change(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
