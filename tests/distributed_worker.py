@@ -40,10 +40,10 @@ def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, st
         with torch.no_grad():  # two generations: the second starts while the first's last
             results = [sample(caller, kwargs, LATENT[model_name], steps=steps)  # messages fly
                        for _ in range(2)]
-        denoiser.close()
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         module = denoiser.executor.module
         held = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        denoiser.close()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         with open(os.path.join(out_dir, f"held{rank}.txt"), "w") as f:
             f.write(str(held))
     except Exception as exc:  # the test reads what each rank saw
