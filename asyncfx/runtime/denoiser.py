@@ -60,6 +60,11 @@ class _Stream:
     timestep_scale: float | None = None  # call timestep / scheduler timestep (stride 2)
     store: BoundaryStore = dataclasses.field(default_factory=BoundaryStore)
 
+    @property
+    def scale(self) -> float:
+        """The calls' timestep scale, 1 until a call has shown it."""
+        return 1.0 if self.timestep_scale is None else self.timestep_scale
+
 
 class AsyncDenoiser(nn.Module):
     """A denoiser whose stages run concurrently on one-step-stale inputs.
@@ -187,9 +192,11 @@ class AsyncDenoiser(nn.Module):
         stream = self._stream_for(named)
         step = stream.step
         stream.timesteps[step] = named[self._timestep_name] if self._timestep_name else None
-        total = self._total_steps()
-        if total is not None:
-            self._check_timestep(stream, step, total)
+        total = None
+        if self.stride == 2:
+            timesteps = self._sampler_timesteps()
+            total = len(timesteps)
+            self._check_timestep(stream, step, timesteps)
         step_plan = schedule(step, self.n_stages, warmup=self.warmup, stride=self.stride,
                              time_shift=self.time_shift, total_steps=total)
         if self.executor is None and step_plan.mode is Mode.SEQUENTIAL and step < self.warmup - 1:
@@ -241,9 +248,6 @@ class AsyncDenoiser(nn.Module):
         stream.conditions = conditions
         return stream
 
-    def _total_steps(self) -> int | None:
-        return None if self.stride == 1 else len(self._sampler_timesteps())
-
     def _sampler_timesteps(self) -> Sequence[Any]:
         """The timesteps of a generation's calls: the scheduler's from its begin index
         (image-to-image pipelines start part-way through the schedule)."""
@@ -254,7 +258,7 @@ class AsyncDenoiser(nn.Module):
                                  "steps).")
         return timesteps[getattr(self.scheduler, "begin_index", None) or 0:]
 
-    def _check_timestep(self, stream: _Stream, step: int, total: int) -> None:
+    def _check_timestep(self, stream: _Stream, step: int, timesteps: Sequence[Any]) -> None:
         """Stride 2 takes the next step's timestep from the scheduler, so the calls must
         follow it: each call's timestep is ``scale * timesteps[step]``, with one scale per
         generation (1 for most pipelines; Flux's passes t / 1000)."""
@@ -264,13 +268,13 @@ class AsyncDenoiser(nn.Module):
         fix = ("stride=2 computes the next step's timestep from the scheduler, so it must be the "
                "scheduler the pipeline samples with: pass scheduler=pipe.scheduler to "
                "asyncfx.partition() (again after replacing pipe.scheduler).")
-        if step >= total:
-            raise SchedulerError(f"this is call {step + 1} of a generation but the scheduler lists {total} "
-                                 f"timesteps; {fix}")
-        expected = float(self._sampler_timesteps()[step])
+        if step >= len(timesteps):
+            raise SchedulerError(f"this is call {step + 1} of a generation but the scheduler lists "
+                                 f"{len(timesteps)} timesteps; {fix}")
+        expected = float(timesteps[step])
         if stream.timestep_scale is None and expected != 0:
             stream.timestep_scale = given / expected
-        scale = 1.0 if stream.timestep_scale is None else stream.timestep_scale
+        scale = stream.scale
         if not math.isclose(given, scale * expected, rel_tol=1e-3, abs_tol=1e-6):
             raise SchedulerError(f"call {step} of this generation got timestep {given:g} but the "
                                  f"scheduler's timesteps give {scale * expected:g} (scale {scale:g} x "
@@ -288,8 +292,7 @@ class AsyncDenoiser(nn.Module):
         if index in stream.timesteps:  # time_shift: an earlier call's timestep
             return stream.timesteps[index]
         current = named[self._timestep_name]
-        scale = 1.0 if stream.timestep_scale is None else stream.timestep_scale
-        return torch.full_like(current, scale * float(self._sampler_timesteps()[index]))
+        return torch.full_like(current, stream.scale * float(self._sampler_timesteps()[index]))
 
 
 def _would_change(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
