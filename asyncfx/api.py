@@ -73,8 +73,10 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
         captured = model if isinstance(model, Captured) else capture(model, args, kwargs, latent=latent)
 
         def make_executor(compiled: StagePlan | None = None) -> tuple[Executor, StagePlan]:
-            if compiled is not None or plan is not None:  # compiled before the executor was closed
-                stage_plan = compiled or plan
+            if compiled is not None:  # compiled before the last executor was closed
+                stage_plan = compiled
+            elif plan is not None:
+                stage_plan = plan
             elif executor == "distributed":  # every rank must cut alike: rank 0 decides
                 stage_plan = _plan_from_rank_zero(lambda: compile(
                     captured, n_devices, cost=cost, link=link, example_inputs=(args, kwargs)))
