@@ -5,17 +5,18 @@ from asyncfx.partitioner.plan import BoundaryTensor, PlanInput, StageInfo, Stage
 
 
 def hand_plan(stage_ms=(10.0, 12.0, 8.0), measured=True) -> StagePlan:
-    """Three stages; stage 0 makes ``a`` (read by 1) and ``skip`` (read by 1 and 2),
-    stage 1 makes ``b`` (read by 2). Latent: float32 1x4x8x8 = 1,024 bytes."""
+    """Three stages; stage 0 makes ``a`` (read by 1) halfway through and ``skip`` (read by 1
+    and 2) at its end, stage 1 makes ``b`` (read by 2) at its end. Latent: float32 1x4x8x8
+    = 1,024 bytes."""
     names = [["n0", "a", "skip"], ["n1", "b"], ["n2", "out"]]
     stages = [StageInfo(index=k, nodes=nodes, first_module=f"block{k}", last_module=f"block{k}",
                         replicated_nodes=1, param_bytes=100, estimated_cost=ms / 1e3,
                         measured_seconds=ms / 1e3 if measured else None)
               for k, (nodes, ms) in enumerate(zip(names, stage_ms))]
     boundaries = [
-        BoundaryTensor("skip", 0, [1, 2], [1, 64, 8, 8], "torch.float32", 16_000_000, "down.0"),
-        BoundaryTensor("a", 0, [1], [1, 8, 8, 8], "torch.float32", 1_000_000, "down.1"),
-        BoundaryTensor("b", 1, [2], [1, 8, 8, 8], "torch.float32", 2_000_000, "mid"),
+        BoundaryTensor("skip", 0, [1, 2], [1, 64, 8, 8], "torch.float32", 16_000_000, "down.0", 1.0),
+        BoundaryTensor("a", 0, [1], [1, 8, 8, 8], "torch.float32", 1_000_000, "down.1", 0.5),
+        BoundaryTensor("b", 1, [2], [1, 8, 8, 8], "torch.float32", 2_000_000, "mid", 1.0),
     ]
     inputs = [PlanInput("sample", "latent", [1, 4, 8, 8], "torch.float32"),
               PlanInput("timestep", "timestep", [], "torch.int64")]

@@ -9,6 +9,8 @@ from asyncfx.cli import main
 from asyncfx.errors import PlanError
 from asyncfx.partitioner.device import DeviceSpec
 from asyncfx.partitioner.simulate import simulate
+from asyncfx import compile
+from conftest import zoo_example
 from plans import hand_plan
 
 # 1 GB/s and 1 ms per transfer: a boundary of B bytes costs 1 ms + B ns.
@@ -20,11 +22,36 @@ def test_round_times_with_and_without_overlap():
     # stage 0 sends skip twice (2 x 17 ms) and a once (2 ms); stage 1 sends b (3 ms)
     assert sim.send_seconds == pytest.approx([0.036, 0.003, 0.0])
     assert sim.broadcast_seconds == pytest.approx(1e-3 + 1024e-9)
-    assert sim.round_overlapped == pytest.approx(0.036 + sim.broadcast_seconds)    # busiest copy stream
+    # a leaves at 5 ms and arrives at 7 ms, while stage 0 computes; skip is made at its end
+    # (10 ms) and takes 2 x 17 ms: stage 0's sends are done at 44 ms, 2 ms before 10 + 36 ms
+    assert sim.round_overlapped == pytest.approx(0.044 + sim.broadcast_seconds)
     assert sim.round_serial == pytest.approx(0.010 + 0.036 + sim.broadcast_seconds)
     assert sim.sequential_step == pytest.approx(0.027)                             # measured whole model
     assert sim.total(True) == pytest.approx(3 * 0.027 + 47 * sim.round_overlapped)
     assert sim.speedup(False) < sim.speedup(True) < sim.ideal_speedup
+
+
+def test_a_tensor_made_at_its_stages_end_is_sent_after_it():
+    plan = hand_plan()
+    for boundary in plan.boundaries:
+        boundary.made_at = 1.0  # every send after the compute: the same as without overlap
+    sim = simulate(plan, link=SLOW, steps=50, warmup=3)
+    assert sim.round_overlapped == pytest.approx(sim.round_serial)
+
+
+def test_compiled_plans_say_when_each_boundary_is_made():
+    model, args, kwargs = zoo_example("sd_unet")
+    plan = compile(model, 3, example_inputs=(args, kwargs))
+    for boundary in plan.boundaries:
+        nodes = plan.stages[boundary.producer].nodes
+        assert 0.0 < boundary.made_at <= 1.0
+        assert (boundary.made_at == 1.0) == (boundary.name == nodes[-1])
+    for stage in plan.stages:  # made later in the stage: a larger share
+        made = [(stage.nodes.index(b.name), b.made_at) for b in plan.boundaries if b.producer == stage.index]
+        assert [share for _, share in sorted(made)] == sorted(share for _, share in made)
+    sim = simulate(plan, link="pcie4")
+    assert max(*sim.stage_seconds, *sim.send_seconds) <= sim.round_overlapped - sim.broadcast_seconds
+    assert sim.round_overlapped <= sim.round_serial
 
 
 def test_fast_link_is_compute_bound_and_ideal_formula():

@@ -128,6 +128,16 @@ def split_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
                        f"{type(example_inputs).__name__}.")
 
 
+def _share_of_stage_done(own: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
+    """For each latent node, the share of its stage's own compute done once it is made."""
+    share = np.ones(len(own))
+    for start, end in zip(bounds, bounds[1:]):
+        done = np.cumsum(own[start:end])
+        if done[-1] > 0:
+            share[start:end] = done / done[-1]
+    return share
+
+
 def plan_from_cuts(model: CostModel, cuts: Sequence[Cut]) -> StagePlan:
     """The StagePlan for cutting the model's latent order before each cut position."""
     graph = model.graph
@@ -149,6 +159,7 @@ def plan_from_cuts(model: CostModel, cuts: Sequence[Cut]) -> StagePlan:
             estimated_cost=prediction.stage_compute[k],
             cut_reason=cuts[k - 1].reason if k else ""))
     boundaries = []
+    made_at = _share_of_stage_done(model.own, bounds)
     for i, node in enumerate(graph.nodes):
         consumers = sorted({last if r == len(graph.nodes) else int(stage_of[r]) for r in node.readers}
                            - {int(stage_of[i])})
@@ -156,7 +167,7 @@ def plan_from_cuts(model: CostModel, cuts: Sequence[Cut]) -> StagePlan:
             boundaries.append(BoundaryTensor(
                 name=node.name, producer=int(stage_of[i]), consumers=consumers,
                 shape=list(node.out_shape), dtype=node.out_dtype, bytes=node.out_bytes,
-                module=node.module))
+                module=node.module, made_at=float(made_at[i])))
     return StagePlan(fingerprint=graph.fingerprint, model_class=graph.model_class,
                      inputs=list(graph.inputs), stages=stages, boundaries=boundaries,
                      cost=model.cost, cost_unit=model.unit,

@@ -39,6 +39,7 @@ class BoundaryTensor:
     dtype: str
     bytes: int
     module: str             # module path of the producing node, "" at top level
+    made_at: float = 1.0    # share of its stage's compute done when it is made (cost model)
 
 
 @dataclasses.dataclass
@@ -146,9 +147,9 @@ class StagePlan:
                      f"{format_bytes(replicated)} replicated across stages")
         if self.boundaries:
             lines.append("boundary tensors (each read one step stale by its consumers):")
-            rows = [("tensor", "producer", "consumers", "shape", "dtype", "bytes", "module")]
+            rows = [("tensor", "producer", "made at", "consumers", "shape", "dtype", "bytes", "module")]
             for b in self.boundaries:
-                rows.append((b.name, str(b.producer), ",".join(map(str, b.consumers)),
+                rows.append((b.name, str(b.producer), f"{b.made_at:.0%}", ",".join(map(str, b.consumers)),
                              "x".join(map(str, b.shape)), b.dtype.removeprefix("torch."),
                              format_bytes(b.bytes), b.module or "(top)"))
             lines += _table(rows)

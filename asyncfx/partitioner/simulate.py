@@ -8,12 +8,11 @@ link model (``DeviceSpec``) prices the transfers. One generation of ``steps`` st
 - ``ceil((steps - warmup) / stride)`` parallel rounds. In a round every stage runs once
   on its own device and sends each boundary tensor it made to each stage that reads it
   (one after another on its copy stream); then the noise prediction is broadcast so
-  every device can take the scheduler step. Without overlap a stage's sends follow its
-  compute, so a round lasts as long as the slowest stage plus its sends. With transfers
-  overlapped a round lasts as long as the slowest stage or the busiest copy stream: a
-  bound, since only tensors a stage makes before its end can be sent while it computes
-  (as the distributed executor sends them), and a reader needs them at the start of the
-  next round. A runtime that sends each tensor as it is made lands between the two.
+  every device can take the scheduler step. With transfers overlapped, each tensor is
+  sent the moment its stage makes it, as both multi-device executors do (``made_at``,
+  the share of the stage's compute done by then, comes from the compiler's cost model),
+  and a round lasts until the slowest stage ends or the last send arrives: its readers
+  need it when the next round starts. Without overlap a stage's sends follow its compute.
 
 Stride 2 runs two steps per round on N + 1 devices (AsyncDiff's stride batching).
 """
@@ -103,12 +102,24 @@ def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: in
     for boundary in plan.boundaries:
         sends[boundary.producer] += len(boundary.consumers) * spec.transfer_seconds(boundary.bytes)
     broadcast = spec.transfer_seconds(_latent_bytes(plan)) if plan.n_stages > 1 else 0.0
+    sent = sends_done(plan, stage_seconds, spec)
     return Simulation(
         n_stages=plan.n_stages, devices=plan.n_stages + (1 if stride == 2 else 0), link=spec.name,
         steps=steps, warmup=warmup, stride=stride, stage_seconds=stage_seconds, send_seconds=sends,
         broadcast_seconds=broadcast, sequential_step=sequential,
-        round_overlapped=max(*stage_seconds, *sends) + broadcast,
+        round_overlapped=max(*stage_seconds, *sent) + broadcast,
         round_serial=max(c + s for c, s in zip(stage_seconds, sends)) + broadcast, source=source)
+
+
+def sends_done(plan: StagePlan, stage_seconds: list[float], spec: DeviceSpec) -> list[float]:
+    """When each stage's last send arrives, from the round's start: each boundary tensor
+    leaves when its stage makes it, after the sends queued before it on its copy stream."""
+    done = [0.0] * plan.n_stages
+    for boundary in sorted(plan.boundaries, key=lambda b: b.made_at):
+        k = boundary.producer
+        start = max(done[k], boundary.made_at * stage_seconds[k])
+        done[k] = start + len(boundary.consumers) * spec.transfer_seconds(boundary.bytes)
+    return done
 
 
 def stage_times(plan: StagePlan) -> tuple[list[float], float, str]:
