@@ -20,7 +20,8 @@ weights, float16, a classifier-free-guidance batch of 2) it measures:
   the emulation), to compare with the measured generation;
 - overhead: round time minus the slowest stage alone, and the part of it that is the
   runtime's (round time minus all stages at once) rather than the partitions'
-  contention for memory.
+  contention for memory; and the CPU time of a round in the calling thread (the
+  runtime's host work there: binding, scheduling, dispatch, collection).
 
 Partitions share memory bandwidth and L2, so every multi-partition number is an
 emulation of separate devices and is labelled so. With --dry-run the same code runs on
@@ -139,6 +140,7 @@ class Row:
     predicted_speedup: float
     overhead: float             # (round - slowest stage) / round
     runtime: float              # (round - concurrent) / round: the part that is not contention
+    host_ms: float              # CPU time of a round in the calling thread (the runtime's host work)
 
     @property
     def e2e_speedup(self) -> float:
@@ -151,7 +153,8 @@ class Row:
                 f"{self.round_ms:.2f} | "
                 f"{self.round_speedup:.2f}x | {self.e2e_s:.3f} / {self.baseline_e2e_s:.3f} | "
                 f"{self.e2e_speedup:.2f}x | {self.ideal:.2f}x ({self.e2e_speedup / self.ideal:.0%}) | "
-                f"{self.predicted_speedup:.2f}x ({error:+.0%}) | {self.overhead:.1%} ({self.runtime:.1%}) |")
+                f"{self.predicted_speedup:.2f}x ({error:+.0%}) | {self.overhead:.1%} ({self.runtime:.1%}) | "
+                f"{self.host_ms:.2f} |")
 
 
 class Report:
@@ -172,8 +175,8 @@ class Report:
 def header(steps: int) -> str:
     return ("| model | config | partitions | baseline step ms | slowest stage ms | all stages at once ms | "
             f"balance | round ms | round speedup | {steps}-step s (asyncfx / baseline) | speedup | "
-            "ideal (fraction) | simulator (error) | overhead (runtime alone) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "ideal (fraction) | simulator (error) | overhead (runtime alone) | host ms per round |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def build(rig: Rig, factory: Callable[[], Any], dtype: torch.dtype) -> tuple[Any, dict]:
@@ -192,22 +195,30 @@ def build(rig: Rig, factory: Callable[[], Any], dtype: torch.dtype) -> tuple[Any
     return model, move(kwargs)
 
 
+@dataclasses.dataclass
+class Generation:
+    seconds: float                  # the whole generation
+    calls: list[float]              # wall seconds of each denoiser call
+    host: list[float]               # CPU seconds of each call in the calling thread
+
+
 def generation(rig: Rig, denoiser: Callable[..., Any], kwargs: dict, steps: int,
-               scheduler: Any) -> tuple[float, list[float]]:
-    """Seconds for one DDIM generation calling ``denoiser`` like a pipeline, and each call's seconds."""
+               scheduler: Any) -> Generation:
+    """One DDIM generation calling ``denoiser`` like a pipeline, timed as a whole and by call."""
     scheduler.set_timesteps(steps)
     x = kwargs["sample"].clone()
-    calls = []
+    calls, host = [], []
     rig.sync()
     start = time.perf_counter()
     for t in scheduler.timesteps:
         timestep = torch.full_like(kwargs["timestep"], int(t))
-        call_start = time.perf_counter()
+        call_start, host_start = time.perf_counter(), time.thread_time()
         eps = denoiser(**{**kwargs, "sample": x, "timestep": timestep}).sample
         calls.append(time.perf_counter() - call_start)
+        host.append(time.thread_time() - host_start)
         x = scheduler.step(eps, t, x).prev_sample
     rig.sync()
-    return time.perf_counter() - start, calls
+    return Generation(time.perf_counter() - start, calls, host)
 
 
 def round_seconds(calls: Sequence[float], warmup: int, stride: int) -> float:
@@ -271,20 +282,22 @@ def run_config(rig: Rig, name: str, captured: asyncfx.Captured, profile: asyncfx
     try:
         generation(rig, denoiser, kwargs, options.steps, scheduler)  # captures the stage graphs
         denoiser.reset()
-        e2e_s, calls = generation(rig, denoiser, kwargs, options.steps, scheduler)
+        timed = generation(rig, denoiser, kwargs, options.steps, scheduler)
     finally:
         denoiser.close()
     baseline_model = _BaselineDenoiser(baseline, captured)
-    baseline_e2e_s, _ = generation(rig, baseline_model, kwargs, options.steps, scheduler)
-    round_s = round_seconds(calls, options.warmup, stride)
+    baseline_e2e_s = generation(rig, baseline_model, kwargs, options.steps, scheduler).seconds
+    round_s = round_seconds(timed.calls, options.warmup, stride)
     partitions = f"{slots} x {sms} SMs (emulated)" if rig.cuda else f"{slots} CPU workers"
     return Row(model=name, config=f"N={n}, stride {stride}", partitions=partitions,
                baseline_step_ms=baseline_s * 1e3, slowest_stage_ms=max(stage_s) * 1e3,
                balance=max(stage_s) / statistics.mean(stage_s), round_ms=round_s * 1e3,
-               round_speedup=stride * baseline_s / round_s, e2e_s=e2e_s, baseline_e2e_s=baseline_e2e_s,
+               round_speedup=stride * baseline_s / round_s, e2e_s=timed.seconds,
+               baseline_e2e_s=baseline_e2e_s,
                ideal=predicted.ideal_speedup, predicted_speedup=predicted.speedup(),
                overhead=(round_s - max(stage_s)) / round_s, concurrent_ms=concurrent.round_seconds * 1e3,
-               runtime=(round_s - concurrent.round_seconds) / round_s)
+               runtime=(round_s - concurrent.round_seconds) / round_s,
+               host_ms=round_seconds(timed.host, options.warmup, stride) * 1e3)
 
 
 @dataclasses.dataclass
