@@ -184,6 +184,35 @@ def test_new_generation_and_reset_restart_the_warmup():
     assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)  # step 0 again: exact
 
 
+def test_conditioning_that_changes_every_step_keeps_the_generation_going():
+    model, _, kwargs = zoo_example("sd_unet")  # like ControlNet residuals, made anew each step
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    for step, t in enumerate((900, 800, 700, 600)):
+        call = {**kwargs, "timestep": torch.tensor(t),
+                "encoder_hidden_states": kwargs["encoder_hidden_states"] * (1 + 0.1 * step)}
+        got, fresh = den(**call).sample, model(**call).sample
+        assert torch.equal(got, fresh) == (step == 0)  # step 0 warms up; later steps read stale values
+
+
+class Untimed(nn.Module):
+    """A denoiser without a timestep input."""
+
+    def forward(self, x, cond):
+        h = x + cond
+        h = h * 2
+        h = h + cond
+        return h * 3
+
+
+def test_without_a_timestep_new_conditioning_is_a_new_generation():
+    model, den = Untimed(), asyncfx.partition(Untimed(), 2, warmup=1, executor="serial")
+    x, cond = torch.randn(1, 4), torch.randn(1, 4)
+    assert torch.equal(den(x, cond), model(x, cond))       # step 0: warm-up
+    assert not torch.equal(den(x * 2, cond), model(x * 2, cond))  # step 1: stale
+    other = torch.randn(1, 4)
+    assert torch.equal(den(x * 3, other), model(x * 3, other))    # new conditioning: step 0 again
+
+
 def test_shape_change_mid_generation_recaptures():
     model, _, kwargs = zoo_example("sd_unet")
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")

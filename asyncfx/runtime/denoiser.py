@@ -2,9 +2,17 @@
 
 It is called exactly like the original denoiser. It counts the calls of a generation,
 asks the schedule what each stage computes, hands that to an executor, and returns the
-last stage's output in the model's own type. A new generation (the timestep goes up,
-the latent's shape changes, or the conditioning changes) resets the step count and
-the boundary buffers; ``reset()`` does it explicitly.
+last stage's output in the model's own type. A new generation (the timestep goes up, or
+the latent's shape, dtype or device changes) resets the step count and the boundary
+buffers; ``reset()`` does it explicitly.
+
+Note (conditioning that changes): inputs other than the latent and the timestep may
+change from one step to the next within a generation (ControlNet and T2I-Adapter
+residuals are computed from each step's latent), so a change of them is not a new
+generation: every stage reads them fresh at every call. Only a model without a timestep
+input, which leaves no other signal, takes new conditioning as a new generation. A
+generation that starts below the timestep where the previous one stopped (image to
+image after an interrupted run) needs ``reset()``.
 
 Note (converting): ``.to()``, ``.half()``, ``.cuda()`` and the like (``pipe.to(...)``
 included) convert the original model, and the next call captures and splits it again,
@@ -242,8 +250,8 @@ class AsyncDenoiser(nn.Module):
         while len(self._streams) <= index:
             self._streams.append(_Stream())
         stream = self._streams[index]
-        if stream.conditions is not None and not _same_tensors(stream.conditions, conditions):
-            self.reset()  # new prompt or labels: a new generation for every stream
+        if t is None and stream.conditions is not None and not _same_tensors(stream.conditions, conditions):
+            self.reset()  # no timestep to tell generations apart: new conditioning is a new one
             return self._stream_for(named)
         stream.conditions = conditions
         return stream
