@@ -14,7 +14,7 @@ from torch import nn
 
 import asyncfx
 from asyncfx.api import DeviceError
-from asyncfx.runtime.denoiser import SchedulerError
+from asyncfx.runtime.denoiser import MAX_CALLS_PER_STEP, SchedulerError
 from conftest import load_benchmark, on_cuda, sample, zoo_captured, zoo_example
 
 COEFFICIENTS = (1.0, 10.0, 100.0)
@@ -89,10 +89,12 @@ def test_stride_two_rounds_compute_two_steps(executor):
     den.close()
 
 
-@pytest.mark.parametrize("scale, begin", [(1.0, 0), (1e-3, 0), (1.0, 3)])
-def test_stride_two_follows_the_scale_and_start_of_the_calls_timesteps(scale, begin):
-    """Flux's pipeline passes t / 1000; image-to-image pipelines start at the scheduler's
-    begin index. The timesteps stride 2 computes ahead must follow the calls alike."""
+@pytest.mark.parametrize("scale, shift, begin",
+                         [(1.0, 0.0, 0), (1e-3, 0.0, 0), (-1e-3, 1.0, 0), (1.0, 0.0, 3)])
+def test_stride_two_follows_how_the_calls_timesteps_relate_to_the_scheduler(scale, shift, begin):
+    """Flux's pipeline passes t / 1000, Lumina's 1 - t / 1000; image-to-image pipelines
+    start at the scheduler's begin index. The timesteps stride 2 computes ahead must
+    follow the calls alike."""
     ts = [60.0 - 5 * s for s in range(7)]
     expected = chain_denoiser("serial", warmup=1, stride=2,
                               scheduler=SimpleNamespace(timesteps=torch.tensor(ts, dtype=torch.float64)))
@@ -101,20 +103,21 @@ def test_stride_two_follows_the_scale_and_start_of_the_calls_timesteps(scale, be
                          scheduler=SimpleNamespace(timesteps=longer, begin_index=begin or None))
     x = torch.zeros(1, dtype=torch.float64)  # the chain then returns sum_k c_k * (stage k's timestep)
     for t in ts:
-        got = den(x, torch.tensor(t * scale, dtype=torch.float64))
-        torch.testing.assert_close(got / scale, expected(x, torch.tensor(t, dtype=torch.float64)),
-                                   rtol=1e-12, atol=0)
+        got = den(x, torch.tensor(t * scale + shift, dtype=torch.float64))
+        torch.testing.assert_close((got - shift * sum(COEFFICIENTS)) / scale,
+                                   expected(x, torch.tensor(t, dtype=torch.float64)), rtol=1e-9, atol=1e-9)
 
 
 def test_stride_two_refuses_calls_that_do_not_follow_its_scheduler():
     ts = [60.0 - 5 * s for s in range(6)]
-    other = SimpleNamespace(timesteps=torch.tensor([61.0 - 7 * s for s in range(6)], dtype=torch.float64))
+    other = SimpleNamespace(timesteps=torch.tensor([61.0, 54.0, 40.0, 39.0, 20.0, 1.0], dtype=torch.float64))
     den = chain_denoiser("serial", warmup=1, stride=2, scheduler=other)
     x = torch.ones(1, dtype=torch.float64)
-    den(x, torch.tensor(ts[0], dtype=torch.float64))  # sets the scale: 60 / 61
-    with pytest.raises(SchedulerError, match=r"call 1 of this generation got timestep 55 but the scheduler's "
-                                             r"timesteps give 53\.1.*pass scheduler=pipe.scheduler"):
-        den(x, torch.tensor(ts[1], dtype=torch.float64))
+    den(x, torch.tensor(ts[0], dtype=torch.float64))
+    den(x, torch.tensor(ts[1], dtype=torch.float64))  # two calls fit passed = 5/7 scheduled + 16.43
+    with pytest.raises(SchedulerError, match=r"call 2 of this generation got timestep 50 but the scheduler's "
+                                             r"timesteps give 45 .*pass scheduler=pipe.scheduler"):
+        den(x, torch.tensor(ts[2], dtype=torch.float64))
     short = chain_denoiser("serial", warmup=1, stride=2,
                            scheduler=SimpleNamespace(timesteps=torch.tensor(ts[:2], dtype=torch.float64)))
     short(x, torch.tensor(ts[0], dtype=torch.float64))
@@ -211,6 +214,23 @@ def test_without_a_timestep_new_conditioning_is_a_new_generation():
     assert not torch.equal(den(x * 2, cond), model(x * 2, cond))  # step 1: stale
     other = torch.randn(1, 4)
     assert torch.equal(den(x * 3, other), model(x * 3, other))    # new conditioning: step 0 again
+
+
+def test_timesteps_that_count_up_are_one_generation_until_they_move_back():
+    model, _, kwargs = zoo_example("sd_unet")  # Lumina's pipelines pass 1 - t / 1000
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    for generation in range(2):
+        for step, t in enumerate((0.1, 0.3, 0.5, 0.7)):
+            call = {**kwargs, "timestep": torch.tensor(t)}
+            assert torch.equal(den(**call).sample, model(**call).sample) == (step == 0), (generation, step)
+
+
+def test_one_step_generations_do_not_pile_up_streams():
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    for _ in range(3 * MAX_CALLS_PER_STEP):  # SD-Turbo: one call at t=999 per image
+        assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)
+        assert len(den._streams) <= MAX_CALLS_PER_STEP
 
 
 def test_shape_change_mid_generation_recaptures():

@@ -2,17 +2,18 @@
 
 It is called exactly like the original denoiser. It counts the calls of a generation,
 asks the schedule what each stage computes, hands that to an executor, and returns the
-last stage's output in the model's own type. A new generation (the timestep goes up, or
-the latent's shape, dtype or device changes) resets the step count and the boundary
-buffers; ``reset()`` does it explicitly.
+last stage's output in the model's own type. A new generation (the timestep moves back
+against the direction of the generation's first two steps: up for most pipelines, down
+for those whose timesteps count up; or the latent's shape, dtype or device changes)
+resets the step count and the boundary buffers; ``reset()`` does it explicitly.
 
 Note (conditioning that changes): inputs other than the latent and the timestep may
 change from one step to the next within a generation (ControlNet and T2I-Adapter
 residuals are computed from each step's latent), so a change of them is not a new
 generation: every stage reads them fresh at every call. Only a model without a timestep
 input, which leaves no other signal, takes new conditioning as a new generation. A
-generation that starts below the timestep where the previous one stopped (image to
-image after an interrupted run) needs ``reset()``.
+generation that starts past the timestep where the previous one stopped (image to image
+after an interrupted run) needs ``reset()``.
 
 Note (converting): ``.to()``, ``.half()``, ``.cuda()`` and the like (``pipe.to(...)``
 included) convert the original model, and the next call captures and splits it again,
@@ -39,6 +40,12 @@ from asyncfx.runtime.executor import BoundaryStore, Executor
 from asyncfx.runtime.schedule import Mode, schedule
 
 
+#: Calls with one timestep that are separate streams (conditional and unconditional
+#: passes as separate calls): pipelines make one or two per step. More calls with the same
+#: timestep are one-step generations, each a new one (else each would open a stream and
+#: keep its buffers for good).
+MAX_CALLS_PER_STEP = 4
+
 #: ``make_executor(plan)``: the executor for the captured graph, and its plan (``plan`` if
 #: given, e.g. compiled before the last executor was closed; else compiled now).
 MakeExecutor = Callable[[Any], tuple[Executor, Any]]
@@ -60,18 +67,56 @@ class CallInterfaceLike:
 
 
 @dataclasses.dataclass
+class TimestepMap:
+    """How the timesteps a pipeline passes relate to its scheduler's (stride 2 computes
+    the next one ahead): ``passed = a * scheduled + b``, fitted from the first two calls
+    of a generation. Most pipelines pass the scheduler's (a = 1, b = 0); Flux's pass
+    t / 1000, Lumina's 1 - t / 1000.
+
+    Example:
+        >>> line = TimestepMap()
+        >>> line.observe(1000.0, 1.0), line.observe(800.0, 0.8)
+        (True, True)
+        >>> round(line.predict(600.0), 6)
+        0.6
+    """
+
+    points: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (scheduled, passed)
+    guessed: bool = False  # a timestep was predicted before two calls were seen
+
+    def line(self) -> tuple[float, float]:
+        """``(a, b)``: the fit through two calls, else through one call and zero."""
+        if len(self.points) == 2:
+            (s0, p0), (s1, p1) = self.points
+            a = (p1 - p0) / (s1 - s0)
+            return a, p0 - a * s0
+        if self.points and self.points[0][0] != 0:
+            return self.points[0][1] / self.points[0][0], 0.0
+        return 1.0, 0.0
+
+    def predict(self, scheduled: float) -> float:
+        self.guessed |= len(self.points) < 2
+        a, b = self.line()
+        return a * scheduled + b
+
+    def observe(self, scheduled: float, passed: float) -> bool:
+        """Record a call; False if it contradicts the fit (or a guess already used)."""
+        if len(self.points) < 2 and not self.guessed:
+            if not self.points or self.points[0][0] != scheduled:
+                self.points.append((scheduled, passed))
+            return True
+        a, b = self.line()
+        return math.isclose(passed, a * scheduled + b, rel_tol=1e-3, abs_tol=1e-6)
+
+
+@dataclasses.dataclass
 class _Stream:
     step: int = 0
     timesteps: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     conditions: list[torch.Tensor] | None = None
     cached: dict[int, tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
-    timestep_scale: float | None = None  # call timestep / scheduler timestep (stride 2)
+    timestep_map: TimestepMap = dataclasses.field(default_factory=TimestepMap)
     store: BoundaryStore = dataclasses.field(default_factory=BoundaryStore)
-
-    @property
-    def scale(self) -> float:
-        """The calls' timestep scale, 1 until a call has shown it."""
-        return 1.0 if self.timestep_scale is None else self.timestep_scale
 
 
 class AsyncDenoiser(nn.Module):
@@ -101,6 +146,7 @@ class AsyncDenoiser(nn.Module):
         self.plan = None
         self._streams: list[_Stream] = []
         self._last_timestep: float | None = None
+        self._direction: float | None = None  # +1 or -1: how the timestep moves within a generation
         self._calls_at_timestep = 0
         self._latent_key: tuple | None = None
 
@@ -140,6 +186,7 @@ class AsyncDenoiser(nn.Module):
         """Forget the current generation: the next call is step 0 of a new one."""
         self._streams = []
         self._last_timestep = None
+        self._direction = None
         self._calls_at_timestep = 0
         self._latent_key = None
 
@@ -236,11 +283,12 @@ class AsyncDenoiser(nn.Module):
         latent = named[self._latent_name]
         latent_key = (tuple(latent.shape), latent.dtype, latent.device)
         t = float(named[self._timestep_name].flatten()[0].item()) if self._timestep_name else None
-        if latent_key != self._latent_key or (t is not None and self._last_timestep is not None
-                                              and t > self._last_timestep):
+        if self._starts_generation(latent_key, t):
             self.reset()
         self._latent_key = latent_key
         if t is None or t != self._last_timestep:
+            if t is not None and self._last_timestep is not None:
+                self._direction = 1.0 if t > self._last_timestep else -1.0
             self._calls_at_timestep = 0
         index = self._calls_at_timestep
         self._calls_at_timestep += 1
@@ -256,6 +304,18 @@ class AsyncDenoiser(nn.Module):
         stream.conditions = conditions
         return stream
 
+    def _starts_generation(self, latent_key: tuple, t: float | None) -> bool:
+        """A new latent shape, or a timestep that moves back against the way the first two
+        steps of this generation moved (most pipelines count down; Lumina's count up), or
+        the same timestep more often than any pipeline calls per step."""
+        if latent_key != self._latent_key:
+            return True
+        if t is None or self._last_timestep is None:
+            return False
+        if t == self._last_timestep:
+            return self._calls_at_timestep >= MAX_CALLS_PER_STEP
+        return self._direction is not None and (t - self._last_timestep) * self._direction < 0
+
     def _sampler_timesteps(self) -> Sequence[Any]:
         """The timesteps of a generation's calls: the scheduler's from its begin index
         (image-to-image pipelines start part-way through the schedule)."""
@@ -268,8 +328,7 @@ class AsyncDenoiser(nn.Module):
 
     def _check_timestep(self, stream: _Stream, step: int, timesteps: Sequence[Any]) -> None:
         """Stride 2 takes the next step's timestep from the scheduler, so the calls must
-        follow it: each call's timestep is ``scale * timesteps[step]``, with one scale per
-        generation (1 for most pipelines; Flux's passes t / 1000)."""
+        follow it: each call's timestep is ``a * timesteps[step] + b`` (``TimestepMap``)."""
         given = self._last_timestep
         if given is None:
             return  # the model takes no timestep
@@ -279,14 +338,14 @@ class AsyncDenoiser(nn.Module):
         if step >= len(timesteps):
             raise SchedulerError(f"this is call {step + 1} of a generation but the scheduler lists "
                                  f"{len(timesteps)} timesteps; {fix}")
-        expected = float(timesteps[step])
-        if stream.timestep_scale is None and expected != 0:
-            stream.timestep_scale = given / expected
-        scale = stream.scale
-        if not math.isclose(given, scale * expected, rel_tol=1e-3, abs_tol=1e-6):
+        scheduled = float(timesteps[step])
+        if not stream.timestep_map.observe(scheduled, given):
+            a, b = stream.timestep_map.line()
+            guess = (" (with warmup=0 the first round had to guess the next timestep from one call; "
+                     "warmup >= 1 fits it from two)" if len(stream.timestep_map.points) < 2 else "")
             raise SchedulerError(f"call {step} of this generation got timestep {given:g} but the "
-                                 f"scheduler's timesteps give {scale * expected:g} (scale {scale:g} x "
-                                 f"{expected:g}); {fix}")
+                                 f"scheduler's timesteps give {a * scheduled + b:g} ({a:g} x {scheduled:g} "
+                                 f"+ {b:g}, as the earlier calls did){guess}; {fix}")
 
     def _inputs_for(self, named: Mapping[str, torch.Tensor], stream: _Stream,
                     step: int) -> Callable[[int], Mapping[str, torch.Tensor]]:
@@ -300,7 +359,7 @@ class AsyncDenoiser(nn.Module):
         if index in stream.timesteps:  # time_shift: an earlier call's timestep
             return stream.timesteps[index]
         current = named[self._timestep_name]
-        return torch.full_like(current, stream.scale * float(self._sampler_timesteps()[index]))
+        return torch.full_like(current, stream.timestep_map.predict(float(self._sampler_timesteps()[index])))
 
 
 def _would_change(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
