@@ -233,6 +233,37 @@ def test_one_step_generations_do_not_pile_up_streams():
         assert len(den._streams) <= MAX_CALLS_PER_STEP
 
 
+class LowRank(nn.Module):
+    """A LoRA-like wrapper: the base layer plus a low-rank update with new parameters."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, 2, bias=False)
+        self.up = nn.Linear(2, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def test_editing_the_model_after_partitioning_takes_effect_at_the_next_generation():
+    model = copy.deepcopy(zoo_example("sd_unet")[0])  # the zoo's model is shared with other tests
+    _, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    sample(den, kwargs, "sample", steps=3)
+    captured = den.interface
+    sample(den, kwargs, "sample", steps=3)
+    assert den.interface is captured  # nothing edited: no new capture
+    with torch.no_grad():
+        model.conv_in.weight.mul_(2)  # a fused LoRA: weights written in place
+    assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)  # a new generation's warm-up step
+    assert den.interface is not captured
+    attention = model.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    attention.to_q = LowRank(attention.to_q)  # a LoRA loaded: new modules and parameters
+    den(**{**kwargs, "timestep": torch.tensor(500)})  # still the same generation: no check
+    assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)
+
+
 def test_shape_change_mid_generation_recaptures():
     model, _, kwargs = zoo_example("sd_unet")
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")

@@ -21,6 +21,12 @@ since the stages were specialised to the old dtype and device. Devices the stage
 are the ones ``partition()`` chose; only the original model (warm-up steps before the
 first compile, capture) moves.
 
+Note (editing): the stages are captured from the model as it was; a model edited after
+``partition()`` (a LoRA loaded or fused into it, new weights loaded) is captured again
+when the next generation starts, found by its parameters (which objects, and how many
+in-place writes they have had). Stage copies on other devices would otherwise keep the
+old weights, and new modules would be missing from the graph.
+
 Note (two calls per step): pipelines that run the conditional and unconditional
 passes as separate calls call the denoiser twice with the same timestep. The i-th call
 with a given timestep belongs to stream i; each stream keeps its own step count and
@@ -143,6 +149,7 @@ class AsyncDenoiser(nn.Module):
         self.executor: Executor | None = None
         self.interface: CallInterfaceLike | None = None
         self._make_executor: MakeExecutor | None = None
+        self._weights: tuple[int, int] | None = None  # the model's weights when it was captured
         self.plan = None
         self._streams: list[_Stream] = []
         self._last_timestep: float | None = None
@@ -219,6 +226,7 @@ class AsyncDenoiser(nn.Module):
         self.close()
         self.plan = None
         self.interface, self._make_executor = interface, make_executor
+        self._weights = _weights_signature(self._model) if self.convertible else None
         self.reset()
         if compile_now:
             self._compile()
@@ -245,6 +253,9 @@ class AsyncDenoiser(nn.Module):
             flat = self.interface.flatten(args, kwargs)
         named = dict(zip(self.interface.names, flat))
         stream = self._stream_for(named)
+        if stream.step == 0 and self._model_edited():
+            self.build(args, kwargs)  # e.g. a LoRA loaded into the model since it was captured
+            return self.forward(*args, **kwargs)
         step = stream.step
         stream.timesteps[step] = named[self._timestep_name] if self._timestep_name else None
         total = None
@@ -304,6 +315,11 @@ class AsyncDenoiser(nn.Module):
         stream.conditions = conditions
         return stream
 
+    def _model_edited(self) -> bool:
+        """Whether the model's parameters were replaced, added or written since it was
+        captured (checked as each generation starts; see the note on editing)."""
+        return self._weights is not None and _weights_signature(self._model) != self._weights
+
     def _starts_generation(self, latent_key: tuple, t: float | None) -> bool:
         """A new latent shape, or a timestep that moves back against the way the first two
         steps of this generation moved (most pipelines count down; Lumina's count up), or
@@ -360,6 +376,13 @@ class AsyncDenoiser(nn.Module):
             return stream.timesteps[index]
         current = named[self._timestep_name]
         return torch.full_like(current, stream.timestep_map.predict(float(self._sampler_timesteps()[index])))
+
+
+def _weights_signature(model: nn.Module) -> tuple[int, int]:
+    """Which parameter objects the model holds, and how many in-place writes they have had
+    (``Tensor._version``): loading or fusing a LoRA, or loading a state dict, changes it."""
+    parameters = list(model.named_parameters())
+    return hash(tuple((name, id(p)) for name, p in parameters)), sum(p._version for _, p in parameters)
 
 
 def _would_change(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
