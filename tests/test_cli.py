@@ -80,6 +80,26 @@ def test_profile_of_a_diffusers_model_directory(tmp_path, capsys):
     assert shapes["encoder_hidden_states"] == [2, 77, 8] and shapes["sample"] == [2, 4, 8, 8]
 
 
+@pytest.mark.parametrize("name, latent, timestep", [
+    ("sd3_transformer", [2, 4, 8, 8], [2]),           # transformers: one timestep per sample
+    ("dit_transformer", [2, 4, 8, 8], [2]),
+    ("flux_transformer", [2, 1024, 8], [2]),          # packed 2x2-patch tokens of a 64x64 latent
+    ("svd_unet", [2, 2, 4, 8, 8], []),                 # UNets: one timestep, as pipelines pass it
+])
+def test_example_inputs_of_diffusers_model_directories(tmp_path, name, latent, timestep):
+    from asyncfx.partitioner.model_spec import load_model
+
+    model, _, _ = getattr(asyncfx.zoo.tiny, name)()
+    model.save_pretrained(tmp_path / name)
+    loaded, args, kwargs = load_model(str(tmp_path / name), batch=2)
+    captured = asyncfx.capture(loaded, args, kwargs)
+    shapes = {i.name: list(i.shape) for i in captured.inputs}
+    assert shapes[captured.latent_input.name] == latent and shapes["timestep"] == timestep
+    with torch.no_grad():
+        torch.testing.assert_close(captured(*args, **kwargs).sample, loaded(*args, **kwargs).sample,
+                                   rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["profile", "nope.module:thing", "--out", "p.json"], "cannot load 'nope.module:thing'"),
     (["profile", "missing_dir", "--out", "p.json"], "neither a directory nor package.module:function"),

@@ -102,23 +102,37 @@ def _from_directory(path: str, batch: int, height: int | None, width: int | None
 
 
 def example_kwargs(model: nn.Module, batch: int, height: int | None, width: int | None) -> dict[str, Any]:
-    """Example inputs for a diffusers denoiser, from its forward's argument names and config."""
+    """Example inputs for a diffusers denoiser, from its forward's argument names and config,
+    shaped as diffusers' pipelines call it: UNets (latent ``sample``) get one timestep,
+    transformers (``hidden_states``) one per batch element; a transformer that takes
+    ``img_ids`` (Flux) gets its latent packed into 2x2-patch tokens."""
     config = dict(model.config)
     size = config.get("sample_size") or 64
     size = size if isinstance(size, int) else size[0]
     height, width = height or size, width or size
     text_dim = config.get("cross_attention_dim") or config.get("joint_attention_dim")
     text_dim = text_dim[0] if isinstance(text_dim, (list, tuple)) else text_dim
+    arguments = inspect.signature(model.forward).parameters
+    tokens = (height // 2) * (width // 2)  # packed latents (Flux): one token per 2x2 patch
     makers: dict[str, Callable[[], Any]] = {
-        "timestep": lambda: torch.tensor(999),
+        "timestep": (lambda: torch.tensor(999)) if "sample" in arguments else
+                    (lambda: torch.full((batch,), 999.0)),
         "encoder_hidden_states": lambda: torch.randn(batch, TEXT_TOKENS, text_dim),
         "pooled_projections": lambda: torch.randn(batch, config["pooled_projection_dim"]),
         "class_labels": lambda: torch.zeros(batch, dtype=torch.long),
         "added_time_ids": lambda: torch.zeros(batch, 3),
+        "img_ids": lambda: torch.zeros(tokens, 3),
+        "txt_ids": lambda: torch.zeros(TEXT_TOKENS, 3),
     }
+    if config.get("guidance_embeds"):
+        makers["guidance"] = lambda: torch.full((batch,), 3.5)
     frames = config.get("num_frames")
-    latent_shape = (batch, frames, config["in_channels"], height, width) if frames else \
-        (batch, config["in_channels"], height, width)
+    if "img_ids" in arguments:
+        latent_shape: tuple[int, ...] = (batch, tokens, config["in_channels"])
+    elif frames:
+        latent_shape = (batch, frames, config["in_channels"], height, width)
+    else:
+        latent_shape = (batch, config["in_channels"], height, width)
     makers["sample"] = makers["hidden_states"] = lambda: torch.randn(latent_shape)
     if config.get("addition_embed_type") == "text_time":
         time_dim = 6 * config["addition_time_embed_dim"]
@@ -127,7 +141,7 @@ def example_kwargs(model: nn.Module, batch: int, height: int | None, width: int 
             "time_ids": torch.tensor([[height * 8.0, width * 8.0, 0.0, 0.0, height * 8.0, width * 8.0]]
                                      * batch)}
     kwargs = {}
-    for name, parameter in inspect.signature(model.forward).parameters.items():
+    for name, parameter in arguments.items():
         if name in makers:
             kwargs[name] = makers[name]()
         elif parameter.default is inspect.Parameter.empty and parameter.kind not in (
