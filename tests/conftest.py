@@ -77,10 +77,16 @@ def check_boundaries(captured: asyncfx.Captured, plan: asyncfx.StagePlan,
             assert k in listed[name].consumers, f"stage {k} reads {name} without being listed"
 
 
-def sample(denoiser, model_kwargs, latent_name, steps=10):
-    """A DDIM loop calling ``denoiser`` like a pipeline does."""
+def ddim(steps: int) -> DDIMScheduler:
+    """The scheduler ``sample`` steps with (stride 2 needs it before the loop starts)."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
     scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def sample(denoiser, model_kwargs, latent_name, steps=10):
+    """A DDIM loop calling ``denoiser`` like a pipeline does."""
+    scheduler = ddim(steps)
     x = model_kwargs[latent_name].clone()
     for t in scheduler.timesteps:
         timestep = torch.full_like(model_kwargs["timestep"], t.item())  # the example's shape

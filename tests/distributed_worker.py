@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import asyncfx
 from asyncfx.zoo.tiny import ZOO
-from conftest import sample
+from conftest import ddim, sample
 
 LATENT = {"sd_unet": "sample", "sd3_transformer": "hidden_states"}
 
@@ -29,13 +29,14 @@ class _ExitAt:
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, steps: int,
-        dying_rank: int | None = None, timeout_s: float = 60.0) -> None:
+        dying_rank: int | None = None, timeout_s: float = 60.0, stride: int = 1) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     torch.set_num_threads(1)
     try:
         model, _, kwargs = ZOO[model_name]()
-        denoiser = asyncfx.partition(model, world, warmup=2, executor="distributed")
+        denoiser = asyncfx.partition(model, world - (stride - 1), warmup=2, executor="distributed",
+                                     stride=stride, scheduler=ddim(steps) if stride == 2 else None)
         caller = _ExitAt(denoiser, 4 if rank == dying_rank else None)
         with torch.no_grad():  # two generations: the second starts while the first's last
             results = [sample(caller, kwargs, LATENT[model_name], steps=steps)  # messages fly

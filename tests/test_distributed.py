@@ -8,46 +8,49 @@ import torch
 import torch.multiprocessing as mp
 
 import asyncfx
-from conftest import sample, zoo_example
+from conftest import ddim, sample, zoo_example
 from distributed_worker import LATENT, run
 
 STEPS = 10
 
 
-def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0) -> float:
+def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0, stride=1) -> float:
     init_file = tmp_path / "init"
     start = time.perf_counter()
     mp.start_processes(run, args=(world, str(init_file), str(tmp_path), model_name, STEPS,
-                                  dying_rank, timeout_s),
+                                  dying_rank, timeout_s, stride),
                        nprocs=world, start_method="spawn", join=True)
     return time.perf_counter() - start
 
 
-def serial_result(model_name: str, world: int) -> torch.Tensor:
+def serial_result(model_name: str, world: int, stride: int = 1) -> torch.Tensor:
     model, _, kwargs = zoo_example(model_name)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return sample(asyncfx.partition(model, world, warmup=2, executor="serial"), kwargs,
-                      LATENT[model_name], steps=STEPS)
+        denoiser = asyncfx.partition(model, world - (stride - 1), warmup=2, executor="serial", stride=stride,
+                                     scheduler=ddim(STEPS) if stride == 2 else None)
+        return sample(denoiser, kwargs, LATENT[model_name], steps=STEPS)
     finally:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("model_name, world", [("sd_unet", 2), ("sd_unet", 3), ("sd3_transformer", 2)])
-def test_distributed_ranks_equal_serial(tmp_path, model_name, world):
-    spawn(tmp_path, world, model_name)
+@pytest.mark.parametrize("model_name, world, stride",
+                         [("sd_unet", 2, 1), ("sd_unet", 3, 1), ("sd3_transformer", 2, 1), ("sd_unet", 3, 2)])
+def test_distributed_ranks_equal_serial(tmp_path, model_name, world, stride):
+    spawn(tmp_path, world, model_name, stride=stride)
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
     assert not errors, errors
-    expected = serial_result(model_name, world)
+    expected = serial_result(model_name, world, stride)
     for rank in range(world):  # every rank's sampler took the same steps, in both generations
         first, second = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(first, expected, rtol=0, atol=0)
         torch.testing.assert_close(second, expected, rtol=0, atol=0)
     held = [int((tmp_path / f"held{rank}.txt").read_text()) for rank in range(world)]
+    stages = world - (stride - 1)  # stride 2: the extra rank holds the last stage too
     plan = asyncfx.compile(asyncfx.capture(zoo_example(model_name)[0], (), zoo_example(model_name)[2]),
-                           world)
-    assert held == [s.param_bytes for s in plan.stages]
+                           stages)
+    assert held == [plan.stages[min(rank, stages - 1)].param_bytes for rank in range(world)]
 
 
 def test_a_rank_that_exits_makes_the_others_fail_clearly(tmp_path):
