@@ -10,6 +10,8 @@ from torch import nn
 from asyncfx.errors import AsyncFXError, PlanError
 from asyncfx.partitioner import Captured, StagePlan, capture, compile, split
 from asyncfx.partitioner.compile import split_example_inputs
+from asyncfx.partitioner.cost_model import COSTS
+from asyncfx.partitioner.device import device_spec
 from asyncfx.runtime.cuda_graphs import check_cuda_graphs_option
 from asyncfx.runtime.denoiser import AsyncDenoiser, CallInterfaceLike, SchedulerError
 from asyncfx.runtime.distributed import DistributedExecutor, TensorSpec, require_process_group
@@ -28,6 +30,10 @@ EXECUTORS = ("local", "serial", "distributed")
 
 class DeviceError(AsyncFXError, ValueError):
     """The devices asked for do not exist here."""
+
+
+class ModelError(AsyncFXError, TypeError):
+    """partition() was given something other than a denoiser module."""
 
 
 def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = None,
@@ -55,7 +61,9 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
         >>> pipe.unet = asyncfx.partition(pipe.unet, n_devices=2, warmup=2)
         >>> images = pipe(prompt_embeds=embeds, num_inference_steps=20).images
     """
+    _check_model(model)
     _check_options(n_devices, warmup, stride, executor, scheduler)
+    _check_cost_and_link(cost, link)
     check_cuda_graphs_option(cuda_graphs)
     streams = None
     if parse_sm_partitions(devices) is not None:
@@ -179,7 +187,13 @@ def resolve_devices(devices: Sequence[str | torch.device] | None, needed: int) -
             return [torch.device("cpu")] * needed
         raise DeviceError(f"{needed} devices are needed and {found}; pass devices=[...] explicitly "
                           "(e.g. fewer n_devices, or CPU workers with devices=['cpu'] * n).")
-    resolved = [torch.device(d) for d in devices]
+    resolved = []
+    for device in devices:
+        try:
+            resolved.append(torch.device(device))
+        except (RuntimeError, TypeError) as exc:
+            raise DeviceError(f"devices lists {device!r}, which is not a torch device ({exc}); use 'cpu' "
+                              "or 'cuda:N'.") from exc
     if len(resolved) < needed:
         raise DeviceError(f"{needed} devices are needed (stages plus stride 2's extra device) but "
                           f"devices lists {len(resolved)}.")
@@ -187,6 +201,22 @@ def resolve_devices(devices: Sequence[str | torch.device] | None, needed: int) -
     if missing:
         raise DeviceError(f"asked for {', '.join(missing)} but {found}.")
     return resolved[:needed]
+
+
+def _check_model(model: Any) -> None:
+    if isinstance(model, AsyncDenoiser):
+        raise ModelError("this model is already partitioned (an AsyncDenoiser); partition its "
+                         "original_model instead, or keep using it as it is.")
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"partition() takes the denoiser, an nn.Module, got {type(model).__name__}; for a "
+                         "diffusers pipeline pass its pipe.unet or pipe.transformer.")
+
+
+def _check_cost_and_link(cost: str, link: Any) -> None:
+    """Checked now rather than when the stages are built, at the last warm-up step."""
+    if cost not in COSTS:
+        raise PlanError(f"cost={cost!r} is not known; use one of {list(COSTS)}.")
+    device_spec(link)
 
 
 def _check_options(n_devices: Any, warmup: Any, stride: Any, executor: str, scheduler: Any) -> None:

@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 import asyncfx
-from asyncfx.api import DeviceError
+from asyncfx.api import DeviceError, ModelError
 from asyncfx.runtime.denoiser import MAX_CALLS_PER_STEP, SchedulerError
 from conftest import load_benchmark, on_cuda, sample, zoo_captured, zoo_example
 
@@ -390,6 +390,22 @@ def test_errors_for_devices_stride_and_options():
         asyncfx.partition(model, 2, warmup=0)
     with pytest.raises(asyncfx.PlanError, match="executor='mpi' is not known"):
         asyncfx.partition(model, 2, executor="mpi")
+    # checked at partition(), not at the last warm-up step where the stages are built
+    with pytest.raises(asyncfx.PlanError, match="cost='fast' is not known"):
+        asyncfx.partition(model, 2, cost="fast")
+    with pytest.raises(asyncfx.PlanError, match="unknown link/device 'infiniband'"):
+        asyncfx.partition(model, 2, link="infiniband")
+    with pytest.raises(DeviceError, match="devices lists 'tpu', which is not a torch device"):
+        asyncfx.partition(model, 2, devices=["tpu", "cpu"])
+
+
+def test_partition_takes_a_denoiser_module():
+    model, _, _ = zoo_example("sd_unet")
+    pipeline = SimpleNamespace(unet=model)  # a diffusers pipeline is not an nn.Module either
+    with pytest.raises(ModelError, match="takes the denoiser, an nn.Module, got SimpleNamespace.*pipe.unet"):
+        asyncfx.partition(pipeline, 2)
+    with pytest.raises(ModelError, match="already partitioned .* original_model"):
+        asyncfx.partition(asyncfx.partition(model, 2), 2)
 
 
 def test_attributes_come_from_the_original_model():
