@@ -146,6 +146,23 @@ def test_local_workers_equal_serial(name, latent):
     den.close()
 
 
+def test_workers_compute_under_the_callers_autocast():
+    model, _, kwargs = zoo_example("sd_unet")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each local worker: the same summation order, bitwise results
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # thread-local: workers do not inherit it
+            expected = sample(model, kwargs, "sample", steps=4)
+            warm = sample(asyncfx.partition(model, 2, warmup=4), kwargs, "sample", steps=4)
+            reference = asyncfx.partition(model, 2, warmup=2, executor="serial")
+            serial = sample(reference, kwargs, "sample", steps=4)
+            local = sample(asyncfx.partition(model, 2, warmup=2), kwargs, "sample", steps=4)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(warm, expected, rtol=0, atol=0)  # warm-up only: the original run
+    torch.testing.assert_close(local, serial, rtol=0, atol=0)   # stale steps: as the reference executor
+
+
 @pytest.mark.parametrize("executor", ["serial", "local"])
 def test_warmup_covering_every_step_is_the_original_run(executor):
     model, _, kwargs = zoo_example("sd_unet")

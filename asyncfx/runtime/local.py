@@ -9,7 +9,8 @@ construction. On CPU the workers are threads that share memory; K workers on C c
 get C/K intra-op threads each, so they do not oversubscribe the cores, except during
 warm-up steps, when one stage runs at a time and may use all C. On CUDA each stage
 replays as a CUDA graph once warmed up (``cuda_graphs``, see ``cuda_graphs.py``), and a
-slot may be given its own stream, e.g. one SM partition of a GPU (``green.py``).
+slot may be given its own stream, e.g. one SM partition of a GPU (``green.py``). Workers
+compute under the caller's autocast, which is thread-local state they would not inherit.
 
 Note (sending): the stage graph reports each boundary tensor as it is made (send hooks,
 ``hooks.py``). Run eagerly, the hook records an event on the compute stream and queues
@@ -22,6 +23,7 @@ those buffers, so a worker waits for its copies before it reports the step done.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import queue
 import threading
@@ -137,7 +139,7 @@ class LocalExecutor(Executor):
         args = [inputs[name] if name in self.graph_inputs else _read(store, name, run.reads, worker.device)
                 for name in names]
         written = _recorded_on_current_streams([inputs[name] for name in names if name in self.graph_inputs])
-        worker.tasks.put((self._epoch, run, args, written, threads))
+        worker.tasks.put((self._epoch, run, args, written, threads, _caller_autocast()))
 
     def _collect(self, runs: Sequence[StageRun], store: BoundaryStore,
                  results: dict[int, tuple[torch.Tensor, ...]]) -> None:
@@ -200,6 +202,22 @@ def _recorded_on_current_streams(tensors: Sequence[torch.Tensor]) -> list[Any]:
     return events
 
 
+def _caller_autocast() -> tuple[tuple[str, torch.dtype], ...]:
+    """The caller's autocast regions, by device type. Autocast is thread-local state, which
+    the workers do not inherit, and the stages were captured under it: they run under it."""
+    return tuple((device_type, torch.get_autocast_dtype(device_type)) for device_type in ("cpu", "cuda")
+                 if torch.is_autocast_enabled(device_type))
+
+
+def _autocast(regions: Sequence[tuple[str, torch.dtype]]) -> contextlib.ExitStack:
+    """Enter the caller's autocast regions in a worker (without the cast cache, which CUDA
+    graph capture does not support)."""
+    stack = contextlib.ExitStack()
+    for device_type, dtype in regions:
+        stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=False))
+    return stack
+
+
 def _on_device(module: nn.Module, device: torch.device) -> bool:
     return all(t.device.type == device.type and (device.index is None or t.device.index == device.index)
                for t in [*module.parameters(), *module.buffers()])
@@ -236,15 +254,16 @@ class _Worker(threading.Thread):
             task = self.tasks.get()
             if task is None:
                 return
-            epoch, run, args, written, threads = task
+            epoch, run, args, written, threads, autocast = task
             if not cuda and torch.get_num_threads() != (threads or self.threads):
                 torch.set_num_threads(threads or self.threads)
             try:
-                if compute is None:
-                    with torch.no_grad():
-                        outputs, copies = runnable(*[a.to(self.device) for a in args]), {}
-                else:
-                    outputs, copies = self._compute(runnable, run, args, written, compute, sender)
+                with _autocast(autocast):
+                    if compute is None:
+                        with torch.no_grad():
+                            outputs, copies = runnable(*[a.to(self.device) for a in args]), {}
+                    else:
+                        outputs, copies = self._compute(runnable, run, args, written, compute, sender)
                 self.results.put((epoch, run, outputs, copies, None))
             except BaseException as exc:  # reported to the caller, which re-raises it
                 self.results.put((epoch, run, None, None, exc))
