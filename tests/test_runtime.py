@@ -452,6 +452,9 @@ def test_converting_the_denoiser_converts_the_model_and_captures_it_again():
     sample(den, kwargs, "sample", steps=3)
     executor = den.executor
     assert den.to("cpu") is den and den.executor is executor  # nothing to convert: stages kept
+    den.to(memory_format=torch.channels_last)  # a layout for the convolutions: captured again
+    assert den.executor is None and model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    sample(den, kwargs, "sample", steps=3)
     den.to(torch.float64)
     assert den.executor is None and den.plan is None
     assert {p.dtype for p in model.parameters()} == {torch.float64}

@@ -386,17 +386,23 @@ def _weights_signature(model: nn.Module) -> tuple[int, int]:
 
 
 def _would_change(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """Whether ``fn`` (a conversion of ``nn.Module._apply``) changes the dtype or device of
-    the model's tensors, probed on its first floating-point tensor (conversions to another
-    dtype leave integer tensors alone) and its first other tensor."""
+    """Whether ``fn`` (a conversion of ``nn.Module._apply``) changes the dtype, device or
+    layout of the model's tensors, probed on its first floating-point tensor (conversions
+    to another dtype leave integer tensors alone), its first other tensor and its first
+    4-d one (``memory_format=torch.channels_last`` changes only those)."""
     tensors = [*model.parameters(), *model.buffers()]
     probes = [next((t for t in tensors if t.is_floating_point()), None),
-              next((t for t in tensors if not t.is_floating_point()), None)]
+              next((t for t in tensors if not t.is_floating_point()), None),
+              next((t for t in tensors if t.dim() == 4), None)]
     for tensor in (t for t in probes if t is not None):
         converted = fn(tensor)
-        if converted.dtype != tensor.dtype or converted.device != tensor.device:
+        if _layout(converted) != _layout(tensor):
             return True
     return False
+
+
+def _layout(tensor: torch.Tensor) -> tuple:
+    return tensor.dtype, tensor.device, tensor.stride()
 
 
 def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
