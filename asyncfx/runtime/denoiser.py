@@ -46,11 +46,12 @@ from asyncfx.runtime.executor import BoundaryStore, Executor
 from asyncfx.runtime.schedule import Mode, schedule
 
 
-#: Calls with one timestep that are separate streams (conditional and unconditional
-#: passes as separate calls): pipelines make one or two per step. More calls with the same
-#: timestep are one-step generations, each a new one (else each would open a stream and
+#: Calls with one timestep that are separate streams: most pipelines make one or two per
+#: step (conditional and unconditional passes as separate calls), video pipelines that
+#: denoise overlapping frame windows one per window. More calls with the same timestep
+#: are taken for one-step generations, each a new one (else each would open a stream and
 #: keep its buffers for good).
-MAX_CALLS_PER_STEP = 4
+MAX_CALLS_PER_STEP = 16
 
 #: ``make_executor(plan)``: the executor for the captured graph, and its plan (``plan`` if
 #: given, e.g. compiled before the last executor was closed; else compiled now).
