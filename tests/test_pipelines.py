@@ -10,11 +10,11 @@ import copy
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, AutoencoderKLTemporalDecoder, ControlNetModel, DDIMScheduler,
-                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       StableDiffusion3Pipeline, StableDiffusionControlNetPipeline, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, StableVideoDiffusionPipeline,
-                       UNetSpatioTemporalConditionModel)
+from diffusers import (AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporalDecoder, ControlNetModel,
+                       DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       MotionAdapter, StableDiffusion3Pipeline, StableDiffusionControlNetPipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline,
+                       UNet2DConditionModel, UNetSpatioTemporalConditionModel)
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import asyncfx
@@ -150,6 +150,23 @@ def test_flux_pipeline():
     generator = torch.Generator().manual_seed(4)
     check_drop_in(pipe, "transformer", prompt_embeds=torch.randn(1, 3, 16, generator=generator),
                   pooled_prompt_embeds=torch.randn(1, 12, generator=generator), height=16, width=16)
+
+
+def test_animatediff_pipeline():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=4, attention_head_dim=2)
+    adapter = MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
+                            motion_num_attention_heads=2, motion_max_seq_length=8)
+    pipe = AnimateDiffPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
+                               motion_adapter=adapter,
+                               scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False))
+    generator = torch.Generator().manual_seed(7)
+    check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),  # a UNetMotionModel
+                  negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator), num_frames=4, height=16,
+                  width=16)
 
 
 def test_stable_video_diffusion_pipeline():
