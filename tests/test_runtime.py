@@ -281,6 +281,25 @@ def test_editing_the_model_after_partitioning_takes_effect_at_the_next_generatio
     assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)
 
 
+def test_alternating_shapes_switch_between_two_captures():
+    model, _, kwargs = zoo_example("sd_unet")  # CFG switched off for some steps: batch 2, then 1
+    single = {**kwargs, "sample": kwargs["sample"][:1],
+              "encoder_hidden_states": kwargs["encoder_hidden_states"][:1]}
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    captures = set()
+    for call in (kwargs, single, kwargs, single, kwargs):
+        # each switch starts a generation: its first step is a warm-up step, the original model
+        torch.testing.assert_close(den(**call).sample, model(**call).sample, rtol=0, atol=0)
+        captures.add(id(den.interface))
+    assert len(captures) == 2
+    local = asyncfx.partition(model, 2, warmup=1)
+    for call in (kwargs, single):
+        local(**call)  # step 0 is the last warm-up step: each capture gets its executor
+    executors = [local.executor, local._spare.executor]
+    local.close()  # both captures' workers stop
+    assert not any(worker.is_alive() for executor in executors for worker in executor._workers)
+
+
 def test_shape_change_mid_generation_recaptures():
     model, _, kwargs = zoo_example("sd_unet")
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")

@@ -27,6 +27,12 @@ when the next generation starts, found by its parameters (which objects, and how
 in-place writes they have had). Stage copies on other devices would otherwise keep the
 old weights, and new modules would be missing from the graph.
 
+Note (shapes): a call with other shapes, dtypes or non-tensor arguments than the
+capture is captured anew and starts a new generation. The previous capture is kept as a
+spare (with its executor), so a pipeline that alternates two kinds of call (classifier-
+free guidance switched off for some steps, SD3's skip-layer guidance) switches back
+without capturing again.
+
 Note (two calls per step): pipelines that run the conditional and unconditional
 passes as separate calls call the denoiser twice with the same timestep. The i-th call
 with a given timestep belongs to stream i; each stream keeps its own step count and
@@ -126,6 +132,17 @@ class _Stream:
     store: BoundaryStore = dataclasses.field(default_factory=BoundaryStore)
 
 
+@dataclasses.dataclass
+class _Build:
+    """One capture of the model and what was built from it."""
+
+    interface: CallInterfaceLike | None
+    make_executor: MakeExecutor | None
+    executor: Executor | None
+    plan: Any
+    weights: tuple[int, int] | None
+
+
 class AsyncDenoiser(nn.Module):
     """A denoiser whose stages run concurrently on one-step-stale inputs.
 
@@ -151,6 +168,7 @@ class AsyncDenoiser(nn.Module):
         self.interface: CallInterfaceLike | None = None
         self._make_executor: MakeExecutor | None = None
         self._weights: tuple[int, int] | None = None  # the model's weights when it was captured
+        self._spare: _Build | None = None  # the capture for the previous shapes (note on shapes)
         self.plan = None
         self._streams: list[_Stream] = []
         self._last_timestep: float | None = None
@@ -208,29 +226,63 @@ class AsyncDenoiser(nn.Module):
                                "the dtype and device it was captured with; convert the model first, then "
                                "capture and partition it again.")
         self._model._apply(fn)
+        self._drop_spare()
         self.close()
         self.plan, self.interface, self._make_executor = None, None, None
         self.reset()
         return self
 
     def close(self) -> None:
-        """Stop the executor's workers and free what they hold; the next call starts new ones
+        """Stop the executors' workers and free what they hold; the next call starts new ones
         from the same plan (workers also stop when the denoiser is garbage collected)."""
-        if self.executor is not None:
-            self.executor.close()
-            self.executor = None
+        for build in (self, self._spare):
+            if build is not None and build.executor is not None:
+                build.executor.close()
+                build.executor = None
 
-    def build(self, args: tuple, kwargs: dict, *, compile_now: bool = False) -> None:
+    def build(self, args: tuple, kwargs: dict, *, compile_now: bool = False,
+              keep_current: bool = False) -> None:
         """Capture for inputs like ``args``/``kwargs``; compile and split now, or at the
-        last warm-up step (see the note on lazy compilation in ``forward``)."""
+        last warm-up step (see the note on lazy compilation in ``forward``).
+        ``keep_current`` keeps the current capture as the spare (see the note on shapes)."""
         interface, make_executor = self._build(args, kwargs)  # a capture that fails keeps the old build
-        self.close()
-        self.plan = None
-        self.interface, self._make_executor = interface, make_executor
-        self._weights = _weights_signature(self._model) if self.convertible else None
+        current = self._current()
+        self._drop_spare()
+        if keep_current and current.interface is not None:
+            self._spare = current
+        else:
+            self.close()
+        self._restore(_Build(interface, make_executor, None, None,
+                             _weights_signature(self._model) if self.convertible else None))
         self.reset()
         if compile_now:
             self._compile()
+
+    def _current(self) -> _Build:
+        return _Build(self.interface, self._make_executor, self.executor, self.plan, self._weights)
+
+    def _restore(self, build: _Build) -> None:
+        self.interface, self._make_executor = build.interface, build.make_executor
+        self.executor, self.plan, self._weights = build.executor, build.plan, build.weights
+
+    def _drop_spare(self) -> None:
+        if self._spare is not None and self._spare.executor is not None:
+            self._spare.executor.close()
+        self._spare = None
+
+    def _switch_to_spare(self, args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
+        """The call's flat inputs if the spare capture fits them, now the current one."""
+        spare = self._spare
+        if spare is None or spare.interface is None:
+            return None
+        try:
+            flat = spare.interface.flatten(args, kwargs)
+        except InputMismatchError:
+            return None
+        self._spare = self._current()
+        self._restore(spare)
+        self.reset()
+        return flat
 
     def _compile(self) -> None:
         if self.executor is None:
@@ -250,8 +302,10 @@ class AsyncDenoiser(nn.Module):
         except InputMismatchError:
             if not self.rebuild:
                 raise
-            self.build(args, kwargs)  # new shapes: a new graph, and a new generation
-            flat = self.interface.flatten(args, kwargs)
+            flat = self._switch_to_spare(args, kwargs)  # back to the previous shapes
+            if flat is None:
+                self.build(args, kwargs, keep_current=True)  # new shapes: a new graph and generation
+                flat = self.interface.flatten(args, kwargs)
         named = dict(zip(self.interface.names, flat))
         stream = self._stream_for(named)
         if stream.step == 0 and self._model_edited():
