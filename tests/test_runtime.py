@@ -250,6 +250,12 @@ def test_one_step_generations_do_not_pile_up_streams():
         assert len(den._streams) <= MAX_CALLS_PER_STEP
 
 
+def own_sd_unet():
+    """A copy of the zoo's SD UNet to edit or convert (the zoo's is shared with other tests)."""
+    model, _, kwargs = zoo_example("sd_unet")
+    return copy.deepcopy(model), kwargs
+
+
 class LowRank(nn.Module):
     """A LoRA-like wrapper: the base layer plus a low-rank update with new parameters."""
 
@@ -264,8 +270,7 @@ class LowRank(nn.Module):
 
 
 def test_editing_the_model_after_partitioning_takes_effect_at_the_next_generation():
-    model = copy.deepcopy(zoo_example("sd_unet")[0])  # the zoo's model is shared with other tests
-    _, _, kwargs = zoo_example("sd_unet")
+    model, kwargs = own_sd_unet()
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")
     sample(den, kwargs, "sample", steps=3)
     captured = den.interface
@@ -465,8 +470,7 @@ def test_attributes_come_from_the_original_model():
 
 
 def test_converting_the_denoiser_converts_the_model_and_captures_it_again():
-    model = copy.deepcopy(zoo_example("sd_unet")[0])  # the zoo's model is shared with other tests
-    _, _, kwargs = zoo_example("sd_unet")
+    model, kwargs = own_sd_unet()
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")
     sample(den, kwargs, "sample", steps=3)
     executor = den.executor
