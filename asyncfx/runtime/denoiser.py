@@ -134,13 +134,13 @@ class _Stream:
 
 @dataclasses.dataclass
 class _Build:
-    """One capture of the model and what was built from it."""
+    """One capture of the model and what was built from it (all None before the first)."""
 
-    interface: CallInterfaceLike | None
-    make_executor: MakeExecutor | None
-    executor: Executor | None
-    plan: Any
-    weights: tuple[int, int] | None
+    interface: CallInterfaceLike | None = None
+    make_executor: MakeExecutor | None = None
+    executor: Executor | None = None
+    plan: Any = None
+    weights: tuple[int, int] | None = None  # the model's parameters when it was captured
 
 
 class AsyncDenoiser(nn.Module):
@@ -164,12 +164,8 @@ class AsyncDenoiser(nn.Module):
         self.time_shift, self.scheduler = time_shift, scheduler
         self.rebuild = rebuild  # re-capture on new input shapes (not with a user's plan)
         self.convertible = convertible  # .to() may convert the model and re-capture it
-        self.executor: Executor | None = None
-        self.interface: CallInterfaceLike | None = None
-        self._make_executor: MakeExecutor | None = None
-        self._weights: tuple[int, int] | None = None  # the model's weights when it was captured
+        self._now = _Build()
         self._spare: _Build | None = None  # the capture for the previous shapes (note on shapes)
-        self.plan = None
         self._streams: list[_Stream] = []
         self._last_timestep: float | None = None
         self._direction: float | None = None  # +1 or -1: how the timestep moves within a generation
@@ -194,6 +190,21 @@ class AsyncDenoiser(nn.Module):
     @property
     def original_model(self) -> nn.Module:
         return self._model
+
+    @property
+    def interface(self) -> CallInterfaceLike | None:
+        """How calls bind to the current capture (None before the first call)."""
+        return self._now.interface
+
+    @property
+    def executor(self) -> Executor | None:
+        """What runs the stages (None until the last warm-up step builds it)."""
+        return self._now.executor
+
+    @property
+    def plan(self) -> Any:
+        """The StagePlan of the current capture (None until it is compiled)."""
+        return self._now.plan
 
     def extra_repr(self) -> str:
         """What ``print(pipe.unet)`` shows: the model, the options and how far it is built."""
@@ -228,14 +239,14 @@ class AsyncDenoiser(nn.Module):
         self._model._apply(fn)
         self._drop_spare()
         self.close()
-        self.plan, self.interface, self._make_executor = None, None, None
+        self._now = _Build()
         self.reset()
         return self
 
     def close(self) -> None:
         """Stop the executors' workers and free what they hold; the next call starts new ones
         from the same plan (workers also stop when the denoiser is garbage collected)."""
-        for build in (self, self._spare):
+        for build in (self._now, self._spare):
             if build is not None and build.executor is not None:
                 build.executor.close()
                 build.executor = None
@@ -246,24 +257,17 @@ class AsyncDenoiser(nn.Module):
         last warm-up step (see the note on lazy compilation in ``forward``).
         ``keep_current`` keeps the current capture as the spare (see the note on shapes)."""
         interface, make_executor = self._build(args, kwargs)  # a capture that fails keeps the old build
-        current = self._current()
+        current = self._now
         self._drop_spare()
         if keep_current and current.interface is not None:
             self._spare = current
         else:
             self.close()
-        self._restore(_Build(interface, make_executor, None, None,
-                             _weights_signature(self._model) if self.convertible else None))
+        weights = _weights_signature(self._model) if self.convertible else None
+        self._now = _Build(interface, make_executor, weights=weights)
         self.reset()
         if compile_now:
             self._compile()
-
-    def _current(self) -> _Build:
-        return _Build(self.interface, self._make_executor, self.executor, self.plan, self._weights)
-
-    def _restore(self, build: _Build) -> None:
-        self.interface, self._make_executor = build.interface, build.make_executor
-        self.executor, self.plan, self._weights = build.executor, build.plan, build.weights
 
     def _drop_spare(self) -> None:
         if self._spare is not None and self._spare.executor is not None:
@@ -279,14 +283,14 @@ class AsyncDenoiser(nn.Module):
             flat = spare.interface.flatten(args, kwargs)
         except InputMismatchError:
             return None
-        self._spare = self._current()
-        self._restore(spare)
+        self._spare, self._now = self._now, spare
         self.reset()
         return flat
 
     def _compile(self) -> None:
-        if self.executor is None:
-            self.executor, self.plan = self._make_executor(self.plan)
+        now = self._now
+        if now.executor is None:
+            now.executor, now.plan = now.make_executor(now.plan)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # Note (lazy compilation): the first call only captures the model. Warm-up steps
@@ -373,7 +377,8 @@ class AsyncDenoiser(nn.Module):
     def _model_edited(self) -> bool:
         """Whether the model's parameters were replaced, added or written since it was
         captured (checked as each generation starts; see the note on editing)."""
-        return self._weights is not None and _weights_signature(self._model) != self._weights
+        weights = self._now.weights
+        return weights is not None and _weights_signature(self._model) != weights
 
     def _starts_generation(self, latent_key: tuple, t: float | None) -> bool:
         """A new latent shape, or a timestep that moves back against the way the first two
