@@ -14,7 +14,7 @@ from torch import nn
 
 import asyncfx
 from asyncfx.api import DeviceError, ModelError
-from asyncfx.runtime.denoiser import MAX_CALLS_PER_STEP, SchedulerError
+from asyncfx.runtime.denoiser import MAX_CALLS_PER_STEP, SchedulerError, TimestepMap
 from conftest import load_benchmark, on_cuda, sample, zoo_captured, zoo_example
 
 COEFFICIENTS = (1.0, 10.0, 100.0)
@@ -106,6 +106,24 @@ def test_stride_two_follows_how_the_calls_timesteps_relate_to_the_scheduler(scal
         got = den(x, torch.tensor(t * scale + shift, dtype=torch.float64))
         torch.testing.assert_close((got - shift * sum(COEFFICIENTS)) / scale,
                                    expected(x, torch.tensor(t, dtype=torch.float64)), rtol=1e-9, atol=1e-9)
+
+
+def test_timestep_map_fits_two_calls_and_checks_a_guess_made_from_one():
+    line = TimestepMap()
+    assert line.observe(1000.0, 1.0) and line.observe(800.0, 0.8)  # Flux: t / 1000
+    assert line.predict(600.0) == pytest.approx(0.6) and line.observe(600.0, 0.6)
+    assert not line.observe(400.0, 0.5)
+    lumina = TimestepMap()  # 1 - t / 1000, seen once before a timestep had to be guessed
+    assert lumina.observe(900.0, 0.1)
+    assert lumina.predict(800.0) == pytest.approx(800 / 9000)  # through that call and zero
+    assert not lumina.observe(800.0, 0.2)  # the guess was wrong: the caller must say so
+    ts = [60.0, 55.0, 50.0]
+    scheduler = SimpleNamespace(timesteps=torch.tensor(ts, dtype=torch.float64))
+    den = asyncfx.partition(Chain(), 1, stride=2, warmup=0, scheduler=scheduler, executor="serial")
+    x = torch.zeros(1, dtype=torch.float64)
+    den(x, torch.tensor(1 - ts[0] / 1000, dtype=torch.float64))  # the round guesses step 1's timestep
+    with pytest.raises(SchedulerError, match="with warmup=0 the first round had to guess"):
+        den(x, torch.tensor(1 - ts[1] / 1000, dtype=torch.float64))
 
 
 def test_stride_two_refuses_calls_that_do_not_follow_its_scheduler():
