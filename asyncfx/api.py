@@ -10,7 +10,7 @@ from torch import nn
 from asyncfx.errors import AsyncFXError, PlanError
 from asyncfx.partitioner import Captured, StagePlan, capture, compile, split
 from asyncfx.partitioner.compile import split_example_inputs
-from asyncfx.partitioner.cost_model import COSTS
+from asyncfx.partitioner.cost_model import check_cost
 from asyncfx.partitioner.device import device_spec
 from asyncfx.runtime.cuda_graphs import check_cuda_graphs_option
 from asyncfx.runtime.denoiser import AsyncDenoiser, CallInterfaceLike, SchedulerError
@@ -214,8 +214,7 @@ def _check_model(model: Any) -> None:
 
 def _check_cost_and_link(cost: str, link: Any) -> None:
     """Checked now rather than when the stages are built, at the last warm-up step."""
-    if cost not in COSTS:
-        raise PlanError(f"cost={cost!r} is not known; use one of {list(COSTS)}.")
+    check_cost(cost)
     device_spec(link)
 
 

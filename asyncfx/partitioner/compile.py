@@ -10,7 +10,7 @@ from torch import nn
 from asyncfx.errors import CaptureError, PlanError
 from asyncfx.partitioner.capture import Captured, capture
 from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
-from asyncfx.partitioner.cost_model import COSTS, CostModel
+from asyncfx.partitioner.cost_model import CostModel, check_cost
 from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.partitioner.plan import BoundaryTensor, StageInfo, StagePlan
 from asyncfx.partitioner.profile import Profile, profile_captured
@@ -46,8 +46,7 @@ def compile(model_or_captured: nn.Module, n_devices: int, *, example_inputs: Any
     """
     captured = as_captured(model_or_captured, example_inputs, latent)
     spec = device_spec(link)
-    if cost not in COSTS:
-        raise PlanError(f"cost={cost!r} is not known; use one of {list(COSTS)}.")
+    check_cost(cost)
     flat_inputs = None
     if cost == "measure":
         if example_inputs is None:

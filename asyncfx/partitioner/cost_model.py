@@ -20,6 +20,12 @@ from asyncfx.partitioner.device import DeviceSpec
 COSTS = ("flops", "measure", "uniform")
 
 
+def check_cost(cost: str) -> None:
+    """Raise PlanError unless ``cost`` names one of COSTS."""
+    if cost not in COSTS:
+        raise PlanError(f"cost={cost!r} is not known; use one of {list(COSTS)}.")
+
+
 @dataclasses.dataclass
 class Prediction:
     """Predicted times of one plan, in the cost model's unit (seconds, or nodes)."""
@@ -44,8 +50,7 @@ class CostModel:
 
     def __init__(self, graph: CostGraph, device: DeviceSpec, cost: str,
                  scale: Sequence[float] | None = None):
-        if cost not in COSTS:
-            raise PlanError(f"cost={cost!r} is not known; use one of {list(COSTS)}.")
+        check_cost(cost)
         self.graph, self.device, self.cost = graph, device, cost
         self.scale = np.ones(len(graph.nodes)) if scale is None else np.asarray(scale, dtype=float)
         self.own = np.array([self._seconds(n) for n in graph.nodes]) * self.scale
