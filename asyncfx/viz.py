@@ -363,7 +363,8 @@ def plot_timeline(sim: Simulation, *, rounds: int = 3, ax: Axes | None = None) -
     """A Gantt chart of the start of a generation as the simulator sees it: the warm-up
     steps, whose stages run one after another (stage k on device k), then ``rounds``
     parallel rounds where every stage starts at once, each stage's boundary sends on its
-    copy stream (hatched) and the noise-prediction broadcast closing the round. With
+    copy stream (hatched, ending when its last send arrives: tensors leave as they are
+    made) and the noise-prediction broadcast closing the round. With
     stride 2 the extra device runs the last stage for the round's second step.
 
     Example:
@@ -407,7 +408,8 @@ def _draw_round(ax: Axes, sim: Simulation, index: int, start: float, colors: lis
                 gid=f"round:{index}:{device}")
         send = sim.send_seconds[stage] if device < sim.n_stages else 0.0
         if send > 0:
-            ax.barh(device + 0.3, send * 1e3, left=(start + seconds) * 1e3, height=0.25, color="none",
+            left = start + sim.sends_done[stage] - send
+            ax.barh(device + 0.3, send * 1e3, left=left * 1e3, height=0.25, color="none",
                     edgecolor=colors[stage], hatch="////", gid=f"send:{index}:{device}")
     end = start + sim.round_overlapped
     if sim.broadcast_seconds > 0:

@@ -215,6 +215,9 @@ def test_timeline_draws_warmup_chains_and_parallel_rounds(stride, devices):
     first_round = [p for p in ax.patches if (p.get_gid() or "").startswith("round:0:")]
     # every device starts its first round at once
     assert [p.get_x() for p in first_round] == pytest.approx([2 * sim.sequential_step * 1e3] * devices)
+    send = next(p for p in ax.patches if p.get_gid() == "send:0:0")  # ends when stage 0's last send arrives
+    arrives = (2 * sim.sequential_step + sim.sends_done[0]) * 1e3
+    assert send.get_x() + send.get_width() == pytest.approx(arrives)
     assert [t.get_text() for t in ax.get_yticklabels()] == [f"device {k}" for k in range(devices)]
     with pytest.raises(AsyncFXError, match="rounds must be at least 1"):
         viz.plot_timeline(sim, rounds=0)

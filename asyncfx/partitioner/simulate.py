@@ -40,6 +40,7 @@ class Simulation:
     stride: int
     stage_seconds: list[float]
     send_seconds: list[float]       # per stage: its boundary sends, one after another
+    sends_done: list[float]         # per stage: when its last send arrives, sent as made
     broadcast_seconds: float        # the noise prediction to every device, once per round
     sequential_step: float          # the whole model on one device
     round_overlapped: float
@@ -106,6 +107,7 @@ def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: in
     return Simulation(
         n_stages=plan.n_stages, devices=plan.n_stages + (1 if stride == 2 else 0), link=spec.name,
         steps=steps, warmup=warmup, stride=stride, stage_seconds=stage_seconds, send_seconds=sends,
+        sends_done=sent,
         broadcast_seconds=broadcast, sequential_step=sequential,
         round_overlapped=max(*stage_seconds, *sent) + broadcast,
         round_serial=max(c + s for c, s in zip(stage_seconds, sends)) + broadcast, source=source)
