@@ -126,7 +126,7 @@ class TimestepMap:
 class _Stream:
     step: int = 0
     timesteps: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
-    conditions: list[torch.Tensor] | None = None
+    conditions: list[torch.Tensor] | None = None  # only for a model without a timestep input
     cached: dict[int, tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
     timestep_map: TimestepMap = dataclasses.field(default_factory=TimestepMap)
     store: BoundaryStore = dataclasses.field(default_factory=BoundaryStore)
@@ -363,15 +363,16 @@ class AsyncDenoiser(nn.Module):
         index = self._calls_at_timestep
         self._calls_at_timestep += 1
         self._last_timestep = t
-        conditions = [named[n] for n, r in zip(self.interface.names, self.interface.roles)
-                      if r == "condition"]
         while len(self._streams) <= index:
             self._streams.append(_Stream())
         stream = self._streams[index]
-        if t is None and stream.conditions is not None and not _same_tensors(stream.conditions, conditions):
-            self.reset()  # no timestep to tell generations apart: new conditioning is a new one
-            return self._stream_for(named)
-        stream.conditions = conditions
+        if t is None:  # no timestep to tell generations apart: new conditioning is a new one
+            conditions = [named[n] for n, r in zip(self.interface.names, self.interface.roles)
+                          if r == "condition"]
+            if stream.conditions is not None and not _same_tensors(stream.conditions, conditions):
+                self.reset()
+                return self._stream_for(named)
+            stream.conditions = conditions
         return stream
 
     def _model_edited(self) -> bool:
