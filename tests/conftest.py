@@ -84,16 +84,26 @@ def ddim(steps: int) -> DDIMScheduler:
     return scheduler
 
 
-def sample(denoiser, model_kwargs, latent_name, steps=10):
-    """A DDIM loop calling ``denoiser`` like a pipeline does."""
+def sample(denoiser, model_kwargs, latent_name, steps=10, guided_at=()):
+    """A DDIM loop calling ``denoiser`` like a pipeline does. At the steps listed in
+    ``guided_at`` a second call, without text conditioning, adds classifier-free guidance
+    (as pipelines that make the two passes separate calls do)."""
     scheduler = ddim(steps)
     x = model_kwargs[latent_name].clone()
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         timestep = torch.full_like(model_kwargs["timestep"], t.item())  # the example's shape
-        out = denoiser(**{**model_kwargs, latent_name: x, "timestep": timestep})
-        eps = out[0] if isinstance(out, tuple) else out.sample
+        call = {**model_kwargs, latent_name: x, "timestep": timestep}
+        eps = _noise(denoiser(**call))
+        if i in guided_at:
+            unconditional = _noise(denoiser(**{**call, "encoder_hidden_states":
+                                               torch.zeros_like(call["encoder_hidden_states"])}))
+            eps = unconditional + 2.0 * (eps - unconditional)
         x = scheduler.step(eps, t, x).prev_sample
     return x
+
+
+def _noise(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.sample
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,8 @@ class _ExitAt:
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, steps: int,
-        dying_rank: int | None = None, timeout_s: float = 60.0, stride: int = 1) -> None:
+        dying_rank: int | None = None, timeout_s: float = 60.0, stride: int = 1,
+        guided_at: tuple[int, ...] = ()) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     torch.set_num_threads(1)
@@ -39,8 +40,8 @@ def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, st
                                      stride=stride, scheduler=ddim(steps) if stride == 2 else None)
         caller = _ExitAt(denoiser, 4 if rank == dying_rank else None)
         with torch.no_grad():  # two generations: the second starts while the first's last
-            results = [sample(caller, kwargs, LATENT[model_name], steps=steps)  # messages fly
-                       for _ in range(2)]
+            results = [sample(caller, kwargs, LATENT[model_name], steps=steps,  # messages fly
+                              guided_at=guided_at) for _ in range(2)]
         module = denoiser.executor.module
         held = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
         denoiser.close()

@@ -14,34 +14,41 @@ from distributed_worker import LATENT, run
 STEPS = 10
 
 
-def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0, stride=1) -> float:
+def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0, stride=1,
+          guided_at=()) -> float:
     init_file = tmp_path / "init"
     start = time.perf_counter()
     mp.start_processes(run, args=(world, str(init_file), str(tmp_path), model_name, STEPS,
-                                  dying_rank, timeout_s, stride),
+                                  dying_rank, timeout_s, stride, guided_at),
                        nprocs=world, start_method="spawn", join=True)
     return time.perf_counter() - start
 
 
-def serial_result(model_name: str, world: int, stride: int = 1) -> torch.Tensor:
+def serial_result(model_name: str, world: int, stride: int = 1, guided_at=()) -> torch.Tensor:
     model, _, kwargs = zoo_example(model_name)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         denoiser = asyncfx.partition(model, world - (stride - 1), warmup=2, executor="serial", stride=stride,
                                      scheduler=ddim(STEPS) if stride == 2 else None)
-        return sample(denoiser, kwargs, LATENT[model_name], steps=STEPS)
+        return sample(denoiser, kwargs, LATENT[model_name], steps=STEPS, guided_at=guided_at)
     finally:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("model_name, world, stride",
-                         [("sd_unet", 2, 1), ("sd_unet", 3, 1), ("sd3_transformer", 2, 1), ("sd_unet", 3, 2)])
-def test_distributed_ranks_equal_serial(tmp_path, model_name, world, stride):
-    spawn(tmp_path, world, model_name, stride=stride)
+#: Steps with a second (unconditional) call: a second stream of calls that skips step 5
+#: and so warms up again at step 6, while the first stream's messages are in flight.
+GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
+
+
+@pytest.mark.parametrize("model_name, world, stride, guided_at",
+                         [("sd_unet", 2, 1, ()), ("sd_unet", 3, 1, ()), ("sd3_transformer", 2, 1, ()),
+                          ("sd_unet", 3, 2, ()), ("sd_unet", 2, 1, GUIDED_BUT_5)])
+def test_distributed_ranks_equal_serial(tmp_path, model_name, world, stride, guided_at):
+    spawn(tmp_path, world, model_name, stride=stride, guided_at=guided_at)
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
     assert not errors, errors
-    expected = serial_result(model_name, world, stride)
+    expected = serial_result(model_name, world, stride, guided_at)
     for rank in range(world):  # every rank's sampler took the same steps, in both generations
         first, second = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(first, expected, rtol=0, atol=0)

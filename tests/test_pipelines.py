@@ -48,7 +48,7 @@ def images(pipe, **kwargs) -> np.ndarray:
     return np.asarray(result.frames if hasattr(result, "frames") else result.images)
 
 
-def check_drop_in(pipe, attribute: str, **kwargs) -> None:
+def check_drop_in(pipe, attribute: str, **kwargs) -> asyncfx.AsyncDenoiser:
     model = getattr(pipe, attribute)
     with one_thread():
         original = images(pipe, **kwargs)
@@ -64,6 +64,7 @@ def check_drop_in(pipe, attribute: str, **kwargs) -> None:
     print(f"{type(pipe).__name__}: mean |async - original| = {difference:.4f} on [0, 1] pixels")
     assert difference < 0.25  # random weights; same composition, not the same pixels
     assert not np.array_equal(local, original)  # the stale steps did run
+    return async_denoiser
 
 
 def test_stable_diffusion_pipeline():
@@ -129,17 +130,32 @@ def test_stable_diffusion_xl_pipeline():
                   negative_pooled_prompt_embeds=torch.randn(1, 8, generator=generator))
 
 
-def test_stable_diffusion_3_pipeline():
+def sd3_pipeline() -> tuple[StableDiffusion3Pipeline, dict]:
     transformer, _, _ = tiny.sd3_transformer()
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
                                     vae=tiny_vae(), text_encoder=None, tokenizer=None,
                                     text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
                                     tokenizer_3=None)
     generator = torch.Generator().manual_seed(3)
-    check_drop_in(pipe, "transformer", prompt_embeds=torch.randn(1, 5, 16, generator=generator),
-                  negative_prompt_embeds=torch.randn(1, 5, 16, generator=generator),
-                  pooled_prompt_embeds=torch.randn(1, 12, generator=generator),
-                  negative_pooled_prompt_embeds=torch.randn(1, 12, generator=generator))
+    return pipe, dict(prompt_embeds=torch.randn(1, 5, 16, generator=generator),
+                      negative_prompt_embeds=torch.randn(1, 5, 16, generator=generator),
+                      pooled_prompt_embeds=torch.randn(1, 12, generator=generator),
+                      negative_pooled_prompt_embeds=torch.randn(1, 12, generator=generator))
+
+
+def test_stable_diffusion_3_pipeline():
+    pipe, embeds = sd3_pipeline()
+    check_drop_in(pipe, "transformer", **embeds)
+
+
+def test_stable_diffusion_3_skip_layer_guidance():
+    pipe, embeds = sd3_pipeline()  # steps 1 to 5 add a batch-1 call that skips layer 1
+    den = check_drop_in(pipe, "transformer", skip_guidance_layers=[1], skip_layer_guidance_stop=0.9,
+                        **embeds)
+    # each kind of call is one stream through the whole generation (start step, steps taken):
+    # the guided calls from step 0, the layer-skipping ones from step 1; neither warmed up again
+    streams = sorted((s.start, s.step) for build in (den._now, den._spare) for s in build.streams)
+    assert streams == [(0, STEPS), (1, STEPS - 1)]
 
 
 def test_flux_pipeline():

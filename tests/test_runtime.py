@@ -265,7 +265,7 @@ def test_one_step_generations_do_not_pile_up_streams():
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")
     for _ in range(3 * MAX_CALLS_PER_STEP):  # SD-Turbo: one call at t=999 per image
         assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)
-        assert len(den._streams) <= MAX_CALLS_PER_STEP
+        assert len(den._now.streams) <= MAX_CALLS_PER_STEP
 
 
 def own_sd_unet():
@@ -304,16 +304,20 @@ def test_editing_the_model_after_partitioning_takes_effect_at_the_next_generatio
     assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)
 
 
-def test_alternating_shapes_switch_between_two_captures():
-    model, _, kwargs = zoo_example("sd_unet")  # CFG switched off for some steps: batch 2, then 1
+def test_alternating_captures_each_keep_their_generation_going():
+    model, _, kwargs = zoo_example("sd_unet")  # SD3's skip-layer guidance: an extra batch-1 call
     single = {**kwargs, "sample": kwargs["sample"][:1],
               "encoder_hidden_states": kwargs["encoder_hidden_states"][:1]}
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    alone = [asyncfx.partition(model, 2, warmup=1, executor="serial") for _ in range(2)]
     captures = set()
-    for call in (kwargs, single, kwargs, single, kwargs):
-        # each switch starts a generation: its first step is a warm-up step, the original model
-        torch.testing.assert_close(den(**call).sample, model(**call).sample, rtol=0, atol=0)
-        captures.add(id(den.interface))
+    for step, t in enumerate((900, 800, 700, 600)):
+        for kind, call in enumerate((kwargs, single)):
+            call = {**call, "timestep": torch.tensor(t), "sample": call["sample"] * (1 - 0.1 * step)}
+            got = den(**call).sample
+            torch.testing.assert_close(got, alone[kind](**call).sample, rtol=0, atol=0)
+            assert torch.equal(got, model(**call).sample) == (step == 0)  # stale after warm-up
+            captures.add(id(den.interface))
     assert len(captures) == 2
     local = asyncfx.partition(model, 2, warmup=1)
     for call in (kwargs, single):
@@ -321,6 +325,33 @@ def test_alternating_shapes_switch_between_two_captures():
     executors = [local.executor, local._spare.executor]
     local.close()  # both captures' workers stop
     assert not any(worker.is_alive() for executor in executors for worker in executor._workers)
+
+
+def test_a_capture_not_called_at_the_previous_step_warms_up_again():
+    model, _, kwargs = zoo_example("sd_unet")  # e.g. guidance switched off for a few steps
+    single = {**kwargs, "sample": kwargs["sample"][:1],
+              "encoder_hidden_states": kwargs["encoder_hidden_states"][:1]}
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    calls = (kwargs, kwargs, single, kwargs, kwargs)
+    for step, (t, call) in enumerate(zip((900, 800, 700, 600, 500), calls)):
+        call = {**call, "timestep": torch.tensor(t)}
+        # steps 0 and 3 start a stream of the batch-2 capture, step 2 one of the batch-1 capture
+        assert torch.equal(den(**call).sample, model(**call).sample) == (step in (0, 2, 3)), step
+
+
+def test_stride_two_follows_the_scheduler_for_a_capture_that_starts_mid_generation():
+    ts = [100.0 - s * s for s in range(8)]  # guidance switched off from step 4 on: other shapes
+    scheduler = SimpleNamespace(timesteps=torch.tensor(ts, dtype=torch.float64))
+    den = asyncfx.partition(Chain(), 3, warmup=1, stride=2, scheduler=scheduler, executor="serial",
+                            cost="uniform")
+    later = asyncfx.partition(Chain(), 3, warmup=1, stride=2, executor="serial", cost="uniform",
+                              scheduler=SimpleNamespace(timesteps=scheduler.timesteps, begin_index=4))
+    for step, t in enumerate(ts):
+        x = torch.full((1 if step < 4 else 2,), 1000.0 * (step + 1), dtype=torch.float64)
+        got = den(x, torch.tensor(t, dtype=torch.float64))
+        if step >= 4:
+            assert got.shape == (2,)
+            torch.testing.assert_close(got, later(x, torch.tensor(t, dtype=torch.float64)), rtol=0, atol=0)
 
 
 def test_shape_change_mid_generation_recaptures():

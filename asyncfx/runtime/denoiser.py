@@ -4,8 +4,9 @@ It is called exactly like the original denoiser. It counts the calls of a genera
 asks the schedule what each stage computes, hands that to an executor, and returns the
 last stage's output in the model's own type. A new generation (the timestep moves back
 against the direction of the generation's first two steps: up for most pipelines, down
-for those whose timesteps count up; or the latent's shape, dtype or device changes)
-resets the step count and the boundary buffers; ``reset()`` does it explicitly.
+for those whose timesteps count up) resets the step counts and the boundary buffers;
+``reset()`` does it explicitly. A call with new shapes goes to a capture of its own,
+whose streams start with warm-up (see the note on shapes).
 
 Note (conditioning that changes): inputs other than the latent and the timestep may
 change from one step to the next within a generation (ControlNet and T2I-Adapter
@@ -28,15 +29,18 @@ in-place writes they have had). Stage copies on other devices would otherwise ke
 old weights, and new modules would be missing from the graph.
 
 Note (shapes): a call with other shapes, dtypes or non-tensor arguments than the
-capture is captured anew and starts a new generation. The previous capture is kept as a
-spare (with its executor), so a pipeline that alternates two kinds of call (classifier-
-free guidance switched off for some steps, SD3's skip-layer guidance) switches back
-without capturing again.
+capture is captured anew. The previous capture is kept as a spare (with its executor),
+so a pipeline that alternates two kinds of call (SD3's skip-layer guidance: an extra
+call without classifier-free guidance at some steps) switches back without capturing
+again. A switch does not start a new generation: each capture keeps its own streams, and
+a stream goes on from where it was if it was called at the previous step (its buffers are
+one step stale, as the schedule says); one that missed a step starts over with warm-up.
 
 Note (two calls per step): pipelines that run the conditional and unconditional
 passes as separate calls call the denoiser twice with the same timestep. The i-th call
-with a given timestep belongs to stream i; each stream keeps its own step count and
-boundary buffers, so each sees exactly the staleness the schedule prescribes.
+of a capture with a given timestep belongs to its stream i; each stream keeps its own
+step count and boundary buffers, so each sees exactly the staleness the schedule
+prescribes.
 """
 from __future__ import annotations
 
@@ -123,10 +127,25 @@ class TimestepMap:
 
 
 @dataclasses.dataclass
+class _Generation:
+    """Where the calls are in the current generation, across captures."""
+
+    step: int = -1                   # the current step (calls with one timestep share one)
+    timestep: float | None = None    # its timestep
+    direction: float | None = None   # +1 or -1: how the timestep moved at the last step
+    calls: int = 0                   # calls at the current step, all captures together
+    conditions: list[torch.Tensor] | None = None  # only for a model without a timestep input
+
+
+@dataclasses.dataclass
 class _Stream:
+    """One stream of calls of one capture (see the note on two calls per step); its step
+    ``s`` is step ``start + s`` of the generation."""
+
+    start: int = 0
+    last: int = 0   # the generation step of its last call
     step: int = 0
     timesteps: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
-    conditions: list[torch.Tensor] | None = None  # only for a model without a timestep input
     cached: dict[int, tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
     timestep_map: TimestepMap = dataclasses.field(default_factory=TimestepMap)
     store: BoundaryStore = dataclasses.field(default_factory=BoundaryStore)
@@ -141,6 +160,9 @@ class _Build:
     executor: Executor | None = None
     plan: Any = None
     weights: tuple[int, int] | None = None  # the model's parameters when it was captured
+    streams: list[_Stream] = dataclasses.field(default_factory=list)
+    step: int = -1   # the generation step of its last call
+    calls: int = 0   # its calls at that step
 
 
 class AsyncDenoiser(nn.Module):
@@ -166,11 +188,7 @@ class AsyncDenoiser(nn.Module):
         self.convertible = convertible  # .to() may convert the model and re-capture it
         self._now = _Build()
         self._spare: _Build | None = None  # the capture for the previous shapes (note on shapes)
-        self._streams: list[_Stream] = []
-        self._last_timestep: float | None = None
-        self._direction: float | None = None  # +1 or -1: how the timestep moves within a generation
-        self._calls_at_timestep = 0
-        self._latent_key: tuple | None = None
+        self._generation = _Generation()
 
     # -- attributes the pipelines read come from the original model -----------------
     def __getattr__(self, name: str) -> Any:
@@ -221,11 +239,10 @@ class AsyncDenoiser(nn.Module):
 
     def reset(self) -> None:
         """Forget the current generation: the next call is step 0 of a new one."""
-        self._streams = []
-        self._last_timestep = None
-        self._direction = None
-        self._calls_at_timestep = 0
-        self._latent_key = None
+        self._generation = _Generation()
+        for build in (self._now, self._spare):
+            if build is not None:
+                build.streams, build.step, build.calls = [], -1, 0
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> AsyncDenoiser:
         """``.to()`` and friends: convert the original model and capture it again at the
@@ -265,7 +282,6 @@ class AsyncDenoiser(nn.Module):
             self.close()
         weights = _weights_signature(self._model) if self.convertible else None
         self._now = _Build(interface, make_executor, weights=weights)
-        self.reset()
         if compile_now:
             self._compile()
 
@@ -284,7 +300,6 @@ class AsyncDenoiser(nn.Module):
         except InputMismatchError:
             return None
         self._spare, self._now = self._now, spare
-        self.reset()
         return flat
 
     def _compile(self) -> None:
@@ -299,27 +314,18 @@ class AsyncDenoiser(nn.Module):
         # executor are built at that step, which is the first to need stage buffers.
         if self.interface is None:
             self.build(args, kwargs)
-        try:
-            flat = self.interface.flatten(args, kwargs)
-        except ArgumentsError:
-            raise  # a mistake in the call: a new capture would not fit it either
-        except InputMismatchError:
-            if not self.rebuild:
-                raise
-            flat = self._switch_to_spare(args, kwargs)  # back to the previous shapes
-            if flat is None:
-                self.build(args, kwargs, keep_current=True)  # new shapes: a new graph and generation
-                flat = self.interface.flatten(args, kwargs)
-        named = dict(zip(self.interface.names, flat))
-        stream = self._stream_for(named)
+        named = self._bind(args, kwargs)
+        self._follow_generation(named)
+        stream = self._stream_for(self._now)
         if stream.step == 0 and self._model_edited():
             self.build(args, kwargs)  # e.g. a LoRA loaded into the model since it was captured
-            return self.forward(*args, **kwargs)
+            named = self._bind(args, kwargs)
+            stream = self._stream_for(self._now)
         step = stream.step
         stream.timesteps[step] = named[self._timestep_name] if self._timestep_name else None
         total = None
         if self.stride == 2:
-            timesteps = self._sampler_timesteps()
+            timesteps = self._sampler_timesteps(stream)
             total = len(timesteps)
             self._check_timestep(stream, step, timesteps)
         step_plan = schedule(step, self.n_stages, warmup=self.warmup, stride=self.stride,
@@ -339,6 +345,22 @@ class AsyncDenoiser(nn.Module):
         return self.interface.unflatten([o.to(latent.device) if isinstance(o, torch.Tensor) else o
                                          for o in outputs])
 
+    def _bind(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """The call's graph inputs by placeholder name, from the capture that fits it: the
+        current one, the spare, or a new one (see the note on shapes)."""
+        try:
+            flat = self.interface.flatten(args, kwargs)
+        except ArgumentsError:
+            raise  # a mistake in the call: a new capture would not fit it either
+        except InputMismatchError:
+            if not self.rebuild:
+                raise
+            flat = self._switch_to_spare(args, kwargs)  # back to the previous shapes
+            if flat is None:
+                self.build(args, kwargs, keep_current=True)  # new shapes: a new graph
+                flat = self.interface.flatten(args, kwargs)
+        return dict(zip(self.interface.names, flat))
+
     # -- streams and generations ----------------------------------------------------
     @property
     def _latent_name(self) -> str:
@@ -349,30 +371,39 @@ class AsyncDenoiser(nn.Module):
         roles = self.interface.roles
         return self.interface.names[roles.index("timestep")] if "timestep" in roles else None
 
-    def _stream_for(self, named: Mapping[str, torch.Tensor]) -> _Stream:
-        latent = named[self._latent_name]
-        latent_key = (tuple(latent.shape), latent.dtype, latent.device)
+    def _follow_generation(self, named: Mapping[str, torch.Tensor]) -> None:
+        """Place the call in the generation: another call of the current step, the next
+        step, or step 0 of a new generation."""
         t = float(named[self._timestep_name].flatten()[0].item()) if self._timestep_name else None
-        if self._starts_generation(latent_key, t):
-            self.reset()
-        self._latent_key = latent_key
-        if t is None or t != self._last_timestep:
-            if t is not None and self._last_timestep is not None:
-                self._direction = 1.0 if t > self._last_timestep else -1.0
-            self._calls_at_timestep = 0
-        index = self._calls_at_timestep
-        self._calls_at_timestep += 1
-        self._last_timestep = t
-        while len(self._streams) <= index:
-            self._streams.append(_Stream())
-        stream = self._streams[index]
+        conditions = None
         if t is None:  # no timestep to tell generations apart: new conditioning is a new one
             conditions = [named[n] for n, r in zip(self.interface.names, self.interface.roles)
                           if r == "condition"]
-            if stream.conditions is not None and not _same_tensors(stream.conditions, conditions):
-                self.reset()
-                return self._stream_for(named)
-            stream.conditions = conditions
+        if self._starts_generation(t, conditions):
+            self.reset()
+        generation = self._generation
+        if t is None or t != generation.timestep:
+            if t is not None and generation.timestep is not None:
+                generation.direction = 1.0 if t > generation.timestep else -1.0
+            generation.step += 1
+            generation.calls = 0
+        generation.timestep, generation.conditions = t, conditions
+        generation.calls += 1
+
+    def _stream_for(self, build: _Build) -> _Stream:
+        """The stream of ``build`` the call belongs to: the i-th call of the capture at
+        this step is its stream i; a stream not called at the previous step starts over."""
+        step = self._generation.step
+        if build.step != step:
+            build.step, build.calls = step, 0
+        index = build.calls
+        build.calls += 1
+        if index < len(build.streams) and build.streams[index].last == step - 1:
+            stream = build.streams[index]
+        else:
+            stream = _Stream(start=step)
+            build.streams[index:index + 1] = [stream]
+        stream.last = step
         return stream
 
     def _model_edited(self) -> bool:
@@ -381,48 +412,52 @@ class AsyncDenoiser(nn.Module):
         weights = self._now.weights
         return weights is not None and _weights_signature(self._model) != weights
 
-    def _starts_generation(self, latent_key: tuple, t: float | None) -> bool:
-        """A new latent shape, or a timestep that moves back against the way the first two
-        steps of this generation moved (most pipelines count down; Lumina's count up), or
-        the same timestep more often than any pipeline calls per step."""
-        if latent_key != self._latent_key:
-            return True
-        if t is None or self._last_timestep is None:
+    def _starts_generation(self, t: float | None, conditions: list[torch.Tensor] | None) -> bool:
+        """A timestep that moves back against the way the first two steps of this
+        generation moved (most pipelines count down; Lumina's count up), or the same
+        timestep more often than any pipeline calls per step; without a timestep, new
+        conditioning."""
+        generation = self._generation
+        if t is None:
+            return (conditions is not None and generation.conditions is not None
+                    and not _same_tensors(generation.conditions, conditions))
+        if generation.timestep is None:
             return False
-        if t == self._last_timestep:
-            return self._calls_at_timestep >= MAX_CALLS_PER_STEP
-        return self._direction is not None and (t - self._last_timestep) * self._direction < 0
+        if t == generation.timestep:
+            return generation.calls >= MAX_CALLS_PER_STEP
+        return generation.direction is not None and (t - generation.timestep) * generation.direction < 0
 
-    def _sampler_timesteps(self) -> Sequence[Any]:
-        """The timesteps of a generation's calls: the scheduler's from its begin index
-        (image-to-image pipelines start part-way through the schedule)."""
+    def _sampler_timesteps(self, stream: _Stream) -> Sequence[Any]:
+        """The timesteps of a stream's calls: the scheduler's from its begin index
+        (image-to-image pipelines start part-way through the schedule) and the stream's
+        start in the generation."""
         timesteps = getattr(self.scheduler, "timesteps", None)
         if timesteps is None:
             raise SchedulerError("stride=2 needs the sampler's timesteps: pass scheduler=pipe.scheduler "
                                  "to asyncfx.partition() (after set_timesteps, its .timesteps list the "
                                  "steps).")
-        return timesteps[getattr(self.scheduler, "begin_index", None) or 0:]
+        return timesteps[(getattr(self.scheduler, "begin_index", None) or 0) + stream.start:]
 
     def _check_timestep(self, stream: _Stream, step: int, timesteps: Sequence[Any]) -> None:
         """Stride 2 takes the next step's timestep from the scheduler, so the calls must
         follow it: each call's timestep is ``a * timesteps[step] + b`` (``TimestepMap``)."""
-        given = self._last_timestep
+        given = self._generation.timestep
         if given is None:
             return  # the model takes no timestep
         fix = ("stride=2 computes the next step's timestep from the scheduler, so it must be the "
                "scheduler the pipeline samples with: pass scheduler=pipe.scheduler to "
                "asyncfx.partition() (again after replacing pipe.scheduler).")
         if step >= len(timesteps):
-            raise SchedulerError(f"this is call {step + 1} of a generation but the scheduler lists "
-                                 f"{len(timesteps)} timesteps; {fix}")
+            raise SchedulerError(f"this is call {stream.start + step + 1} of a generation but the "
+                                 f"scheduler lists {stream.start + len(timesteps)} timesteps; {fix}")
         scheduled = float(timesteps[step])
         if not stream.timestep_map.observe(scheduled, given):
             a, b = stream.timestep_map.line()
             guess = (" (with warmup=0 the first round had to guess the next timestep from one call; "
                      "warmup >= 1 fits it from two)" if len(stream.timestep_map.points) < 2 else "")
-            raise SchedulerError(f"call {step} of this generation got timestep {given:g} but the "
-                                 f"scheduler's timesteps give {a * scheduled + b:g} ({a:g} x {scheduled:g} "
-                                 f"+ {b:g}, as the earlier calls did){guess}; {fix}")
+            raise SchedulerError(f"call {stream.start + step} of this generation got timestep {given:g} "
+                                 f"but the scheduler's timesteps give {a * scheduled + b:g} "
+                                 f"({a:g} x {scheduled:g} + {b:g}, as the earlier calls did){guess}; {fix}")
 
     def _inputs_for(self, named: Mapping[str, torch.Tensor], stream: _Stream,
                     step: int) -> Callable[[int], Mapping[str, torch.Tensor]]:
@@ -435,8 +470,8 @@ class AsyncDenoiser(nn.Module):
     def _timestep(self, named: Mapping[str, torch.Tensor], stream: _Stream, index: int) -> torch.Tensor:
         if index in stream.timesteps:  # time_shift: an earlier call's timestep
             return stream.timesteps[index]
-        current = named[self._timestep_name]
-        return torch.full_like(current, stream.timestep_map.predict(float(self._sampler_timesteps()[index])))
+        scheduled = float(self._sampler_timesteps(stream)[index])
+        return torch.full_like(named[self._timestep_name], stream.timestep_map.predict(scheduled))
 
 
 def _weights_signature(model: nn.Module) -> tuple[int, int]:

@@ -15,8 +15,10 @@ Protocol (both sides derive it from the schedule, so sends and receives always p
   boundary tensor is sent (non-blocking) the moment the stage produces it, through a
   hook node inserted after its producer in the stage graph. Transfers thus overlap the
   rest of the producer's stage, the other stages and the broadcast.
-The last parallel step of a generation leaves messages in flight; the next
-generation's first step (or close()) waits for them and drops them. Every rank posts
+The last parallel step of a generation leaves messages in flight; the next warm-up
+step (or close()) waits for them and stores them (a stream of calls that warms up again
+mid-generation, see the denoiser's note on shapes, may leave another stream's messages
+in flight, which that stream reads at its next step). Every rank posts
 the same operations in the same order, so this never deadlocks: a rank only waits for
 sends its peers posted before they joined the previous broadcast.
 """
@@ -104,7 +106,7 @@ class DistributedExecutor(Executor):
                 self._sending = None
                 self._in_flight[store] = flight
         else:
-            self._drain()  # a new generation: the last one's final messages are not read
+            self._drain()  # messages still in flight, of any stream, are waited for and kept
             for run in plan.runs:
                 if run.slot == self.slot:
                     self._compute(run, inputs_for, store, results)
@@ -158,8 +160,9 @@ class DistributedExecutor(Executor):
             store.put(version, {name: buffer})
 
     def _drain(self) -> None:
-        while self._in_flight:
-            self._wait(self._in_flight.pop(next(iter(self._in_flight))))
+        """Wait for every stream's messages in flight and store them."""
+        for store in list(self._in_flight):
+            self._deliver(store)
 
     def _wait(self, flight: _InFlight) -> None:
         for name, peer, _, work in flight.sends:
