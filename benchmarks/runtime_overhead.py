@@ -10,6 +10,12 @@ baseline), the serial executor (every stage in the calling thread: the runtime w
 threads) and the local executor on CPU worker threads, each as the median wall time of
 a parallel step and the CPU time the calling thread spent in it. On a GPU the calling
 thread's time is what a round cannot hide; ``benchmarks/gpu.py`` measures the rest.
+
+Once per generation (per stream of calls) the denoiser also checks whether the model was
+edited since it was captured (``asyncfx.runtime.model_state``). That check is timed on
+SD2.1- and SDXL-shaped UNets built on the meta device (their modules without their
+weights), against a check of the parameters alone (which objects, how many writes) as
+the baseline.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ import torch
 from torch import nn
 
 import asyncfx
+from asyncfx.runtime.model_state import state_signature
+from asyncfx.zoo import tiny
 
 WARMUP = 1
 
@@ -80,6 +88,30 @@ def run(calls: int, stage_counts: Sequence[int]) -> list[str]:
     return lines
 
 
+def parameters_signature(model: nn.Module) -> int:
+    """The baseline check: which parameter objects, and how many in-place writes."""
+    return hash(tuple((name, id(p), p._version) for name, p in model.named_parameters()))
+
+
+def edit_check_lines(repeats: int = 20) -> list[str]:
+    lines = []
+    for name, make in (("SD2.1-shaped UNet", tiny.sd21_unet), ("SDXL-shaped UNet", tiny.sdxl_base_unet)):
+        with torch.device("meta"):
+            model, _, _ = make(2, 8)
+        times = {}
+        for check in (state_signature, parameters_signature):
+            check(model)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                check(model)
+            times[check] = (time.perf_counter() - start) / repeats
+        lines.append(f"edit check, {name} ({sum(1 for _ in model.modules())} modules): "
+                     f"{times[state_signature] * 1e3:.1f} ms a generation; parameters alone "
+                     f"{times[parameters_signature] * 1e3:.1f} ms "
+                     f"({times[state_signature] / times[parameters_signature]:.1f}x)")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300, help="denoiser calls per generation")
@@ -93,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"need --calls > {WARMUP + 1} and stage counts of at least 2")
     print(f"torch {torch.__version__}, {options.calls} calls a generation, 3 generations, "
           "1 intra-op thread", flush=True)
-    for line in run(options.calls, stage_counts):
+    for line in run(options.calls, stage_counts) + edit_check_lines():
         print(line, flush=True)
     return 0
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from diffusers.models.attention_processor import AttnProcessor
 from torch import nn
 
 import asyncfx
@@ -302,6 +303,32 @@ def test_editing_the_model_after_partitioning_takes_effect_at_the_next_generatio
     attention.to_q = LowRank(attention.to_q)  # a LoRA loaded: new modules and parameters
     den(**{**kwargs, "timestep": torch.tensor(500)})  # still the same generation: no check
     assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)
+
+
+EDITS_BETWEEN_GENERATIONS = {  # what users do to pipe.unet between two images
+    "LoRA re-weighted": lambda unet: unet.set_adapters(["style"], weights=[0.3]),
+    "LoRA fused": lambda unet: unet.fuse_lora(lora_scale=0.7),  # peft writes weight.data
+    "LoRA disabled": lambda unet: unet.disable_lora(),
+    "FreeU": lambda unet: unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),
+    "attention processors": lambda unet: unet.set_attn_processor(AttnProcessor()),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS_BETWEEN_GENERATIONS))
+def test_model_edits_between_generations_take_effect(edit):
+    from peft import LoraConfig
+
+    model, kwargs = own_sd_unet()
+    torch.manual_seed(0)
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False),
+                      adapter_name="style")
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    before = sample(den, kwargs, "sample", steps=4)
+    EDITS_BETWEEN_GENERATIONS[edit](model)
+    after = sample(den, kwargs, "sample", steps=4)
+    expected = sample(asyncfx.partition(model, 2, warmup=1, executor="serial"), kwargs, "sample", steps=4)
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)  # as if partitioned after the edit
+    assert not torch.equal(after, before)
 
 
 def test_alternating_captures_each_keep_their_generation_going():

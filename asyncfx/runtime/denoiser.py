@@ -23,10 +23,12 @@ are the ones ``partition()`` chose; only the original model (warm-up steps befor
 first compile, capture) moves.
 
 Note (editing): the stages are captured from the model as it was; a model edited after
-``partition()`` (a LoRA loaded or fused into it, new weights loaded) is captured again
-when the next generation starts, found by its parameters (which objects, and how many
-in-place writes they have had). Stage copies on other devices would otherwise keep the
-old weights, and new modules would be missing from the graph.
+``partition()`` is captured again when the next generation starts: a LoRA loaded, fused
+or re-weighted, new weights loaded, FreeU switched on, other attention processors set,
+or anything else that changes its modules, tensors or their attributes (found by
+``model_state.state_signature``, about 10 ms for SDXL's UNet). Stage copies on
+other devices would otherwise keep the old weights, and new modules and settings would
+be missing from the graph.
 
 Note (shapes): a call with other shapes, dtypes or non-tensor arguments than the
 capture is captured anew. The previous capture is kept as a spare (with its executor),
@@ -53,6 +55,7 @@ from torch import nn
 
 from asyncfx.errors import ArgumentsError, AsyncFXError, InputMismatchError
 from asyncfx.runtime.executor import BoundaryStore, Executor
+from asyncfx.runtime.model_state import state_signature
 from asyncfx.runtime.schedule import Mode, schedule
 
 
@@ -159,7 +162,7 @@ class _Build:
     make_executor: MakeExecutor | None = None
     executor: Executor | None = None
     plan: Any = None
-    weights: tuple[int, int] | None = None  # the model's parameters when it was captured
+    signature: int | None = None  # the model's state when it was captured (note on editing)
     streams: list[_Stream] = dataclasses.field(default_factory=list)
     step: int = -1   # the generation step of its last call
     calls: int = 0   # its calls at that step
@@ -280,8 +283,8 @@ class AsyncDenoiser(nn.Module):
             self._spare = current
         else:
             self.close()
-        weights = _weights_signature(self._model) if self.convertible else None
-        self._now = _Build(interface, make_executor, weights=weights)
+        signature = state_signature(self._model) if self.convertible else None
+        self._now = _Build(interface, make_executor, signature=signature)
         if compile_now:
             self._compile()
 
@@ -407,10 +410,10 @@ class AsyncDenoiser(nn.Module):
         return stream
 
     def _model_edited(self) -> bool:
-        """Whether the model's parameters were replaced, added or written since it was
-        captured (checked as each generation starts; see the note on editing)."""
-        weights = self._now.weights
-        return weights is not None and _weights_signature(self._model) != weights
+        """Whether the model was edited since it was captured (checked as each stream
+        starts; see the note on editing)."""
+        signature = self._now.signature
+        return signature is not None and state_signature(self._model) != signature
 
     def _starts_generation(self, t: float | None, conditions: list[torch.Tensor] | None) -> bool:
         """A timestep that moves back against the way the first two steps of this
@@ -472,13 +475,6 @@ class AsyncDenoiser(nn.Module):
             return stream.timesteps[index]
         scheduled = float(self._sampler_timesteps(stream)[index])
         return torch.full_like(named[self._timestep_name], stream.timestep_map.predict(scheduled))
-
-
-def _weights_signature(model: nn.Module) -> tuple[int, int]:
-    """Which parameter objects the model holds, and how many in-place writes they have had
-    (``Tensor._version``): loading or fusing a LoRA, or loading a state dict, changes it."""
-    parameters = list(model.named_parameters())
-    return hash(tuple((name, id(p)) for name, p in parameters)), sum(p._version for _, p in parameters)
 
 
 def _would_change(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
