@@ -108,6 +108,21 @@ def test_symbolic_trace_fallback_where_export_fails(return_dict):
     assert_same_output(captured(x, t, return_dict=return_dict), model(x, t, return_dict=return_dict))
 
 
+class NumpyActivationMasked(NumpyActivation):
+    def forward(self, x, t):
+        h = numpy_tanh(self.inner(x))
+        h.mul_(0.5)  # an in-place write to an intermediate
+        return self.outer(h) * t
+
+
+def test_symbolic_trace_fallback_refuses_in_place_writes():
+    with pytest.raises(asyncfx.CaptureError) as info:
+        asyncfx.capture(NumpyActivationMasked(), (torch.randn(2, 4), torch.tensor(2.0)))
+    message = str(info.value)
+    assert "symbolic_trace fallback failed too" in message
+    assert "writes to intermediate values in place (mul_)" in message and "out of place" in message
+
+
 class BranchOnValue(nn.Module):
     def __init__(self):
         super().__init__()

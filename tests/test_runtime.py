@@ -269,6 +269,15 @@ def test_one_step_generations_do_not_pile_up_streams():
         assert len(den._now.streams) <= MAX_CALLS_PER_STEP
 
 
+def test_an_edit_between_one_step_generations_takes_effect_at_the_next_image():
+    model, kwargs = own_sd_unet()
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    for image in range(4):  # SD-Turbo: one call at t=999 per image, the stages run it
+        if image == 2:
+            model.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+        assert torch.equal(den(**kwargs).sample, model(**kwargs).sample), image
+
+
 def own_sd_unet():
     """A copy of the zoo's SD UNet to edit or convert (the zoo's is shared with other tests)."""
     model, _, kwargs = zoo_example("sd_unet")

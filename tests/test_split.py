@@ -1,6 +1,7 @@
 """compile() + split(): stage plans, exact split equivalence, weights per stage, errors."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -38,6 +39,43 @@ def test_hand_made_model_cut_after_every_cuttable_node():
     check_boundaries(captured, plan, staged)
     # the skip list shows up as boundaries read by a stage far downstream
     assert any(max(b.consumers) - b.producer > 2 for b in plan.boundaries)
+
+
+class WritesInPlace(torch.nn.Module):
+    """In-place writes to intermediates, as FreeU makes them: a mask filled in place
+    (nothing reads the fill's result) and a slice of a latent value scaled in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, t):
+        h = self.first(x) + t
+        mask = torch.ones_like(h[:1])
+        mask[:, :2] = 0.5
+        h[:, 2:] *= 3.0
+        h = torch.relu(self.second(h * mask))
+        h.sub_(1.0)
+        return h + x
+
+
+@pytest.mark.parametrize("n_devices", [1, 2, 3])
+def test_in_place_writes_to_intermediates_survive_the_split(n_devices):
+    model, args = WritesInPlace().eval(), (torch.randn(3, 4), torch.tensor(0.5))
+    captured = asyncfx.capture(model, args)
+    assert not any(getattr(n.target, "_schema", None) is not None and n.target._schema.is_mutable
+                   for n in captured.graph.nodes)  # functionalised
+    staged = asyncfx.split(captured, asyncfx.compile(captured, n_devices, cost="uniform"))
+    assert_same_output(staged(*args), model(*args))
+
+
+def test_freeu_survives_the_split():
+    model, args, kwargs = zoo_example("sd_unet")
+    model = copy.deepcopy(model)
+    model.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)  # fills masks and scales slices in place
+    captured = asyncfx.capture(model, args, kwargs)
+    staged = asyncfx.split(captured, asyncfx.compile(captured, 2))
+    assert_same_output(staged(*args, **kwargs), model(*args, **kwargs))
 
 
 def test_multi_output_ops_stay_with_their_getitems():

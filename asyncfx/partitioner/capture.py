@@ -17,6 +17,7 @@ import linecache
 import os
 import re
 import traceback
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -360,6 +361,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
             f"{model_class}.forward writes to buffers or inputs {mutated}; a denoiser must not "
             "change state while sampling. Call model.eval() (batch norm in training mode "
             "updates running statistics) or keep the state outside the model.")
+    if _writes_in_place(graph):  # e.g. FreeU's masks and slice assignments
+        with warnings.catch_warnings():  # torch's own use of a deprecated pytree class
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            unlifted = exported.run_decompositions({}).module()
+        graph = unlifted.graph
     graph.set_codegen(fx.graph.CodeGen())  # flat positional inputs, flat tuple output
     _remove_checks(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -391,6 +397,17 @@ def _mutated_state(graph: fx.Graph) -> set[str]:
     return written
 
 
+def _writes_in_place(graph: fx.Graph) -> bool:
+    """Whether an op writes to a value of the graph in place. The passes read the graph as
+    dataflow (a value is what its node computed), which an in-place write to an
+    intermediate breaks: the split would drop a write nothing reads the result of (FreeU
+    fills a mask in place) or apply it in one stage to what another stage reads. Such a
+    graph is functionalised (``ExportedProgram.run_decompositions({})``), which rewrites
+    every in-place write as a new value and decomposes nothing."""
+    return any(node.op == "call_function" and getattr(node.target, "_schema", None) is not None
+               and node.target._schema.is_mutable for node in graph.nodes)
+
+
 def _remove_checks(graph: fx.Graph) -> None:
     """Drop export's guard module call and assertion ops (ops that return nothing): input
     checks are done by Captured itself, and a check must not pin a cut."""
@@ -412,6 +429,12 @@ def _symbolic_trace(model: nn.Module, leaves: list[Any], names: list[str],
     concrete = {n: v for n, v, t in zip(names, leaves, is_tensor) if not t}
     tracer = fx.Tracer()
     graph = tracer.trace(model, concrete_args=concrete or None)
+    writes = _traced_writes_in_place(graph)
+    if writes:
+        raise CaptureError(f"the model writes to intermediate values in place ({', '.join(writes)}), which "
+                           "a symbolically traced graph cannot keep through a split; write them out of "
+                           "place (x = x * 2 rather than x *= 2, torch.where rather than slice "
+                           "assignment, inplace=False)")
     placeholders = {n.target.lstrip("*"): n for n in graph.nodes if n.op == "placeholder"}
     tensor_names = [n for n, t in zip(names, is_tensor) if t]
     for name, node in placeholders.items():  # constants are specialised, not inputs
@@ -425,6 +448,21 @@ def _symbolic_trace(model: nn.Module, leaves: list[Any], names: list[str],
     gm.recompile()
     _record_values(gm, [v for v, t in zip(leaves, is_tensor) if t])
     return gm, out_spec
+
+
+def _traced_writes_in_place(graph: fx.Graph) -> list[str]:
+    """Nodes of a symbolically traced graph that write in place: trailing-underscore
+    methods and functions (``mul_``, ``torch.relu_``) and calls with inplace=True (slice
+    assignment does not trace at all)."""
+    writes = []
+    for node in graph.nodes:
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        in_place = (node.kwargs.get("inplace") is True
+                    or (node.op in ("call_method", "call_function") and isinstance(name, str)
+                        and name.endswith("_") and not name.endswith("__")))
+        if in_place:
+            writes.append(node.name)
+    return writes
 
 
 def _mutable(value: Any) -> Any:

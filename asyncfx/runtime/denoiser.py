@@ -319,10 +319,11 @@ class AsyncDenoiser(nn.Module):
             self.build(args, kwargs)
         named = self._bind(args, kwargs)
         self._follow_generation(named)
-        if self._generation.step == 0 and self._generation.calls == 1 and self._model_edited():
+        stream = self._stream_for(self._now)
+        if self._generation.step == 0 and stream.step == 0 and self._model_edited():
             self.build(args, kwargs)  # e.g. a LoRA loaded into the model since it was captured
             named = self._bind(args, kwargs)
-        stream = self._stream_for(self._now)
+            stream = self._stream_for(self._now)
         step = stream.step
         stream.timesteps[step] = named[self._timestep_name] if self._timestep_name else None
         total = None
@@ -409,8 +410,9 @@ class AsyncDenoiser(nn.Module):
         return stream
 
     def _model_edited(self) -> bool:
-        """Whether the model was edited since it was captured (checked at the first call
-        of each generation; a new capture drops the spare, captured before too; see the
+        """Whether the model was edited since it was captured (checked as each stream of
+        the generation's first step starts: one-step generations, e.g. SD-Turbo's, are
+        streams of one step; a new capture drops the spare, captured before too; see the
         note on editing)."""
         signature = self._now.signature
         return signature is not None and state_signature(self._model) != signature
