@@ -38,6 +38,8 @@ EDITS = {
     "a weight written in place": lambda unet: unet.conv_in.weight.mul_(2),  # as load_state_dict does
     "a weight replaced": lambda unet: setattr(unet.conv_in, "weight",
                                               torch.nn.Parameter(unet.conv_in.weight.detach() * 2)),
+    "weight.data replaced": lambda unet: setattr(unet.conv_in.weight, "data", unet.conv_in.weight * 2),
+    "converted without the denoiser": lambda unet: unet.to(torch.float64),
     "a module replaced": lambda unet: setattr(unet, "conv_act", torch.nn.ReLU()),
     "a forward hook": lambda unet: unet.mid_block.register_forward_hook(lambda *_: None),
     "a buffer registered": lambda unet: unet.conv_in.register_buffer("scale", torch.ones(1)),

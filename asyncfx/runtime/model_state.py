@@ -6,9 +6,9 @@ attention processor objects, the train/eval flag). An edit made afterwards reach
 graph only by capturing again; ``state_signature`` tells that one was made.
 
 It covers:
-- the module tree (names and objects) and its parameters and buffers (objects, and how
-  many in-place writes each has had, ``Tensor._version``): LoRA layers loaded, fused or
-  unfused, state dicts loaded;
+- the module tree (names and objects) and its parameters and buffers (objects, how many
+  in-place writes each has had, ``Tensor._version``, and their memory): LoRA layers
+  loaded, fused or unfused, state dicts loaded, ``.data`` replaced;
 - every module's other attributes: plain values (numbers, strings, flags, and lists,
   tuples and dicts of them) by value, tensors by object and version, modules by object,
   hooks by function, and other objects (attention processors) by object and their own
@@ -17,8 +17,8 @@ It covers:
 Values are compared by object where they are not plain, so an attribute a forward
 replaces at every call would read as an edit at every generation; the models of the
 test zoo (diffusers UNets and transformers) keep the same signature across calls.
-Writes through ``tensor.data`` bypass the version counter and are not seen as such;
-peft writes merged LoRA weights that way, and its layers' ``merged_adapters`` attribute
+In-place writes through ``tensor.data`` bypass the version counter and are not seen as
+such; peft merges LoRA weights that way, and its layers' ``merged_adapters`` attribute
 is what tells (tensor values are never read: that would mean reading every weight).
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def state_signature(model: nn.Module) -> int:
                 append(key)
                 append(value)
             elif key in _TENSORS:
-                items.extend((id(t), t._version) for t in value.values() if t is not None)
+                items.extend(_tensor(t) for t in value.values() if t is not None)
             elif kind in _CONTAINERS and not value or key == "_modules":
                 continue  # most of a module's attributes: empty hook dicts
             else:
@@ -69,7 +69,9 @@ def state_signature(model: nn.Module) -> int:
 
 
 def _tensor(tensor: torch.Tensor | None) -> tuple:
-    return () if tensor is None else (id(tensor), tensor._version)
+    """The tensor object, its in-place writes, and its memory (``tensor.data = ...``
+    assignments, and conversions of the model made without the denoiser, replace it)."""
+    return () if tensor is None else (id(tensor), tensor._version, tensor.data_ptr())
 
 
 def _summary(value: Any, depth: int) -> Any:
