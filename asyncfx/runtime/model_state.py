@@ -80,7 +80,7 @@ def _summary(value: Any, depth: int) -> Any:
     if kind in _PLAIN_TYPES or isinstance(value, _PLAIN):
         return value
     if kind in _CONTAINERS and not value:
-        return kind.__name__  # most of a module's attributes: its empty hook dicts
+        return kind.__name__
     if isinstance(value, torch.Tensor):
         return _tensor(value)
     if isinstance(value, nn.Module) or depth == 0:
@@ -94,6 +94,7 @@ def _summary(value: Any, depth: int) -> Any:
 
 
 def _container(value: list | tuple | set | frozenset | dict, depth: int) -> Any:
+    """Plain containers by content (sets in a fixed order), long ones by object."""
     if len(value) > _LONGEST:
         return id(value), len(value)
     if isinstance(value, dict):
