@@ -386,11 +386,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
 def _mutated_state(graph: fx.Graph) -> set[str]:
     """Weights, buffers and inputs that an in-place op writes to."""
     written = set()
-    for node in graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None or not schema.is_mutable:
-            continue
-        for argument, value in zip(schema.arguments, node.args):
+    for node in _in_place_ops(graph):
+        for argument, value in zip(node.target._schema.arguments, node.args):
             is_write = argument.alias_info is not None and argument.alias_info.is_write
             if is_write and isinstance(value, fx.Node) and value.op in ("get_attr", "placeholder"):
                 written.add(str(value.target))
@@ -404,8 +401,13 @@ def _writes_in_place(graph: fx.Graph) -> bool:
     fills a mask in place) or apply it in one stage to what another stage reads. Such a
     graph is functionalised (``ExportedProgram.run_decompositions({})``), which rewrites
     every in-place write as a new value and decomposes nothing."""
-    return any(node.op == "call_function" and getattr(node.target, "_schema", None) is not None
-               and node.target._schema.is_mutable for node in graph.nodes)
+    return bool(_in_place_ops(graph))
+
+
+def _in_place_ops(graph: fx.Graph) -> list[fx.Node]:
+    """The ATen ops of an exported graph whose schema writes to an argument."""
+    return [node for node in graph.nodes if node.op == "call_function"
+            and getattr(node.target, "_schema", None) is not None and node.target._schema.is_mutable]
 
 
 def _remove_checks(graph: fx.Graph) -> None:
