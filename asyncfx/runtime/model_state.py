@@ -53,8 +53,8 @@ def state_signature(model: nn.Module) -> int:
     for name, module in model.named_modules(remove_duplicate=False):
         append(name)
         append(id(module))
-        for key, value in module.__dict__.items():
-            kind = type(value)
+        for key, value in module.__dict__.items():  # _summary's common cases inlined: this
+            kind = type(value)                          # runs for every attribute of every module
             if kind in _PLAIN_TYPES:
                 append(key)
                 append(value)
