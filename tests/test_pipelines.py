@@ -10,11 +10,13 @@ import copy
 
 import numpy as np
 import torch
-from diffusers import (AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporalDecoder, ControlNetModel,
+from diffusers import (AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporalDecoder, AutoencoderKLWan,
+                       ControlNetModel,
                        DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        MotionAdapter, StableDiffusion3Pipeline, StableDiffusionControlNetPipeline,
                        StableDiffusionPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline,
-                       UNet2DConditionModel, UNetSpatioTemporalConditionModel)
+                       UNet2DConditionModel, UNetSpatioTemporalConditionModel, WanPipeline,
+                       WanTransformer3DModel)
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import asyncfx
@@ -204,3 +206,39 @@ def test_stable_video_diffusion_pipeline():
                                         feature_extractor=CLIPImageProcessor())
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     check_drop_in(pipe, "unet", image=image, height=16, width=16, num_frames=2, decode_chunk_size=2)
+
+
+def wan_transformer(seed: int) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                 in_channels=16, out_channels=16, text_dim=16, freq_dim=32, ffn_dim=32,
+                                 num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                 rope_max_seq_len=32).eval()
+
+
+def test_wan_2_2_two_experts_with_stride_two():
+    """Wan 2.2 samples the noisy steps with one transformer and the rest with another, so
+    the second one's generation starts part-way through the shared scheduler's timesteps."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    experts = {"transformer": wan_transformer(1), "transformer_2": wan_transformer(2)}
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, boundary_ratio=0.7, **experts,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # timesteps not evenly spaced
+    generator = torch.Generator().manual_seed(3)
+    embeds = dict(prompt_embeds=torch.randn(1, 6, 16, generator=generator),
+                  negative_prompt_embeds=torch.randn(1, 6, 16, generator=generator))
+    runs = {}
+    with one_thread():
+        original = images(pipe, height=16, width=16, num_frames=5, **embeds)
+        for executor in ("serial", "local"):
+            for name, model in experts.items():
+                setattr(pipe, name, asyncfx.partition(model, 2, warmup=1, stride=2, scheduler=pipe.scheduler,
+                                                      executor=executor))
+            runs[executor] = images(pipe, height=16, width=16, num_frames=5, **embeds)
+    np.testing.assert_array_equal(runs["local"], runs["serial"])
+    assert np.abs(runs["local"] - original).max() < 0.25 and not np.array_equal(runs["local"], original)
+    first_low_noise_step = int((pipe.scheduler.timesteps >= 700).sum())  # 0.7 x 1000 training steps
+    assert STEPS - first_low_noise_step >= 3  # the second expert's third call checks its timestep
+    starts = [[stream.scheduler_index for stream in getattr(pipe, name)._now.streams] for name in experts]
+    assert starts == [[0, 0], [first_low_noise_step] * 2]  # guided and unguided calls: two streams each

@@ -109,6 +109,25 @@ def test_stride_two_follows_how_the_calls_timesteps_relate_to_the_scheduler(scal
                                    expected(x, torch.tensor(t, dtype=torch.float64)), rtol=1e-9, atol=1e-9)
 
 
+def test_stride_two_finds_where_a_model_starts_in_the_schedule_from_the_scheduler_step_index():
+    """Wan 2.2 samples the first steps with one expert and the rest with another: the
+    second one's first call is part-way through the scheduler's timesteps, which it
+    counts in ``step_index`` (None until its first step)."""
+    ts = [60.0, 58.0, 53.0, 45.0, 34.0, 20.0, 3.0, 1.0]  # not evenly spaced: a wrong index shows
+    scheduler = SimpleNamespace(timesteps=torch.tensor(ts, dtype=torch.float64), step_index=None)
+    experts = [chain_denoiser("serial", warmup=1, stride=2, scheduler=scheduler) for _ in range(2)]
+    alone = chain_denoiser("serial", warmup=1, stride=2,  # the second expert's steps as a whole generation
+                           scheduler=SimpleNamespace(timesteps=torch.tensor(ts[3:], dtype=torch.float64)))
+    x = torch.zeros(1, dtype=torch.float64)
+    for step, t in enumerate(ts):
+        t = torch.tensor(t, dtype=torch.float64)
+        got = experts[step >= 3](x, t)
+        if step >= 3:
+            torch.testing.assert_close(got, alone(x, t), rtol=0, atol=0)
+        scheduler.step_index = step + 1  # as scheduler.step() counts
+    assert [s.scheduler_index for expert in experts for s in expert._now.streams] == [0, 3]
+
+
 def test_timestep_map_fits_two_calls_and_checks_a_guess_made_from_one():
     line = TimestepMap()
     assert line.observe(1000.0, 1.0) and line.observe(800.0, 0.8)  # Flux: t / 1000
@@ -134,14 +153,14 @@ def test_stride_two_refuses_calls_that_do_not_follow_its_scheduler():
     x = torch.ones(1, dtype=torch.float64)
     den(x, torch.tensor(ts[0], dtype=torch.float64))
     den(x, torch.tensor(ts[1], dtype=torch.float64))  # two calls fit passed = 5/7 scheduled + 16.43
-    with pytest.raises(SchedulerError, match=r"call 2 of this generation got timestep 50 but the scheduler's "
-                                             r"timesteps give 45 .*pass scheduler=pipe.scheduler"):
+    with pytest.raises(SchedulerError, match=r"call at the scheduler's timesteps\[2\] got timestep 50 but "
+                                             r"they give 45 .*pass scheduler=pipe.scheduler"):
         den(x, torch.tensor(ts[2], dtype=torch.float64))
     short = chain_denoiser("serial", warmup=1, stride=2,
                            scheduler=SimpleNamespace(timesteps=torch.tensor(ts[:2], dtype=torch.float64)))
     short(x, torch.tensor(ts[0], dtype=torch.float64))
     short(x, torch.tensor(ts[1], dtype=torch.float64))
-    with pytest.raises(SchedulerError, match="call 3 of a generation but the scheduler lists 2 timesteps"):
+    with pytest.raises(SchedulerError, match=r"would be the scheduler's timesteps\[2\] but it lists only 2"):
         short(x, torch.tensor(ts[2], dtype=torch.float64))
 
 

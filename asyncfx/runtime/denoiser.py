@@ -147,6 +147,7 @@ class _Stream:
 
     start: int = 0
     last: int = 0   # the generation step of its last call
+    scheduler_index: int | None = None  # stride 2: where its first call is in the scheduler's timesteps
     step: int = 0
     timesteps: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     cached: dict[int, tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
@@ -433,15 +434,26 @@ class AsyncDenoiser(nn.Module):
         return generation.direction is not None and (t - generation.timestep) * generation.direction < 0
 
     def _sampler_timesteps(self, stream: _Stream) -> Sequence[Any]:
-        """The timesteps of a stream's calls: the scheduler's from its begin index
-        (image-to-image pipelines start part-way through the schedule) and the stream's
-        start in the generation."""
+        """The scheduler's timesteps from the stream's first call on (found at that call)."""
         timesteps = getattr(self.scheduler, "timesteps", None)
         if timesteps is None:
             raise SchedulerError("stride=2 needs the sampler's timesteps: pass scheduler=pipe.scheduler "
                                  "to asyncfx.partition() (after set_timesteps, its .timesteps list the "
                                  "steps).")
-        return timesteps[(getattr(self.scheduler, "begin_index", None) or 0) + stream.start:]
+        if stream.scheduler_index is None:
+            stream.scheduler_index = self._scheduler_index(stream)
+        return timesteps[stream.scheduler_index:]
+
+    def _scheduler_index(self, stream: _Stream) -> int:
+        """Where a stream starting now is in the scheduler's timesteps: the scheduler's own
+        step index where it keeps one (it counts the steps taken in this generation, also
+        those another model made: Wan 2.2's second expert starts part-way), else its begin
+        index (image-to-image pipelines start part-way) plus the stream's start in this
+        generation."""
+        taken = getattr(self.scheduler, "step_index", None)  # None until the first step() call
+        if taken is not None:
+            return int(taken)
+        return (getattr(self.scheduler, "begin_index", None) or 0) + stream.start
 
     def _check_timestep(self, stream: _Stream, step: int, timesteps: Sequence[Any]) -> None:
         """Stride 2 takes the next step's timestep from the scheduler, so the calls must
@@ -452,16 +464,17 @@ class AsyncDenoiser(nn.Module):
         fix = ("stride=2 computes the next step's timestep from the scheduler, so it must be the "
                "scheduler the pipeline samples with: pass scheduler=pipe.scheduler to "
                "asyncfx.partition() (again after replacing pipe.scheduler).")
+        index = stream.scheduler_index + step
         if step >= len(timesteps):
-            raise SchedulerError(f"this is call {stream.start + step + 1} of a generation but the "
-                                 f"scheduler lists {stream.start + len(timesteps)} timesteps; {fix}")
+            raise SchedulerError(f"this call would be the scheduler's timesteps[{index}] but it lists only "
+                                 f"{stream.scheduler_index + len(timesteps)}; {fix}")
         scheduled = float(timesteps[step])
         if not stream.timestep_map.observe(scheduled, given):
             a, b = stream.timestep_map.line()
             guess = (" (with warmup=0 the first round had to guess the next timestep from one call; "
                      "warmup >= 1 fits it from two)" if len(stream.timestep_map.points) < 2 else "")
-            raise SchedulerError(f"call {stream.start + step} of this generation got timestep {given:g} "
-                                 f"but the scheduler's timesteps give {a * scheduled + b:g} "
+            raise SchedulerError(f"the call at the scheduler's timesteps[{index}] got timestep {given:g} "
+                                 f"but they give {a * scheduled + b:g} "
                                  f"({a:g} x {scheduled:g} + {b:g}, as the earlier calls did){guess}; {fix}")
 
     def _inputs_for(self, named: Mapping[str, torch.Tensor], stream: _Stream,
