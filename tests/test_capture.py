@@ -123,6 +123,34 @@ def test_symbolic_trace_fallback_refuses_in_place_writes():
     assert "writes to intermediate values in place (mul_)" in message and "out of place" in message
 
 
+class TableWrittenThroughData(nn.Module):
+    def forward(self, x):
+        table = x.new_zeros(1, 4)
+        table.data[:, 2:].copy_(torch.ones(2))  # as CogVideoX's patch embedding at other sizes
+        return table
+
+
+class UntraceableTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.table = TableWrittenThroughData()
+
+    def forward(self, x, t):  # symbolic_trace cannot take len() of a traced shape:
+        assert len(t.shape) == 0
+        return self.linear(x + self.table(x)) * t
+
+
+def test_each_capture_failure_is_reported_where_it_happened():
+    with pytest.raises(asyncfx.CaptureError) as info:
+        asyncfx.capture(UntraceableTable(), (torch.randn(2, 4), torch.tensor(2.0)))
+    message = str(info.value)
+    export, trace = message.split("; the torch.fx.symbolic_trace fallback failed too")
+    assert "torch.export failed with RuntimeError" in export and "len(t.shape)" not in export
+    assert "test_capture.py" in trace and "`assert len(t.shape) == 0`" in trace
+    assert "module 'table' makes a tensor in forward" in trace and "tensor.data" in trace
+
+
 class BranchOnValue(nn.Module):
     def __init__(self):
         super().__init__()

@@ -509,21 +509,29 @@ def _record_values(gm: fx.GraphModule, inputs: list[torch.Tensor]) -> None:
 
 
 def _both_failed_message(model: nn.Module, export_error: Exception, trace_error: Exception) -> str:
-    model_class = type(model).__name__
-    construct = _failing_construct(export_error) or _failing_construct(trace_error)
-    where = f" at {construct}" if construct else ""
+    untraceable = re.search(r"model attribute: (?:(\S+)\.)?lifted_tensor", str(export_error))
     if "data-dependent" in str(export_error):
         advice = ("A forward that branches on a tensor's value (if x.sum() > 0, x.item(), "
                   "x.tolist()) cannot be captured: branch on shapes or Python arguments instead, use "
                   "torch.where or torch.cond, or move the data-dependent part out of the denoiser.")
+    elif untraceable:
+        module = f"module {untraceable.group(1)!r}" if untraceable.group(1) else type(model).__name__
+        advice = (f"{module} makes a tensor in forward in a way torch.export cannot follow (typically "
+                  "a write through `tensor.data`): compute it with plain torch operations, or once "
+                  "outside forward as a buffer (some models do so only for inputs of the size in "
+                  "their config).")
     else:
         advice = ("Check that the example inputs are what the model expects (shapes, dtypes, "
                   "which arguments are tensors), or change the construct named above.")
-    return (
-        f"cannot capture {model_class}: torch.export failed{where} with "
-        f"{type(export_error).__name__}: {_first_line(export_error)}; the torch.fx.symbolic_trace "
-        f"fallback failed too with {type(trace_error).__name__}: {_first_line(trace_error)}. "
-        + advice)
+    return (f"cannot capture {type(model).__name__}: torch.export failed{_at(export_error)} with "
+            f"{type(export_error).__name__}: {_first_line(export_error)}; the torch.fx.symbolic_trace "
+            f"fallback failed too{_at(trace_error)} with {type(trace_error).__name__}: "
+            f"{_first_line(trace_error)}. " + advice)
+
+
+def _at(error: BaseException) -> str:
+    construct = _failing_construct(error)
+    return f" at {construct}" if construct else ""
 
 
 def _first_line(error: Exception) -> str:
