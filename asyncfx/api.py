@@ -9,6 +9,7 @@ from torch import nn
 
 from asyncfx.errors import AsyncFXError, PlanError
 from asyncfx.partitioner import Captured, StagePlan, capture, compile, split
+from asyncfx.partitioner.capture import check_not_compiled
 from asyncfx.partitioner.compile import split_example_inputs
 from asyncfx.partitioner.cost_model import check_cost
 from asyncfx.partitioner.device import device_spec
@@ -40,7 +41,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
               devices: Sequence[str | torch.device] | str | None = None, warmup: int = DEFAULT_WARMUP,
               stride: int = 1, executor: str = "local", plan: StagePlan | str | os.PathLike | None = None,
               scheduler: Any = None, time_shift: bool = False, cost: str = "flops", link: str = "cpu",
-              latent: str | None = None, cuda_graphs: bool | None = None) -> AsyncDenoiser:
+              latent: str | None = None, timestep: str | None = None,
+              cuda_graphs: bool | None = None) -> AsyncDenoiser:
     """Wrap ``model`` so that its stages run concurrently on ``n_devices`` devices.
 
     The result is called exactly like ``model``. The first ``warmup`` steps of every
@@ -56,6 +58,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
     slots of the local executor) replays each stage as a CUDA graph once warmed up.
     ``model`` may also be a :class:`Captured` from ``asyncfx.capture()`` (captured once,
     partitioned many times, e.g. in a sweep); it then accepts only its captured shapes.
+    ``latent`` and ``timestep`` name the noisy-sample and timestep (noise level) arguments
+    where their names are not the usual ones (see :func:`asyncfx.capture`).
 
     Example:
         >>> pipe.unet = asyncfx.partition(pipe.unet, n_devices=2, warmup=2)
@@ -78,7 +82,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
                         f"n_devices={plan.n_stages} or compile a plan for {n_devices}.")
 
     def build(args: tuple, kwargs: dict):
-        captured = model if isinstance(model, Captured) else capture(model, args, kwargs, latent=latent)
+        captured = (model if isinstance(model, Captured)
+                    else capture(model, args, kwargs, latent=latent, timestep=timestep))
 
         def make_executor(compiled: StagePlan | None = None) -> tuple[Executor, StagePlan]:
             if compiled is not None:  # compiled before the last executor was closed
@@ -210,6 +215,7 @@ def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise ModelError(f"partition() takes the denoiser, an nn.Module, got {type(model).__name__}; for a "
                          "diffusers pipeline pass its pipe.unet or pipe.transformer.")
+    check_not_compiled(model)
 
 
 def _check_cost_and_link(cost: str, link: Any) -> None:

@@ -71,6 +71,56 @@ def test_latent_defaults_to_first_tensor_and_can_be_named():
         asyncfx.capture(TwoImages(), args, latent="image")
 
 
+class NoiseLevel(nn.Module):
+    """An EDM-style denoiser: its timestep is a noise level with a name of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x, noise_level, scale):
+        return self.linear(x) * noise_level[:, None] + scale
+
+
+class KeywordsOnly(nn.Module):
+    """A wrapper that passes every argument on, as adapters and hooks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = TwoImages()
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+def test_timestep_can_be_named_and_is_found_in_keyword_arguments():
+    args = (torch.randn(2, 4), torch.full((2,), 80.0), torch.ones(2, 1))
+    assert asyncfx.capture(NoiseLevel(), args).timestep_input is None
+    named = asyncfx.capture(NoiseLevel(), args, timestep="noise_level")
+    assert {i.name: str(i.role) for i in named.inputs} == {
+        "x": "latent", "noise_level": "timestep", "scale": "condition"}
+    with pytest.raises(asyncfx.CaptureError, match=r"timestep='sigma' names none of the tensor or "
+                                                   r"number arguments of NoiseLevel .*: "
+                                                   r"\['x', 'noise_level', 'scale'\]"):
+        asyncfx.capture(NoiseLevel(), args, timestep="sigma")
+    with pytest.raises(asyncfx.CaptureError, match="'x' of NoiseLevel cannot be both the latent and"):
+        asyncfx.capture(NoiseLevel(), args, timestep="x")
+    wrapper = KeywordsOnly()
+    kwargs = dict(reference=torch.randn(1, 3, 4, 4), noisy=torch.randn(1, 3, 4, 4), t=981)
+    captured = asyncfx.capture(wrapper, (), kwargs, latent="noisy")
+    assert {i.name: str(i.role) for i in captured.inputs}["t"] == "timestep"
+    later = {**kwargs, "t": 500}  # a number too: an input of the graph, not a constant
+    assert_same_output(captured(**later), wrapper(**later))
+
+
+def test_a_compiled_model_is_refused_with_its_original_named():
+    compiled = torch.compile(TwoImages())
+    with pytest.raises(asyncfx.CaptureError, match="compiled with torch.compile.*its _orig_mod, a TwoImages"):
+        asyncfx.capture(compiled, (torch.randn(1, 3, 4, 4),) * 2 + (torch.tensor(1.0),))
+    with pytest.raises(asyncfx.CaptureError, match="compiled with torch.compile"):
+        asyncfx.partition(compiled, 2)  # at once, not at the first call
+
+
 def test_python_number_timestep_is_a_graph_input_not_a_constant():
     model, _, kwargs = zoo_example("sd_unet")
     kwargs = {**kwargs, "timestep": 981}

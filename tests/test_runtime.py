@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import time
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -269,6 +270,40 @@ def test_without_a_timestep_new_conditioning_is_a_new_generation():
     assert not torch.equal(den(x * 2, cond), model(x * 2, cond))  # step 1: stale
     other = torch.randn(1, 4)
     assert torch.equal(den(x * 3, other), model(x * 3, other))    # new conditioning: step 0 again
+
+
+class NoiseLevelChain(nn.Module):
+    """An EDM-style denoiser whose timestep is called ``noise``: ``x + 1 * noise + 10 * noise``."""
+
+    def forward(self, x, noise, cond):
+        h = x + noise[:, None]
+        h = h + cond
+        return h + 10 * noise[:, None]
+
+
+def test_a_timestep_under_another_name_is_warned_about_and_can_be_named():
+    x, cond = torch.zeros(2, 4), torch.zeros(2, 4)
+    noise = [torch.full((2,), s) for s in (80.0, 40.0, 20.0, 10.0, 5.0)]
+    unnamed = asyncfx.partition(NoiseLevelChain(), 2, warmup=1, executor="serial")
+    with pytest.warns(UserWarning, match=r"input 'noise' of NoiseLevelChain changed at each of the last 3 "
+                                         r"calls.*no speedup.*pass timestep='noise' to asyncfx.partition"):
+        for level in noise:  # each call is a new generation: run as the original model
+            assert torch.equal(unnamed(x, level, cond), NoiseLevelChain()(x, level, cond))
+    named = asyncfx.partition(NoiseLevelChain(), 2, warmup=1, executor="serial", timestep="noise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = [named(x, level, cond)[0, 0].item() for level in noise]
+    assert got[0] == 80 + 10 * 80 and got[1] != 40 + 10 * 40  # a generation: step 1 reads step 0's values
+
+
+def test_conditioning_that_changes_at_every_call_is_not_taken_for_a_timestep():
+    model = Untimed()  # one-step generations, each with its own prompt: no warning
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            x, cond = torch.randn(2, 4), torch.randn(2, 4)
+            assert torch.equal(den(x, cond), model(x, cond))
 
 
 def test_timesteps_that_count_up_are_one_generation_until_they_move_back():

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 from asyncfx.errors import ArgumentsError, CaptureError, InputMismatchError
 from asyncfx.passes.classify import classify
@@ -30,8 +31,8 @@ from asyncfx.passes.meta import VALUE, ValueClass
 
 #: Argument names taken as the latent when ``latent=`` is not given, in order.
 LATENT_NAMES = ("sample", "hidden_states", "x")
-#: Argument names taken as the timestep, in order.
-TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+#: Argument names taken as the timestep (or noise level) when ``timestep=`` is not given, in order.
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _ASYNCFX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,12 +196,16 @@ class _Binder:
         except TypeError as exc:
             raise ArgumentsError(f"{exc}: the arguments do not fit forward{self.signature}.") from exc
         bound.apply_defaults()
-        value = bound.arguments.get(self.timestep_name)
+        value = _arguments_by_name(bound).get(self.timestep_name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             # A Python number would be baked into the graph as a constant; diffusers
             # turns it into an int64 / float64 tensor itself, so this changes nothing.
-            bound.arguments[self.timestep_name] = torch.tensor(
-                value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+            tensor = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+            if self.timestep_name in bound.arguments:
+                bound.arguments[self.timestep_name] = tensor
+            else:  # taken by **kwargs
+                var_keyword = _var_keyword(self.signature)
+                bound.arguments[var_keyword] = {**bound.arguments[var_keyword], self.timestep_name: tensor}
         return tuple(bound.args), dict(bound.kwargs)
 
     def leaf_names(self, spec: pytree.TreeSpec) -> list[str]:
@@ -242,6 +247,9 @@ def _assign_roles(names: list[str], is_tensor: list[bool], latent: str | None,
     else:
         by_name = [n for n in tensor_names if n in LATENT_NAMES]
         latent_name = min(by_name, key=LATENT_NAMES.index) if by_name else tensor_names[0]
+    if latent_name == timestep_name:
+        raise CaptureError(f"{latent_name!r} of {model_class} cannot be both the latent and the timestep; "
+                           "name the latent with latent=.")
     roles: list[InputRole | None] = []
     for name, tensor in zip(names, is_tensor):
         if not tensor:
@@ -255,28 +263,57 @@ def _assign_roles(names: list[str], is_tensor: list[bool], latent: str | None,
     return roles
 
 
-def _timestep_name(signature: inspect.Signature, args: tuple, kwargs: dict,
-                   latent: str | None, model_class: str) -> str | None:
-    """The first of TIMESTEP_NAMES bound to a tensor or a number (not the latent)."""
+def _var_keyword(signature: inspect.Signature) -> str | None:
+    return next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+
+def check_not_compiled(model: nn.Module) -> None:
+    """Refuse a ``torch.compile()`` wrapper: its ``forward(*args, **kwargs)`` hides the
+    argument names, and its compiled code would not run in the stages anyway."""
+    if isinstance(model, OptimizedModule):
+        raise CaptureError(f"the model was compiled with torch.compile(); asyncfx captures it with "
+                           f"torch.export and runs the stages itself (as CUDA graphs on GPUs), so pass "
+                           f"the model before compiling: its _orig_mod, a "
+                           f"{type(model._orig_mod).__name__}.")
+
+
+def _arguments_by_name(bound: inspect.BoundArguments) -> dict[str, Any]:
+    """The bound arguments by name, those a ``**kwargs`` parameter took included."""
+    var_keyword = _var_keyword(bound.signature)
+    named = {k: v for k, v in bound.arguments.items() if k != var_keyword}
+    return {**bound.arguments.get(var_keyword, {}), **named}
+
+
+def _timestep_name(signature: inspect.Signature, args: tuple, kwargs: dict, latent: str | None,
+                   timestep: str | None, model_class: str) -> str | None:
+    """``timestep`` if given (it must name a tensor or number argument), else the first
+    of TIMESTEP_NAMES bound to a tensor or a number (not the latent)."""
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise CaptureError(f"example inputs do not fit {model_class}.forward"
                            f"{signature}: {exc}") from exc
-    for name in TIMESTEP_NAMES:
-        value = bound.arguments.get(name)
-        if name != latent and (isinstance(value, torch.Tensor) or (
-                isinstance(value, (int, float)) and not isinstance(value, bool))):
-            return name
-    return None
+    arguments = _arguments_by_name(bound)
+    candidates = [name for name, value in arguments.items() if name != latent and (
+        isinstance(value, torch.Tensor) or isinstance(value, (int, float)) and not isinstance(value, bool))]
+    if timestep is None:
+        return next((name for name in TIMESTEP_NAMES if name in candidates), None)
+    if timestep not in candidates:
+        raise CaptureError(f"timestep={timestep!r} names none of the tensor or number arguments of "
+                           f"{model_class} that are not the latent: {candidates} (positional "
+                           f"arguments are named as in {model_class}.forward{signature}).")
+    return timestep
 
 
 def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-            *, latent: str | None = None) -> Captured:
+            *, latent: str | None = None, timestep: str | None = None) -> Captured:
     """Capture ``model`` called with ``args``/``kwargs`` as a flat fx graph.
 
     ``latent`` names the argument that is the noisy sample when it is not called
     ``sample``, ``hidden_states`` or ``x`` (default: else the first tensor argument).
+    ``timestep`` names the timestep (or noise level) argument when it is not called
+    ``timestep``, ``timesteps``, ``t``, ``sigma`` or ``sigmas``: without one, the
+    denoiser can tell generations apart only by their conditioning.
     Shapes are specialised: other shapes need another capture.
 
     Example:
@@ -288,10 +325,11 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}; "
                            "wrap a plain function in a Module.")
+    check_not_compiled(model)
     args, kwargs = tuple(args), dict(kwargs or {})
     model_class = type(model).__name__
     signature = inspect.signature(model.forward)
-    timestep_name = _timestep_name(signature, args, kwargs, latent, model_class)
+    timestep_name = _timestep_name(signature, args, kwargs, latent, timestep, model_class)
     binder = _Binder(signature, timestep_name)
     bound_args, bound_kwargs = binder.bind(args, kwargs)
     leaves, in_spec = pytree.tree_flatten((bound_args, bound_kwargs))

@@ -19,7 +19,8 @@ from asyncfx.partitioner.search import Cut, search_cuts
 
 def compile(model_or_captured: nn.Module, n_devices: int, *, example_inputs: Any = None,
             cost: str = "flops", link: str | DeviceSpec = "cpu", profile: Profile | None = None,
-            refine_rounds: int = 5, repeats: int = 5, latent: str | None = None) -> StagePlan:
+            refine_rounds: int = 5, repeats: int = 5, latent: str | None = None,
+            timestep: str | None = None) -> StagePlan:
     """Cut a model into ``n_devices`` stages that minimise the predicted round time.
 
     ``example_inputs`` (needed unless a :class:`Captured` is given, and for
@@ -44,7 +45,7 @@ def compile(model_or_captured: nn.Module, n_devices: int, *, example_inputs: Any
         >>> plan.n_stages
         2
     """
-    captured = as_captured(model_or_captured, example_inputs, latent)
+    captured = as_captured(model_or_captured, example_inputs, latent, timestep)
     spec = device_spec(link)
     check_cost(cost)
     flat_inputs = None
@@ -100,7 +101,8 @@ def checked(n_devices: Any, graph: CostGraph) -> int:
     return n_devices
 
 
-def as_captured(model_or_captured: nn.Module, example_inputs: Any, latent: str | None) -> Captured:
+def as_captured(model_or_captured: nn.Module, example_inputs: Any, latent: str | None = None,
+                timestep: str | None = None) -> Captured:
     if isinstance(model_or_captured, Captured):
         return model_or_captured
     if example_inputs is None:
@@ -109,7 +111,7 @@ def as_captured(model_or_captured: nn.Module, example_inputs: Any, latent: str |
             "example_inputs=(args, kwargs) for one denoiser call, or a Captured from "
             "asyncfx.capture().")
     args, kwargs = split_example_inputs(example_inputs)
-    return capture(model_or_captured, args, kwargs, latent=latent)
+    return capture(model_or_captured, args, kwargs, latent=latent, timestep=timestep)
 
 
 def split_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:

@@ -62,7 +62,7 @@ class Profile:
 
 
 def profile(model_or_captured: nn.Module, example_inputs: Any, *, warmup: int = 2, repeats: int = 5,
-            latent: str | None = None) -> Profile:
+            latent: str | None = None, timestep: str | None = None) -> Profile:
     """Time every node of the model on the device its inputs live on.
 
     Example:
@@ -71,7 +71,7 @@ def profile(model_or_captured: nn.Module, example_inputs: Any, *, warmup: int = 
     """
     from asyncfx.partitioner.compile import as_captured, split_example_inputs
 
-    captured = as_captured(model_or_captured, example_inputs, latent)
+    captured = as_captured(model_or_captured, example_inputs, latent, timestep)
     args, kwargs = split_example_inputs(example_inputs)
     return profile_captured(captured, captured.interface.flatten(args, kwargs), warmup=warmup,
                             repeats=repeats)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -65,6 +66,9 @@ from asyncfx.runtime.schedule import Mode, schedule
 #: are taken for one-step generations, each a new one (else each would open a stream and
 #: keep its buffers for good).
 MAX_CALLS_PER_STEP = 16
+#: A model without a timestep input that starts this many generations in a row because
+#: a one-number-per-sample input changed is warned about: that input is likely its timestep.
+RESTARTS_BEFORE_WARNING = 3
 
 #: ``make_executor(plan)``: the executor for the captured graph, and its plan (``plan`` if
 #: given, e.g. compiled before the last executor was closed; else compiled now).
@@ -193,6 +197,7 @@ class AsyncDenoiser(nn.Module):
         self._now = _Build()
         self._spare: _Build | None = None  # the capture for the previous shapes (note on shapes)
         self._generation = _Generation()
+        self._restarts = 0  # calls in a row that restarted because a timestep-like input changed
 
     # -- attributes the pipelines read come from the original model -----------------
     def __getattr__(self, name: str) -> Any:
@@ -384,7 +389,10 @@ class AsyncDenoiser(nn.Module):
             conditions = [named[n] for n, r in zip(self.interface.names, self.interface.roles)
                           if r == "condition"]
         if self._starts_generation(t, conditions):
+            self._check_restarts(named, conditions)
             self.reset()
+        else:
+            self._restarts = 0
         generation = self._generation
         if t is None or t != generation.timestep:
             if t is not None and generation.timestep is not None:
@@ -393,6 +401,29 @@ class AsyncDenoiser(nn.Module):
             generation.calls = 0
         generation.timestep, generation.conditions = t, conditions
         generation.calls += 1
+
+    def _check_restarts(self, named: Mapping[str, torch.Tensor],
+                        conditions: list[torch.Tensor] | None) -> None:
+        """Warn when a model without a timestep input restarts at call after call because
+        inputs no bigger than one number per sample change: most likely its timestep,
+        under a name capture() does not know, and every call runs sequentially."""
+        if conditions is None or self._generation.conditions is None:
+            return
+        names = [n for n, r in zip(self.interface.names, self.interface.roles) if r == "condition"]
+        changed = [n for n, a, b in zip(names, self._generation.conditions, conditions)
+                   if not _same_tensors([a], [b])]
+        batch = named[self._latent_name].shape[0] if named[self._latent_name].dim() else 1
+        if not changed or any(named[n].numel() > batch for n in changed):
+            self._restarts = 0
+            return
+        self._restarts += 1
+        if self._restarts == RESTARTS_BEFORE_WARNING:
+            warnings.warn(
+                f"input {changed[0]!r} of {type(self._model).__name__} changed at each of the last "
+                f"{RESTARTS_BEFORE_WARNING} calls, and the model has no input asyncfx knows as the "
+                "timestep, so each call started a new generation and ran as the original model (no "
+                f"speedup). If {changed[0]!r} is the timestep or noise level, pass "
+                f"timestep={changed[0]!r} to asyncfx.partition().", stacklevel=6)  # the denoiser's caller
 
     def _stream_for(self, build: _Build) -> _Stream:
         """The stream of ``build`` the call belongs to: the i-th call of the capture at
