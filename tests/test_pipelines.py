@@ -10,13 +10,14 @@ import copy
 
 import numpy as np
 import torch
+from PIL import Image
 from diffusers import (AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporalDecoder, AutoencoderKLWan,
                        ControlNetModel,
                        DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        MotionAdapter, StableDiffusion3Pipeline, StableDiffusionControlNetPipeline,
                        StableDiffusionPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline,
-                       UNet2DConditionModel, UNetSpatioTemporalConditionModel, WanPipeline,
-                       WanTransformer3DModel)
+                       UNet2DConditionModel, UNetSpatioTemporalConditionModel, WanImageToVideoPipeline,
+                       WanPipeline, WanTransformer3DModel)
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import asyncfx
@@ -208,6 +209,12 @@ def test_stable_video_diffusion_pipeline():
     check_drop_in(pipe, "unet", image=image, height=16, width=16, num_frames=2, decode_chunk_size=2)
 
 
+def wan_vae() -> AutoencoderKLWan:
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
 def wan_transformer(seed: int) -> WanTransformer3DModel:
     torch.manual_seed(seed)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
@@ -219,11 +226,8 @@ def wan_transformer(seed: int) -> WanTransformer3DModel:
 def test_wan_2_2_two_experts_with_stride_two():
     """Wan 2.2 samples the noisy steps with one transformer and the rest with another, so
     the second one's generation starts part-way through the shared scheduler's timesteps."""
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
     experts = {"transformer": wan_transformer(1), "transformer_2": wan_transformer(2)}
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, boundary_ratio=0.7, **experts,
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=wan_vae(), boundary_ratio=0.7, **experts,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # timesteps not evenly spaced
     generator = torch.Generator().manual_seed(3)
     embeds = dict(prompt_embeds=torch.randn(1, 6, 16, generator=generator),
@@ -242,3 +246,17 @@ def test_wan_2_2_two_experts_with_stride_two():
     assert STEPS - first_low_noise_step >= 3  # the second expert's third call checks its timestep
     starts = [[stream.scheduler_index for stream in getattr(pipe, name)._now.streams] for name in experts]
     assert starts == [[0, 0], [first_low_noise_step] * 2]  # guided and unguided calls: two streams each
+
+
+def test_wan_2_2_image_to_video_with_a_timestep_per_token():
+    """Wan 2.2's 5B image-to-video pipeline passes a timestep per token, 0 for the
+    conditioning frame's: the generation still moves on one step per timestep."""
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=wan_vae(),
+                                   transformer=wan_transformer(1), expand_timesteps=True,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    generator = torch.Generator().manual_seed(3)
+    image = Image.fromarray((torch.rand(16, 16, 3, generator=generator).numpy() * 255).astype(np.uint8))
+    den = check_drop_in(pipe, "transformer", image=image, height=16, width=16, num_frames=5,
+                        prompt_embeds=torch.randn(1, 6, 16, generator=generator),
+                        negative_prompt_embeds=torch.randn(1, 6, 16, generator=generator))
+    assert [(stream.start, stream.step) for stream in den._now.streams] == [(0, STEPS)] * 2

@@ -33,8 +33,11 @@ class Chain(nn.Module):
         return h
 
 
-def chain_denoiser(executor: str, warmup: int, stride: int = 1, scheduler=None, time_shift=False):
-    x, t = torch.zeros(1, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+def chain_denoiser(executor: str, warmup: int, stride: int = 1, scheduler=None, time_shift=False,
+                   tokens: int = 0):
+    """``tokens``: a latent and a timestep of that many elements (else one, and a scalar)."""
+    x = torch.zeros(max(tokens, 1), dtype=torch.float64)
+    t = torch.zeros((tokens,) if tokens else (), dtype=torch.float64)
     plan = asyncfx.compile(Chain(), 3, example_inputs=(x, t), cost="uniform")
     assert [len(s.nodes) for s in plan.stages] == [1, 1, 1]
     return asyncfx.partition(Chain(), 3, example_inputs=(x, t), plan=plan, warmup=warmup,
@@ -127,6 +130,27 @@ def test_stride_two_finds_where_a_model_starts_in_the_schedule_from_the_schedule
             torch.testing.assert_close(got, alone(x, t), rtol=0, atol=0)
         scheduler.step_index = step + 1  # as scheduler.step() counts
     assert [s.scheduler_index for expert in experts for s in expert._now.streams] == [0, 3]
+
+
+def test_a_timestep_per_token_moves_on_only_where_it_is_at_the_step():
+    """Wan 2.2's image-to-video pipeline passes a timestep per token: 0 for the
+    conditioning frame's, the step's timestep for the others. The generation follows the
+    step's timestep, and stride 2's next step keeps the conditioning tokens at 0."""
+    ts = [60.0, 58.0, 53.0, 45.0, 34.0, 20.0, 3.0]
+    scheduler = SimpleNamespace(timesteps=torch.tensor(ts, dtype=torch.float64))
+    for stride in (1, 2):
+        per_token = chain_denoiser("serial", warmup=1, stride=stride, scheduler=scheduler, tokens=2)
+        scalar = chain_denoiser("serial", warmup=1, stride=stride, scheduler=scheduler)
+        for step, t in enumerate(ts):
+            x = torch.tensor([0.0, 1000.0 * (step + 1)], dtype=torch.float64)
+            got = per_token(x, torch.tensor([0.0, t], dtype=torch.float64))
+            assert got[0] == 0  # a stage given the next timestep at the conditioning token would add it
+            assert got[1] == scalar(x[1:], torch.tensor(t, dtype=torch.float64)), (stride, step)
+        assert per_token._now.streams[0].step == len(ts)  # one generation
+    moving = chain_denoiser("serial", warmup=1, stride=2, scheduler=scheduler, tokens=2)
+    moving(torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, ts[0]], dtype=torch.float64))
+    with pytest.raises(SchedulerError, match=r"timesteps\[1\] changed the others too; use stride=1"):
+        moving(torch.zeros(2, dtype=torch.float64), torch.tensor([2.0, ts[1]], dtype=torch.float64))
 
 
 def test_timestep_map_fits_two_calls_and_checks_a_guess_made_from_one():

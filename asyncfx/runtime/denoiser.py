@@ -383,7 +383,7 @@ class AsyncDenoiser(nn.Module):
     def _follow_generation(self, named: Mapping[str, torch.Tensor]) -> None:
         """Place the call in the generation: another call of the current step, the next
         step, or step 0 of a new generation."""
-        t = float(named[self._timestep_name].flatten()[0].item()) if self._timestep_name else None
+        t = timestep_value(named[self._timestep_name]) if self._timestep_name else None
         conditions = None
         if t is None:  # no timestep to tell generations apart: new conditioning is a new one
             conditions = [named[n] for n, r in zip(self.interface.names, self.interface.roles)
@@ -496,6 +496,14 @@ class AsyncDenoiser(nn.Module):
                "scheduler the pipeline samples with: pass scheduler=pipe.scheduler to "
                "asyncfx.partition() (again after replacing pipe.scheduler).")
         index = stream.scheduler_index + step
+        previous = stream.timesteps.get(step - 1)
+        if previous is not None and not torch.equal(_other_levels(previous),
+                                                    _other_levels(stream.timesteps[step])):
+            raise SchedulerError(
+                f"stride=2 computes the next step with a timestep tensor whose elements at this step's "
+                f"timestep move to the next one and whose others stay (Wan 2.2's image-to-video pipeline "
+                f"keeps its conditioning frame's at 0), but the call at the scheduler's "
+                f"timesteps[{index}] changed the others too; use stride=1 for this pipeline.")
         if step >= len(timesteps):
             raise SchedulerError(f"this call would be the scheduler's timesteps[{index}] but it lists only "
                                  f"{stream.scheduler_index + len(timesteps)}; {fix}")
@@ -520,7 +528,28 @@ class AsyncDenoiser(nn.Module):
         if index in stream.timesteps:  # time_shift: an earlier call's timestep
             return stream.timesteps[index]
         scheduled = float(self._sampler_timesteps(stream)[index])
-        return torch.full_like(named[self._timestep_name], stream.timestep_map.predict(scheduled))
+        given = named[self._timestep_name]  # its elements at this call's timestep move on
+        predicted = torch.full_like(given, stream.timestep_map.predict(scheduled))
+        return torch.where(given == self._generation.timestep, predicted, given)
+
+
+def timestep_value(timestep: torch.Tensor) -> float:
+    """The timestep a call is at: its timestep tensor's element farthest from zero (Wan
+    2.2's image-to-video pipeline passes one per token, 0 for the conditioning frame's).
+
+    Example:
+        >>> timestep_value(torch.tensor([0.0, 0.0, 937.5, 937.5]))
+        937.5
+    """
+    flat = timestep.detach().flatten()
+    if flat.numel() == 1:
+        return float(flat.item())
+    return float(flat[flat.abs().argmax()].item())
+
+
+def _other_levels(timestep: torch.Tensor) -> torch.Tensor:
+    """The timestep tensor with its elements at the call's timestep zeroed."""
+    return torch.where(timestep == timestep_value(timestep), torch.zeros_like(timestep), timestep)
 
 
 def _would_change(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
