@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 from diffusers import (AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporalDecoder, AutoencoderKLWan,
-                       ControlNetModel,
-                       DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       MotionAdapter, StableDiffusion3Pipeline, StableDiffusionControlNetPipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline,
-                       UNet2DConditionModel, UNetSpatioTemporalConditionModel, WanImageToVideoPipeline,
-                       WanPipeline, WanTransformer3DModel)
+                       ControlNetModel, DDIMScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, FluxPipeline, MotionAdapter, StableDiffusion3Pipeline,
+                       StableDiffusionControlNetPipeline, StableDiffusionPAGPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, StableVideoDiffusionPipeline, UNet2DConditionModel,
+                       UNetSpatioTemporalConditionModel, WanImageToVideoPipeline, WanPipeline,
+                       WanTransformer3DModel)
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import asyncfx
@@ -79,6 +79,25 @@ def test_stable_diffusion_pipeline():
     generator = torch.Generator().manual_seed(1)
     check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),
                   negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
+
+
+def test_stable_diffusion_pag_pipeline():
+    """Perturbed-attention guidance sets processors on the self-attention layers it finds
+    in pipe.unet.named_modules() at each generation's start, and restores them at its end."""
+    unet, _, _ = tiny.sd_unet()
+    pipe = StableDiffusionPAGPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
+                                      scheduler=DDIMScheduler(num_train_timesteps=1000), safety_checker=None,
+                                      feature_extractor=None, requires_safety_checker=False,
+                                      pag_applied_layers=["mid"])
+    generator = torch.Generator().manual_seed(1)
+    embeds = dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                  negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
+    without_pag = images(pipe, pag_scale=0.0, **embeds)
+    den = check_drop_in(pipe, "unet", pag_scale=3.0, **embeds)
+    captured, first = den.interface, images(pipe, pag_scale=3.0, **embeds)
+    assert den.interface is captured  # the same processors set again: no new capture
+    assert not np.array_equal(first, images(pipe, pag_scale=0.0, **embeds))
+    assert not np.array_equal(first, without_pag)
 
 
 def test_stable_diffusion_controlnet_pipeline():

@@ -632,6 +632,16 @@ def test_attributes_come_from_the_original_model():
     den.close()
 
 
+def test_modules_parameters_and_mode_are_the_original_models():
+    model = copy.deepcopy(zoo_example("sd_unet")[0])
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    assert [(n, id(m)) for n, m in den.named_modules()] == [(n, id(m)) for n, m in model.named_modules()]
+    assert [id(p) for p in den.parameters()] == [id(p) for p in model.parameters()]
+    assert den.train() is den and model.training and all(m.training for m in model.modules())
+    den.eval()
+    assert not den.training and not any(m.training for m in model.modules())
+
+
 def test_converting_the_denoiser_converts_the_model_and_captures_it_again():
     model, kwargs = own_sd_unet()
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")

@@ -49,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -217,6 +217,20 @@ class AsyncDenoiser(nn.Module):
     @property
     def original_model(self) -> nn.Module:
         return self._model
+
+    def named_modules(self, memo: set[nn.Module] | None = None, prefix: str = "",
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
+        """The original model's modules, by their names in it (and so its parameters and
+        buffers): pipelines look layers up in ``pipe.unet`` by name (perturbed-attention
+        guidance sets its processors on the self-attention layers it finds)."""
+        return self._model.named_modules(memo, prefix, remove_duplicate)
+
+    def train(self, mode: bool = True) -> AsyncDenoiser:
+        """Set the original model's mode (a graph captured in another mode is captured
+        again at the next generation: see the note on editing)."""
+        self._model.train(mode)
+        self.training = mode
+        return self
 
     @property
     def interface(self) -> CallInterfaceLike | None:
