@@ -511,8 +511,8 @@ class AsyncDenoiser(nn.Module):
                "asyncfx.partition() (again after replacing pipe.scheduler).")
         index = stream.scheduler_index + step
         previous = stream.timesteps.get(step - 1)
-        if previous is not None and not torch.equal(_other_levels(previous),
-                                                    _other_levels(stream.timesteps[step])):
+        if previous is not None and previous.numel() > 1 and not torch.equal(
+                _other_levels(previous), _other_levels(stream.timesteps[step])):
             raise SchedulerError(
                 f"stride=2 computes the next step with a timestep tensor whose elements at this step's "
                 f"timestep move to the next one and whose others stay (Wan 2.2's image-to-video pipeline "
