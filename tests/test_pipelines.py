@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from diffusers import (AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporalDecoder, AutoencoderKLWan,
                        ControlNetModel, DDIMScheduler, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, FluxPipeline, MotionAdapter, StableDiffusion3Pipeline,
+                       FlowMatchEulerDiscreteScheduler, FluxPipeline, MotionAdapter,
+                       StableDiffusion3PAGPipeline, StableDiffusion3Pipeline,
                        StableDiffusionControlNetPipeline, StableDiffusionPAGPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, StableVideoDiffusionPipeline, UNet2DConditionModel,
                        UNetSpatioTemporalConditionModel, WanImageToVideoPipeline, WanPipeline,
@@ -178,6 +179,18 @@ def test_stable_diffusion_3_skip_layer_guidance():
     # the guided calls from step 0, the layer-skipping ones from step 1; neither warmed up again
     streams = sorted((s.start, s.step) for build in (den._now, den._spare) for s in build.streams)
     assert streams == [(0, STEPS), (1, STEPS - 1)]
+
+
+def test_stable_diffusion_3_pag_pipeline():
+    """SD3's perturbed-attention guidance builds attention masks with fill_diagonal_, an
+    in-place write torch cannot functionalise as it stands."""
+    _, embeds = sd3_pipeline()
+    transformer, _, _ = tiny.sd3_transformer()
+    pipe = StableDiffusion3PAGPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                       vae=tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                       tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+                                       pag_applied_layers=["blocks.0"])
+    check_drop_in(pipe, "transformer", pag_scale=3.0, **embeds)
 
 
 def test_flux_pipeline():

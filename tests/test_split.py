@@ -9,6 +9,7 @@ import torch
 
 import asyncfx
 from asyncfx.partitioner.cuts import cut_positions, latent_order
+from asyncfx.passes.functionalise import fill_diagonal
 from asyncfx.passes.meta import VALUE_CLASS, ValueClass
 from asyncfx.zoo.tiny import ZOO
 from conftest import assert_same_output, check_boundaries, zoo_captured, zoo_example
@@ -43,7 +44,8 @@ def test_hand_made_model_cut_after_every_cuttable_node():
 
 class WritesInPlace(torch.nn.Module):
     """In-place writes to intermediates, as FreeU makes them: a mask filled in place
-    (nothing reads the fill's result) and a slice of a latent value scaled in place."""
+    (nothing reads the fill's result) and a slice of a latent value scaled in place; and
+    a diagonal filled in place, as perturbed-attention guidance makes SD3's masks."""
 
     def __init__(self):
         super().__init__()
@@ -54,7 +56,10 @@ class WritesInPlace(torch.nn.Module):
         mask = torch.ones_like(h[:1])
         mask[:, :2] = 0.5
         h[:, 2:] *= 3.0
-        h = torch.relu(self.second(h * mask))
+        mix = torch.zeros(4, 4)
+        mix[:2, :2] = -1.0
+        mix[:2, :2].fill_diagonal_(2.0)  # torch writes a diagonal through as_strided
+        h = torch.relu(self.second(h * mask)) @ mix.softmax(-1)
         h.sub_(1.0)
         return h + x
 
@@ -67,6 +72,32 @@ def test_in_place_writes_to_intermediates_survive_the_split(n_devices):
                    for n in captured.graph.nodes)  # functionalised
     staged = asyncfx.split(captured, asyncfx.compile(captured, n_devices, cost="uniform"))
     assert_same_output(staged(*args), model(*args))
+
+
+class WritesThroughAsStrided(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x, t):
+        h = self.linear(x) * t
+        h[:2].as_strided((2, 2), (1, 2)).mul_(2.0)
+        return h
+
+
+def test_in_place_writes_torch_cannot_functionalise_are_a_clear_error():
+    with pytest.raises(asyncfx.CaptureError, match=r"WritesThroughAsStrided.forward writes to intermediate "
+                                                   r"values in place \(mul_\).*torch could not.*"
+                                                   r"as_strided.*Write those values out of place"):
+        asyncfx.capture(WritesThroughAsStrided(), (torch.randn(3, 4), torch.tensor(0.5)))
+
+
+@pytest.mark.parametrize("shape, wrap", [((3, 3), False), ((3, 5), False), ((7, 3), False), ((7, 3), True),
+                                         ((8, 2), True), ((3, 3, 3), False)])
+def test_fill_diagonal_as_a_masked_copy_equals_torch(shape, wrap):
+    tensor = torch.randn(shape)
+    expected = tensor.clone().fill_diagonal_(-2.0, wrap=wrap)
+    torch.testing.assert_close(fill_diagonal(tensor.clone(), -2.0, wrap), expected, rtol=0, atol=0)
 
 
 def test_freeu_survives_the_split():

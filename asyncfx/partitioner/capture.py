@@ -17,7 +17,6 @@ import linecache
 import os
 import re
 import traceback
-import warnings
 from typing import Any, Sequence
 
 import torch
@@ -27,6 +26,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 
 from asyncfx.errors import ArgumentsError, CaptureError, InputMismatchError
 from asyncfx.passes.classify import classify
+from asyncfx.passes.functionalise import functionalise, in_place_ops
 from asyncfx.passes.meta import VALUE, ValueClass
 
 #: Argument names taken as the latent when ``latent=`` is not given, in order.
@@ -399,10 +399,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
             f"{model_class}.forward writes to buffers or inputs {mutated}; a denoiser must not "
             "change state while sampling. Call model.eval() (batch norm in training mode "
             "updates running statistics) or keep the state outside the model.")
-    if _writes_in_place(graph):  # e.g. FreeU's masks and slice assignments
-        with warnings.catch_warnings():  # torch's own use of a deprecated pytree class
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            unlifted = exported.run_decompositions({}).module()
+    if in_place_ops(graph):  # e.g. FreeU's masks and slice assignments
+        unlifted = _functionalised(exported, model_class)
         graph = unlifted.graph
     graph.set_codegen(fx.graph.CodeGen())  # flat positional inputs, flat tuple output
     _remove_checks(graph)
@@ -424,7 +422,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
 def _mutated_state(graph: fx.Graph) -> set[str]:
     """Weights, buffers and inputs that an in-place op writes to."""
     written = set()
-    for node in _in_place_ops(graph):
+    for node in in_place_ops(graph):
         for argument, value in zip(node.target._schema.arguments, node.args):
             is_write = argument.alias_info is not None and argument.alias_info.is_write
             if is_write and isinstance(value, fx.Node) and value.op in ("get_attr", "placeholder"):
@@ -432,20 +430,18 @@ def _mutated_state(graph: fx.Graph) -> set[str]:
     return written
 
 
-def _writes_in_place(graph: fx.Graph) -> bool:
-    """Whether an op writes to a value of the graph in place. The passes read the graph as
-    dataflow (a value is what its node computed), which an in-place write to an
-    intermediate breaks: the split would drop a write nothing reads the result of (FreeU
-    fills a mask in place) or apply it in one stage to what another stage reads. Such a
-    graph is functionalised (``ExportedProgram.run_decompositions({})``), which rewrites
-    every in-place write as a new value and decomposes nothing."""
-    return bool(_in_place_ops(graph))
-
-
-def _in_place_ops(graph: fx.Graph) -> list[fx.Node]:
-    """The ATen ops of an exported graph whose schema writes to an argument."""
-    return [node for node in graph.nodes if node.op == "call_function"
-            and getattr(node.target, "_schema", None) is not None and node.target._schema.is_mutable]
+def _functionalised(exported: torch.export.ExportedProgram, model_class: str) -> fx.GraphModule:
+    """The module of ``exported`` with its in-place writes to intermediates made new
+    values (see ``passes.functionalise``), or a clear error where torch cannot do it."""
+    writes = sorted({str(node.target.overloadpacket.__name__) for node in in_place_ops(exported.graph)})
+    try:
+        return functionalise(exported).module()
+    except Exception as exc:
+        reason = _first_line(exc).rstrip(".")
+        raise CaptureError(f"{model_class}.forward writes to intermediate values in place "
+                           f"({', '.join(writes)}), which asyncfx must turn into new values to split the "
+                           f"graph, and torch could not: {type(exc).__name__}: {reason}. Write those "
+                           "values out of place (torch.where, torch.cat, or a new tensor).") from exc
 
 
 def _remove_checks(graph: fx.Graph) -> None:
