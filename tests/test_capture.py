@@ -201,6 +201,45 @@ def test_each_capture_failure_is_reported_where_it_happened():
     assert "module 'table' makes a tensor in forward" in trace and "tensor.data" in trace
 
 
+class KeepsValidTokens(nn.Module):
+    """Attention over the valid tokens only, picked with nonzero (as Mochi's processor does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x, t, mask):
+        valid = torch.nonzero(mask[0]).flatten()
+        h = self.linear(x[:, valid]).mean(1, keepdim=True)
+        return x + h * t
+
+
+class BranchOnLengths(nn.Module):
+    """Masks attention only when the prompts' lengths differ (as Lumina 2 does)."""
+
+    def forward(self, x, t, mask):
+        lengths = mask.sum(1).tolist()
+        if len(set(lengths)) > 1:
+            return x * mask[..., None] * t
+        return x * t
+
+
+def test_values_read_into_python_get_the_data_dependent_advice():
+    args = (torch.randn(2, 5, 4), torch.tensor(1.0), torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(asyncfx.CaptureError, match=r"(?s)cannot capture BranchOnLengths.*"
+                                                   r"len\(set\(lengths\)\).*x.tolist\(\)"):
+        asyncfx.capture(BranchOnLengths(), args)
+
+
+def test_shapes_that_depend_on_values_are_a_clear_capture_error():
+    args = (torch.randn(1, 5, 4), torch.tensor(1.0), torch.tensor([[1, 1, 0, 1, 0]]))
+    with pytest.raises(asyncfx.CaptureError) as info:
+        asyncfx.capture(KeepsValidTokens(), args)
+    message = str(info.value)
+    assert "KeepsValidTokens.forward makes a tensor whose shape depends on tensor values" in message
+    assert "aten.nonzero.default at test_capture.py" in message and "torch.nonzero(mask[0])" in message
+
+
 class BranchOnValue(nn.Module):
     def __init__(self):
         super().__init__()

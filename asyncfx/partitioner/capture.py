@@ -23,6 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch._dynamo.eval_frame import OptimizedModule
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from asyncfx.errors import ArgumentsError, CaptureError, InputMismatchError
 from asyncfx.passes.classify import classify
@@ -391,6 +392,7 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict, leaves: list[Any], names
 def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
             model_class: str) -> tuple[fx.GraphModule, pytree.TreeSpec]:
     exported = torch.export.export(model, args, kwargs, strict=False)
+    _check_shapes_are_static(exported.graph, model_class)
     unlifted = exported.module()
     graph = unlifted.graph
     mutated = sorted(set(exported.graph_signature.buffers_to_mutate.values()) | _mutated_state(graph))
@@ -417,6 +419,28 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
     gm.graph.lint()
     gm.recompile()
     return gm, exported.call_spec.out_spec
+
+
+def _check_shapes_are_static(graph: fx.Graph, model_class: str) -> None:
+    """Refuse values whose shape depends on tensor values (``nonzero``, boolean-mask
+    indexing): stage boundaries need fixed shapes, and the cost model runs on them."""
+    for node in graph.nodes:
+        if free_unbacked_symbols(node.meta.get(VALUE)):
+            raise CaptureError(
+                f"{model_class}.forward makes a tensor whose shape depends on tensor values "
+                f"({node.target}{_traced_at(node)}); asyncfx needs every shape fixed at capture to "
+                "cut the graph and size the buffers between stages. Keep shapes fixed in the "
+                "model (a mask applied with torch.where or an attention mask instead of boolean "
+                "indexing or nonzero), or move that part out of the denoiser.")
+
+
+def _traced_at(node: fx.Node) -> str:
+    """`` at file:line in function: `source``` of the innermost frame export recorded."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', node.meta.get("stack_trace") or "")
+    if not frames:
+        return ""
+    path, line, function, source = frames[-1]
+    return f" at {os.path.basename(path)}:{line} in {function}: `{source.strip()}`"
 
 
 def _mutated_state(graph: fx.Graph) -> set[str]:
@@ -544,7 +568,7 @@ def _record_values(gm: fx.GraphModule, inputs: list[torch.Tensor]) -> None:
 
 def _both_failed_message(model: nn.Module, export_error: Exception, trace_error: Exception) -> str:
     untraceable = re.search(r"model attribute: (?:(\S+)\.)?lifted_tensor", str(export_error))
-    if "data-dependent" in str(export_error):
+    if "data-dependent" in str(export_error) or "SymInt" in str(export_error):  # x.tolist() read
         advice = ("A forward that branches on a tensor's value (if x.sum() > 0, x.item(), "
                   "x.tolist()) cannot be captured: branch on shapes or Python arguments instead, use "
                   "torch.where or torch.cond, or move the data-dependent part out of the denoiser.")
