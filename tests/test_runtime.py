@@ -535,9 +535,18 @@ def test_workers_stop_when_the_denoiser_is_garbage_collected():
     workers = list(den.executor._workers)
     del den
     gc.collect()
-    for worker in workers:
-        worker.join(timeout=10)
     assert not any(worker.is_alive() for worker in workers)
+
+
+def test_the_finalizer_waits_for_the_workers_to_end():
+    """At interpreter exit the same finalizer stops the workers of an executor nobody
+    closed; a worker thread still ending while the process tears down aborted it."""
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1)
+    den(**kwargs)
+    executor = den.executor
+    executor._stop()  # what weakref.finalize calls, at garbage collection or at exit
+    assert not any(worker.is_alive() for worker in executor._workers)
 
 
 def test_each_worker_holds_only_its_stage_weights():

@@ -161,13 +161,16 @@ class LocalExecutor(Executor):
 
     def close(self) -> None:
         self._stop()
-        for worker in self._workers:
-            worker.join(timeout=5)
 
 
 def _stop_workers(workers: Sequence[_Worker]) -> None:
+    """Stop the workers and wait for them: at interpreter exit (an executor nobody
+    closed), a worker thread still ending while the process tears down aborts it."""
     for worker in workers:
         worker.tasks.put(None)
+    for worker in workers:
+        if worker is not threading.current_thread():
+            worker.join(timeout=5)
 
 
 def _copy_key(name: str, device: torch.device) -> str:
