@@ -93,7 +93,16 @@ class KeywordsOnly(nn.Module):
         return self.inner(**kwargs)
 
 
-def test_timestep_can_be_named_and_is_found_in_keyword_arguments():
+class PassesArguments(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = TwoImages()
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_timestep_can_be_named_also_among_star_args_and_star_star_kwargs():
     args = (torch.randn(2, 4), torch.full((2,), 80.0), torch.ones(2, 1))
     assert asyncfx.capture(NoiseLevel(), args).timestep_input is None
     named = asyncfx.capture(NoiseLevel(), args, timestep="noise_level")
@@ -111,6 +120,11 @@ def test_timestep_can_be_named_and_is_found_in_keyword_arguments():
     assert {i.name: str(i.role) for i in captured.inputs}["t"] == "timestep"
     later = {**kwargs, "t": 500}  # a number too: an input of the graph, not a constant
     assert_same_output(captured(**later), wrapper(**later))
+    wrapper = PassesArguments()  # called positionally, as pipelines call pipe.unet
+    args = (torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), 981)
+    captured = asyncfx.capture(wrapper, args, latent="args[1]", timestep="args[2]")
+    assert [str(i.role) for i in captured.inputs] == ["condition", "latent", "timestep"]
+    assert_same_output(captured(*args[:2], 500), wrapper(*args[:2], 500))
 
 
 def test_a_compiled_model_is_refused_with_its_original_named():

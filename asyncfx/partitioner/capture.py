@@ -189,7 +189,7 @@ class _Binder:
         params = list(signature.parameters.values())
         self._positional = [p.name for p in params if p.kind in (
             p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self._var_positional = next((p.name for p in params if p.kind is p.VAR_POSITIONAL), "args")
+        self._var_positional = _variadic(signature, inspect.Parameter.VAR_POSITIONAL) or "args"
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         try:
@@ -201,12 +201,8 @@ class _Binder:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             # A Python number would be baked into the graph as a constant; diffusers
             # turns it into an int64 / float64 tensor itself, so this changes nothing.
-            tensor = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
-            if self.timestep_name in bound.arguments:
-                bound.arguments[self.timestep_name] = tensor
-            else:  # taken by **kwargs
-                var_keyword = _var_keyword(self.signature)
-                bound.arguments[var_keyword] = {**bound.arguments[var_keyword], self.timestep_name: tensor}
+            _set_argument(bound, self.timestep_name, torch.tensor(
+                value, dtype=torch.int64 if isinstance(value, int) else torch.float64))
         return tuple(bound.args), dict(bound.kwargs)
 
     def leaf_names(self, spec: pytree.TreeSpec) -> list[str]:
@@ -264,8 +260,34 @@ def _assign_roles(names: list[str], is_tensor: list[bool], latent: str | None,
     return roles
 
 
-def _var_keyword(signature: inspect.Signature) -> str | None:
-    return next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+def _variadic(signature: inspect.Signature, kind: Any) -> str | None:
+    """The name of the ``*args`` (``kind=VAR_POSITIONAL``) or ``**kwargs`` parameter."""
+    return next((p.name for p in signature.parameters.values() if p.kind is kind), None)
+
+
+def _arguments_by_name(bound: inspect.BoundArguments) -> dict[str, Any]:
+    """The bound arguments by name: those ``**kwargs`` took by their keys, those ``*args``
+    took as ``args[i]`` (as the graph inputs are named)."""
+    var_positional = _variadic(bound.signature, inspect.Parameter.VAR_POSITIONAL)
+    var_keyword = _variadic(bound.signature, inspect.Parameter.VAR_KEYWORD)
+    named = {k: v for k, v in bound.arguments.items() if k not in (var_positional, var_keyword)}
+    extra = {f"{var_positional}[{i}]": v for i, v in enumerate(bound.arguments.get(var_positional, ()))}
+    return {**extra, **bound.arguments.get(var_keyword, {}), **named}
+
+
+def _set_argument(bound: inspect.BoundArguments, name: str, value: Any) -> None:
+    """Replace the argument ``_arguments_by_name`` calls ``name``."""
+    var_positional = _variadic(bound.signature, inspect.Parameter.VAR_POSITIONAL)
+    index = re.fullmatch(rf"{re.escape(var_positional)}\[(\d+)\]", name) if var_positional else None
+    if name in bound.arguments:
+        bound.arguments[name] = value
+    elif index is not None:
+        items = list(bound.arguments[var_positional])
+        items[int(index.group(1))] = value
+        bound.arguments[var_positional] = tuple(items)
+    else:
+        var_keyword = _variadic(bound.signature, inspect.Parameter.VAR_KEYWORD)
+        bound.arguments[var_keyword] = {**bound.arguments[var_keyword], name: value}
 
 
 def check_not_compiled(model: nn.Module) -> None:
@@ -276,13 +298,6 @@ def check_not_compiled(model: nn.Module) -> None:
                            f"torch.export and runs the stages itself (as CUDA graphs on GPUs), so pass "
                            f"the model before compiling: its _orig_mod, a "
                            f"{type(model._orig_mod).__name__}.")
-
-
-def _arguments_by_name(bound: inspect.BoundArguments) -> dict[str, Any]:
-    """The bound arguments by name, those a ``**kwargs`` parameter took included."""
-    var_keyword = _var_keyword(bound.signature)
-    named = {k: v for k, v in bound.arguments.items() if k != var_keyword}
-    return {**bound.arguments.get(var_keyword, {}), **named}
 
 
 def _timestep_name(signature: inspect.Signature, args: tuple, kwargs: dict, latent: str | None,
