@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from diffusers import (AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporalDecoder, AutoencoderKLWan,
                        ControlNetModel, DDIMScheduler, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, FluxPipeline, MotionAdapter,
+                       FlowMatchEulerDiscreteScheduler, FluxPipeline, HeunDiscreteScheduler, MotionAdapter,
                        StableDiffusion3PAGPipeline, StableDiffusion3Pipeline,
                        StableDiffusionControlNetPipeline, StableDiffusionPAGPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, StableVideoDiffusionPipeline, UNet2DConditionModel,
@@ -80,6 +80,19 @@ def test_stable_diffusion_pipeline():
     generator = torch.Generator().manual_seed(1)
     check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),
                   negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
+
+
+def test_stable_diffusion_pipeline_with_a_second_order_scheduler():
+    """Heun's scheduler lists each timestep after the first twice: its corrections are a
+    second call at the same step, kept as a stream of their own."""
+    unet, _, _ = tiny.sd_unet()
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=HeunDiscreteScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    generator = torch.Generator().manual_seed(1)
+    den = check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                        negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
+    assert [(stream.start, stream.step) for stream in den._now.streams] == [(0, STEPS), (1, STEPS - 1)]
 
 
 def test_stable_diffusion_pag_pipeline():

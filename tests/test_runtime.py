@@ -153,6 +153,13 @@ def test_a_timestep_per_token_moves_on_only_where_it_is_at_the_step():
         moving(torch.zeros(2, dtype=torch.float64), torch.tensor([2.0, ts[1]], dtype=torch.float64))
 
 
+def test_stride_two_refuses_a_scheduler_that_lists_a_timestep_twice_in_a_row():
+    heun = SimpleNamespace(timesteps=torch.tensor([60.0, 50.0, 50.0, 40.0, 40.0], dtype=torch.float64))
+    den = chain_denoiser("serial", warmup=1, stride=2, scheduler=heun)
+    with pytest.raises(SchedulerError, match="SimpleNamespace lists timesteps twice in a row .* stride=1"):
+        den(torch.zeros(1, dtype=torch.float64), torch.tensor(60.0, dtype=torch.float64))
+
+
 def test_timestep_map_fits_two_calls_and_checks_a_guess_made_from_one():
     line = TimestepMap()
     assert line.observe(1000.0, 1.0) and line.observe(800.0, 0.8)  # Flux: t / 1000

@@ -486,8 +486,20 @@ class AsyncDenoiser(nn.Module):
                                  "to asyncfx.partition() (after set_timesteps, its .timesteps list the "
                                  "steps).")
         if stream.scheduler_index is None:
+            self._check_one_call_per_timestep(timesteps)
             stream.scheduler_index = self._scheduler_index(stream)
         return timesteps[stream.scheduler_index:]
+
+    def _check_one_call_per_timestep(self, timesteps: Sequence[Any]) -> None:
+        """Stride 2 walks the scheduler's timesteps one call at a time; a timestep listed
+        twice in a row (Heun's second-order correction) is a second call at the same step,
+        which the denoiser keeps apart as another stream (see the note on two calls)."""
+        listed = torch.as_tensor(timesteps).flatten()
+        if bool((listed[1:] == listed[:-1]).any()):
+            raise SchedulerError(f"stride=2 needs one model call per timestep, but "
+                                 f"{type(self.scheduler).__name__} lists timesteps twice in a row "
+                                 "(a second-order scheduler calling the model twice per step); use "
+                                 "stride=1 with it, or a scheduler that lists each timestep once.")
 
     def _scheduler_index(self, stream: _Stream) -> int:
         """Where a stream starting now is in the scheduler's timesteps: the scheduler's own
