@@ -1,0 +1,163 @@
+"""More diffusers denoiser families, partitioned as they come (tiny configs, random weights).
+
+The test zoo covers the model kinds every test runs on; these are the other image and
+video transformers users bring, each checked once: the warm-up step equals the model,
+the next one reads stale values, and the local workers compute what the serial
+reference does.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (AuraFlowTransformer2DModel, ChromaTransformer2DModel, CogVideoXTransformer3DModel,
+                       CogView4Transformer2DModel, HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel,
+                       Lumina2Transformer2DModel, MochiTransformer3DModel, PixArtTransformer2DModel,
+                       QwenImageTransformer2DModel, SanaTransformer2DModel, WanTransformer3DModel)
+
+import asyncfx
+from conftest import leaves
+
+
+def _inputs(seed: int = 0, **shapes: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(*shape, generator=generator) for name, shape in shapes.items()}
+
+
+def pixart():
+    model = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False)
+    return model, {**_inputs(hidden_states=(2, 4, 8, 8), encoder_hidden_states=(2, 8, 32)),
+                   "added_cond_kwargs": {"aspect_ratio": None, "resolution": None}}, 1000.0
+
+
+def wan():
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    return model, _inputs(hidden_states=(1, 4, 2, 8, 8), encoder_hidden_states=(1, 12, 16)), 1000.0
+
+
+def cogvideox():  # at its config's size: other sizes write a table through .data (refused)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8)
+    return model, _inputs(hidden_states=(2, 2, 4, 8, 8), encoder_hidden_states=(2, 8, 8)), 1000.0
+
+
+def ltx_video():
+    model = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                       attention_head_dim=8, cross_attention_dim=16, num_layers=2,
+                                       caption_channels=16)
+    return model, {**_inputs(hidden_states=(2, 32, 4), encoder_hidden_states=(2, 8, 16)),
+                   "encoder_attention_mask": torch.ones(2, 8), "num_frames": 2, "height": 4,
+                   "width": 4}, 1000.0
+
+
+def hunyuan_video():
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
+    return model, {**_inputs(hidden_states=(1, 4, 1, 8, 8), encoder_hidden_states=(1, 12, 16),
+                             pooled_projections=(1, 8)),
+                   "encoder_attention_mask": torch.ones(1, 12), "guidance": torch.tensor([3.5])}, 1000.0
+
+
+def auraflow():
+    model = AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+        out_channels=4, pos_embed_max_size=256)
+    return model, _inputs(hidden_states=(2, 4, 8, 8), encoder_hidden_states=(2, 8, 32)), 1000.0
+
+
+def sana():
+    model = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=4,
+        num_attention_heads=2, num_cross_attention_heads=2, cross_attention_head_dim=4,
+        cross_attention_dim=8, caption_channels=8, sample_size=32)
+    return model, _inputs(hidden_states=(2, 4, 8, 8), encoder_hidden_states=(2, 8, 8)), 1000.0
+
+
+def qwen_image():
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    return model, {**_inputs(hidden_states=(1, 16, 16), encoder_hidden_states=(1, 7, 16)),
+                   "encoder_hidden_states_mask": torch.ones(1, 7), "img_shapes": [(1, 4, 4)]}, 1.0
+
+
+def cogview4():
+    model = CogView4Transformer2DModel(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4,
+                                       num_attention_heads=4, out_channels=4, text_embed_dim=8,
+                                       time_embed_dim=8, condition_dim=4)
+    sizes = torch.tensor([[64, 64]] * 2)
+    return model, {**_inputs(hidden_states=(2, 4, 8, 8), encoder_hidden_states=(2, 6, 8)),
+                   "original_size": sizes, "target_size": sizes, "crop_coords": torch.zeros(2, 2)}, 1000.0
+
+
+def chroma():
+    model = ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=8,
+        approximator_hidden_dim=16, approximator_layers=1)
+    return model, {**_inputs(hidden_states=(1, 16, 4), encoder_hidden_states=(1, 7, 32)),
+                   "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(7, 3)}, 1.0
+
+
+FAMILIES = {f.__name__: f for f in (pixart, wan, cogvideox, ltx_video, hunyuan_video, auraflow, sana,
+                                    qwen_image, cogview4, chroma)}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_model_family_partitions_into_stale_stages(family):
+    torch.manual_seed(0)
+    model, kwargs, scale = FAMILIES[family]()
+    model.eval()
+    batch = kwargs["hidden_states"].shape[0]
+    calls = [{**kwargs, "hidden_states": kwargs["hidden_states"] * (1 - 0.1 * step),
+              "timestep": torch.full((batch,), scale * (0.9 - 0.1 * step))} for step in range(3)]
+    captured = asyncfx.capture(model, (), calls[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every worker and the serial run on one thread: bitwise equal
+    try:
+        runs = {executor: asyncfx.partition(captured, 2, warmup=1, executor=executor)
+                for executor in ("serial", "local")}
+        with torch.no_grad():
+            for step, call in enumerate(calls):
+                expected = leaves(model(**call))[0]
+                serial, local = (leaves(runs[e](**call))[0] for e in ("serial", "local"))
+                torch.testing.assert_close(local, serial, rtol=0, atol=0)
+                assert torch.equal(serial, expected) == (step == 0), step  # warm-up, then stale
+    finally:
+        torch.set_num_threads(threads)
+        runs["local"].close()
+
+
+def test_families_that_depend_on_tensor_values_are_refused_clearly():
+    """Mochi picks the valid prompt tokens with nonzero, Lumina 2 reads the prompt lengths
+    into Python: neither has one graph for every input of a shape."""
+    torch.manual_seed(0)
+    mochi = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1, pooled_projection_dim=16,
+        in_channels=4, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu",
+        max_sequence_length=16).eval()
+    inputs = {**_inputs(hidden_states=(2, 4, 2, 8, 8), encoder_hidden_states=(2, 7, 16)),
+              "timestep": torch.tensor([900, 900]), "encoder_attention_mask": torch.ones(2, 7)}
+    with pytest.raises(asyncfx.CaptureError, match=r"shape depends on tensor values \(aten.nonzero"):
+        asyncfx.capture(mochi, (), inputs)
+    lumina = Lumina2Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=3, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 2, 2),
+        axes_lens=(128, 128, 128), cap_feat_dim=8).eval()
+    inputs = {**_inputs(hidden_states=(2, 4, 8, 8), encoder_hidden_states=(2, 5, 8)),
+              "timestep": torch.tensor([0.1, 0.1]),
+              "encoder_attention_mask": torch.ones(2, 5, dtype=torch.bool)}
+    with pytest.raises(asyncfx.CaptureError, match=r"(?s)transformer_lumina2.py.*len\(set\(seq_lengths\)\).*"
+                                                   r"x.tolist\(\)"):
+        asyncfx.capture(lumina, (), inputs)
