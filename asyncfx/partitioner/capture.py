@@ -294,10 +294,9 @@ def check_not_compiled(model: nn.Module) -> None:
     """Refuse a ``torch.compile()`` wrapper: its ``forward(*args, **kwargs)`` hides the
     argument names, and its compiled code would not run in the stages anyway."""
     if isinstance(model, OptimizedModule):
-        raise CaptureError(f"the model was compiled with torch.compile(); asyncfx captures it with "
-                           f"torch.export and runs the stages itself (as CUDA graphs on GPUs), so pass "
-                           f"the model before compiling: its _orig_mod, a "
-                           f"{type(model._orig_mod).__name__}.")
+        raise CaptureError("the model was compiled with torch.compile(); asyncfx captures it with "
+                           "torch.export and runs the stages itself (as CUDA graphs on GPUs), so pass "
+                           f"the model before compiling: its _orig_mod, a {type(model._orig_mod).__name__}.")
 
 
 def _timestep_name(signature: inspect.Signature, args: tuple, kwargs: dict, latent: str | None,
