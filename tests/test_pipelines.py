@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from diffusers import (AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporalDecoder, AutoencoderKLWan,
                        ControlNetModel, DDIMScheduler, EulerDiscreteScheduler,
                        FlowMatchEulerDiscreteScheduler, FluxPipeline, HeunDiscreteScheduler, MotionAdapter,
-                       StableDiffusion3PAGPipeline, StableDiffusion3Pipeline,
+                       PNDMScheduler, StableDiffusion3PAGPipeline, StableDiffusion3Pipeline,
                        StableDiffusionControlNetPipeline, StableDiffusionPAGPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, StableVideoDiffusionPipeline, UNet2DConditionModel,
                        UNetSpatioTemporalConditionModel, WanImageToVideoPipeline, WanPipeline,
@@ -82,17 +84,30 @@ def test_stable_diffusion_pipeline():
                   negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
 
 
-def test_stable_diffusion_pipeline_with_a_second_order_scheduler():
-    """Heun's scheduler lists each timestep after the first twice: its corrections are a
-    second call at the same step, kept as a stream of their own."""
+@pytest.mark.parametrize("scheduler, second_stream", [
+    (HeunDiscreteScheduler, STEPS - 1),  # a second-order correction at every timestep after the first
+    (functools.partial(PNDMScheduler, skip_prk_steps=True), 1),  # SD 1.5's default: its second timestep twice
+])
+def test_stable_diffusion_pipeline_with_schedulers_that_call_twice_at_a_timestep(scheduler, second_stream):
+    """The second call at a timestep is a stream of its own, also with stride 2, which
+    walks the scheduler's timesteps listed once."""
     unet, _, _ = tiny.sd_unet()
     pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
-                                   scheduler=HeunDiscreteScheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+                                   scheduler=scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     generator = torch.Generator().manual_seed(1)
-    den = check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),
-                        negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
-    assert [(stream.start, stream.step) for stream in den._now.streams] == [(0, STEPS), (1, STEPS - 1)]
+    embeds = dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                  negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
+    den = check_drop_in(pipe, "unet", **embeds)
+    assert [(stream.start, stream.step) for stream in den._now.streams] == [(0, STEPS), (1, second_stream)]
+    runs = {}
+    with one_thread():
+        for executor in ("serial", "local"):
+            pipe.unet = asyncfx.partition(unet, 2, warmup=1, stride=2, scheduler=pipe.scheduler,
+                                          executor=executor)
+            runs[executor] = images(pipe, **embeds)
+    np.testing.assert_array_equal(runs["local"], runs["serial"])
+    assert [stream.scheduler_index for stream in pipe.unet._now.streams] == [0, 1]
 
 
 def test_stable_diffusion_pag_pipeline():

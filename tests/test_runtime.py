@@ -149,15 +149,30 @@ def test_a_timestep_per_token_moves_on_only_where_it_is_at_the_step():
         assert per_token._now.streams[0].step == len(ts)  # one generation
     moving = chain_denoiser("serial", warmup=1, stride=2, scheduler=scheduler, tokens=2)
     moving(torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, ts[0]], dtype=torch.float64))
-    with pytest.raises(SchedulerError, match=r"timesteps\[1\] changed the others too; use stride=1"):
+    with pytest.raises(SchedulerError, match=r"step 1 of the scheduler's timesteps changed the others too; "
+                                             r"use stride=1"):
         moving(torch.zeros(2, dtype=torch.float64), torch.tensor([2.0, ts[1]], dtype=torch.float64))
 
 
-def test_stride_two_refuses_a_scheduler_that_lists_a_timestep_twice_in_a_row():
-    heun = SimpleNamespace(timesteps=torch.tensor([60.0, 50.0, 50.0, 40.0, 40.0], dtype=torch.float64))
-    den = chain_denoiser("serial", warmup=1, stride=2, scheduler=heun)
-    with pytest.raises(SchedulerError, match="SimpleNamespace lists timesteps twice in a row .* stride=1"):
-        den(torch.zeros(1, dtype=torch.float64), torch.tensor(60.0, dtype=torch.float64))
+@pytest.mark.parametrize("counts_steps", [False, True])
+def test_stride_two_follows_a_scheduler_that_lists_a_timestep_twice_in_a_row(counts_steps):
+    """PNDM (Stable Diffusion 1.5's default) lists its second timestep twice, Heun every
+    one after the first: the second call at a timestep is another stream, and each stream
+    walks the scheduler's timesteps listed once."""
+    listed = [60.0, 55.0, 55.0, 50.0, 50.0, 41.0, 41.0, 30.0, 30.0]  # Heun's pattern, uneven steps
+    scheduler = SimpleNamespace(timesteps=torch.tensor(listed, dtype=torch.float64), step_index=None)
+    den = chain_denoiser("serial", warmup=1, stride=2, scheduler=scheduler)
+    distinct = torch.tensor([60.0, 55.0, 50.0, 41.0, 30.0], dtype=torch.float64)
+    predictor, corrector = (chain_denoiser("serial", warmup=1, stride=2,
+                                           scheduler=SimpleNamespace(timesteps=ts))
+                            for ts in (distinct, distinct[1:]))
+    for index, t in enumerate(listed):
+        second = index > 0 and t == listed[index - 1]
+        x, t = torch.full((1,), 100.0 * index, dtype=torch.float64), torch.tensor(t, dtype=torch.float64)
+        torch.testing.assert_close(den(x, t), (corrector if second else predictor)(x, t), rtol=0, atol=0)
+        if counts_steps:
+            scheduler.step_index = index + 1  # as Heun's step() counts every call
+    assert [(s.start, s.scheduler_index) for s in den._now.streams] == [(0, 0), (1, 1)]
 
 
 def test_timestep_map_fits_two_calls_and_checks_a_guess_made_from_one():
@@ -185,14 +200,15 @@ def test_stride_two_refuses_calls_that_do_not_follow_its_scheduler():
     x = torch.ones(1, dtype=torch.float64)
     den(x, torch.tensor(ts[0], dtype=torch.float64))
     den(x, torch.tensor(ts[1], dtype=torch.float64))  # two calls fit passed = 5/7 scheduled + 16.43
-    with pytest.raises(SchedulerError, match=r"call at the scheduler's timesteps\[2\] got timestep 50 but "
-                                             r"they give 45 .*pass scheduler=pipe.scheduler"):
+    with pytest.raises(SchedulerError, match=r"call at step 2 of the scheduler's timesteps got timestep 50 "
+                                             r"but they give 45 .*pass scheduler=pipe.scheduler"):
         den(x, torch.tensor(ts[2], dtype=torch.float64))
     short = chain_denoiser("serial", warmup=1, stride=2,
                            scheduler=SimpleNamespace(timesteps=torch.tensor(ts[:2], dtype=torch.float64)))
     short(x, torch.tensor(ts[0], dtype=torch.float64))
     short(x, torch.tensor(ts[1], dtype=torch.float64))
-    with pytest.raises(SchedulerError, match=r"would be the scheduler's timesteps\[2\] but it lists only 2"):
+    with pytest.raises(SchedulerError, match=r"would be step 2 of the scheduler's timesteps but it lists "
+                                             r"only 2"):
         short(x, torch.tensor(ts[2], dtype=torch.float64))
 
 

@@ -151,7 +151,8 @@ class _Stream:
 
     start: int = 0
     last: int = 0   # the generation step of its last call
-    scheduler_index: int | None = None  # stride 2: where its first call is in the scheduler's timesteps
+    scheduler_index: int | None = None  # stride 2: its first call's place in the scheduler's timesteps
+    scheduled: list[float] | None = None  # stride 2: their values from there on (see _sampler_timesteps)
     step: int = 0
     timesteps: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     cached: dict[int, tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
@@ -478,39 +479,34 @@ class AsyncDenoiser(nn.Module):
             return generation.calls >= MAX_CALLS_PER_STEP
         return generation.direction is not None and (t - generation.timestep) * generation.direction < 0
 
-    def _sampler_timesteps(self, stream: _Stream) -> Sequence[Any]:
-        """The scheduler's timesteps from the stream's first call on (found at that call)."""
-        timesteps = getattr(self.scheduler, "timesteps", None)
-        if timesteps is None:
-            raise SchedulerError("stride=2 needs the sampler's timesteps: pass scheduler=pipe.scheduler "
-                                 "to asyncfx.partition() (after set_timesteps, its .timesteps list the "
-                                 "steps).")
-        if stream.scheduler_index is None:
-            self._check_one_call_per_timestep(timesteps)
-            stream.scheduler_index = self._scheduler_index(stream)
-        return timesteps[stream.scheduler_index:]
+    def _sampler_timesteps(self, stream: _Stream) -> list[float]:
+        """The scheduler's timesteps from the stream's first call on, read at that call.
+        A timestep listed twice in a row (Heun's correction, PNDM's first steps) is listed
+        once: its second call is another stream (see the note on two calls per step)."""
+        if stream.scheduled is None:
+            timesteps = getattr(self.scheduler, "timesteps", None)
+            if timesteps is None:
+                raise SchedulerError("stride=2 needs the sampler's timesteps: pass scheduler=pipe.scheduler "
+                                     "to asyncfx.partition() (after set_timesteps, its .timesteps list the "
+                                     "steps).")
+            distinct, place = _distinct(torch.as_tensor(timesteps).flatten().tolist())
+            stream.scheduler_index = self._scheduler_index(stream, place)
+            stream.scheduled = distinct[stream.scheduler_index:]
+        return stream.scheduled
 
-    def _check_one_call_per_timestep(self, timesteps: Sequence[Any]) -> None:
-        """Stride 2 walks the scheduler's timesteps one call at a time; a timestep listed
-        twice in a row (Heun's second-order correction) is a second call at the same step,
-        which the denoiser keeps apart as another stream (see the note on two calls)."""
-        listed = torch.as_tensor(timesteps).flatten()
-        if bool((listed[1:] == listed[:-1]).any()):
-            raise SchedulerError(f"stride=2 needs one model call per timestep, but "
-                                 f"{type(self.scheduler).__name__} lists timesteps twice in a row "
-                                 "(a second-order scheduler calling the model twice per step); use "
-                                 "stride=1 with it, or a scheduler that lists each timestep once.")
-
-    def _scheduler_index(self, stream: _Stream) -> int:
-        """Where a stream starting now is in the scheduler's timesteps: the scheduler's own
-        step index where it keeps one (it counts the steps taken in this generation, also
-        those another model made: Wan 2.2's second expert starts part-way), else its begin
-        index (image-to-image pipelines start part-way) plus the stream's start in this
-        generation."""
+    def _scheduler_index(self, stream: _Stream, place: list[int]) -> int:
+        """Where a stream starting now is among the scheduler's distinct timesteps (``place``
+        maps the index of each listed one there): the scheduler's own step index where it
+        keeps one (it counts the steps taken in this generation, also those another model
+        made: Wan 2.2's second expert starts part-way), else its begin index (image-to-image
+        pipelines start part-way) plus the stream's start in this generation."""
+        if not place:
+            return 0  # no timesteps at all: the call's check says so
         taken = getattr(self.scheduler, "step_index", None)  # None until the first step() call
         if taken is not None:
-            return int(taken)
-        return (getattr(self.scheduler, "begin_index", None) or 0) + stream.start
+            return place[min(int(taken), len(place) - 1)]
+        begin = getattr(self.scheduler, "begin_index", None) or 0
+        return place[min(begin, len(place) - 1)] + stream.start
 
     def _check_timestep(self, stream: _Stream, step: int, timesteps: Sequence[Any]) -> None:
         """Stride 2 takes the next step's timestep from the scheduler, so the calls must
@@ -521,25 +517,25 @@ class AsyncDenoiser(nn.Module):
         fix = ("stride=2 computes the next step's timestep from the scheduler, so it must be the "
                "scheduler the pipeline samples with: pass scheduler=pipe.scheduler to "
                "asyncfx.partition() (again after replacing pipe.scheduler).")
-        index = stream.scheduler_index + step
+        index = stream.scheduler_index + step  # among the scheduler's distinct timesteps
         previous = stream.timesteps.get(step - 1)
         if previous is not None and previous.numel() > 1 and not torch.equal(
                 _other_levels(previous), _other_levels(stream.timesteps[step])):
             raise SchedulerError(
                 f"stride=2 computes the next step with a timestep tensor whose elements at this step's "
                 f"timestep move to the next one and whose others stay (Wan 2.2's image-to-video pipeline "
-                f"keeps its conditioning frame's at 0), but the call at the scheduler's "
-                f"timesteps[{index}] changed the others too; use stride=1 for this pipeline.")
+                f"keeps its conditioning frame's at 0), but the call at step {index} of the scheduler's "
+                f"timesteps changed the others too; use stride=1 for this pipeline.")
         if step >= len(timesteps):
-            raise SchedulerError(f"this call would be the scheduler's timesteps[{index}] but it lists only "
-                                 f"{stream.scheduler_index + len(timesteps)}; {fix}")
+            raise SchedulerError(f"this call would be step {index} of the scheduler's timesteps but it lists "
+                                 f"only {stream.scheduler_index + len(timesteps)}; {fix}")
         scheduled = float(timesteps[step])
         if not stream.timestep_map.observe(scheduled, given):
             a, b = stream.timestep_map.line()
             guess = (" (with warmup=0 the first round had to guess the next timestep from one call; "
                      "warmup >= 1 fits it from two)" if len(stream.timestep_map.points) < 2 else "")
-            raise SchedulerError(f"the call at the scheduler's timesteps[{index}] got timestep {given:g} "
-                                 f"but they give {a * scheduled + b:g} "
+            raise SchedulerError(f"the call at step {index} of the scheduler's timesteps got timestep "
+                                 f"{given:g} but they give {a * scheduled + b:g} "
                                  f"({a:g} x {scheduled:g} + {b:g}, as the earlier calls did){guess}; {fix}")
 
     def _inputs_for(self, named: Mapping[str, torch.Tensor], stream: _Stream,
@@ -553,7 +549,7 @@ class AsyncDenoiser(nn.Module):
     def _timestep(self, named: Mapping[str, torch.Tensor], stream: _Stream, index: int) -> torch.Tensor:
         if index in stream.timesteps:  # time_shift: an earlier call's timestep
             return stream.timesteps[index]
-        scheduled = float(self._sampler_timesteps(stream)[index])
+        scheduled = self._sampler_timesteps(stream)[index]
         given = named[self._timestep_name]  # its elements at this call's timestep move on
         predicted = torch.full_like(given, stream.timestep_map.predict(scheduled))
         return torch.where(given == self._generation.timestep, predicted, given)
@@ -571,6 +567,23 @@ def timestep_value(timestep: torch.Tensor) -> float:
     if flat.numel() == 1:
         return float(flat.item())
     return float(flat[flat.abs().argmax()].item())
+
+
+def _distinct(timesteps: list[float]) -> tuple[list[float], list[int]]:
+    """The timesteps with each run of equal ones listed once, and for each listed timestep
+    its place among them.
+
+    Example:
+        >>> _distinct([901.0, 801.0, 801.0, 701.0])  # PNDM's first steps
+        ([901.0, 801.0, 701.0], [0, 1, 1, 2])
+    """
+    distinct: list[float] = []
+    place: list[int] = []
+    for t in timesteps:
+        if not distinct or t != distinct[-1]:
+            distinct.append(t)
+        place.append(len(distinct) - 1)
+    return distinct, place
 
 
 def _other_levels(timestep: torch.Tensor) -> torch.Tensor:
