@@ -9,7 +9,7 @@ from torch import nn
 
 from asyncfx.errors import AsyncFXError, PlanError
 from asyncfx.partitioner import Captured, StagePlan, capture, compile, split
-from asyncfx.partitioner.capture import check_not_compiled
+from asyncfx.partitioner.capture import check_argument_names, check_not_compiled
 from asyncfx.partitioner.compile import split_example_inputs
 from asyncfx.partitioner.cost_model import check_cost
 from asyncfx.partitioner.device import device_spec
@@ -66,6 +66,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
         >>> images = pipe(prompt_embeds=embeds, num_inference_steps=20).images
     """
     _check_model(model)
+    if not isinstance(model, Captured):
+        check_argument_names(model, latent=latent, timestep=timestep)
     _check_options(n_devices, warmup, stride, executor, scheduler)
     _check_cost_and_link(cost, link)
     check_cuda_graphs_option(cuda_graphs)

@@ -644,6 +644,25 @@ def test_partition_takes_a_denoiser_module():
         asyncfx.partition(asyncfx.partition(model, 2), 2)
 
 
+def test_argument_names_are_checked_before_the_first_call():
+    with pytest.raises(asyncfx.CaptureError, match=r"timestep='sigma' names no argument of "
+                                                   r"NoiseLevelChain.forward\(x, noise, cond\)"):
+        asyncfx.partition(NoiseLevelChain(), 2, timestep="sigma")
+    with pytest.raises(asyncfx.CaptureError, match="latent='sample' names no argument of Untimed"):
+        asyncfx.partition(Untimed(), 2, latent="sample")
+    asyncfx.partition(zoo_example("sd_unet")[0], 2, latent="sample", timestep="timestep", executor="serial")
+    asyncfx.partition(PositionalWrapper(), 2, timestep="args[1]")  # checked when called
+
+
+class PositionalWrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Untimed()
+
+    def forward(self, *args):
+        return self.inner(*args)
+
+
 def test_attributes_come_from_the_original_model():
     model, _, kwargs = zoo_example("sd_unet")
     den = asyncfx.partition(model, 2, warmup=3)

@@ -299,6 +299,19 @@ def check_not_compiled(model: nn.Module) -> None:
                            f"the model before compiling: its _orig_mod, a {type(model._orig_mod).__name__}.")
 
 
+def check_argument_names(model: nn.Module, **names: str | None) -> None:
+    """Refuse ``latent=`` or ``timestep=`` naming no argument of the model's forward, before
+    its first call (a forward that takes ``**kwargs`` may take any name)."""
+    signature = inspect.signature(model.forward)
+    parameters = signature.parameters
+    if _variadic(signature, inspect.Parameter.VAR_KEYWORD) is not None:
+        return
+    for option, name in names.items():
+        if name is not None and top_level_name(name) not in parameters:
+            raise CaptureError(f"{option}={name!r} names no argument of "
+                               f"{type(model).__name__}.forward{signature}.")
+
+
 def _timestep_name(signature: inspect.Signature, args: tuple, kwargs: dict, latent: str | None,
                    timestep: str | None, model_class: str) -> str | None:
     """``timestep`` if given (it must name a tensor or number argument), else the first
