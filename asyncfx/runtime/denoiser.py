@@ -69,6 +69,8 @@ MAX_CALLS_PER_STEP = 16
 #: A model without a timestep input that starts this many generations in a row because
 #: a one-number-per-sample input changed is warned about: that input is likely its timestep.
 RESTARTS_BEFORE_WARNING = 3
+#: A timestep tensor with more elements than this (one per token) is reduced on its device.
+MANY_TIMESTEPS = 64
 
 #: ``make_executor(plan)``: the executor for the captured graph, and its plan (``plan`` if
 #: given, e.g. compiled before the last executor was closed; else compiled now).
@@ -564,8 +566,8 @@ def timestep_value(timestep: torch.Tensor) -> float:
         937.5
     """
     flat = timestep.detach().flatten()
-    if flat.numel() == 1:
-        return float(flat.item())
+    if flat.numel() <= MANY_TIMESTEPS:  # one per sample: a single copy to the host, as item() makes
+        return float(max(flat.tolist(), key=abs))
     return float(flat[flat.abs().argmax()].item())
 
 
