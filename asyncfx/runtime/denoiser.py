@@ -42,7 +42,15 @@ Note (two calls per step): pipelines that run the conditional and unconditional
 passes as separate calls call the denoiser twice with the same timestep. The i-th call
 of a capture with a given timestep belongs to its stream i; each stream keeps its own
 step count and boundary buffers, so each sees exactly the staleness the schedule
-prescribes.
+prescribes. A scheduler that lists a timestep twice in a row (Heun's corrections,
+PNDM's first steps) makes such a second call too.
+
+Note (timesteps): a call is at its timestep tensor's element farthest from zero (one per
+sample, or one per token: Wan 2.2's image-to-video pipeline gives the conditioning
+frame's tokens 0). Stride 2 computes the next step ahead, so each stream finds where its
+first call is among the scheduler's timesteps (listed once each): at the scheduler's own
+step index where it keeps one (a model that takes over part-way, like Wan 2.2's second
+expert, starts there), else at its begin index plus the stream's start.
 """
 from __future__ import annotations
 
