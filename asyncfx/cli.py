@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--dtype", help="float32, float16 or bfloat16")
     profile.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     profile.add_argument("--repeats", type=_positive_int, default=5, help="timed runs; medians kept")
+    profile.add_argument("--latent", help="the noisy-sample argument, where it is not called sample, "
+                         "hidden_states or x (as partition(latent=...))")
+    profile.add_argument("--timestep", help="the timestep argument, where it is not called timestep, "
+                         "timesteps, t, sigma or sigmas (as partition(timestep=...))")
     profile.set_defaults(run=_profile)
 
     compile_ = commands.add_parser("compile", help="cut a profiled model into stages; write a plan",
@@ -153,7 +157,7 @@ def _profile(options: argparse.Namespace) -> int:
                                          device=options.device)
         bar.update()
         bar.set_postfix_str("capturing")
-        captured = capture(model, args, kwargs)
+        captured = capture(model, args, kwargs, latent=options.latent, timestep=options.timestep)
         bar.update()
         bar.set_postfix_str("timing nodes")
         result = profile_captured(captured, captured.interface.flatten(args, kwargs),

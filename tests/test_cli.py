@@ -134,6 +134,39 @@ def test_mismatched_files_give_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
+class NoiseLevelDenoiser(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, noise_level):
+        return self.second(torch.tanh(self.first(x) * noise_level[:, None])) + x
+
+
+def noise_level_denoiser():
+    """An example for `asyncfx profile test_cli:noise_level_denoiser`."""
+    torch.manual_seed(0)
+    return NoiseLevelDenoiser().eval(), (torch.randn(2, 4), torch.full((2,), 80.0)), {}
+
+
+def test_profile_takes_the_timestep_name_the_partition_is_given(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("profile", "test_cli:noise_level_denoiser", "--timestep", "noise_level",
+                   "--out", "profile.json", "--repeats", "1") == 0
+    assert run_cli("compile", "profile.json", "--n-devices", "2", "--out", "plan.json") == 0
+    model, args, _ = noise_level_denoiser()
+    den = asyncfx.partition(model, 2, plan="plan.json", timestep="noise_level", warmup=1, executor="serial")
+    den(*args)
+    assert den.plan.fingerprint == asyncfx.StagePlan.load("plan.json").fingerprint
+    unnamed = asyncfx.partition(model, 2, plan="plan.json", warmup=1, executor="serial")
+    with pytest.raises(asyncfx.PlanError, match=r"which inputs are the latent and the timestep "
+                                                r"\(latent=, timestep=\)"):
+        unnamed(*args)
+    assert run_cli("profile", "test_cli:noise_level_denoiser", "--timestep", "sigma",
+                   "--out", "p.json") == 2
+    assert "timestep='sigma' names none of the tensor or number arguments" in capsys.readouterr().err
+
+
 def test_show_draws_the_plan_views(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.chdir(tmp_path)

@@ -70,8 +70,9 @@ def split(captured: Captured, plan: StagePlan) -> StagedModel:
         raise PlanError(
             f"the plan was compiled for another graph (plan fingerprint {plan.fingerprint}, "
             f"{plan.model_class}; this graph {captured.fingerprint}, {captured.model_class}): "
-            "the model, its input shapes or dtypes, or the torch version differ. Compile a "
-            "new plan for this model and inputs with asyncfx.compile().")
+            "the model, its input shapes or dtypes, which inputs are the latent and the timestep "
+            "(latent=, timestep=), or the torch version differ. Compile a new plan for this model "
+            "and inputs with asyncfx.compile().")
     return StagedModel(split_stages(captured.graph_module, _assignment(captured.graph, plan)),
                        captured.interface, plan)
 
