@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import asyncfx
+from asyncfx.runtime.denoiser import CompiledDenoiserError
 from asyncfx.zoo.tiny import ZOO
 from conftest import assert_same_output, zoo_captured, zoo_example
 
@@ -133,6 +134,17 @@ def test_a_compiled_model_is_refused_with_its_original_named():
         asyncfx.capture(compiled, (torch.randn(1, 3, 4, 4),) * 2 + (torch.tensor(1.0),))
     with pytest.raises(asyncfx.CaptureError, match="compiled with torch.compile"):
         asyncfx.partition(compiled, 2)  # at once, not at the first call
+
+
+def test_compiling_the_denoiser_is_refused_at_its_first_call_and_loses_nothing():
+    model = TwoImages()
+    args = (torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.tensor(1.0))
+    den = asyncfx.partition(model, 2, executor="serial")
+    with pytest.raises(CompiledDenoiserError, match=r"torch.compile\(\) cannot trace an AsyncDenoiser "
+                                                    r"\(of TwoImages\).*Call the denoiser uncompiled"):
+        torch.compile(den, backend="eager")(*args)
+    assert den.interface is None  # nothing captured, no step counted
+    assert_same_output(den(*args), model(*args))
 
 
 def test_python_number_timestep_is_a_graph_input_not_a_constant():

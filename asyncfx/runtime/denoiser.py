@@ -89,6 +89,10 @@ class SchedulerError(AsyncFXError, ValueError):
     """Stride 2 needs the sampler's timesteps and did not get them."""
 
 
+class CompiledDenoiserError(AsyncFXError, RuntimeError):
+    """torch.compile was asked to trace an AsyncDenoiser."""
+
+
 @dataclasses.dataclass
 class CallInterfaceLike:
     """What the denoiser needs to bind calls: flatten checked inputs, rebuild outputs,
@@ -342,6 +346,8 @@ class AsyncDenoiser(nn.Module):
             now.executor, now.plan = now.make_executor(now.plan)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            _refuse_compile(self)
         # Note (lazy compilation): the first call only captures the model. Warm-up steps
         # compute exactly what the original model computes, so until the last warm-up
         # step the original model answers, and the cost model, the split and the
@@ -563,6 +569,17 @@ class AsyncDenoiser(nn.Module):
         given = named[self._timestep_name]  # its elements at this call's timestep move on
         predicted = torch.full_like(given, stream.timestep_map.predict(scheduled))
         return torch.where(given == self._generation.timestep, predicted, given)
+
+
+@torch.compiler.disable
+def _refuse_compile(denoiser: AsyncDenoiser) -> None:
+    """Raised outside the trace (dynamo calls a disabled function eagerly), so that the
+    error reaches the caller instead of sending dynamo back to running forward eagerly."""
+    raise CompiledDenoiserError(
+        f"torch.compile() cannot trace an AsyncDenoiser (of {type(denoiser.original_model).__name__}): "
+        "its stages run on worker threads and devices, replayed as CUDA graphs on GPUs. Call the "
+        "denoiser uncompiled (pipe.unet = asyncfx.partition(model, ...), with no torch.compile "
+        "or .compile() after it).")
 
 
 def timestep_value(timestep: torch.Tensor) -> float:
