@@ -73,12 +73,15 @@ def check_drop_in(pipe, attribute: str, **kwargs) -> asyncfx.AsyncDenoiser:
     return async_denoiser
 
 
+def sd_pipeline(unet: UNet2DConditionModel, scheduler=None) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=scheduler or DDIMScheduler(num_train_timesteps=1000),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def test_stable_diffusion_pipeline():
     unet, _, _ = tiny.sd_unet()
-    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
-                                   scheduler=DDIMScheduler(num_train_timesteps=1000),
-                                   safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = sd_pipeline(unet)
     generator = torch.Generator().manual_seed(1)
     check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),
                   negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
@@ -92,9 +95,7 @@ def test_stable_diffusion_pipeline_with_schedulers_that_call_twice_at_a_timestep
     """The second call at a timestep is a stream of its own, also with stride 2, which
     walks the scheduler's timesteps listed once."""
     unet, _, _ = tiny.sd_unet()
-    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
-                                   scheduler=scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = sd_pipeline(unet, scheduler())
     generator = torch.Generator().manual_seed(1)
     embeds = dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
                   negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
@@ -149,20 +150,54 @@ def test_stable_diffusion_controlnet_pipeline():
                   image=torch.rand(1, 3, 16, 16, generator=generator), height=16, width=16)
 
 
-def test_pipe_to_converts_a_partitioned_denoiser():
-    def pipeline(unet):
-        return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
-                                       scheduler=DDIMScheduler(num_train_timesteps=1000),
-                                       safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+def ip_adapter_weights(unet: UNet2DConditionModel, image_embed_dim: int) -> dict:
+    """Random IP-Adapter weights in the layout diffusers loads: an image projection to 4
+    tokens and key/value projections for each cross-attention layer, sized from the layer."""
+    generator = torch.Generator().manual_seed(2)
+    width = unet.config.cross_attention_dim
+    image_proj = {"proj.weight": torch.randn(4 * width, image_embed_dim, generator=generator) / 4,
+                  "proj.bias": torch.zeros(4 * width), "norm.weight": torch.ones(width),
+                  "norm.bias": torch.zeros(width)}
+    cross_attentions = [unet.get_submodule(name.removesuffix(".processor"))
+                        for name in unet.attn_processors if name.endswith("attn2.processor")]
+    ip_adapter = {}
+    for key, attention in zip(range(1, 2 * len(cross_attentions), 2), cross_attentions):
+        for projection in ("to_k", "to_v"):
+            shape = (getattr(attention, projection).out_features, width)
+            ip_adapter[f"{key}.{projection}_ip.weight"] = torch.randn(shape, generator=generator) / 4
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
+
+def test_stable_diffusion_ip_adapter_pipeline():
+    """The image embeddings are a list in added_cond_kwargs; set_ip_adapter_scale() after
+    partitioning changes a number the capture made a constant, so it must re-capture."""
+    unet, _, _ = tiny.sd_unet()
+    unet._load_ip_adapter_weights([ip_adapter_weights(unet, image_embed_dim=6)])
+    pipe = sd_pipeline(unet)
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                  negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                  ip_adapter_image_embeds=[torch.randn(2, 1, 6, generator=generator)])  # negative, positive
+    den = check_drop_in(pipe, "unet", **inputs)
+    assert "added_cond_kwargs_image_embeds_0_" in den.interface.names
+    with one_thread():
+        pipe.unet = asyncfx.partition(unet, 2, warmup=2, executor="serial")
+        full_scale = images(pipe, **inputs)
+        pipe.set_ip_adapter_scale(0.3)
+        reused = images(pipe, **inputs)
+        pipe.unet = asyncfx.partition(unet, 2, warmup=2, executor="serial")
+        np.testing.assert_array_equal(reused, images(pipe, **inputs))
+    assert not np.array_equal(reused, full_scale)
+
+
+def test_pipe_to_converts_a_partitioned_denoiser():
     unet, _, _ = tiny.sd_unet()
     generator = torch.Generator().manual_seed(1)
     embeds = {"prompt_embeds": torch.randn(1, 4, 8, generator=generator, dtype=torch.float64),
               "negative_prompt_embeds": torch.randn(1, 4, 8, generator=generator, dtype=torch.float64)}
     with one_thread():
-        expected = images(pipeline(copy.deepcopy(unet)).to(torch.float64), **embeds)
-        pipe = pipeline(asyncfx.partition(unet, 2, warmup=STEPS, executor="serial"))
+        expected = images(sd_pipeline(copy.deepcopy(unet)).to(torch.float64), **embeds)
+        pipe = sd_pipeline(asyncfx.partition(unet, 2, warmup=STEPS, executor="serial"))
         pipe.to(torch.float64)  # after partition(): the denoiser follows, as the model would
         assert pipe.unet.dtype == torch.float64
         got = images(pipe, **embeds)
