@@ -83,9 +83,9 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
         raise PlanError(f"the plan has {plan.n_stages} stages but n_devices={n_devices}; pass "
                         f"n_devices={plan.n_stages} or compile a plan for {n_devices}.")
 
-    def build(args: tuple, kwargs: dict):
-        captured = (model if isinstance(model, Captured)
-                    else capture(model, args, kwargs, latent=latent, timestep=timestep))
+    def build(source: nn.Module | Captured, args: tuple, kwargs: dict):
+        captured = (source if isinstance(source, Captured)
+                    else capture(source, args, kwargs, latent=latent, timestep=timestep))
 
         def make_executor(compiled: StagePlan | None = None) -> tuple[Executor, StagePlan]:
             if compiled is not None:  # compiled before the last executor was closed

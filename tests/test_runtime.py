@@ -17,7 +17,7 @@ from torch import nn
 import asyncfx
 from asyncfx.api import DeviceError, ModelError
 from asyncfx.runtime.denoiser import MAX_CALLS_PER_STEP, SchedulerError, TimestepMap
-from conftest import load_benchmark, on_cuda, sample, zoo_captured, zoo_example
+from conftest import ddim, load_benchmark, on_cuda, sample, zoo_captured, zoo_example
 
 COEFFICIENTS = (1.0, 10.0, 100.0)
 
@@ -688,9 +688,49 @@ def test_modules_parameters_and_mode_are_the_original_models():
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")
     assert [(n, id(m)) for n, m in den.named_modules()] == [(n, id(m)) for n, m in model.named_modules()]
     assert [id(p) for p in den.parameters()] == [id(p) for p in model.parameters()]
+    assert [id(m) for m in den.children()] == [id(m) for m in model.children()]
+    visited = []
+    assert den.apply(visited.append) is den  # children first, as nn.Module.apply
+    assert sorted(map(id, visited)) == sorted(map(id, model.modules()))
+    state, original = den.state_dict(), model.state_dict()
+    assert list(state) == list(original)
+    assert all(state[key] is original[key] or state[key].data_ptr() == original[key].data_ptr()
+               for key in state)
     assert den.train() is den and model.training and all(m.training for m in model.modules())
     den.eval()
     assert not den.training and not any(m.training for m in model.modules())
+
+
+def test_weights_loaded_through_the_denoiser_are_the_models_at_the_next_generation():
+    model, kwargs = own_sd_unet()
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    sample(den, kwargs, "sample", steps=3)
+    new_weights = {key: value * 1.5 if value.is_floating_point() else value
+                   for key, value in den.state_dict().items()}
+    den.load_state_dict(new_weights)
+    assert torch.equal(model.conv_in.weight, new_weights["conv_in.weight"])
+    assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)  # the new generation's stages
+    with pytest.raises(RuntimeError, match="Missing key"):
+        den.load_state_dict({"conv_in.weight": new_weights["conv_in.weight"]})
+
+
+def test_a_deep_copy_is_a_denoiser_of_a_copy_of_the_model_built_anew():
+    model, kwargs = own_sd_unet()
+    scheduler = ddim(3)
+    den = asyncfx.partition(model, 2, warmup=1, stride=2, scheduler=scheduler)  # local: worker threads
+    sample(den, kwargs, "sample", steps=3)
+    calls = []
+    den.register_forward_hook(lambda *_: calls.append(1))
+    twin = copy.deepcopy(den)
+    assert twin.original_model is not model and twin.interface is None and twin.executor is None
+    assert (twin.n_stages, twin.warmup, twin.stride) == (2, 1, 2) and twin.scheduler is not scheduler
+    with torch.no_grad():
+        twin.original_model.conv_in.weight.mul_(2)  # the copy's own weights, not the original's
+    got = twin(**kwargs).sample  # warm-up step 0 runs the stages in order: the copy's model exactly
+    assert torch.equal(got, twin.original_model(**kwargs).sample) and len(calls) == 1
+    assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)  # the original is untouched
+    assert not torch.equal(got, model(**kwargs).sample)
+    den.close(), twin.close()
 
 
 def test_converting_the_denoiser_converts_the_model_and_captures_it_again():

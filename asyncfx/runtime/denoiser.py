@@ -54,6 +54,7 @@ expert, starts there), else at its begin index plus the stream's start.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -79,6 +80,12 @@ MAX_CALLS_PER_STEP = 16
 RESTARTS_BEFORE_WARNING = 3
 #: A timestep tensor with more elements than this (one per token) is reduced on its device.
 MANY_TIMESTEPS = 64
+
+#: ``build(model, args, kwargs)``: capture ``model`` for inputs like these; how calls bind to
+#: the capture, and how to make its executor.
+Build = Callable[[Any, tuple, dict], tuple["CallInterfaceLike", "MakeExecutor"]]
+#: What the denoiser builds while it runs; a copy starts without it (``__deepcopy__``).
+RUNTIME_STATE = ("_now", "_spare", "_generation", "_restarts")
 
 #: ``make_executor(plan)``: the executor for the captured graph, and its plan (``plan`` if
 #: given, e.g. compiled before the last executor was closed; else compiled now).
@@ -198,9 +205,8 @@ class AsyncDenoiser(nn.Module):
         >>> image = pipe(prompt_embeds=embeds, num_inference_steps=20).images[0]
     """
 
-    def __init__(self, model: nn.Module,
-                 build: Callable[[tuple, dict], tuple[CallInterfaceLike, MakeExecutor]],
-                 *, n_stages: int, warmup: int, stride: int = 1, time_shift: bool = False,
+    def __init__(self, model: nn.Module, build: Build, *, n_stages: int, warmup: int, stride: int = 1,
+                 time_shift: bool = False,
                  scheduler: Any = None, rebuild: bool = True, convertible: bool = True):
         super().__init__()
         object.__setattr__(self, "_model", model)  # read attributes from it; do not own it
@@ -209,10 +215,30 @@ class AsyncDenoiser(nn.Module):
         self.time_shift, self.scheduler = time_shift, scheduler
         self.rebuild = rebuild  # re-capture on new input shapes (not with a user's plan)
         self.convertible = convertible  # .to() may convert the model and re-capture it
+        self._start_runtime_state()
+
+    def _start_runtime_state(self) -> None:
+        """Nothing captured, no generation (the attributes named in RUNTIME_STATE)."""
         self._now = _Build()
         self._spare: _Build | None = None  # the capture for the previous shapes (note on shapes)
         self._generation = _Generation()
         self._restarts = 0  # calls in a row that restarted because a timestep-like input changed
+
+    def __deepcopy__(self, memo: dict) -> AsyncDenoiser:
+        """A denoiser of a deep copy of the model, with the same options (and hooks), captured
+        anew at its first call: captures, workers and buffers belong to the original.
+
+        Example:
+            >>> twin = copy.deepcopy(pipe.unet)       # e.g. to load other weights into it
+            >>> twin.original_model is pipe.unet.original_model
+            False
+        """
+        twin = AsyncDenoiser.__new__(AsyncDenoiser)
+        memo[id(self)] = twin
+        kept = {name: value for name, value in self.__dict__.items() if name not in RUNTIME_STATE}
+        twin.__dict__.update(copy.deepcopy(kept, memo))  # the model, its scheduler, options, hooks
+        twin._start_runtime_state()
+        return twin
 
     # -- attributes the pipelines read come from the original model -----------------
     def __getattr__(self, name: str) -> Any:
@@ -239,6 +265,32 @@ class AsyncDenoiser(nn.Module):
         buffers): pipelines look layers up in ``pipe.unet`` by name (perturbed-attention
         guidance sets its processors on the self-attention layers it finds)."""
         return self._model.named_modules(memo, prefix, remove_duplicate)
+
+    def named_children(self) -> Iterator[tuple[str, nn.Module]]:
+        """The original model's children (and so ``children()``), as ``named_modules``."""
+        return self._model.named_children()
+
+    def apply(self, fn: Callable[[nn.Module], None]) -> AsyncDenoiser:
+        """Apply ``fn`` to the original model's modules (an edit is captured again at the next
+        generation: see the note on editing)."""
+        self._model.apply(fn)
+        return self
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The original model's state dict, under its own keys (what ``pipe.unet.state_dict()``
+        and peft's ``get_peft_model_state_dict(pipe.unet)`` save).
+
+        Example:
+            >>> pipe.unet.state_dict().keys() == unet.state_dict().keys()
+            True
+        """
+        return self._model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """Load into the original model; the next generation captures the new weights (see the
+        note on editing)."""
+        return self._model.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def train(self, mode: bool = True) -> AsyncDenoiser:
         """Set the original model's mode (a graph captured in another mode is captured
@@ -311,7 +363,8 @@ class AsyncDenoiser(nn.Module):
         """Capture for inputs like ``args``/``kwargs``; compile and split now, or at the
         last warm-up step (see the note on lazy compilation in ``forward``).
         ``keep_current`` keeps the current capture as the spare (see the note on shapes)."""
-        interface, make_executor = self._build(args, kwargs)  # a capture that fails keeps the old build
+        # a capture that fails keeps the old build
+        interface, make_executor = self._build(self._model, args, kwargs)
         current = self._now
         self._drop_spare()
         if keep_current and current.interface is not None:
