@@ -206,8 +206,8 @@ class AsyncDenoiser(nn.Module):
     """
 
     def __init__(self, model: nn.Module, build: Build, *, n_stages: int, warmup: int, stride: int = 1,
-                 time_shift: bool = False,
-                 scheduler: Any = None, rebuild: bool = True, convertible: bool = True):
+                 time_shift: bool = False, scheduler: Any = None, rebuild: bool = True,
+                 convertible: bool = True):
         super().__init__()
         object.__setattr__(self, "_model", model)  # read attributes from it; do not own it
         self._build = build
