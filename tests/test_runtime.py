@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import pickle
 import time
 import warnings
 from types import SimpleNamespace
@@ -730,6 +731,8 @@ def test_a_deep_copy_is_a_denoiser_of_a_copy_of_the_model_built_anew():
     assert torch.equal(got, twin.original_model(**kwargs).sample) and len(calls) == 1
     assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)  # the original is untouched
     assert not torch.equal(got, model(**kwargs).sample)
+    with pytest.raises(TypeError, match=r"cannot be pickled .* Save the model \(.original_model"):
+        pickle.dumps(den)
     den.close(), twin.close()
 
 

@@ -240,6 +240,12 @@ class AsyncDenoiser(nn.Module):
         twin._start_runtime_state()
         return twin
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"an AsyncDenoiser (of {type(self._model).__name__}) cannot be pickled or saved with "
+                        "torch.save: it holds worker threads and device streams. Save the model "
+                        "(.original_model, or its state_dict()) and the plan (.plan.save(path)), and "
+                        "partition again after loading: asyncfx.partition(model, plan=path).")
+
     # -- attributes the pipelines read come from the original model -----------------
     def __getattr__(self, name: str) -> Any:
         try:
