@@ -1,6 +1,8 @@
 """capture(): torch.export graphs of every zoo model, input roles, output types, errors."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -68,7 +70,7 @@ def test_latent_defaults_to_first_tensor_and_can_be_named():
     named = asyncfx.capture(TwoImages(), args, latent="noisy")
     assert named.latent_input.name == "noisy"
     assert {i.name: str(i.role) for i in named.inputs}["reference"] == "condition"
-    with pytest.raises(asyncfx.CaptureError, match="latent='image' names no single tensor"):
+    with pytest.raises(asyncfx.CaptureError, match="latent='image' names no tensor argument"):
         asyncfx.capture(TwoImages(), args, latent="image")
 
 
@@ -182,6 +184,44 @@ def test_symbolic_trace_fallback_where_export_fails(return_dict):
     assert captured.method == "symbolic_trace"
     assert any(n.op == "call_module" for n in captured.graph.nodes)
     assert_same_output(captured(x, t, return_dict=return_dict), model(x, t, return_dict=return_dict))
+
+
+class RotaryTable:
+    """A plain object that makes its table at the first call, as Z-Image's rotary embedder."""
+
+    def __init__(self):
+        self.table = None
+
+    def __call__(self, n: int) -> torch.Tensor:
+        if self.table is None:
+            self.table = torch.arange(1, n + 1, dtype=torch.float32) / n
+        return self.table
+
+
+class KeepsStateInPython(nn.Module):
+    def __init__(self, leave_torch: bool):
+        super().__init__()
+        self.linear, self.rotary, self.leave_torch = nn.Linear(4, 4), RotaryTable(), leave_torch
+        self.last_input, self.timesteps_seen = None, []
+
+    def forward(self, x, t):
+        self.last_input = x
+        self.timesteps_seen.append(t)
+        h = numpy_tanh(self.linear(x)) if self.leave_torch else self.linear(x)
+        return h * self.rotary(4) * t
+
+
+@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+def test_capture_leaves_no_traced_values_in_the_models_python_state(method):
+    model = KeepsStateInPython(leave_torch=method == "symbolic_trace")
+    x, t = torch.randn(2, 4), torch.tensor(2.0)
+    expected = copy.deepcopy(model)(x, t)  # a model never traced
+    captured = asyncfx.capture(model, (x, t))
+    assert captured.method == method
+    assert model.last_input is None and model.timesteps_seen == []  # as before the capture
+    torch.testing.assert_close(model(x, t), expected, rtol=0, atol=0)
+    torch.testing.assert_close(captured(x, t), expected, rtol=0, atol=0)
+    assert torch.equal(model.rotary.table, torch.tensor([0.25, 0.5, 0.75, 1.0]))
 
 
 class NumpyActivationMasked(NumpyActivation):

@@ -15,6 +15,7 @@ from diffusers import (AuraFlowTransformer2DModel, ChromaTransformer2DModel, Cog
                        QwenImageTransformer2DModel, SanaTransformer2DModel, WanTransformer3DModel)
 
 import asyncfx
+from asyncfx.zoo import tiny
 from conftest import leaves
 
 
@@ -134,6 +135,31 @@ def test_model_family_partitions_into_stale_stages(family):
                 serial, local = (leaves(runs[e](**call))[0] for e in ("serial", "local"))
                 torch.testing.assert_close(local, serial, rtol=0, atol=0)
                 assert torch.equal(serial, expected) == (step == 0), step  # warm-up, then stale
+    finally:
+        torch.set_num_threads(threads)
+        runs["local"].close()
+
+
+def test_a_latent_passed_as_a_list_is_one_latent_per_sample():
+    """Z-Image takes a list of latents, one per sample (and returns a list): each is a latent
+    input, read stale by the later stages like any latent value, none of them conditioning."""
+    model, _, kwargs = tiny.z_image_transformer()
+    calls = [{**kwargs, "x": [latent * (1 - 0.1 * step) for latent in kwargs["x"]],
+              "t": torch.full((2,), 0.1 + 0.1 * step)} for step in range(3)]
+    captured = asyncfx.capture(model, (), calls[0])
+    roles = [(i.name, str(i.role)) for i in captured.inputs]
+    assert roles[:3] == [("x[0]", "latent"), ("x[1]", "latent"), ("t", "timestep")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {executor: asyncfx.partition(captured, 2, warmup=1, executor=executor)
+                for executor in ("serial", "local")}
+        with torch.no_grad():
+            for step, call in enumerate(calls):
+                expected = leaves(model(**call))
+                serial, local = (leaves(runs[e](**call)) for e in ("serial", "local"))
+                torch.testing.assert_close(local, serial, rtol=0, atol=0)
+                assert [torch.equal(s, e) for s, e in zip(serial, expected)] == [step == 0] * 2, step
     finally:
         torch.set_num_threads(threads)
         runs["local"].close()

@@ -20,7 +20,7 @@ from diffusers import (AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporal
                        StableDiffusionControlNetPipeline, StableDiffusionPAGPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, StableVideoDiffusionPipeline, UNet2DConditionModel,
                        UNetSpatioTemporalConditionModel, WanImageToVideoPipeline, WanPipeline,
-                       WanTransformer3DModel)
+                       WanTransformer3DModel, ZImagePipeline)
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import asyncfx
@@ -302,6 +302,34 @@ def test_stable_video_diffusion_pipeline():
                                         feature_extractor=CLIPImageProcessor())
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     check_drop_in(pipe, "unet", image=image, height=16, width=16, num_frames=2, decode_chunk_size=2)
+
+
+def test_z_image_pipeline_with_a_list_of_latents_and_timesteps_that_count_up():
+    """Z-Image passes one latent per sample in a list, and 1 - t / 1000 as the timestep,
+    and the transformer makes its rotary table at its first call: here the capture's."""
+    transformer, _, _ = tiny.z_image_transformer()
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None,
+                          tokenizer=None, transformer=transformer)
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(prompt_embeds=[torch.randn(5, 16, generator=generator)],
+                  negative_prompt_embeds=[torch.randn(5, 16, generator=generator)], height=32, width=32)
+    with one_thread():
+        pipe.transformer = copy.deepcopy(transformer)
+        expected = images(pipe, **inputs)
+        pipe.transformer = asyncfx.partition(copy.deepcopy(transformer), 2, warmup=STEPS, executor="serial")
+        np.testing.assert_array_equal(images(pipe, **inputs), expected)  # the model runs after its capture
+        runs = {}
+        for executor in ("serial", "local"):
+            pipe.transformer = asyncfx.partition(copy.deepcopy(transformer), 2, warmup=1, stride=2,
+                                                 scheduler=pipe.scheduler, executor=executor)
+            runs[executor] = images(pipe, **inputs)
+        a, b = pipe.transformer._now.streams[0].timestep_map.line()
+        pipe.transformer.close()
+    np.testing.assert_array_equal(runs["local"], runs["serial"])
+    assert (round(a, 6), round(b, 6)) == (-0.001, 1.0)
+    pipe.transformer = transformer
+    den = check_drop_in(pipe, "transformer", **inputs)
+    assert den.interface.roles[:3] == ["latent", "latent", "timestep"]  # CFG: two samples, two latents
 
 
 def wan_vae() -> AutoencoderKLWan:

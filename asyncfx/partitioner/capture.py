@@ -26,6 +26,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from asyncfx.errors import ArgumentsError, CaptureError, InputMismatchError
+from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.classify import classify
 from asyncfx.passes.functionalise import functionalise, in_place_ops
 from asyncfx.passes.meta import VALUE, ValueClass
@@ -144,6 +145,7 @@ class Captured(nn.Module):
 
     @property
     def latent_input(self) -> GraphInput:
+        """The latent, or the first of them (Z-Image takes a list, one tensor per sample)."""
         return next(i for i in self.inputs if i.role is InputRole.LATENT)
 
     @property
@@ -234,30 +236,44 @@ def _assign_roles(names: list[str], is_tensor: list[bool], latent: str | None,
     if not tensor_names:
         raise CaptureError(f"{model_class} was called without any tensor argument; pass the "
                            "latent as a tensor in the example inputs.")
-    if latent is not None:
-        matches = [n for n in tensor_names if n == latent or top_level_name(n) == latent]
-        if len(matches) != 1:
-            raise CaptureError(
-                f"latent={latent!r} names no single tensor argument of {model_class}; "
-                f"tensor arguments are {tensor_names}.")
-        latent_name = matches[0]
-    else:
-        by_name = [n for n in tensor_names if n in LATENT_NAMES]
-        latent_name = min(by_name, key=LATENT_NAMES.index) if by_name else tensor_names[0]
-    if latent_name == timestep_name:
-        raise CaptureError(f"{latent_name!r} of {model_class} cannot be both the latent and the timestep; "
+    latent_names = _latent_names(tensor_names, latent, model_class)
+    if timestep_name in latent_names:
+        raise CaptureError(f"{timestep_name!r} of {model_class} cannot be both the latent and the timestep; "
                            "name the latent with latent=.")
     roles: list[InputRole | None] = []
     for name, tensor in zip(names, is_tensor):
         if not tensor:
             roles.append(None)
-        elif name == latent_name:
+        elif name in latent_names:
             roles.append(InputRole.LATENT)
         elif name == timestep_name:
             roles.append(InputRole.TIMESTEP)
         else:
             roles.append(InputRole.CONDITION)
     return roles
+
+
+def _latent_names(tensor_names: list[str], latent: str | None, model_class: str) -> list[str]:
+    """The tensor leaves that are the latent: the argument ``latent`` names (a leaf of it, or
+    all of its tensors: Z-Image takes a list with one latent per sample), else the first of
+    the usual names, else the first tensor argument.
+
+    Example:
+        >>> _latent_names(["x[0]", "x[1]", "t"], None, "ZImageTransformer2DModel")
+        ['x[0]', 'x[1]']
+    """
+    if latent is not None:
+        exact = [n for n in tensor_names if n == latent]
+        matches = exact or [n for n in tensor_names if top_level_name(n) == latent]
+        if not matches:
+            raise CaptureError(f"latent={latent!r} names no tensor argument of {model_class}; "
+                               f"tensor arguments are {tensor_names}.")
+        return matches
+    by_name = [n for n in tensor_names if top_level_name(n) in LATENT_NAMES]
+    if not by_name:
+        return [tensor_names[0]]
+    argument = min((top_level_name(n) for n in by_name), key=LATENT_NAMES.index)
+    return [n for n in by_name if top_level_name(n) == argument]
 
 
 def _variadic(signature: inspect.Signature, kind: Any) -> str | None:
@@ -405,12 +421,14 @@ def _name_placeholders(gm: fx.GraphModule, names: list[str]) -> list[str]:
 def _trace(model: nn.Module, args: tuple, kwargs: dict, leaves: list[Any], names: list[str],
            is_tensor: list[bool]) -> tuple[fx.GraphModule, pytree.TreeSpec, str]:
     try:
-        return (*_export(model, args, kwargs, is_tensor, type(model).__name__), "export")
+        with restoring_traced_state(model):
+            return (*_export(model, args, kwargs, is_tensor, type(model).__name__), "export")
     except CaptureError:
         raise
     except Exception as export_error:
         try:
-            gm, out_spec = _symbolic_trace(model, leaves, names, is_tensor)
+            with restoring_traced_state(model):
+                gm, out_spec = _symbolic_trace(model, leaves, names, is_tensor)
         except Exception as trace_error:
             raise CaptureError(_both_failed_message(model, export_error, trace_error)) from export_error
         return gm, out_spec, "symbolic_trace"

@@ -144,12 +144,15 @@ def stage_times(plan: StagePlan) -> tuple[list[float], float, str]:
 
 
 def _latent_bytes(plan: StagePlan) -> int:
-    latent = next((i for i in plan.inputs if i.role == "latent"), None)
-    if latent is None:
+    latents = [i for i in plan.inputs if i.role == "latent"]  # one, or one per sample (Z-Image)
+    if not latents:
         raise PlanError("the plan names no latent input, so the noise prediction's size is unknown; "
                         "compile it again.")
-    dtype = getattr(torch, latent.dtype.removeprefix("torch."))
-    return math.prod(latent.shape) * torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(latent.shape) * _dtype(latent.dtype).itemsize for latent in latents)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
 
 
 def _check_schedule(steps: int, warmup: int, stride: int) -> None:

@@ -198,6 +198,24 @@ def dit_transformer(batch: int = 2, size: int = 8, seed: int = 0) -> Example:
     return model, (), kwargs
 
 
+def z_image_transformer(batch: int = 2, size: int = 8, seed: int = 0) -> Example:
+    """``ZImageTransformer2DModel``: a list of latents, one per sample (each channels x 1
+    frame x size x size), a timestep counting up from 0 to 1, and a list of captions."""
+    from diffusers import ZImageTransformer2DModel
+
+    gen = _seeded(seed)
+    model = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32],
+    ).eval()
+    kwargs = {
+        "x": [_randn(gen, 4, 1, size, size) for _ in range(batch)],
+        "t": torch.tensor([0.1] * batch),
+        "cap_feats": [_randn(gen, 5, 16) for _ in range(batch)],
+    }
+    return model, (), kwargs
+
+
 def svd_unet(batch: int = 1, frames: int = 2, size: int = 8, seed: int = 0) -> Example:
     """``UNetSpatioTemporalConditionModel`` (Stable Video Diffusion shaped)."""
     from diffusers import UNetSpatioTemporalConditionModel
