@@ -323,13 +323,14 @@ def test_z_image_pipeline_with_a_list_of_latents_and_timesteps_that_count_up():
             pipe.transformer = asyncfx.partition(copy.deepcopy(transformer), 2, warmup=1, stride=2,
                                                  scheduler=pipe.scheduler, executor=executor)
             runs[executor] = images(pipe, **inputs)
-        a, b = pipe.transformer._now.streams[0].timestep_map.line()
-        pipe.transformer.close()
+        den = pipe.transformer
+        den.close()
     np.testing.assert_array_equal(runs["local"], runs["serial"])
-    assert (round(a, 6), round(b, 6)) == (-0.001, 1.0)
-    pipe.transformer = transformer
-    den = check_drop_in(pipe, "transformer", **inputs)
+    assert not np.array_equal(runs["local"], expected)  # the stale steps did run
+    assert np.abs(runs["local"] - expected).mean() < 0.25
     assert den.interface.roles[:3] == ["latent", "latent", "timestep"]  # CFG: two samples, two latents
+    a, b = den._now.streams[0].timestep_map.line()
+    assert (round(a, 6), round(b, 6)) == (-0.001, 1.0)
 
 
 def wan_vae() -> AutoencoderKLWan:
