@@ -9,7 +9,7 @@ from torch import nn
 
 from asyncfx.errors import AsyncFXError, PlanError
 from asyncfx.partitioner import Captured, StagePlan, capture, compile, split
-from asyncfx.partitioner.capture import check_argument_names, check_not_compiled
+from asyncfx.partitioner.capture import LatentOption, check_argument_names, check_not_compiled
 from asyncfx.partitioner.compile import split_example_inputs
 from asyncfx.partitioner.cost_model import check_cost
 from asyncfx.partitioner.device import device_spec
@@ -41,7 +41,7 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
               devices: Sequence[str | torch.device] | str | None = None, warmup: int = DEFAULT_WARMUP,
               stride: int = 1, executor: str = "local", plan: StagePlan | str | os.PathLike | None = None,
               scheduler: Any = None, time_shift: bool = False, cost: str = "flops", link: str = "cpu",
-              latent: str | None = None, timestep: str | None = None,
+              latent: LatentOption = None, timestep: str | None = None,
               cuda_graphs: bool | None = None) -> AsyncDenoiser:
     """Wrap ``model`` so that its stages run concurrently on ``n_devices`` devices.
 
@@ -59,7 +59,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
     ``model`` may also be a :class:`Captured` from ``asyncfx.capture()`` (captured once,
     partitioned many times, e.g. in a sweep); it then accepts only its captured shapes.
     ``latent`` and ``timestep`` name the noisy-sample and timestep (noise level) arguments
-    where their names are not the usual ones (see :func:`asyncfx.capture`).
+    where their names are not the usual ones (see :func:`asyncfx.capture`); ``latent`` may
+    list several (LTX-2: ``["hidden_states", "audio_hidden_states"]``).
 
     Example:
         >>> pipe.unet = asyncfx.partition(pipe.unet, n_devices=2, warmup=2)

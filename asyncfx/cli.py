@@ -70,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--dtype", help="float32, float16 or bfloat16")
     profile.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     profile.add_argument("--repeats", type=_positive_int, default=5, help="timed runs; medians kept")
-    profile.add_argument("--latent", help="the noisy-sample argument, where it is not called sample, "
-                         "hidden_states or x (as partition(latent=...))")
+    profile.add_argument("--latent", action="append",
+                         help="the noisy-sample argument, where it is not called sample, hidden_states or "
+                         "x (as partition(latent=...)); repeat it for a model with several")
     profile.add_argument("--timestep", help="the timestep argument, where it is not called timestep, "
                          "timesteps, t, sigma or sigmas (as partition(timestep=...))")
     profile.set_defaults(run=_profile)

@@ -151,7 +151,7 @@ def noise_level_denoiser():
 
 def test_profile_takes_the_timestep_name_the_partition_is_given(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert run_cli("profile", "test_cli:noise_level_denoiser", "--timestep", "noise_level",
+    assert run_cli("profile", "test_cli:noise_level_denoiser", "--timestep", "noise_level", "--latent", "x",
                    "--out", "profile.json", "--repeats", "1") == 0
     assert run_cli("compile", "profile.json", "--n-devices", "2", "--out", "plan.json") == 0
     model, args, _ = noise_level_denoiser()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import (AuraFlowTransformer2DModel, ChromaTransformer2DModel, CogVideoXTransformer3DModel,
-                       CogView4Transformer2DModel, HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel,
-                       Lumina2Transformer2DModel, MochiTransformer3DModel, PixArtTransformer2DModel,
-                       QwenImageTransformer2DModel, SanaTransformer2DModel, WanTransformer3DModel)
+                       CogView4Transformer2DModel, HunyuanVideoTransformer3DModel,
+                       LTX2VideoTransformer3DModel, LTXVideoTransformer3DModel, Lumina2Transformer2DModel,
+                       MochiTransformer3DModel,
+                       PixArtTransformer2DModel, QwenImageTransformer2DModel, SanaTransformer2DModel,
+                       WanTransformer3DModel)
 
 import asyncfx
 from asyncfx.zoo import tiny
@@ -163,6 +165,39 @@ def test_a_latent_passed_as_a_list_is_one_latent_per_sample():
     finally:
         torch.set_num_threads(threads)
         runs["local"].close()
+
+
+def ltx2():
+    """LTX-2 denoises a video and an audio latent together and predicts both."""
+    torch.manual_seed(0)
+    model = LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=8,
+        audio_cross_attention_dim=16, num_layers=1, caption_channels=16, base_height=64, base_width=64).eval()
+    frames, height, width, audio_frames = 2, 2, 2, 5
+    inputs = _inputs(hidden_states=(1, frames * height * width, 4), audio_hidden_states=(1, audio_frames, 4),
+                     encoder_hidden_states=(1, 6, 16), audio_encoder_hidden_states=(1, 6, 16))
+    return model, {**inputs, "num_frames": frames, "height": height, "width": width,
+                   "audio_num_frames": audio_frames, "return_dict": False}
+
+
+def test_several_latent_arguments_can_be_named():
+    model, kwargs = ltx2()
+    latents = ["hidden_states", "audio_hidden_states"]
+    calls = [{**kwargs, **{name: kwargs[name] * (1 - 0.1 * step) for name in latents},
+              "timestep": torch.full((1,), 0.9 - 0.1 * step), "sigma": torch.full((1,), 0.9 - 0.1 * step)}
+             for step in range(3)]
+    with pytest.raises(asyncfx.CaptureError, match="latent='audio_latents' names no argument of LTX2"):
+        asyncfx.partition(model, 2, latent=["hidden_states", "audio_latents"])
+    with pytest.raises(asyncfx.CaptureError, match=r"latent=\[\] must name the noisy-sample argument"):
+        asyncfx.partition(model, 2, latent=[])
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial", latent=latents)
+    with torch.no_grad():
+        for step, call in enumerate(calls):
+            expected, got = leaves(model(**call)), leaves(den(**call))
+            assert [torch.equal(g, e) for g, e in zip(got, expected)] == [step == 0] * 2, step
+    roles = {name: role for name, role in zip(den.interface.names, den.interface.roles)}
+    assert [roles[name] for name in latents] == ["latent", "latent"] and roles["timestep"] == "timestep"
 
 
 def test_families_that_depend_on_tensor_values_are_refused_clearly():

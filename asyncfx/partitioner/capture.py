@@ -230,7 +230,29 @@ def top_level_name(leaf_name: str) -> str:
     return leaf_name.split(".")[0].split("[")[0]
 
 
-def _assign_roles(names: list[str], is_tensor: list[bool], latent: str | None,
+#: ``latent=``: one argument's name, or several (LTX-2 denoises a video and an audio latent).
+LatentOption = str | Sequence[str] | None
+
+
+def latent_arguments(latent: LatentOption) -> tuple[str, ...]:
+    """``latent=`` as a tuple of names (empty when not given), or a clear error.
+
+    Example:
+        >>> latent_arguments(["hidden_states", "audio_hidden_states"])
+        ('hidden_states', 'audio_hidden_states')
+    """
+    if latent is None:
+        return ()
+    names: tuple = (latent,) if isinstance(latent, str) else ()
+    if isinstance(latent, (list, tuple)):
+        names = tuple(latent)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise CaptureError(f"latent={latent!r} must name the noisy-sample argument, or list the names of "
+                           "several (e.g. latent=['hidden_states', 'audio_hidden_states']).")
+    return names
+
+
+def _assign_roles(names: list[str], is_tensor: list[bool], latent: LatentOption,
                   timestep_name: str | None, model_class: str) -> list[InputRole | None]:
     tensor_names = [n for n, t in zip(names, is_tensor) if t]
     if not tensor_names:
@@ -253,27 +275,31 @@ def _assign_roles(names: list[str], is_tensor: list[bool], latent: str | None,
     return roles
 
 
-def _latent_names(tensor_names: list[str], latent: str | None, model_class: str) -> list[str]:
-    """The tensor leaves that are the latent: the argument ``latent`` names (a leaf of it, or
-    all of its tensors: Z-Image takes a list with one latent per sample), else the first of
-    the usual names, else the first tensor argument.
+def _latent_names(tensor_names: list[str], latent: LatentOption, model_class: str) -> list[str]:
+    """The tensor leaves that are latents: those of the arguments ``latent`` names (a leaf
+    of one, or all of its tensors: Z-Image takes a list with one latent per sample), else
+    the first of the usual names, else the first tensor argument.
 
     Example:
         >>> _latent_names(["x[0]", "x[1]", "t"], None, "ZImageTransformer2DModel")
         ['x[0]', 'x[1]']
     """
     if latent is not None:
-        exact = [n for n in tensor_names if n == latent]
-        matches = exact or [n for n in tensor_names if top_level_name(n) == latent]
-        if not matches:
-            raise CaptureError(f"latent={latent!r} names no tensor argument of {model_class}; "
-                               f"tensor arguments are {tensor_names}.")
-        return matches
+        return [leaf for name in latent_arguments(latent)
+                for leaf in _leaves_named(tensor_names, name, model_class)]
     by_name = [n for n in tensor_names if top_level_name(n) in LATENT_NAMES]
     if not by_name:
         return [tensor_names[0]]
     argument = min((top_level_name(n) for n in by_name), key=LATENT_NAMES.index)
     return [n for n in by_name if top_level_name(n) == argument]
+
+
+def _leaves_named(tensor_names: list[str], name: str, model_class: str) -> list[str]:
+    matches = [n for n in tensor_names if n == name] or [n for n in tensor_names if top_level_name(n) == name]
+    if not matches:
+        raise CaptureError(f"latent={name!r} names no tensor argument of {model_class}; "
+                           f"tensor arguments are {tensor_names}.")
+    return matches
 
 
 def _variadic(signature: inspect.Signature, kind: Any) -> str | None:
@@ -315,20 +341,22 @@ def check_not_compiled(model: nn.Module) -> None:
                            f"the model before compiling: its _orig_mod, a {type(model._orig_mod).__name__}.")
 
 
-def check_argument_names(model: nn.Module, **names: str | None) -> None:
+def check_argument_names(model: nn.Module, latent: LatentOption = None,
+                         timestep: str | None = None) -> None:
     """Refuse ``latent=`` or ``timestep=`` naming no argument of the model's forward, before
     its first call (a forward that takes ``**kwargs`` may take any name)."""
     signature = inspect.signature(model.forward)
     parameters = signature.parameters
+    named = [("latent", name) for name in latent_arguments(latent)] + [("timestep", timestep)]
     if _variadic(signature, inspect.Parameter.VAR_KEYWORD) is not None:
         return
-    for option, name in names.items():
+    for option, name in named:
         if name is not None and top_level_name(name) not in parameters:
             raise CaptureError(f"{option}={name!r} names no argument of "
                                f"{type(model).__name__}.forward{signature}.")
 
 
-def _timestep_name(signature: inspect.Signature, args: tuple, kwargs: dict, latent: str | None,
+def _timestep_name(signature: inspect.Signature, args: tuple, kwargs: dict, latent: LatentOption,
                    timestep: str | None, model_class: str) -> str | None:
     """``timestep`` if given (it must name a tensor or number argument), else the first
     of TIMESTEP_NAMES bound to a tensor or a number (not the latent)."""
@@ -338,7 +366,8 @@ def _timestep_name(signature: inspect.Signature, args: tuple, kwargs: dict, late
         raise CaptureError(f"example inputs do not fit {model_class}.forward"
                            f"{signature}: {exc}") from exc
     arguments = _arguments_by_name(bound)
-    candidates = [name for name, value in arguments.items() if name != latent and (
+    latents = latent_arguments(latent)
+    candidates = [name for name, value in arguments.items() if name not in latents and (
         isinstance(value, torch.Tensor) or isinstance(value, (int, float)) and not isinstance(value, bool))]
     if timestep is None:
         return next((name for name in TIMESTEP_NAMES if name in candidates), None)
@@ -350,11 +379,13 @@ def _timestep_name(signature: inspect.Signature, args: tuple, kwargs: dict, late
 
 
 def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-            *, latent: str | None = None, timestep: str | None = None) -> Captured:
+            *, latent: LatentOption = None, timestep: str | None = None) -> Captured:
     """Capture ``model`` called with ``args``/``kwargs`` as a flat fx graph.
 
     ``latent`` names the argument that is the noisy sample when it is not called
-    ``sample``, ``hidden_states`` or ``x`` (default: else the first tensor argument).
+    ``sample``, ``hidden_states`` or ``x`` (default: else the first tensor argument), or
+    lists several (LTX-2 denoises ``hidden_states`` and ``audio_hidden_states`` together).
+    Each tensor of a latent argument that is a list (Z-Image's) is a latent input.
     ``timestep`` names the timestep (or noise level) argument when it is not called
     ``timestep``, ``timesteps``, ``t``, ``sigma`` or ``sigmas``: without one, the
     denoiser can tell generations apart only by their conditioning.

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from asyncfx.errors import CaptureError, PlanError
-from asyncfx.partitioner.capture import Captured, capture
+from asyncfx.partitioner.capture import Captured, LatentOption, capture
 from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
 from asyncfx.partitioner.cost_model import CostModel, check_cost
 from asyncfx.partitioner.device import DeviceSpec, device_spec
@@ -19,7 +19,7 @@ from asyncfx.partitioner.search import Cut, search_cuts
 
 def compile(model_or_captured: nn.Module, n_devices: int, *, example_inputs: Any = None,
             cost: str = "flops", link: str | DeviceSpec = "cpu", profile: Profile | None = None,
-            refine_rounds: int = 5, repeats: int = 5, latent: str | None = None,
+            refine_rounds: int = 5, repeats: int = 5, latent: LatentOption = None,
             timestep: str | None = None) -> StagePlan:
     """Cut a model into ``n_devices`` stages that minimise the predicted round time.
 
@@ -101,7 +101,7 @@ def checked(n_devices: Any, graph: CostGraph) -> int:
     return n_devices
 
 
-def as_captured(model_or_captured: nn.Module, example_inputs: Any, latent: str | None = None,
+def as_captured(model_or_captured: nn.Module, example_inputs: Any, latent: LatentOption = None,
                 timestep: str | None = None) -> Captured:
     if isinstance(model_or_captured, Captured):
         return model_or_captured

@@ -10,7 +10,7 @@ from torch import nn
 
 from asyncfx.errors import PlanError
 from asyncfx.partitioner.artifact import load_json, save_json
-from asyncfx.partitioner.capture import Captured
+from asyncfx.partitioner.capture import Captured, LatentOption
 from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
 from asyncfx.passes.profile import profile_nodes, timing_device
 
@@ -62,7 +62,7 @@ class Profile:
 
 
 def profile(model_or_captured: nn.Module, example_inputs: Any, *, warmup: int = 2, repeats: int = 5,
-            latent: str | None = None, timestep: str | None = None) -> Profile:
+            latent: LatentOption = None, timestep: str | None = None) -> Profile:
     """Time every node of the model on the device its inputs live on.
 
     Example:
