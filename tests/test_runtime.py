@@ -17,6 +17,7 @@ from torch import nn
 
 import asyncfx
 from asyncfx.api import DeviceError, ModelError
+from asyncfx.zoo import tiny
 from asyncfx.runtime.denoiser import MAX_CALLS_PER_STEP, SchedulerError, TimestepMap
 from conftest import ddim, load_benchmark, on_cuda, sample, zoo_captured, zoo_example
 
@@ -440,6 +441,22 @@ def test_model_edits_between_generations_take_effect(edit):
     expected = sample(asyncfx.partition(model, 2, warmup=1, executor="serial"), kwargs, "sample", steps=4)
     torch.testing.assert_close(after, expected, rtol=0, atol=0)  # as if partitioned after the edit
     assert not torch.equal(after, before)
+
+
+def test_step_caching_is_refused_at_partition_and_when_enabled_later():
+    from diffusers import FirstBlockCacheConfig
+
+    model, _, kwargs = tiny.flux_transformer()
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    sample(den, kwargs, "hidden_states", steps=2)
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    refused = r"step caching enabled \(FirstBlockCacheConfig\).*call model.disable_cache\(\) before"
+    with pytest.raises(asyncfx.CaptureError, match=refused):
+        sample(den, kwargs, "hidden_states", steps=2)  # the edit is seen at the next generation
+    with pytest.raises(asyncfx.CaptureError, match="step caching enabled"):
+        asyncfx.partition(model, 2)
+    model.disable_cache()
+    torch.testing.assert_close(den(**kwargs).sample, model(**kwargs).sample, rtol=0, atol=0)
 
 
 def test_alternating_captures_each_keep_their_generation_going():

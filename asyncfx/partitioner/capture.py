@@ -341,6 +341,19 @@ def check_not_compiled(model: nn.Module) -> None:
                            f"the model before compiling: its _orig_mod, a {type(model._orig_mod).__name__}.")
 
 
+def check_no_step_cache(model: nn.Module) -> None:
+    """Refuse a model that reuses its earlier calls' results (diffusers' ``enable_cache``:
+    first-block cache, FasterCache, TaylorSeer...): its hooks decide at each call what to
+    skip, and a captured graph runs what the capture's call ran, at every call."""
+    if getattr(model, "is_cache_enabled", False) is True:
+        config = type(getattr(model, "_cache_config", None)).__name__
+        raise CaptureError(f"{type(model).__name__} has step caching enabled ({config}): it skips blocks "
+                           "at a step by reusing earlier steps' outputs, which a captured graph cannot do "
+                           "(it would compute every block at every step). asyncfx reuses the previous "
+                           "step's values across stages instead; call model.disable_cache() before "
+                           "partitioning.")
+
+
 def check_argument_names(model: nn.Module, latent: LatentOption = None,
                          timestep: str | None = None) -> None:
     """Refuse ``latent=`` or ``timestep=`` naming no argument of the model's forward, before
@@ -401,6 +414,7 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}; "
                            "wrap a plain function in a Module.")
     check_not_compiled(model)
+    check_no_step_cache(model)
     args, kwargs = tuple(args), dict(kwargs or {})
     model_class = type(model).__name__
     signature = inspect.signature(model.forward)
