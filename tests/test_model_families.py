@@ -167,6 +167,18 @@ def test_a_latent_passed_as_a_list_is_one_latent_per_sample():
         runs["local"].close()
 
 
+def test_a_table_the_model_makes_at_its_first_call_is_not_an_edit():
+    model, _, kwargs = tiny.z_image_transformer()  # its rotary embedder keeps a table made at the first call
+    den = asyncfx.partition(model, 2, warmup=2, executor="serial")
+    captures = set()
+    for _ in range(2):
+        for step in range(3):
+            den(**{**kwargs, "t": torch.full((2,), 0.1 + 0.1 * step)})
+        captures.add(id(den.interface))
+    assert len(captures) == 1  # the second generation did not capture again
+    assert model.rope_embedder.freqs_cis is not None
+
+
 def ltx2():
     """LTX-2 denoises a video and an audio latent together and predicts both."""
     torch.manual_seed(0)

@@ -28,7 +28,9 @@ or re-weighted, new weights loaded, FreeU switched on, other attention processor
 or anything else that changes its modules, tensors or their attributes (found by
 ``model_state.state_signature``, about 10 ms for SDXL's UNet). Stage copies on
 other devices would otherwise keep the old weights, and new modules and settings would
-be missing from the graph.
+be missing from the graph. The state is taken again after the model's first call of its
+own (a warm-up step): what a forward makes for itself at its first call (Z-Image's
+rotary table), which the capture's trace left unmade, is not an edit.
 
 Note (shapes): a call with other shapes, dtypes or non-tensor arguments than the
 capture is captured anew. The previous capture is kept as a spare (with its executor),
@@ -190,6 +192,7 @@ class _Build:
     executor: Executor | None = None
     plan: Any = None
     signature: int | None = None  # the model's state when it was captured (note on editing)
+    settled: bool = False  # signed again after the model's first call of its own (note on editing)
     streams: list[_Stream] = dataclasses.field(default_factory=list)
     step: int = -1   # the generation step of its last call
     calls: int = 0   # its calls at that step
@@ -382,6 +385,14 @@ class AsyncDenoiser(nn.Module):
         if compile_now:
             self._compile()
 
+    def _settle(self, build: _Build) -> None:
+        """Take the model's state again after its first call since the capture: what a forward
+        keeps for itself (a table made at its first call, which tracing left unmade) is
+        not an edit."""
+        if not build.settled and build.signature is not None:
+            build.signature = state_signature(self._model)
+        build.settled = True
+
     def _drop_spare(self) -> None:
         if self._spare is not None and self._spare.executor is not None:
             self._spare.executor.close()
@@ -431,7 +442,9 @@ class AsyncDenoiser(nn.Module):
                              time_shift=self.time_shift, total_steps=total)
         if self.executor is None and step_plan.mode is Mode.SEQUENTIAL and step < self.warmup - 1:
             stream.step += 1
-            return self._model(*args, **kwargs)
+            output = self._model(*args, **kwargs)
+            self._settle(self._now)
+            return output
         self._compile()
         if step_plan.mode is Mode.CACHED:
             outputs = stream.cached.pop(step)
