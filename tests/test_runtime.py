@@ -443,6 +443,18 @@ def test_model_edits_between_generations_take_effect(edit):
     assert not torch.equal(after, before)
 
 
+def test_inputs_that_want_gradients_are_refused_before_anything_runs():
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    wants_grad = {**kwargs, "sample": kwargs["sample"].clone().requires_grad_()}
+    with torch.enable_grad(), pytest.raises(asyncfx.AsyncFXError, match=r"requires grad, but the stages run "
+                                            r"without autograd.*torch.no_grad\(\).*\.original_model"):
+        den(**wants_grad)
+    assert den.interface is None  # nothing captured, no step counted
+    with torch.no_grad():  # as pipelines call it
+        torch.testing.assert_close(den(**wants_grad).sample, model(**kwargs).sample, rtol=0, atol=0)
+
+
 def test_step_caching_is_refused_at_partition_and_when_enabled_later():
     from diffusers import FirstBlockCacheConfig
 

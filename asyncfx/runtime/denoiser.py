@@ -63,6 +63,7 @@ import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from asyncfx.errors import ArgumentsError, AsyncFXError, InputMismatchError
@@ -418,6 +419,8 @@ class AsyncDenoiser(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
             _refuse_compile(self)
+        if torch.is_grad_enabled():
+            _check_no_input_wants_gradients(self, args, kwargs)
         # Note (lazy compilation): the first call only captures the model. Warm-up steps
         # compute exactly what the original model computes, so until the last warm-up
         # step the original model answers, and the cost model, the split and the
@@ -652,6 +655,21 @@ def _refuse_compile(denoiser: AsyncDenoiser) -> None:
         "its stages run on worker threads and devices, replayed as CUDA graphs on GPUs. Call the "
         "denoiser uncompiled (pipe.unet = asyncfx.partition(model, ...), with no torch.compile "
         "or .compile() after it).")
+
+
+def _check_no_input_wants_gradients(denoiser: AsyncDenoiser, args: tuple, kwargs: dict) -> None:
+    """Refuse inputs that require grad (gradient guidance): the stages run without autograd,
+    and each reads the others' outputs from the previous step, so no gradient with respect
+    to this call's inputs would reach through them."""
+    wanting = [leaf for leaf in pytree.tree_leaves((args, kwargs))
+               if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+    if wanting:
+        raise AsyncFXError(
+            f"an input of this AsyncDenoiser (of {type(denoiser.original_model).__name__}) requires grad, "
+            "but the stages run without autograd: each reads the other stages' outputs from the previous "
+            "step, so gradients with respect to this call's inputs cannot flow through them. Call it "
+            "under torch.no_grad() with inputs that do not require grad, as pipelines do, or call "
+            ".original_model where gradients are needed (e.g. gradient guidance).")
 
 
 def timestep_value(timestep: torch.Tensor) -> float:
