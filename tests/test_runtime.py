@@ -762,6 +762,8 @@ def test_a_deep_copy_is_a_denoiser_of_a_copy_of_the_model_built_anew():
     assert not torch.equal(got, model(**kwargs).sample)
     with pytest.raises(TypeError, match=r"cannot be pickled .* Save the model \(.original_model"):
         pickle.dumps(den)
+    shallow = copy.copy(den)
+    assert shallow.original_model is model and shallow.interface is None and shallow.scheduler is scheduler
     den.close(), twin.close()
 
 

@@ -239,10 +239,20 @@ class AsyncDenoiser(nn.Module):
         """
         twin = AsyncDenoiser.__new__(AsyncDenoiser)
         memo[id(self)] = twin
-        kept = {name: value for name, value in self.__dict__.items() if name not in RUNTIME_STATE}
-        twin.__dict__.update(copy.deepcopy(kept, memo))  # the model, its scheduler, options, hooks
+        twin.__dict__.update(copy.deepcopy(self._options(), memo))  # the model, its scheduler, hooks
         twin._start_runtime_state()
         return twin
+
+    def __copy__(self) -> AsyncDenoiser:
+        """A denoiser of the same model with the same options, captured anew at its first call."""
+        twin = AsyncDenoiser.__new__(AsyncDenoiser)
+        twin.__dict__.update(self._options())
+        twin._start_runtime_state()
+        return twin
+
+    def _options(self) -> dict[str, Any]:
+        """Everything but what the denoiser builds while it runs (RUNTIME_STATE)."""
+        return {name: value for name, value in self.__dict__.items() if name not in RUNTIME_STATE}
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(f"an AsyncDenoiser (of {type(self._model).__name__}) cannot be pickled or saved with "
