@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -222,6 +223,20 @@ def test_capture_leaves_no_traced_values_in_the_models_python_state(method):
     torch.testing.assert_close(model(x, t), expected, rtol=0, atol=0)
     torch.testing.assert_close(captured(x, t), expected, rtol=0, atol=0)
     assert torch.equal(model.rotary.table, torch.tensor([0.25, 0.5, 0.75, 1.0]))
+
+
+def test_forward_hooks_are_warned_about_as_running_only_while_capturing():
+    model, args = TwoImages(), (torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.tensor(1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        asyncfx.capture(model, args)  # no hooks, no warning
+    kept = []
+    model.conv.register_forward_hook(lambda module, inputs, output: kept.append(output))
+    with pytest.warns(UserWarning, match="TwoImages has forward hooks on conv: they run once, while the "
+                                         "model is captured"):
+        captured = asyncfx.capture(model, args)
+    captured(*args)
+    assert len(kept) == 1  # the trace's call only
 
 
 class NumpyActivationMasked(NumpyActivation):

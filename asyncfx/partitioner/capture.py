@@ -17,6 +17,7 @@ import linecache
 import os
 import re
 import traceback
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -354,6 +355,19 @@ def check_no_step_cache(model: nn.Module) -> None:
                            "partitioning.")
 
 
+def _warn_about_forward_hooks(model: nn.Module) -> None:
+    """Forward hooks run once, while tracing: the graph computes what they return, but what
+    else they do (keeping activations, logging, measuring) will not happen at each call."""
+    hooked = [name or type(model).__name__ for name, module in model.named_modules()
+              if module._forward_hooks or module._forward_pre_hooks]
+    if hooked:
+        shown = ", ".join(hooked[:5]) + (f" and {len(hooked) - 5} more" if len(hooked) > 5 else "")
+        warnings.warn(f"{type(model).__name__} has forward hooks on {shown}: they run once, while the model "
+                      "is captured, and the graph computes what they return, but nothing else they do "
+                      "(keeping activations, logging) will happen at later calls. Remove them before "
+                      "partitioning, or call the original model where they must run.", stacklevel=3)
+
+
 def check_argument_names(model: nn.Module, latent: LatentOption = None,
                          timestep: str | None = None) -> None:
     """Refuse ``latent=`` or ``timestep=`` naming no argument of the model's forward, before
@@ -415,6 +429,7 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
                            "wrap a plain function in a Module.")
     check_not_compiled(model)
     check_no_step_cache(model)
+    _warn_about_forward_hooks(model)
     args, kwargs = tuple(args), dict(kwargs or {})
     model_class = type(model).__name__
     signature = inspect.signature(model.forward)
