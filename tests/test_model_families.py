@@ -199,6 +199,10 @@ def test_several_latent_arguments_can_be_named():
     calls = [{**kwargs, **{name: kwargs[name] * (1 - 0.1 * step) for name in latents},
               "timestep": torch.full((1,), 0.9 - 0.1 * step), "sigma": torch.full((1,), 0.9 - 0.1 * step)}
              for step in range(3)]
+    unnamed = (r"returns a tensor shaped like its input\(s\) \['audio_hidden_states'\], which are taken "
+               r"as conditioning.*latent=\['hidden_states', 'audio_hidden_states'\]")
+    with pytest.warns(UserWarning, match=unnamed):
+        asyncfx.capture(model, (), calls[0])  # the audio latent not named: its prediction tells
     with pytest.raises(asyncfx.CaptureError, match="latent='audio_latents' names no argument of LTX2"):
         asyncfx.partition(model, 2, latent=["hidden_states", "audio_latents"])
     with pytest.raises(asyncfx.CaptureError, match=r"latent=\[\] must name the noisy-sample argument"):

@@ -448,10 +448,28 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     inputs = [GraphInput(name, placeholder, role, tuple(leaf.shape), str(leaf.dtype))
               for (name, role, leaf), placeholder in zip(tensor_inputs, placeholders)]
     classify(graph_module.graph, {i.placeholder: _ROLE_CLASS[i.role] for i in inputs})
+    _warn_about_unnamed_latents(graph_module.graph, inputs, model_class)
     constants = [_TENSOR if tensor else leaf for leaf, tensor in zip(leaves, is_tensor)]
     interface = CallInterface(inputs=inputs, binder=binder, leaf_constants=constants,
                               in_spec=in_spec, out_spec=out_spec, model_class=model_class)
     return Captured(graph_module, interface, method)
+
+
+def _warn_about_unnamed_latents(graph: fx.Graph, inputs: list[GraphInput], model_class: str) -> None:
+    """A denoiser returns a prediction for each latent it takes: an output shaped like none
+    of its latents but like a conditioning input (LTX-2's audio prediction and its
+    ``audio_hidden_states``) says that input is a latent too, to be named."""
+    values = [getattr(node, "meta", {}).get("val") for node in graph.output_node().args[0]]
+    latent_shapes = {i.shape for i in inputs if i.role is InputRole.LATENT}
+    unmatched = {tuple(v.shape) for v in values if isinstance(v, torch.Tensor)} - latent_shapes
+    suspects = [i.name for i in inputs if i.role is InputRole.CONDITION and i.shape in unmatched]
+    if suspects:
+        latents = [i.name for i in inputs if i.role is InputRole.LATENT]
+        warnings.warn(f"{model_class} returns a tensor shaped like its input(s) {suspects}, which are taken "
+                      "as conditioning, and like none of its latents: if the model denoises them too (a "
+                      "second latent, as LTX-2's audio), name every latent, e.g. "
+                      f"latent={[*latents, *suspects]!r}, so that they are read one step stale like "
+                      "the others instead of being recomputed in every stage.", stacklevel=3)
 
 
 _ROLE_CLASS = {InputRole.LATENT: ValueClass.LATENT, InputRole.TIMESTEP: ValueClass.STEP,
