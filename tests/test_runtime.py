@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import pickle
 import time
 import warnings
@@ -400,7 +401,8 @@ class LowRank(nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
-def test_editing_the_model_after_partitioning_takes_effect_at_the_next_generation():
+def test_editing_the_model_after_partitioning_takes_effect_at_the_next_generation(caplog):
+    caplog.set_level(logging.INFO, logger="asyncfx")
     model, kwargs = own_sd_unet()
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")
     sample(den, kwargs, "sample", steps=3)
@@ -411,6 +413,10 @@ def test_editing_the_model_after_partitioning_takes_effect_at_the_next_generatio
         model.conv_in.weight.mul_(2)  # a fused LoRA: weights written in place
     assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)  # a new generation's warm-up step
     assert den.interface is not captured
+    reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("capturing")]
+    assert reasons == ["capturing UNet2DConditionModel: its first call",
+                       "capturing UNet2DConditionModel: the model was edited since its capture (modules, "
+                       "tensors or attributes: a LoRA, new weights, FreeU, attention processors...)"]
     attention = model.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     attention.to_q = LowRank(attention.to_q)  # a LoRA loaded: new modules and parameters
     den(**{**kwargs, "timestep": torch.tensor(500)})  # still the same generation: no check
@@ -521,13 +527,16 @@ def test_stride_two_follows_the_scheduler_for_a_capture_that_starts_mid_generati
             torch.testing.assert_close(got, later(x, torch.tensor(t, dtype=torch.float64)), rtol=0, atol=0)
 
 
-def test_shape_change_mid_generation_recaptures():
+def test_shape_change_mid_generation_recaptures(caplog):
     model, _, kwargs = zoo_example("sd_unet")
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")
     for t in (900, 800, 700):
         den(**{**kwargs, "timestep": torch.tensor(t)})
     bigger = {**kwargs, "sample": torch.randn(2, 4, 16, 16), "timestep": torch.tensor(600)}
-    torch.testing.assert_close(den(**bigger).sample, model(**bigger).sample, rtol=0, atol=0)
+    with caplog.at_level(logging.INFO, logger="asyncfx.runtime.denoiser"):
+        torch.testing.assert_close(den(**bigger).sample, model(**bigger).sample, rtol=0, atol=0)
+    assert caplog.messages[0].startswith("capturing UNet2DConditionModel: the call differs from the capture: "
+                                         "input 'sample' of UNet2DConditionModel is float32[2, 4, 16, 16]")
 
 
 def test_a_call_with_missing_arguments_is_an_error_that_keeps_the_generation():

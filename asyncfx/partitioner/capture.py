@@ -14,8 +14,10 @@ import enum
 import hashlib
 import inspect
 import linecache
+import logging
 import os
 import re
+import time
 import traceback
 import warnings
 from typing import Any, Sequence
@@ -31,6 +33,8 @@ from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.classify import classify
 from asyncfx.passes.functionalise import functionalise, in_place_ops
 from asyncfx.passes.meta import VALUE, ValueClass
+
+logger = logging.getLogger(__name__)
 
 #: Argument names taken as the latent when ``latent=`` is not given, in order.
 LATENT_NAMES = ("sample", "hidden_states", "x")
@@ -430,6 +434,7 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     check_not_compiled(model)
     check_no_step_cache(model)
     _warn_about_forward_hooks(model)
+    started = time.perf_counter()
     args, kwargs = tuple(args), dict(kwargs or {})
     model_class = type(model).__name__
     signature = inspect.signature(model.forward)
@@ -452,7 +457,11 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     constants = [_TENSOR if tensor else leaf for leaf, tensor in zip(leaves, is_tensor)]
     interface = CallInterface(inputs=inputs, binder=binder, leaf_constants=constants,
                               in_spec=in_spec, out_spec=out_spec, model_class=model_class)
-    return Captured(graph_module, interface, method)
+    captured = Captured(graph_module, interface, method)
+    logger.info("captured %s with %s in %.1f s: %d nodes; inputs %s", model_class, method,
+                time.perf_counter() - started, len(graph_module.graph.nodes),
+                ", ".join(i.describe() for i in inputs))
+    return captured
 
 
 def _warn_about_unnamed_latents(graph: fx.Graph, inputs: list[GraphInput], model_class: str) -> None:

@@ -1,6 +1,8 @@
 """compile(): capture if needed, price the nodes, search the cuts, refine, make the plan."""
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,6 +17,8 @@ from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.partitioner.plan import BoundaryTensor, StageInfo, StagePlan
 from asyncfx.partitioner.profile import Profile, profile_captured
 from asyncfx.partitioner.search import Cut, search_cuts
+
+logger = logging.getLogger(__name__)
 
 
 def compile(model_or_captured: nn.Module, n_devices: int, *, example_inputs: Any = None,
@@ -48,6 +52,7 @@ def compile(model_or_captured: nn.Module, n_devices: int, *, example_inputs: Any
     captured = as_captured(model_or_captured, example_inputs, latent, timestep)
     spec = device_spec(link)
     check_cost(cost)
+    started = time.perf_counter()
     flat_inputs = None
     if cost == "measure":
         if example_inputs is None:
@@ -64,6 +69,9 @@ def compile(model_or_captured: nn.Module, n_devices: int, *, example_inputs: Any
         from asyncfx.partitioner.refine import refine
 
         plan = refine(captured, model, plan, flat_inputs, rounds=refine_rounds, repeats=repeats)
+    logger.info("compiled %d stage(s) of %s (cost=%s, link=%s) in %.1f s; stage costs (%s) %s",
+                plan.n_stages, captured.model_class, cost, spec.name, time.perf_counter() - started,
+                plan.cost_unit, ", ".join(plan.format_cost(s.estimated_cost) for s in plan.stages))
     return plan
 
 

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -71,6 +72,8 @@ from asyncfx.runtime.executor import BoundaryStore, Executor
 from asyncfx.runtime.model_state import state_signature
 from asyncfx.runtime.schedule import Mode, schedule
 
+
+logger = logging.getLogger(__name__)
 
 #: Calls with one timestep that are separate streams: most pipelines make one or two per
 #: step (conditional and unconditional passes as separate calls), video pipelines that
@@ -197,6 +200,7 @@ class _Build:
     streams: list[_Stream] = dataclasses.field(default_factory=list)
     step: int = -1   # the generation step of its last call
     calls: int = 0   # its calls at that step
+    why_empty: str = "its first call"  # why a build without a capture has none (logged)
 
 
 class AsyncDenoiser(nn.Module):
@@ -366,7 +370,7 @@ class AsyncDenoiser(nn.Module):
         self._model._apply(fn)
         self._drop_spare()
         self.close()
-        self._now = _Build()
+        self._now = _Build(why_empty="the model was converted (.to() and the like)")
         self.reset()
         return self
 
@@ -379,10 +383,12 @@ class AsyncDenoiser(nn.Module):
                 build.executor = None
 
     def build(self, args: tuple, kwargs: dict, *, compile_now: bool = False,
-              keep_current: bool = False) -> None:
+              keep_current: bool = False, reason: str | None = None) -> None:
         """Capture for inputs like ``args``/``kwargs``; compile and split now, or at the
         last warm-up step (see the note on lazy compilation in ``forward``).
-        ``keep_current`` keeps the current capture as the spare (see the note on shapes)."""
+        ``keep_current`` keeps the current capture as the spare (see the note on shapes);
+        ``reason`` says why, in the log."""
+        logger.info("capturing %s: %s", type(self._model).__name__, reason or self._now.why_empty)
         # a capture that fails keeps the old build
         interface, make_executor = self._build(self._model, args, kwargs)
         current = self._now
@@ -419,12 +425,17 @@ class AsyncDenoiser(nn.Module):
         except InputMismatchError:
             return None
         self._spare, self._now = self._now, spare
+        logger.debug("switched back to the previous capture of %s, which fits this call",
+                     type(self._model).__name__)
         return flat
 
     def _compile(self) -> None:
         now = self._now
         if now.executor is None:
             now.executor, now.plan = now.make_executor(now.plan)
+            devices = getattr(now.executor, "devices", None)
+            logger.info("running %d stage(s) of %s on %s%s", now.plan.n_stages, type(self._model).__name__,
+                        type(now.executor).__name__, f" ({', '.join(map(str, devices))})" if devices else "")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
@@ -441,7 +452,8 @@ class AsyncDenoiser(nn.Module):
         self._follow_generation(named)
         stream = self._stream_for(self._now)
         if self._generation.step == 0 and stream.step == 0 and self._model_edited():
-            self.build(args, kwargs)  # e.g. a LoRA loaded into the model since it was captured
+            self.build(args, kwargs, reason="the model was edited since its capture (modules, tensors or "
+                       "attributes: a LoRA, new weights, FreeU, attention processors...)")
             named = self._bind(args, kwargs)
             stream = self._stream_for(self._now)
         step = stream.step
@@ -477,12 +489,13 @@ class AsyncDenoiser(nn.Module):
             flat = self.interface.flatten(args, kwargs)
         except ArgumentsError:
             raise  # a mistake in the call: a new capture would not fit it either
-        except InputMismatchError:
+        except InputMismatchError as mismatch:
             if not self.rebuild:
                 raise
             flat = self._switch_to_spare(args, kwargs)  # back to the previous shapes
-            if flat is None:
-                self.build(args, kwargs, keep_current=True)  # new shapes: a new graph
+            if flat is None:  # new shapes: a new graph
+                self.build(args, kwargs, keep_current=True,
+                           reason=f"the call differs from the capture: {mismatch}")
                 flat = self.interface.flatten(args, kwargs)
         return dict(zip(self.interface.names, flat))
 
@@ -507,6 +520,7 @@ class AsyncDenoiser(nn.Module):
         if self._starts_generation(t, conditions):
             self._check_restarts(named, conditions)
             self.reset()
+            logger.debug("a new generation starts at timestep %s: warm-up again", t)
         else:
             self._restarts = 0
         generation = self._generation
