@@ -108,7 +108,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
                              time_shift=time_shift, scheduler=scheduler, rebuild=plan is None,
                              convertible=not isinstance(model, Captured))
     if example_inputs is not None:
-        denoiser.build(*split_example_inputs(example_inputs), compile_now=True)
+        denoiser.build(*split_example_inputs(example_inputs), compile_now=True,
+                       reason="the example inputs given to partition()")
     return denoiser
 
 
