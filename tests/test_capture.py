@@ -11,6 +11,7 @@ from torch import nn
 
 import asyncfx
 from asyncfx.runtime.denoiser import CompiledDenoiserError
+from asyncfx.zoo import tiny
 from asyncfx.zoo.tiny import ZOO
 from conftest import assert_same_output, zoo_captured, zoo_example
 
@@ -148,6 +149,20 @@ def test_compiling_the_denoiser_is_refused_at_its_first_call_and_loses_nothing()
         torch.compile(den, backend="eager")(*args)
     assert den.interface is None  # nothing captured, no step counted
     assert_same_output(den(*args), model(*args))
+
+
+def test_hooks_that_wrap_forward_to_move_or_convert_weights_are_refused():
+    from accelerate import cpu_offload_with_hook
+
+    cast, _, kwargs = tiny.sd_unet()
+    cast.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(asyncfx.CaptureError, match="UNet2DConditionModel.conv_in has diffusers' "
+                                                   "'layerwise_casting' hook wrapping its forward"):
+        asyncfx.partition(cast, 2)  # at once, not at the first call
+    offloaded, _ = cpu_offload_with_hook(tiny.sd_unet()[0], execution_device="cpu")  # model offloading's
+    refused = r"UNet2DConditionModel has accelerate's CpuOffload wrapping its forward.*remove_all_hooks\(\)"
+    with pytest.raises(asyncfx.CaptureError, match=refused):
+        asyncfx.capture(offloaded, (), kwargs)
 
 
 def test_python_number_timestep_is_a_graph_input_not_a_constant():

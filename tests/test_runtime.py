@@ -461,6 +461,19 @@ def test_inputs_that_want_gradients_are_refused_before_anything_runs():
         torch.testing.assert_close(den(**wants_grad).sample, model(**kwargs).sample, rtol=0, atol=0)
 
 
+def test_offloading_hooks_put_on_the_denoiser_are_refused_at_its_call():
+    from accelerate import cpu_offload_with_hook
+    from accelerate.hooks import remove_hook_from_module
+
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    offloaded, _ = cpu_offload_with_hook(den, execution_device="cpu")  # what enable_model_cpu_offload() does
+    with pytest.raises(asyncfx.AsyncFXError, match=r"wrapped by accelerate's CpuOffload.*remove_all_hooks"):
+        offloaded(**kwargs)
+    remove_hook_from_module(offloaded)  # what pipe.remove_all_hooks() does
+    torch.testing.assert_close(den(**kwargs).sample, model(**kwargs).sample, rtol=0, atol=0)
+
+
 def test_step_caching_is_refused_at_partition_and_when_enabled_later():
     from diffusers import FirstBlockCacheConfig
 

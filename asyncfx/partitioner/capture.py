@@ -359,6 +359,27 @@ def check_no_step_cache(model: nn.Module) -> None:
                            "partitioning.")
 
 
+def check_no_forward_wrappers(model: nn.Module) -> None:
+    """Refuse hooks that wrap a module's forward to move or convert its weights, or to
+    choose what to compute, at each call: accelerate's (``_hf_hook``: model or sequential
+    CPU offloading, ``device_map``) and diffusers' hook registries (``_diffusers_hook``:
+    group offloading, layerwise casting, caching, layer skipping). A captured graph keeps
+    the weights where the stages are and computes what the capture's call computed."""
+    for name, module in model.named_modules():
+        accelerate = getattr(module, "_hf_hook", None)
+        wrappers = [f"accelerate's {type(accelerate).__name__}"] if accelerate is not None else []
+        registry = getattr(module, "_diffusers_hook", None)
+        wrappers += [f"diffusers' {hook!r} hook" for hook in getattr(registry, "hooks", None) or {}]
+        if wrappers:
+            where = f"{type(model).__name__}.{name}" if name else type(model).__name__
+            raise CaptureError(
+                f"{where} has {', '.join(wrappers)} wrapping its forward: such hooks move or convert "
+                "weights, or choose what to compute, at each call, which a captured graph cannot do "
+                "(asyncfx puts each stage's weights on its device itself). Remove them before "
+                "partitioning: no enable_model_cpu_offload() or group offloading (pipe.remove_all_hooks() "
+                "undoes model offloading), no layerwise casting, no step caching.")
+
+
 def _warn_about_forward_hooks(model: nn.Module) -> None:
     """Forward hooks run once, while tracing: the graph computes what they return, but what
     else they do (keeping activations, logging, measuring) will not happen at each call."""
@@ -433,6 +454,7 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
                            "wrap a plain function in a Module.")
     check_not_compiled(model)
     check_no_step_cache(model)
+    check_no_forward_wrappers(model)
     _warn_about_forward_hooks(model)
     started = time.perf_counter()
     args, kwargs = tuple(args), dict(kwargs or {})

@@ -442,6 +442,8 @@ class AsyncDenoiser(nn.Module):
             _refuse_compile(self)
         if torch.is_grad_enabled():
             _check_no_input_wants_gradients(self, args, kwargs)
+        if "_hf_hook" in self.__dict__:
+            _refuse_offloading(self)
         # Note (lazy compilation): the first call only captures the model. Warm-up steps
         # compute exactly what the original model computes, so until the last warm-up
         # step the original model answers, and the cost model, the split and the
@@ -679,6 +681,18 @@ def _refuse_compile(denoiser: AsyncDenoiser) -> None:
         "its stages run on worker threads and devices, replayed as CUDA graphs on GPUs. Call the "
         "denoiser uncompiled (pipe.unet = asyncfx.partition(model, ...), with no torch.compile "
         "or .compile() after it).")
+
+
+def _refuse_offloading(denoiser: AsyncDenoiser) -> None:
+    """accelerate's hooks (``pipe.enable_model_cpu_offload()`` after partitioning) move the
+    whole denoiser to the execution device before each call and back after the next
+    component's: each move would convert the model and capture it again."""
+    raise AsyncFXError(
+        f"this AsyncDenoiser (of {type(denoiser.original_model).__name__}) is wrapped by accelerate's "
+        f"{type(denoiser.__dict__['_hf_hook']).__name__} (pipe.enable_model_cpu_offload() or "
+        "enable_sequential_cpu_offload()), which moves it between devices around every call; asyncfx "
+        "keeps each stage on its own device. Call pipe.remove_all_hooks(), and move the rest of the "
+        "pipeline to its device with pipe.to(...).")
 
 
 def _check_no_input_wants_gradients(denoiser: AsyncDenoiser, args: tuple, kwargs: dict) -> None:
