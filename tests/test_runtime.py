@@ -735,6 +735,21 @@ def test_attributes_come_from_the_original_model():
     den.close()
 
 
+def test_attributes_set_through_the_denoiser_are_the_models():
+    model, kwargs = own_sd_unet()
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    sample(den, kwargs, "sample", steps=2)
+    before = model(**kwargs).sample
+    den.conv_act = nn.Identity()  # an attribute the model has (unload_ip_adapter() sets encoder_hid_proj)
+    assert isinstance(model.conv_act, nn.Identity) and "conv_act" not in vars(den)
+    den.note, den.warmup = "kept", 2  # a new attribute, and one of the denoiser's options
+    assert (den.note, den.warmup) == ("kept", 2)
+    assert not hasattr(model, "note") and not hasattr(model, "warmup")
+    expected = model(**kwargs).sample
+    assert not torch.equal(expected, before)
+    torch.testing.assert_close(den(**kwargs).sample, expected, rtol=0, atol=0)  # captured again
+
+
 def test_modules_parameters_and_mode_are_the_original_models():
     model = copy.deepcopy(zoo_example("sd_unet")[0])
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")

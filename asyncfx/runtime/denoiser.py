@@ -92,6 +92,11 @@ MANY_TIMESTEPS = 64
 Build = Callable[[Any, tuple, dict], tuple["CallInterfaceLike", "MakeExecutor"]]
 #: What the denoiser builds while it runs; a copy starts without it (``__deepcopy__``).
 RUNTIME_STATE = ("_now", "_spare", "_generation", "_restarts")
+#: The denoiser's own attributes (set on it even where the model has one of the name).
+OWN_ATTRIBUTES = frozenset({"_build", "n_stages", "warmup", "stride", "time_shift", "scheduler", "rebuild",
+                            "convertible", "training", *RUNTIME_STATE})
+#: Where nn.Module keeps its parameters, buffers and submodules.
+MODULE_REGISTRIES = ("_parameters", "_buffers", "_modules")
 
 #: ``make_executor(plan)``: the executor for the captured graph, and its plan (``plan`` if
 #: given, e.g. compiled before the last executor was closed; else compiled now).
@@ -270,6 +275,20 @@ class AsyncDenoiser(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "_model"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """An attribute the original model has, and the denoiser does not, is set on the model
+        (``pipe.unet.encoder_hid_proj = None``, as ``unload_ip_adapter()`` does): read through
+        the denoiser, it is the model's. Others, new ones included, are the denoiser's."""
+        model = self.__dict__.get("_model")
+        if model is None or self._is_own(name) or not hasattr(model, name):
+            super().__setattr__(name, value)
+        else:
+            setattr(model, name, value)
+
+    def _is_own(self, name: str) -> bool:
+        return (name in self.__dict__ or name in OWN_ATTRIBUTES or hasattr(type(self), name)
+                or any(name in self.__dict__.get(registry, ()) for registry in MODULE_REGISTRIES))
 
     @property
     def dtype(self) -> torch.dtype:
