@@ -116,6 +116,31 @@ def test_stride_two_follows_how_the_calls_timesteps_relate_to_the_scheduler(scal
                                    expected(x, torch.tensor(t, dtype=torch.float64)), rtol=1e-9, atol=1e-9)
 
 
+class TimestepTwice(nn.Module):
+    """Reads the timestep under two names (LTX-2's pipeline passes ``sigma=timestep``):
+    each stage adds ``(timestep - sigma) * c``, zero wherever both move together."""
+
+    def forward(self, x, timestep, sigma):
+        h = x
+        for c in COEFFICIENTS:
+            h = h + (timestep - sigma) * c
+        return h
+
+
+@pytest.mark.parametrize("stride, time_shift", [(2, False), (1, True)])
+def test_a_copy_of_the_timestep_under_another_name_moves_with_it(stride, time_shift):
+    ts = [60.0 - 5 * s for s in range(7)]
+    scheduler = SimpleNamespace(timesteps=torch.tensor(ts, dtype=torch.float64))
+    x = torch.zeros(1, dtype=torch.float64)
+    example = (x, torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+    den = asyncfx.partition(TimestepTwice(), 3, example_inputs=example, warmup=1, stride=stride,
+                            time_shift=time_shift, scheduler=scheduler, executor="serial", cost="uniform")
+    assert [r for r in den.interface.roles] == ["latent", "timestep", "condition"]
+    for t in ts:
+        timestep = torch.tensor(t, dtype=torch.float64)
+        assert den(x, timestep, timestep.clone()).item() == 0.0  # each stage saw both at one value
+
+
 def test_stride_two_finds_where_a_model_starts_in_the_schedule_from_the_scheduler_step_index():
     """Wan 2.2 samples the first steps with one expert and the rest with another: the
     second one's first call is part-way through the scheduler's timesteps, which it

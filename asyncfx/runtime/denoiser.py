@@ -52,7 +52,9 @@ sample, or one per token: Wan 2.2's image-to-video pipeline gives the conditioni
 frame's tokens 0). Stride 2 computes the next step ahead, so each stream finds where its
 first call is among the scheduler's timesteps (listed once each): at the scheduler's own
 step index where it keeps one (a model that takes over part-way, like Wan 2.2's second
-expert, starts there), else at its begin index plus the stream's start.
+expert, starts there), else at its begin index plus the stream's start. A conditioning
+input equal to the timestep at the call (LTX-2's ``sigma=timestep``) is the timestep
+under another name, and moves with it (stride 2, ``time_shift``).
 """
 from __future__ import annotations
 
@@ -676,11 +678,23 @@ class AsyncDenoiser(nn.Module):
 
     def _inputs_for(self, named: Mapping[str, torch.Tensor], stream: _Stream,
                     step: int) -> Callable[[int], Mapping[str, torch.Tensor]]:
+        copies = self._timestep_copies(named) if self.stride == 2 or self.time_shift else []
+
         def inputs_for(timestep_index: int) -> Mapping[str, torch.Tensor]:
             if timestep_index == step or self._timestep_name is None:
                 return named
-            return {**named, self._timestep_name: self._timestep(named, stream, timestep_index)}
+            moved = self._timestep(named, stream, timestep_index)
+            return {**named, **{name: moved for name in (self._timestep_name, *copies)}}
         return inputs_for
+
+    def _timestep_copies(self, named: Mapping[str, torch.Tensor]) -> list[str]:
+        """Conditioning inputs that are the call's timestep under another name (LTX-2's
+        pipeline passes ``sigma=timestep``): where the timestep moves, they move with it."""
+        if self._timestep_name is None:
+            return []
+        timestep = named[self._timestep_name]
+        return [name for name, role in zip(self.interface.names, self.interface.roles)
+                if role == "condition" and _same_tensors([named[name]], [timestep])]
 
     def _timestep(self, named: Mapping[str, torch.Tensor], stream: _Stream, index: int) -> torch.Tensor:
         if index in stream.timesteps:  # time_shift: an earlier call's timestep
