@@ -9,8 +9,7 @@ from torch import nn
 
 from asyncfx.errors import AsyncFXError, PlanError
 from asyncfx.partitioner import Captured, StagePlan, capture, compile, split
-from asyncfx.partitioner.capture import (LatentOption, check_argument_names, check_no_forward_wrappers,
-                                         check_no_step_cache, check_not_compiled)
+from asyncfx.partitioner.capture import LatentOption, check_argument_names, check_capturable
 from asyncfx.partitioner.compile import split_example_inputs
 from asyncfx.partitioner.cost_model import check_cost
 from asyncfx.partitioner.device import device_spec
@@ -220,9 +219,7 @@ def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise ModelError(f"partition() takes the denoiser, an nn.Module, got {type(model).__name__}; for a "
                          "diffusers pipeline pass its pipe.unet or pipe.transformer.")
-    check_not_compiled(model)
-    check_no_step_cache(model)
-    check_no_forward_wrappers(model)
+    check_capturable(model)
 
 
 def _check_cost_and_link(cost: str, link: Any) -> None:

@@ -393,6 +393,14 @@ def _warn_about_forward_hooks(model: nn.Module) -> None:
                       "partitioning, or call the original model where they must run.", stacklevel=3)
 
 
+def check_capturable(model: nn.Module) -> None:
+    """Refuse what a captured graph cannot stand for: a compiled wrapper, step caching,
+    hooks that move or convert weights (checked by ``partition()`` at once and by every capture)."""
+    check_not_compiled(model)
+    check_no_step_cache(model)
+    check_no_forward_wrappers(model)
+
+
 def check_argument_names(model: nn.Module, latent: LatentOption = None,
                          timestep: str | None = None) -> None:
     """Refuse ``latent=`` or ``timestep=`` naming no argument of the model's forward, before
@@ -452,9 +460,7 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}; "
                            "wrap a plain function in a Module.")
-    check_not_compiled(model)
-    check_no_step_cache(model)
-    check_no_forward_wrappers(model)
+    check_capturable(model)
     _warn_about_forward_hooks(model)
     started = time.perf_counter()
     args, kwargs = tuple(args), dict(kwargs or {})

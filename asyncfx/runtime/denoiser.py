@@ -366,9 +366,7 @@ class AsyncDenoiser(nn.Module):
         elif self.executor is None:
             state = "captured; stages built at the last warm-up step"
         else:
-            devices = getattr(self.executor, "devices", None)
-            where = f" on {', '.join(str(d) for d in devices)}" if devices else ""
-            state = f"running on {type(self.executor).__name__}{where}"
+            state = f"running on {_running_on(self.executor)}"
         return (f"{type(self._model).__name__}, n_stages={self.n_stages}, warmup={self.warmup}, "
                 f"stride={self.stride}: {state}")
 
@@ -454,9 +452,8 @@ class AsyncDenoiser(nn.Module):
         now = self._now
         if now.executor is None:
             now.executor, now.plan = now.make_executor(now.plan)
-            devices = getattr(now.executor, "devices", None)
-            logger.info("running %d stage(s) of %s on %s%s", now.plan.n_stages, type(self._model).__name__,
-                        type(now.executor).__name__, f" ({', '.join(map(str, devices))})" if devices else "")
+            logger.info("running %d stage(s) of %s on %s", now.plan.n_stages, type(self._model).__name__,
+                        _running_on(now.executor))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
@@ -703,6 +700,12 @@ class AsyncDenoiser(nn.Module):
         given = named[self._timestep_name]  # its elements at this call's timestep move on
         predicted = torch.full_like(given, stream.timestep_map.predict(scheduled))
         return torch.where(given == self._generation.timestep, predicted, given)
+
+
+def _running_on(executor: Executor) -> str:
+    """The executor and its devices, e.g. ``LocalExecutor on cuda:0, cuda:1``."""
+    devices = getattr(executor, "devices", None)
+    return type(executor).__name__ + (f" on {', '.join(str(d) for d in devices)}" if devices else "")
 
 
 @torch.compiler.disable
