@@ -235,6 +235,7 @@ def test_families_that_depend_on_tensor_values_are_refused_clearly():
     inputs = {**_inputs(hidden_states=(2, 4, 8, 8), encoder_hidden_states=(2, 5, 8)),
               "timestep": torch.tensor([0.1, 0.1]),
               "encoder_attention_mask": torch.ones(2, 5, dtype=torch.bool)}
-    with pytest.raises(asyncfx.CaptureError, match=r"(?s)transformer_lumina2.py.*len\(set\(seq_lengths\)\).*"
+    # the line export stops at differs between torch releases; it is always in Lumina 2's forward
+    with pytest.raises(asyncfx.CaptureError, match=r"(?s)transformer_lumina2.py:\d+ in forward: `.*"
                                                    r"x.tolist\(\)"):
         asyncfx.capture(lumina, (), inputs)
