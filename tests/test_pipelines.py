@@ -190,6 +190,83 @@ def test_stable_diffusion_ip_adapter_pipeline():
     assert not np.array_equal(reused, full_scale)
 
 
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """A LoRA for ``unet`` with random weights, keyed as ``pipe.load_lora_weights()`` takes it."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = copy.deepcopy(unet)
+    torch.manual_seed(3)
+    donor.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                 init_lora_weights=False))
+    return {f"unet.{key}": value for key, value in get_peft_model_state_dict(donor).items()}
+
+
+PIPELINE_LORA_CALLS = [  # what LoRA users call on the pipeline, in order
+    ("loaded", lambda pipe, lora: pipe.load_lora_weights(dict(lora), adapter_name="style")),
+    ("re-weighted", lambda pipe, lora: pipe.set_adapters(["style"], adapter_weights=[0.5])),
+    ("disabled", lambda pipe, lora: pipe.disable_lora()),
+    ("enabled", lambda pipe, lora: pipe.enable_lora()),
+    ("fused", lambda pipe, lora: pipe.fuse_lora(lora_scale=0.7)),
+    ("unfused and unloaded", lambda pipe, lora: (pipe.unfuse_lora(), pipe.unload_lora_weights())),
+]
+
+
+def test_pipeline_lora_calls_reach_the_partitioned_model():
+    """diffusers' pipeline-level LoRA calls act only on components that are a ModelMixin
+    (``fuse_lora()`` and ``unload_lora_weights()`` skipped any other silently); the denoiser
+    reports the model's class, so each reaches the model and is captured anew."""
+    unet, _, kwargs = tiny.sd_unet()
+    lora = lora_state_dict(unet)
+    reference = sd_pipeline(copy.deepcopy(unet))
+    pipe = sd_pipeline(unet)
+    pipe.unet = asyncfx.partition(unet, 2, warmup=2, executor="serial")
+    generator = torch.Generator().manual_seed(1)
+    embeds = dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                  negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
+    with one_thread():
+        before = images(pipe, **embeds)
+        previous = unet(**kwargs).sample
+        for name, call in PIPELINE_LORA_CALLS:
+            call(pipe, lora)
+            call(reference, lora)
+            output = unet(**kwargs).sample
+            torch.testing.assert_close(output, reference.unet(**kwargs).sample, msg=name)
+            assert not torch.equal(output, previous), name
+            previous = output
+            if name == "re-weighted":
+                assert pipe.get_list_adapters() == {"unet": ["style"]}
+                after = images(pipe, **embeds)  # captured again: as if partitioned after the calls
+                fresh = sd_pipeline(asyncfx.partition(copy.deepcopy(unet), 2, warmup=2, executor="serial"))
+                np.testing.assert_array_equal(after, images(fresh, **embeds))
+    assert not np.array_equal(after, before)
+
+
+def test_save_pretrained_saves_the_partitioned_model(tmp_path):
+    unet, _, _ = tiny.sd_unet()
+    pipe = sd_pipeline(unet)
+    pipe.unet = asyncfx.partition(unet, 2, warmup=2, executor="serial")
+    assert isinstance(pipe.unet, UNet2DConditionModel) and type(pipe.unet) is asyncfx.AsyncDenoiser
+    assert pipe.config.unet == ("diffusers", "UNet2DConditionModel")
+    pipe.save_pretrained(tmp_path)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path, text_encoder=None, tokenizer=None,
+                                                     safety_checker=None, feature_extractor=None)
+    assert type(loaded.unet) is UNet2DConditionModel
+    assert loaded.unet.state_dict().keys() == unet.state_dict().keys()
+    for key, value in unet.state_dict().items():
+        torch.testing.assert_close(loaded.unet.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_from_pipe_carries_a_partitioned_denoiser_passed_by_name():
+    """from_pipe() takes over only model components of the exact annotated class; passed by
+    name, the denoiser is taken over as it is."""
+    unet, _, _ = tiny.sd_unet()
+    pipe = sd_pipeline(unet)
+    pipe.unet = asyncfx.partition(unet, 2, warmup=2, executor="serial")
+    pag = StableDiffusionPAGPipeline.from_pipe(pipe, unet=pipe.unet)
+    assert pag.unet is pipe.unet
+
+
 def test_pipe_to_converts_a_partitioned_denoiser():
     unet, _, _ = tiny.sd_unet()
     generator = torch.Generator().manual_seed(1)

@@ -225,6 +225,7 @@ class AsyncDenoiser(nn.Module):
                  convertible: bool = True):
         super().__init__()
         object.__setattr__(self, "_model", model)  # read attributes from it; do not own it
+        object.__setattr__(self, "__module__", type(model).__module__)  # see __class__
         self._build = build
         self.n_stages, self.warmup, self.stride = n_stages, warmup, stride
         self.time_shift, self.scheduler = time_shift, scheduler
@@ -272,6 +273,24 @@ class AsyncDenoiser(nn.Module):
                         "partition again after loading: asyncfx.partition(model, plan=path).")
 
     # -- attributes the pipelines read come from the original model -----------------
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """The original model's class, as a transparent proxy reports it (``type()`` stays
+        AsyncDenoiser): libraries that pick what to do by a component's class treat the
+        denoiser as the model. diffusers' pipeline-level LoRA calls (``pipe.fuse_lora()``,
+        ``set_adapters()``, ``unload_lora_weights()``) skip components that are not a
+        ``ModelMixin``, and ``pipe.save_pretrained()`` saves the model in its place.
+
+        Example:
+            >>> isinstance(pipe.unet, UNet2DConditionModel), type(pipe.unet).__name__
+            (True, 'AsyncDenoiser')
+        """
+        model = self.__dict__.get("_model")
+        return type(self) if model is None else type(model)
+
+    def _get_name(self) -> str:
+        return type(self).__name__
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
