@@ -499,6 +499,27 @@ def test_offloading_hooks_put_on_the_denoiser_are_refused_at_its_call():
     torch.testing.assert_close(den(**kwargs).sample, model(**kwargs).sample, rtol=0, atol=0)
 
 
+def test_layer_hooks_added_after_the_capture_are_refused_at_the_next_call():
+    """What a modular pipeline's SkipLayerGuidance does around its third call of a step:
+    apply_layer_skip(), the call, remove_hook(). The graph cannot skip the layers."""
+    from diffusers.hooks import HookRegistry, LayerSkipConfig, apply_layer_skip
+
+    model, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den(**kwargs)  # captured
+    blocks = "mid_block.attentions.0.transformer_blocks"
+    apply_layer_skip(den, LayerSkipConfig(indices=[0], fqn=blocks, skip_attention=True, skip_ff=True))
+    later = {**kwargs, "timestep": torch.tensor(500)}
+    with pytest.raises(asyncfx.AsyncFXError, match=rf"UNet2DConditionModel.{blocks}.0 has diffusers' "
+                                                   r"'layer_skip_hook' hook.*ClassifierFreeGuidance"):
+        den(**later)
+    assert den._generation.step == 0  # refused before the call counted
+    HookRegistry.check_if_exists_or_initialize(den).remove_hook("layer_skip_hook", recurse=True)
+    reference = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    reference(**kwargs)
+    torch.testing.assert_close(den(**later).sample, reference(**later).sample, rtol=0, atol=0)
+
+
 def test_step_caching_is_refused_at_partition_and_when_enabled_later():
     from diffusers import FirstBlockCacheConfig
 
@@ -506,9 +527,9 @@ def test_step_caching_is_refused_at_partition_and_when_enabled_later():
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")
     sample(den, kwargs, "hidden_states", steps=2)
     model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
-    refused = r"step caching enabled \(FirstBlockCacheConfig\).*call model.disable_cache\(\) before"
-    with pytest.raises(asyncfx.CaptureError, match=refused):
-        sample(den, kwargs, "hidden_states", steps=2)  # the edit is seen at the next generation
+    refused = r"transformer_blocks.0 has diffusers' 'fbc_leader_block_hook' hook.*model.disable_cache\(\)"
+    with pytest.raises(asyncfx.AsyncFXError, match=refused):
+        sample(den, kwargs, "hidden_states", steps=2)  # at the next call
     with pytest.raises(asyncfx.CaptureError, match="step caching enabled"):
         asyncfx.partition(model, 2)
     model.disable_cache()
