@@ -15,7 +15,8 @@ Once per generation (per stream of calls) the denoiser also checks whether the m
 edited since it was captured (``asyncfx.runtime.model_state``). That check is timed on
 SD2.1- and SDXL-shaped UNets built on the meta device (their modules without their
 weights), against a check of the parameters alone (which objects, how many writes) as
-the baseline.
+the baseline. At every call it checks for diffusers hooks put on the model's layers since
+the capture (``diffusers_hooks``); that check is timed on the same UNets.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 import asyncfx
+from asyncfx.runtime.denoiser import diffusers_hooks
 from asyncfx.runtime.model_state import state_signature
 from asyncfx.zoo import tiny
 
@@ -109,7 +111,19 @@ def edit_check_lines(repeats: int = 20) -> list[str]:
                      f"{times[state_signature] * 1e3:.1f} ms a generation; parameters alone "
                      f"{times[parameters_signature] * 1e3:.1f} ms "
                      f"({times[state_signature] / times[parameters_signature]:.1f}x)")
+        dicts = [module.__dict__ for module in model.modules()]
+        per_call = median_seconds(lambda: diffusers_hooks(model, dicts), repeats * 50)
+        lines.append(f"hook check, {name}: {per_call * 1e6:.1f} us a call")
     return lines
+
+
+def median_seconds(run: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -901,8 +901,10 @@ def test_runtime_overhead_benchmark_reports_every_executor(capsys):
     assert lines[1].startswith("model alone:")
     assert [line.split(":")[0] for line in lines[2:]] == [
         "N=2, serial executor", "N=2, local  executor", "edit check, SD2.1-shaped UNet (709 modules)",
-        "edit check, SDXL-shaped UNet (1930 modules)"]
+        "hook check, SD2.1-shaped UNet", "edit check, SDXL-shaped UNet (1930 modules)",
+        "hook check, SDXL-shaped UNet"]
     assert all("us CPU in the calling thread" in line for line in lines[1:4])
-    assert all(" ms a generation; parameters alone " in line for line in lines[4:])
+    assert all(" ms a generation; parameters alone " in line for line in lines[4::2])
+    assert all(line.endswith(" us a call") for line in lines[5::2])
     with pytest.raises(SystemExit):
         benchmark.main(["--stages", "two"])

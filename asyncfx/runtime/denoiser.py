@@ -765,14 +765,10 @@ def _refuse_hooks_added_since_capture(denoiser: AsyncDenoiser) -> None:
     SmoothedEnergyGuidance), which add them around single calls. The graph would compute
     every layer as captured. Checked at every call: one C-level scan of the modules'
     attribute dicts (40 us for SDXL's 1900 modules)."""
-    dicts = denoiser._now.module_dicts
-    if not any(map(operator.contains, dicts, itertools.repeat(DIFFUSERS_HOOKS))):
-        return
-    if not any(getattr(d[DIFFUSERS_HOOKS], "hooks", None) for d in dicts if DIFFUSERS_HOOKS in d):
-        return  # registries whose hooks were removed
     model = denoiser.original_model
-    hooked = [(name, hook) for name, module in model.named_modules()
-              for hook in getattr(module.__dict__.get(DIFFUSERS_HOOKS), "hooks", None) or {}]
+    hooked = diffusers_hooks(model, denoiser._now.module_dicts)
+    if not hooked:
+        return
     name, hook = hooked[0]
     raise AsyncFXError(
         f"{type(model).__name__}.{name} has diffusers' {hook!r} hook (one of {len(hooked)} on its "
@@ -783,6 +779,22 @@ def _refuse_hooks_added_since_capture(denoiser: AsyncDenoiser) -> None:
         "model.disable_cache(), use a guider without them (ClassifierFreeGuidance) or a pipeline "
         "that takes layer skipping as an argument (StableDiffusion3Pipeline's skip_guidance_layers), "
         "or call .original_model.")
+
+
+def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tuple[str, str]]:
+    """``(module name, hook name)`` of every diffusers hook on ``model``'s modules, whose
+    attribute dicts are ``module_dicts``; fast when there are none (one C-level scan).
+
+    Example:
+        >>> diffusers_hooks(unet, [m.__dict__ for m in unet.modules()])
+        []
+    """
+    if not any(map(operator.contains, module_dicts, itertools.repeat(DIFFUSERS_HOOKS))):
+        return []
+    if not any(getattr(d[DIFFUSERS_HOOKS], "hooks", None) for d in module_dicts if DIFFUSERS_HOOKS in d):
+        return []  # registries whose hooks were removed
+    return [(name, hook) for name, module in model.named_modules()
+            for hook in getattr(module.__dict__.get(DIFFUSERS_HOOKS), "hooks", None) or {}]
 
 
 def _check_no_input_wants_gradients(denoiser: AsyncDenoiser, args: tuple, kwargs: dict) -> None:
