@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import asyncfx
+from asyncfx.partitioner.refine import median_wall_seconds
 from asyncfx.runtime.denoiser import diffusers_hooks
 from asyncfx.runtime.model_state import state_signature
 from asyncfx.zoo import tiny
@@ -112,18 +113,9 @@ def edit_check_lines(repeats: int = 20) -> list[str]:
                      f"{times[parameters_signature] * 1e3:.1f} ms "
                      f"({times[state_signature] / times[parameters_signature]:.1f}x)")
         dicts = [module.__dict__ for module in model.modules()]
-        per_call = median_seconds(lambda: diffusers_hooks(model, dicts), repeats * 50)
+        per_call = median_wall_seconds(lambda: diffusers_hooks(model, dicts), 1, repeats * 50)
         lines.append(f"hook check, {name}: {per_call * 1e6:.1f} us a call")
     return lines
-
-
-def median_seconds(run: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
