@@ -21,3 +21,8 @@ class InputMismatchError(AsyncFXError, ValueError):
 class ArgumentsError(InputMismatchError):
     """A call's arguments do not bind to the model's forward (missing or unknown ones):
     a mistake in the call, not new shapes that a new capture would fit."""
+
+
+class PythonStateWarning(UserWarning):
+    """Tracing ``forward`` changed Python state that later calls of the captured graph will
+    not change (a step counter an attention processor keeps)."""

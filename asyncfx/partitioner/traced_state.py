@@ -1,4 +1,4 @@
-"""Undo what tracing left in a model's Python state.
+"""Undo what tracing left in a model's Python state, and report what it changed.
 
 torch.export runs ``forward`` on fake tensors and ``torch.fx.symbolic_trace`` on proxies.
 A forward that keeps a value in Python between calls (Z-Image's rotary table, computed
@@ -6,35 +6,57 @@ at its first call and cached in a plain object; a cache of the previous step's
 features) keeps the traced value, and every later eager call of the model reads it:
 wrong numbers or a crash, long after the capture. Parameters, buffers and submodules are
 export's own business; this restores the rest: every attribute of the model's modules,
-of the plain objects they hold, and the items of their lists and dicts, that holds a
-traced value after tracing, to what it held before.
+of the plain objects they hold (and the plain objects those hold), and the items of
+their lists and dicts, that holds a traced value after tracing, to what it held before.
+
+Other Python state the trace changed (a step counter an attention processor keeps, a
+flag flipped at each call) is reported, not undone: the captured graph runs no Python,
+so such state stops changing after the capture while the graph keeps what forward
+computed from it at the capture. State set for the first time (an attribute that was
+absent or None, a new dict key: a table made at the first call) is not reported.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import types
+import warnings
 from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import is_fake
 
+from asyncfx.errors import PythonStateWarning
+
 #: nn.Module's own registries: export restores parameters and buffers itself.
 MODULE_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
 #: How deep into lists, tuples and dicts a traced value is looked for.
 CONTAINER_DEPTH = 2
+#: How many plain objects deep below a module its Python state is followed (a module's
+#: attention processor, the controller the processor holds).
+OBJECT_DEPTH = 2
+#: Changes named in the warning; the rest are counted.
+CHANGES_SHOWN = 5
 
 #: Values with a ``__dict__`` that are not state kept between calls.
 NOT_STATE = (nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType, types.ModuleType)
 
-#: A namespace (an object's ``__dict__``, or a list or dict it holds) and its saved contents.
-Saved = list[tuple[Any, Any]]
+
+@dataclasses.dataclass
+class Namespace:
+    """A mutable namespace of the model (a module's or a plain object's attributes, a list,
+    a dict), where the model holds it, and a copy of its contents before tracing."""
+
+    path: str
+    owner: Any
+    contents: Any
 
 
 @contextlib.contextmanager
 def restoring_traced_state(model: nn.Module) -> Iterator[None]:
-    """Run a trace of ``model`` and then put back every Python attribute it left holding a
-    traced value.
+    """Run a trace of ``model``, then put back every Python attribute it left holding a
+    traced value, and warn (``PythonStateWarning``) about other state it changed.
 
     Example:
         >>> with restoring_traced_state(model):
@@ -46,6 +68,7 @@ def restoring_traced_state(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         _restore_traced(saved)
+    _warn_about_changes(type(model).__name__, [change for space in saved for change in changes(space)])
 
 
 def is_traced(value: Any, depth: int = CONTAINER_DEPTH) -> bool:
@@ -66,34 +89,73 @@ def is_traced(value: Any, depth: int = CONTAINER_DEPTH) -> bool:
     return False
 
 
-def _snapshot(model: nn.Module) -> Saved:
-    saved: Saved = []
-    for module in model.modules():
+def changes(space: Namespace) -> list[str]:
+    """What differs in ``space`` from its saved contents, as ``"path (before -> now)"``,
+    leaving out what was set for the first time.
+
+    Example:
+        >>> counter = types.SimpleNamespace(step=0)
+        >>> space = Namespace("processor.counter", counter, dict(vars(counter)))
+        >>> counter.step += 1
+        >>> changes(space)
+        ['processor.counter.step (0 -> 1)']
+    """
+    if isinstance(space.owner, list):
+        now = list(space.owner)
+        changed = _differs(space.contents, now)
+        return [f"{space.path} ({_shown(space.contents)} -> {_shown(now)})"] if changed else []
+    now = space.owner if isinstance(space.owner, dict) else vars(space.owner)
+    separator = "." if not isinstance(space.owner, dict) else ""
+    found = []
+    for key, before in space.contents.items():
+        name = f"{space.path}{separator}{key}" if separator else f"{space.path}[{key!r}]"
+        if key not in now:
+            found.append(f"{name} (deleted)")
+        elif before is not None and _differs(before, now[key]):
+            found.append(f"{name} ({_shown(before)} -> {_shown(now[key])})")
+    return found
+
+
+def _snapshot(model: nn.Module) -> list[Namespace]:
+    saved: list[Namespace] = []
+    seen: set[int] = set()
+    for path, module in model.named_modules():
         namespace = {k: v for k, v in vars(module).items() if k not in MODULE_REGISTRIES}
-        saved.append((module, dict(namespace)))
-        for value in namespace.values():
-            saved.extend(_held(value))
+        saved.append(Namespace(path or type(model).__name__, module, dict(namespace)))
+        for name, value in namespace.items():
+            saved.extend(_held(f"{path}.{name}" if path else name, value, OBJECT_DEPTH, seen))
     return saved
 
 
-def _held(value: Any) -> Saved:
-    """The mutable namespaces a module attribute holds: a plain object's attributes, a
-    list's or a dict's items (a submodule is saved as a module of its own)."""
+def _held(path: str, value: Any, depth: int, seen: set[int]) -> list[Namespace]:
+    """The mutable namespaces an attribute holds: a list's or a dict's items, a plain
+    object's attributes and, ``depth`` objects deep, what those hold (each saved once;
+    a submodule is saved as a module of its own)."""
+    if depth == 0 or id(value) in seen:
+        return []
     if isinstance(value, list):
-        return [(value, list(value))]
+        seen.add(id(value))
+        return [Namespace(path, value, list(value))]
     if isinstance(value, dict):
-        return [(value, dict(value))]
-    if _is_plain_object(value):
-        return [(value, dict(vars(value)))]
-    return []
+        seen.add(id(value))
+        return [Namespace(path, value, dict(value))]
+    if not _is_plain_object(value):
+        return []
+    seen.add(id(value))
+    attributes = dict(vars(value))
+    saved = [Namespace(path, value, attributes)]
+    for name, held in attributes.items():
+        saved.extend(_held(f"{path}.{name}", held, depth - 1, seen))
+    return saved
 
 
 def _is_plain_object(value: Any) -> bool:
     return hasattr(value, "__dict__") and not isinstance(value, NOT_STATE)
 
 
-def _restore_traced(saved: Saved) -> None:
-    for owner, contents in saved:
+def _restore_traced(saved: list[Namespace]) -> None:
+    for space in saved:
+        owner, contents = space.owner, space.contents
         if isinstance(owner, list):
             if is_traced(owner):
                 owner[:] = contents
@@ -113,3 +175,40 @@ def _restore_attributes(owner: Any, contents: dict[str, Any]) -> None:
             object.__setattr__(owner, name, contents[name])
         else:
             object.__delattr__(owner, name)  # made by the trace: the next eager call makes it anew
+
+
+def _differs(before: Any, now: Any) -> bool:
+    """Whether a value was replaced by a different one (tensors and other values without a
+    plain ``==`` compare by identity)."""
+    if before is now:
+        return False
+    if isinstance(before, list) and isinstance(now, list):
+        return len(before) != len(now) or any(map(_differs, before, now))
+    if isinstance(before, torch.Tensor) or isinstance(now, torch.Tensor):
+        return True
+    try:
+        return bool(before != now)
+    except Exception:  # arrays and other values whose == is not a truth value
+        return True
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, list) and len(value) > 3:
+        return f"a list of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+def _warn_about_changes(model_class: str, found: list[str]) -> None:
+    if not found:
+        return
+    shown = "; ".join(found[:CHANGES_SHOWN]) + (
+        f"; and {len(found) - CHANGES_SHOWN} more" if len(found) > CHANGES_SHOWN else "")
+    warnings.warn(f"{model_class}.forward changed the model's Python state while it was captured: {shown}. "
+                  "The captured graph runs no Python, so this state will not change at later calls, and "
+                  "whatever forward computes from it stays as it was at the capture (a step counter that "
+                  "decides what an attention processor does, for instance). Pass such state to the model "
+                  "as an input or keep it outside the model, or call the original model where it must "
+                  "change.", PythonStateWarning, stacklevel=4)
