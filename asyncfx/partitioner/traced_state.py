@@ -28,9 +28,8 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from asyncfx.errors import PythonStateWarning
+from asyncfx.module_attributes import MODULE_REGISTRIES  # export restores parameters and buffers
 
-#: nn.Module's own registries: export restores parameters and buffers itself.
-MODULE_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
 #: How deep into lists, tuples and dicts a traced value is looked for.
 CONTAINER_DEPTH = 2
 #: How many plain objects deep below a module its Python state is followed (a module's

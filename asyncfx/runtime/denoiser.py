@@ -72,6 +72,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from asyncfx.errors import ArgumentsError, AsyncFXError, InputMismatchError
+from asyncfx.module_attributes import ACCELERATE_HOOK, DIFFUSERS_HOOKS, MODULE_REGISTRIES
 from asyncfx.runtime.executor import BoundaryStore, Executor
 from asyncfx.runtime.model_state import state_signature
 from asyncfx.runtime.schedule import Mode, schedule
@@ -99,10 +100,6 @@ RUNTIME_STATE = ("_now", "_spare", "_generation", "_restarts")
 #: The denoiser's own attributes (set on it even where the model has one of the name).
 OWN_ATTRIBUTES = frozenset({"_build", "n_stages", "warmup", "stride", "time_shift", "scheduler", "rebuild",
                             "convertible", "training", *RUNTIME_STATE})
-#: Where nn.Module keeps its parameters, buffers and submodules.
-MODULE_REGISTRIES = ("_parameters", "_buffers", "_modules")
-#: The attribute holding a module's diffusers hook registry (layer skipping, caching...).
-DIFFUSERS_HOOKS = "_diffusers_hook"
 
 #: ``make_executor(plan)``: the executor for the captured graph, and its plan (``plan`` if
 #: given, e.g. compiled before the last executor was closed; else compiled now).
@@ -485,7 +482,7 @@ class AsyncDenoiser(nn.Module):
             _refuse_compile(self)
         if torch.is_grad_enabled():
             _check_no_input_wants_gradients(self, args, kwargs)
-        if "_hf_hook" in self.__dict__:
+        if ACCELERATE_HOOK in self.__dict__:
             _refuse_offloading(self)
         if self.interface is not None:
             _refuse_hooks_added_since_capture(self)
@@ -752,7 +749,7 @@ def _refuse_offloading(denoiser: AsyncDenoiser) -> None:
     component's: each move would convert the model and capture it again."""
     raise AsyncFXError(
         f"this AsyncDenoiser (of {type(denoiser.original_model).__name__}) is wrapped by accelerate's "
-        f"{type(denoiser.__dict__['_hf_hook']).__name__} (pipe.enable_model_cpu_offload() or "
+        f"{type(denoiser.__dict__[ACCELERATE_HOOK]).__name__} (pipe.enable_model_cpu_offload() or "
         "enable_sequential_cpu_offload()), which moves it between devices around every call; asyncfx "
         "keeps each stage on its own device. Call pipe.remove_all_hooks(), and move the rest of the "
         "pipeline to its device with pipe.to(...).")

@@ -1,0 +1,9 @@
+"""Names of attributes that torch, accelerate and diffusers keep on a module, read by the
+partitioner (once per capture) and by the runtime (at every call)."""
+
+#: Where nn.Module keeps its parameters, buffers and submodules.
+MODULE_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
+#: accelerate's hook on a module (model or sequential CPU offloading, ``device_map``).
+ACCELERATE_HOOK = "_hf_hook"
+#: diffusers' hook registry on a module (offloading, layerwise casting, caching, layer skipping).
+DIFFUSERS_HOOKS = "_diffusers_hook"
