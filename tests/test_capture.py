@@ -261,8 +261,8 @@ def test_python_state_that_forward_changes_is_warned_about_as_fixed_at_the_captu
     model, args = CountsSteps(), (torch.randn(2, 4), torch.tensor(2.0))
     with pytest.warns(asyncfx.PythonStateWarning,
                       match=r"^CountsSteps.forward changed the model's Python state while it was captured: "
-                      r"processor.controller.step \(0 -> 1\)\. The captured graph runs no Python, "
-                      r"so this state will not change at later calls"):
+                      r"processor.controller.step \(0 -> 1\)\. The captured graph runs "
+                      r"no Python, so this state will not change at later calls"):
         captured = asyncfx.capture(model, args)
     assert model.processor.controller.step == 1  # reported, not undone: it is the model's own state
     first = captured(*args)

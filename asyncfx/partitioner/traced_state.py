@@ -14,6 +14,8 @@ flag flipped at each call) is reported, not undone: the captured graph runs no P
 so such state stops changing after the capture while the graph keeps what forward
 computed from it at the capture. State set for the first time (an attribute that was
 absent or None, a new dict key: a table made at the first call) is not reported.
+torch.export itself puts back the modules' own attributes after tracing, so there the
+report covers the objects they hold: attention processors, and what those hold.
 """
 from __future__ import annotations
 
@@ -103,11 +105,11 @@ def changes(space: Namespace) -> list[str]:
         now = list(space.owner)
         changed = _differs(space.contents, now)
         return [f"{space.path} ({_shown(space.contents)} -> {_shown(now)})"] if changed else []
-    now = space.owner if isinstance(space.owner, dict) else vars(space.owner)
-    separator = "." if not isinstance(space.owner, dict) else ""
+    is_dict = isinstance(space.owner, dict)
+    now = space.owner if is_dict else vars(space.owner)
     found = []
     for key, before in space.contents.items():
-        name = f"{space.path}{separator}{key}" if separator else f"{space.path}[{key!r}]"
+        name = f"{space.path}[{key!r}]" if is_dict else _joined(space.path, key)
         if key not in now:
             found.append(f"{name} (deleted)")
         elif before is not None and _differs(before, now[key]):
@@ -120,10 +122,15 @@ def _snapshot(model: nn.Module) -> list[Namespace]:
     seen: set[int] = set()
     for path, module in model.named_modules():
         namespace = {k: v for k, v in vars(module).items() if k not in MODULE_REGISTRIES}
-        saved.append(Namespace(path or type(model).__name__, module, dict(namespace)))
+        saved.append(Namespace(path, module, dict(namespace)))
         for name, value in namespace.items():
-            saved.extend(_held(f"{path}.{name}" if path else name, value, OBJECT_DEPTH, seen))
+            saved.extend(_held(_joined(path, name), value, OBJECT_DEPTH, seen))
     return saved
+
+
+def _joined(path: str, name: str) -> str:
+    """``name`` under ``path`` (the model itself is the empty path, as in named_modules)."""
+    return f"{path}.{name}" if path else name
 
 
 def _held(path: str, value: Any, depth: int, seen: set[int]) -> list[Namespace]:
@@ -144,7 +151,7 @@ def _held(path: str, value: Any, depth: int, seen: set[int]) -> list[Namespace]:
     attributes = dict(vars(value))
     saved = [Namespace(path, value, attributes)]
     for name, held in attributes.items():
-        saved.extend(_held(f"{path}.{name}", held, depth - 1, seen))
+        saved.extend(_held(_joined(path, name), held, depth - 1, seen))
     return saved
 
 
