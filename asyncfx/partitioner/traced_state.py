@@ -5,17 +5,18 @@ A forward that keeps a value in Python between calls (Z-Image's rotary table, co
 at its first call and cached in a plain object; a cache of the previous step's
 features) keeps the traced value, and every later eager call of the model reads it:
 wrong numbers or a crash, long after the capture. Parameters, buffers and submodules are
-export's own business; this restores the rest: every attribute of the model's modules,
-of the plain objects they hold (and the plain objects those hold), and the items of
-their lists and dicts, that holds a traced value after tracing, to what it held before.
+export's own business; this restores the rest, to what it held before: the attributes of
+the model's modules that hold a traced value after tracing, and everything in the plain
+objects the modules hold (and the plain objects those hold) and in their lists and
+dicts, as torch.export does with the modules' own attributes: the trace was not a call.
 
 Other Python state the trace changed (a step counter an attention processor keeps, a
-flag flipped at each call) is reported, not undone: the captured graph runs no Python,
-so such state stops changing after the capture while the graph keeps what forward
-computed from it at the capture. State set for the first time (an attribute that was
-absent or None, a new dict key: a table made at the first call) is not reported.
-torch.export itself puts back the modules' own attributes after tracing, so there the
-report covers the objects they hold: attention processors, and what those hold.
+flag flipped at each call) is also reported: the captured graph runs no Python, so such
+state stops changing after the capture while the graph keeps what forward computed from
+it at the capture. State set for the first time (an attribute that was absent or None,
+a new dict key: a table made at the first call) is not reported. torch.export puts back
+the modules' own attributes before this looks, so there the report covers the objects
+they hold: attention processors, and what those hold.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ OBJECT_DEPTH = 2
 #: Changes named in the warning; the rest are counted.
 CHANGES_SHOWN = 5
 
+#: An attribute's value where it has none.
+ABSENT = object()
 #: Values with a ``__dict__`` that are not state kept between calls.
 NOT_STATE = (nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType, types.ModuleType)
 
@@ -56,8 +59,9 @@ class Namespace:
 
 @contextlib.contextmanager
 def restoring_traced_state(model: nn.Module) -> Iterator[None]:
-    """Run a trace of ``model``, then put back every Python attribute it left holding a
-    traced value, and warn (``PythonStateWarning``) about other state it changed.
+    """Run a trace of ``model``, then put back the Python state it changed (traced values
+    in the modules' attributes, anything in the objects they hold), and warn
+    (``PythonStateWarning``) about changes other than traced values and first settings.
 
     Example:
         >>> with restoring_traced_state(model):
@@ -68,8 +72,10 @@ def restoring_traced_state(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        _restore_traced(saved)
-    _warn_about_changes(type(model).__name__, [change for space in saved for change in changes(space)])
+        _restore_traced(saved)  # silently: they were never real values
+        found = [change for space in saved for change in changes(space)]
+        _restore_objects(saved)
+    _warn_about_changes(type(model).__name__, found)
 
 
 def is_traced(value: Any, depth: int = CONTAINER_DEPTH) -> bool:
@@ -162,25 +168,41 @@ def _is_plain_object(value: Any) -> bool:
 def _restore_traced(saved: list[Namespace]) -> None:
     for space in saved:
         owner, contents = space.owner, space.contents
-        if isinstance(owner, list):
+        if isinstance(owner, (list, dict)):
             if is_traced(owner):
-                owner[:] = contents
-        elif isinstance(owner, dict):
-            if is_traced(owner):
-                owner.clear()
-                owner.update(contents)
+                _refill(owner, contents)
         else:
-            _restore_attributes(owner, contents)
+            for name, value in list(vars(owner).items()):
+                if name not in MODULE_REGISTRIES and is_traced(value):
+                    _put_back(owner, name, contents)
 
 
-def _restore_attributes(owner: Any, contents: dict[str, Any]) -> None:
-    for name, value in list(vars(owner).items()):
-        if name in MODULE_REGISTRIES or not is_traced(value):
-            continue
-        if name in contents:
-            object.__setattr__(owner, name, contents[name])
-        else:
-            object.__delattr__(owner, name)  # made by the trace: the next eager call makes it anew
+def _restore_objects(saved: list[Namespace]) -> None:
+    """Put back whatever else changed in the plain objects, lists and dicts the modules
+    hold (torch.export puts back the modules' own attributes itself)."""
+    for space in saved:
+        owner, contents = space.owner, space.contents
+        if isinstance(owner, (list, dict)):
+            if _differs(contents, owner):
+                _refill(owner, contents)
+        elif not isinstance(owner, nn.Module) and _differs(contents, vars(owner)):
+            for name in vars(owner).keys() | contents.keys():
+                _put_back(owner, name, contents)
+
+
+def _refill(container: list | dict, contents: list | dict) -> None:
+    if isinstance(container, list):
+        container[:] = contents
+    else:
+        container.clear()
+        container.update(contents)
+
+
+def _put_back(owner: Any, name: str, contents: dict[str, Any]) -> None:
+    if name not in contents:
+        object.__delattr__(owner, name)  # made by the trace: the next eager call makes it anew
+    elif vars(owner).get(name, ABSENT) is not contents[name]:
+        object.__setattr__(owner, name, contents[name])
 
 
 def _differs(before: Any, now: Any) -> bool:
@@ -190,6 +212,8 @@ def _differs(before: Any, now: Any) -> bool:
         return False
     if isinstance(before, list) and isinstance(now, list):
         return len(before) != len(now) or any(map(_differs, before, now))
+    if isinstance(before, dict) and isinstance(now, dict):
+        return before.keys() != now.keys() or any(_differs(before[key], now[key]) for key in before)
     if isinstance(before, torch.Tensor) or isinstance(now, torch.Tensor):
         return True
     try:
