@@ -3,6 +3,7 @@
     python benchmarks/compile_time.py [--size 64] [--batch 2] [--n-devices 4]
 
 Phases: build the model, capture (torch.export + classify), classify alone (re-run),
+keeping the model's Python state across the trace alone (snapshot, put back, compare),
 compile (FLOP/byte estimate + balanced cut), split (stage GraphModules), and one
 check that the chained stages reproduce the model. Target: capture + compile + split
 under 60 s on a 2-core CPU.
@@ -16,6 +17,7 @@ import time
 import torch
 
 import asyncfx
+from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.classify import classify
 from asyncfx.passes.meta import VALUE_CLASS
 from asyncfx.zoo.tiny import sd21_unet
@@ -42,6 +44,11 @@ def main() -> None:
     start = time.perf_counter()
     classify(captured.graph, roles)
     timings["  of which classify"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with restoring_traced_state(model):  # what capture does around the trace, with no trace
+        pass
+    timings["  of which Python state put back"] = time.perf_counter() - start
 
     start = time.perf_counter()
     plan = asyncfx.compile(captured, options.n_devices)
