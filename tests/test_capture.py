@@ -229,10 +229,11 @@ class KeepsStateInPython(nn.Module):
 
 class StepController:
     """What prompt-to-prompt's attention controllers keep: a step counter that decides
-    what the processors do."""
+    what the processors do, and the attention maps of the step, by layer."""
 
     def __init__(self):
         self.step, self.edit_until = 0, 1
+        self.step_store = {"attention": []}
 
 
 class CountingProcessor:
@@ -243,6 +244,7 @@ class CountingProcessor:
         if self.controller.step < self.controller.edit_until:
             h = h * 2
         self.controller.step += 1
+        self.controller.step_store["attention"].append(h.softmax(-1))
         return h
 
 
@@ -265,6 +267,7 @@ def test_python_state_that_forward_changes_is_warned_about_as_fixed_at_the_captu
                       r"no Python, so this state will not change at later calls"):
         captured = asyncfx.capture(model, args)
     assert model.processor.controller.step == 0  # put back, as torch.export does with module attributes
+    assert model.processor.controller.step_store == {"attention": []}  # no traced value left, 4 levels down
     first = captured(*args)
     torch.testing.assert_close(captured(*args), first)  # the branch taken at the capture, for good
     assert model.processor.controller.step == 0

@@ -7,8 +7,8 @@ features) keeps the traced value, and every later eager call of the model reads 
 wrong numbers or a crash, long after the capture. Parameters, buffers and submodules are
 export's own business; this restores the rest, to what it held before: the attributes of
 the model's modules that hold a traced value after tracing, and everything in the plain
-objects the modules hold (and the plain objects those hold) and in their lists and
-dicts, as torch.export does with the modules' own attributes: the trace was not a call.
+objects, lists and dicts the modules hold, four levels down, as torch.export does with
+the modules' own attributes: the trace was not a call.
 
 Other Python state the trace changed (a step counter an attention processor keeps, a
 flag flipped at each call) is also reported: the captured graph runs no Python, so such
@@ -35,9 +35,10 @@ from asyncfx.module_attributes import MODULE_REGISTRIES  # export restores param
 
 #: How deep into lists, tuples and dicts a traced value is looked for.
 CONTAINER_DEPTH = 2
-#: How many plain objects deep below a module its Python state is followed (a module's
-#: attention processor, the controller the processor holds).
-OBJECT_DEPTH = 2
+#: How many levels of plain objects, lists and dicts below a module its Python state is
+#: followed (prompt-to-prompt: an attention processor, the controller it holds, the
+#: controller's dict of per-layer lists, the lists).
+STATE_DEPTH = 4
 #: Changes named in the warning; the rest are counted.
 CHANGES_SHOWN = 5
 
@@ -130,7 +131,7 @@ def _snapshot(model: nn.Module) -> list[Namespace]:
         namespace = {k: v for k, v in vars(module).items() if k not in MODULE_REGISTRIES}
         saved.append(Namespace(path, module, dict(namespace)))
         for name, value in namespace.items():
-            saved.extend(_held(_joined(path, name), value, OBJECT_DEPTH, seen))
+            saved.extend(_held(_joined(path, name), value, STATE_DEPTH, seen))
     return saved
 
 
@@ -140,24 +141,24 @@ def _joined(path: str, name: str) -> str:
 
 
 def _held(path: str, value: Any, depth: int, seen: set[int]) -> list[Namespace]:
-    """The mutable namespaces an attribute holds: a list's or a dict's items, a plain
-    object's attributes and, ``depth`` objects deep, what those hold (each saved once;
-    a submodule is saved as a module of its own)."""
+    """The mutable namespaces an attribute holds, ``depth`` levels deep: a list's or a
+    dict's items, a plain object's attributes, and what those hold (each saved once; a
+    submodule is saved as a module of its own)."""
     if depth == 0 or id(value) in seen:
         return []
     if isinstance(value, list):
-        seen.add(id(value))
-        return [Namespace(path, value, list(value))]
-    if isinstance(value, dict):
-        seen.add(id(value))
-        return [Namespace(path, value, dict(value))]
-    if not _is_plain_object(value):
+        contents, items = list(value), [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    elif isinstance(value, dict):
+        contents, items = dict(value), [(f"{path}[{key!r}]", item) for key, item in value.items()]
+    elif _is_plain_object(value):
+        contents = dict(vars(value))
+        items = [(_joined(path, name), item) for name, item in contents.items()]
+    else:
         return []
     seen.add(id(value))
-    attributes = dict(vars(value))
-    saved = [Namespace(path, value, attributes)]
-    for name, held in attributes.items():
-        saved.extend(_held(_joined(path, name), held, depth - 1, seen))
+    saved = [Namespace(path, value, contents)]
+    for item_path, item in items:
+        saved.extend(_held(item_path, item, depth - 1, seen))
     return saved
 
 
