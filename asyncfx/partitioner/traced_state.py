@@ -109,9 +109,8 @@ def changes(space: Namespace) -> list[str]:
         ['processor.counter.step (0 -> 1)']
     """
     if isinstance(space.owner, list):
-        now = list(space.owner)
-        changed = _differs(space.contents, now)
-        return [f"{space.path} ({_shown(space.contents)} -> {_shown(now)})"] if changed else []
+        changed = _differs(space.contents, space.owner)
+        return [f"{space.path} ({_shown(space.contents)} -> {_shown(space.owner)})"] if changed else []
     is_dict = isinstance(space.owner, dict)
     now = space.owner if is_dict else vars(space.owner)
     found = []
@@ -167,6 +166,7 @@ def _is_plain_object(value: Any) -> bool:
 
 
 def _restore_traced(saved: list[Namespace]) -> None:
+    """Put back every traced value, in modules too (symbolic_trace leaves theirs)."""
     for space in saved:
         owner, contents = space.owner, space.contents
         if isinstance(owner, (list, dict)):
