@@ -29,7 +29,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from asyncfx.errors import ArgumentsError, CaptureError, InputMismatchError
-from asyncfx.module_attributes import ACCELERATE_HOOK, DIFFUSERS_HOOKS
+from asyncfx.module_attributes import ACCELERATE_HOOK, diffusers_hook_names
 from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.classify import classify
 from asyncfx.passes.functionalise import functionalise, in_place_ops
@@ -369,8 +369,7 @@ def check_no_forward_wrappers(model: nn.Module) -> None:
     for name, module in model.named_modules():
         accelerate = getattr(module, ACCELERATE_HOOK, None)
         wrappers = [f"accelerate's {type(accelerate).__name__}"] if accelerate is not None else []
-        registry = getattr(module, DIFFUSERS_HOOKS, None)
-        wrappers += [f"diffusers' {hook!r} hook" for hook in getattr(registry, "hooks", None) or {}]
+        wrappers += [f"diffusers' {hook!r} hook" for hook in diffusers_hook_names(module)]
         if wrappers:
             where = f"{type(model).__name__}.{name}" if name else type(model).__name__
             raise CaptureError(

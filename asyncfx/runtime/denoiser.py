@@ -72,7 +72,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from asyncfx.errors import ArgumentsError, AsyncFXError, InputMismatchError
-from asyncfx.module_attributes import ACCELERATE_HOOK, DIFFUSERS_HOOKS, MODULE_REGISTRIES
+from asyncfx.module_attributes import (ACCELERATE_HOOK, DIFFUSERS_HOOKS, MODULE_REGISTRIES,
+                                       diffusers_hook_names)
 from asyncfx.runtime.executor import BoundaryStore, Executor
 from asyncfx.runtime.model_state import state_signature
 from asyncfx.runtime.schedule import Mode, schedule
@@ -790,8 +791,7 @@ def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tupl
         return []
     if not any(getattr(d[DIFFUSERS_HOOKS], "hooks", None) for d in module_dicts if DIFFUSERS_HOOKS in d):
         return []  # registries whose hooks were removed
-    return [(name, hook) for name, module in model.named_modules()
-            for hook in getattr(module.__dict__.get(DIFFUSERS_HOOKS), "hooks", None) or {}]
+    return [(name, hook) for name, module in model.named_modules() for hook in diffusers_hook_names(module)]
 
 
 def _check_no_input_wants_gradients(denoiser: AsyncDenoiser, args: tuple, kwargs: dict) -> None:
