@@ -8,7 +8,7 @@ from asyncfx.errors import (ArgumentsError, AsyncFXError, CaptureError, InputMis
                             PythonStateWarning)
 from asyncfx.partitioner import (PRESETS, BoundaryTensor, Captured, DeviceSpec, GraphInput,
                                  InputRole, Profile, StagedModel, StagePlan, capture, compile,
-                                 compile_profile, profile, split)
+                                 compile_profile, profile, register_tensor_container, split)
 from asyncfx.passes.meta import ValueClass
 from asyncfx import zoo  # noqa: F401  (asyncfx.zoo.tiny, asyncfx.zoo.digits)
 from asyncfx.api import DEFAULT_WARMUP, partition
@@ -19,4 +19,5 @@ __version__ = "0.1.0"
 __all__ = ["PRESETS", "ArgumentsError", "AsyncFXError", "BoundaryTensor", "CaptureError", "Captured",
            "DeviceSpec", "GraphInput", "InputMismatchError", "InputRole", "PlanError", "Profile",
            "PythonStateWarning", "StagePlan", "StagedModel", "ValueClass", "AsyncDenoiser", "DEFAULT_WARMUP",
-           "capture", "compile", "compile_profile", "partition", "profile", "split"]
+           "capture", "compile", "compile_profile", "partition", "profile", "register_tensor_container",
+           "split"]

@@ -453,3 +453,68 @@ def test_inputs_the_model_rejects_get_input_advice():
     assert "Timesteps should be a 1d-array" in message and "embeddings.py" in message
     assert "Check that the example inputs are what the model expects" in message
     assert "branches on a tensor's value" not in message
+
+
+class _Keys:
+    """A layer's cached keys, with a number that is part of the call's structure."""
+
+    def __init__(self, key: torch.Tensor):
+        self.key, self.tokens = key, key.shape[-1]
+
+
+class _Cache:
+    def __init__(self, layers: list):
+        self.layers, self.note = layers, None
+
+
+class _ReadsACache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 3)
+
+    def forward(self, sample, timestep, cache):
+        return self.proj(sample) * timestep + cache.layers[0].key.mean(-1, keepdim=True)
+
+
+class _MakesACache(nn.Module):
+    def forward(self, sample, timestep):
+        return sample * timestep, _Cache([_Keys(sample.sum(0, keepdim=True))])
+
+
+def test_objects_holding_tensors_are_refused_until_their_classes_are_registered():
+    unregistered = type("_UnregisteredCache", (_Cache,), {})
+    cache = unregistered([type("_UnregisteredKeys", (_Keys,), {})(torch.randn(2, 3))])
+    with pytest.raises(asyncfx.CaptureError, match=r"argument 'cache' of _ReadsACache is a "
+                       r"_UnregisteredCache, an object holding tensors.*"
+                       r"register_tensor_container\(_UnregisteredCache\); "
+                       r"asyncfx.register_tensor_container\(_UnregisteredKeys\)"):
+        asyncfx.capture(_ReadsACache(), (torch.randn(2, 3), torch.tensor(0.5), cache))
+    with pytest.raises(asyncfx.CaptureError, match=r"_MakesACache.forward returns a _Cache .*"
+                       r"register_tensor_container\(_Cache\)"):
+        asyncfx.capture(_MakesACache(), (torch.randn(2, 3), torch.tensor(0.5)))
+    with pytest.raises(TypeError, match="takes a plain Python class"):
+        asyncfx.register_tensor_container(nn.Linear)
+
+
+def test_a_registered_objects_tensors_are_inputs_and_outputs_of_the_graph():
+    asyncfx.register_tensor_container(_Cache)
+    asyncfx.register_tensor_container(_Keys)
+    asyncfx.register_tensor_container(_Keys)  # again: nothing happens
+    model, sample = _ReadsACache(), torch.randn(2, 3)
+    captured = asyncfx.capture(model, (sample, torch.tensor(0.5), _Cache([_Keys(torch.randn(2, 3))])))
+    assert [(i.name, str(i.role)) for i in captured.inputs] == [
+        ("sample", "latent"), ("timestep", "timestep"), ("cache.layers[0].key", "condition")]
+    other = _Cache([_Keys(torch.randn(2, 3))])  # another call's cache: read, not baked in
+    torch.testing.assert_close(captured(sample, torch.tensor(0.5), other),
+                               model(sample, torch.tensor(0.5), other))
+    changed = _Cache([_Keys(torch.randn(2, 3))])
+    changed.layers[0].tokens = 4
+    with pytest.raises(asyncfx.InputMismatchError, match=r"objects among them hold other non-tensor values"):
+        captured(sample, torch.tensor(0.5), changed)
+
+    made = asyncfx.capture(_MakesACache(), (sample, torch.tensor(0.5)))
+    out, cache = made(sample, torch.tensor(0.25))
+    assert type(cache) is _Cache and type(cache.layers[0]) is _Keys and cache.note is None
+    assert cache.layers[0].tokens == 3
+    torch.testing.assert_close(cache.layers[0].key, sample.sum(0, keepdim=True))
+    torch.testing.assert_close(out, sample * 0.25)

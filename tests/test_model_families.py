@@ -10,11 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import (AuraFlowTransformer2DModel, ChromaTransformer2DModel, CogVideoXTransformer3DModel,
-                       CogView4Transformer2DModel, HunyuanVideoTransformer3DModel,
+                       CogView4Transformer2DModel, Flux2Transformer2DModel, HunyuanVideoTransformer3DModel,
                        LTX2VideoTransformer3DModel, LTXVideoTransformer3DModel, Lumina2Transformer2DModel,
-                       MochiTransformer3DModel,
-                       PixArtTransformer2DModel, QwenImageTransformer2DModel, SanaTransformer2DModel,
-                       WanTransformer3DModel)
+                       MochiTransformer3DModel, PixArtTransformer2DModel, QwenImageTransformer2DModel,
+                       SanaTransformer2DModel, UNet1DModel, UNet3DConditionModel, WanTransformer3DModel,
+                       WanVACETransformer3DModel)
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2KVAttnProcessor, Flux2KVCache, Flux2KVLayerCache, Flux2KVParallelSelfAttnProcessor)
 
 import asyncfx
 from asyncfx.zoo import tiny
@@ -113,8 +115,48 @@ def chroma():
                    "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(7, 3)}, 1.0
 
 
+def flux2(guidance_embeds: bool = True):
+    model = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds)
+    ids = torch.Generator().manual_seed(1)
+    return model, {**_inputs(hidden_states=(1, 16, 16), encoder_hidden_states=(1, 7, 32)),
+                   "img_ids": torch.randint(0, 4, (1, 16, 4), generator=ids),
+                   "txt_ids": torch.randint(0, 4, (1, 7, 4), generator=ids),
+                   **({"guidance": torch.tensor([3.5])} if guidance_embeds else {})}, 1.0
+
+
+def wan_vace():  # Wan with control video latents added in its VACE layers
+    model = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=[0], vace_in_channels=8)
+    return model, {**_inputs(hidden_states=(1, 4, 2, 8, 8), encoder_hidden_states=(1, 12, 16),
+                             control_hidden_states=(1, 8, 2, 8, 8)),
+                   "control_hidden_states_scale": torch.ones(1)}, 1000.0
+
+
+def unet3d():  # text-to-video UNet (ModelScope-shaped)
+    model = UNet3DConditionModel(
+        block_out_channels=(4, 8), norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=8, attention_head_dim=2,
+        in_channels=4, out_channels=4, layers_per_block=1, sample_size=16)
+    return model, _inputs(sample=(2, 4, 3, 8, 8), encoder_hidden_states=(2, 4, 8)), 1000.0
+
+
+def unet1d():  # a 1-D UNet (trajectories, audio)
+    model = UNet1DModel(
+        block_out_channels=(8, 8, 16, 16), in_channels=14, out_channels=14, time_embedding_type="positional",
+        use_timestep_embedding=True, flip_sin_to_cos=False, freq_shift=1.0, out_block_type="OutConv1DBlock",
+        mid_block_type="MidResTemporalBlock1D", act_fn="swish",
+        down_block_types=("DownResnetBlock1D",) * 4, up_block_types=("UpResnetBlock1D",) * 3)
+    return model, _inputs(sample=(4, 14, 16)), 1000.0
+
+
 FAMILIES = {f.__name__: f for f in (pixart, wan, cogvideox, ltx_video, hunyuan_video, auraflow, sana,
-                                    qwen_image, cogview4, chroma)}
+                                    qwen_image, cogview4, chroma, flux2, wan_vace, unet3d, unet1d)}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -122,8 +164,9 @@ def test_model_family_partitions_into_stale_stages(family):
     torch.manual_seed(0)
     model, kwargs, scale = FAMILIES[family]()
     model.eval()
-    batch = kwargs["hidden_states"].shape[0]
-    calls = [{**kwargs, "hidden_states": kwargs["hidden_states"] * (1 - 0.1 * step),
+    latent = "sample" if "sample" in kwargs else "hidden_states"
+    batch = kwargs[latent].shape[0]
+    calls = [{**kwargs, latent: kwargs[latent] * (1 - 0.1 * step),
               "timestep": torch.full((batch,), scale * (0.9 - 0.1 * step))} for step in range(3)]
     captured = asyncfx.capture(model, (), calls[0])
     threads = torch.get_num_threads()
@@ -239,3 +282,64 @@ def test_families_that_depend_on_tensor_values_are_refused_clearly():
     with pytest.raises(asyncfx.CaptureError, match=r"(?s)transformer_lumina2.py:\d+ in forward: `.*"
                                                    r"x.tolist\(\)"):
         asyncfx.capture(lumina, (), inputs)
+
+
+def _flux2_klein_kv_generation(model, reference: torch.Tensor, steps: int = 5) -> list[torch.Tensor]:
+    """Flux.2 Klein's KV pipeline: the first call takes the reference image's tokens before the
+    latent's and returns a cache of their keys and values, which every later call reads."""
+    _, inputs, _ = flux2(guidance_embeds=False)
+    latent, latent_ids = inputs.pop("hidden_states"), inputs.pop("img_ids")
+    reference_ids = torch.zeros(1, reference.shape[1], 4, dtype=latent_ids.dtype)
+    predictions, cache = [], None
+    for step in range(steps):
+        timestep = torch.full((1,), 1.0 - step / steps)
+        if cache is None:
+            noise, cache = model(hidden_states=torch.cat([reference, latent], 1), timestep=timestep,
+                                 img_ids=torch.cat([reference_ids, latent_ids], 1), kv_cache_mode="extract",
+                                 num_ref_tokens=reference.shape[1], return_dict=False, **inputs)
+        else:
+            noise = model(hidden_states=latent, timestep=timestep, img_ids=latent_ids, kv_cache=cache,
+                          kv_cache_mode="cached", return_dict=False, **inputs)[0]
+        predictions.append(noise)
+        latent = latent - 0.1 * noise
+    return predictions
+
+
+def test_a_cache_object_that_one_call_returns_and_later_calls_read():
+    """The KV cache the first call returns is an output of that call's graph and the input of
+    the later calls' graph once its classes are registered: each generation runs its first
+    call and the later calls' warm-up as the model does, then reads stale values."""
+    torch.manual_seed(0)
+    model = flux2(guidance_embeds=False)[0].eval()
+    for block in model.transformer_blocks:
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in model.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    references = [torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(seed)) for seed in (2, 3)]
+    den = asyncfx.partition(model, 2, warmup=2, executor="serial")
+    with torch.no_grad(), pytest.raises(asyncfx.CaptureError, match=r"returns a Flux2KVCache .*"
+                                        r"asyncfx.register_tensor_container\(Flux2KVCache\)"):
+        _flux2_klein_kv_generation(den, references[0])
+    asyncfx.register_tensor_container(Flux2KVCache)
+    asyncfx.register_tensor_container(Flux2KVLayerCache)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs = {executor: asyncfx.partition(model, 2, warmup=2, executor=executor)
+            for executor in ("serial", "local")}
+    try:
+        with torch.no_grad():
+            for reference in references:  # two generations, each with its own cache
+                expected = _flux2_klein_kv_generation(model, reference)
+                serial, local = (_flux2_klein_kv_generation(runs[e], reference) for e in ("serial", "local"))
+                for got_serial, got_local in zip(serial, local):
+                    torch.testing.assert_close(got_local, got_serial, rtol=0, atol=0)
+                # the extract call, then the cached calls' two warm-up steps, then stale reads
+                assert [torch.equal(g, e) for g, e in zip(serial, expected)] == [True] * 3 + [False] * 2
+    finally:
+        torch.set_num_threads(threads)
+        runs["local"].close()
+    interface = runs["serial"].interface  # of the capture of the cached calls, by placeholder
+    roles = dict(zip(interface.names, interface.roles))
+    assert {name: role for name, role in roles.items() if name.startswith("kv_cache")} == {
+        f"kv_cache_{blocks}_0__{key}": "condition"
+        for blocks in ("double_block_caches", "single_block_caches") for key in ("k_ref", "v_ref")}

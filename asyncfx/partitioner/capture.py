@@ -30,6 +30,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from asyncfx.errors import ArgumentsError, CaptureError, InputMismatchError
 from asyncfx.module_attributes import ACCELERATE_HOOK, diffusers_hook_names
+from asyncfx.partitioner.containers import check_objects_are_registered, unregistered_output_error
 from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.classify import classify
 from asyncfx.passes.functionalise import functionalise, in_place_ops
@@ -78,29 +79,38 @@ class CallInterface:
     """
 
     def __init__(self, *, inputs: list[GraphInput], binder: "_Binder", leaf_constants: list[Any],
-                 in_spec: pytree.TreeSpec, out_spec: pytree.TreeSpec, model_class: str):
+                 leaf_names: list[str], in_spec: pytree.TreeSpec, out_spec: pytree.TreeSpec,
+                 model_class: str):
         self.inputs = inputs
         self.model_class = model_class
         self._binder = binder
         self._leaf_constants = leaf_constants   # per flat leaf: a constant, or _TENSOR
+        self._leaf_names = leaf_names
         self._in_spec = in_spec
         self._out_spec = out_spec
 
     def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The graph's positional inputs for a model call, checked against the capture."""
-        leaves, spec = pytree.tree_flatten(self._binder.bind(args, kwargs))
+        bound = self._binder.bind(args, kwargs)
+        leaves, spec = pytree.tree_flatten(bound)
         if spec != self._in_spec:
+            names = self._binder.leaf_names(bound)
+            if names == self._leaf_names:  # the same leaves: a registered object's constants differ
+                raise InputMismatchError(
+                    f"{self.model_class} is called with the arguments it was captured with, {names}, "
+                    "but objects among them hold other non-tensor values (numbers, strings) than at "
+                    "capture; those are baked into the graph, so capture again for the new values.")
             raise InputMismatchError(
                 f"{self.model_class} was captured with the arguments "
-                f"{self._binder.leaf_names(self._in_spec)} but is called with "
-                f"{self._binder.leaf_names(spec)}; pass arguments structured as at capture, or "
+                f"{self._leaf_names} but is called with "
+                f"{names}; pass arguments structured as at capture, or "
                 "capture again with asyncfx.capture(model, args, kwargs) for the new call.")
         tensors = []
         for index, (leaf, captured) in enumerate(zip(leaves, self._leaf_constants)):
             if captured is _TENSOR:
                 tensors.append(leaf)
             elif not _same_constant(leaf, captured):
-                name = self._binder.leaf_names(spec)[index]  # named only when needed: it is slow
+                name = self._leaf_names[index]
                 raise InputMismatchError(
                     f"argument {name!r} of {self.model_class} was {captured!r} at capture and is "
                     f"{leaf!r} now; non-tensor arguments are baked into the graph, so pass "
@@ -213,10 +223,10 @@ class _Binder:
                 value, dtype=torch.int64 if isinstance(value, int) else torch.float64))
         return tuple(bound.args), dict(bound.kwargs)
 
-    def leaf_names(self, spec: pytree.TreeSpec) -> list[str]:
-        """A readable name for each flat leaf, e.g. ``added_cond_kwargs.time_ids``."""
-        dummy = pytree.tree_unflatten([0] * spec.num_leaves, spec)
-        paths, _ = pytree.tree_flatten_with_path(dummy)
+    def leaf_names(self, bound: tuple[tuple, dict]) -> list[str]:
+        """A readable name for each flat leaf of bound arguments, e.g.
+        ``added_cond_kwargs.time_ids`` or ``kv_cache.layers[0].key``."""
+        paths, _ = pytree.tree_flatten_with_path(bound)
         return [self._name(path) for path, _ in paths]
 
     def _name(self, path: tuple) -> str:
@@ -470,7 +480,8 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     binder = _Binder(signature, timestep_name)
     bound_args, bound_kwargs = binder.bind(args, kwargs)
     leaves, in_spec = pytree.tree_flatten((bound_args, bound_kwargs))
-    names = binder.leaf_names(in_spec)
+    names = binder.leaf_names((bound_args, bound_kwargs))
+    check_objects_are_registered(leaves, names, model_class)
     is_tensor = [isinstance(v, torch.Tensor) for v in leaves]
     roles = _assign_roles(names, is_tensor, latent, timestep_name, model_class)
 
@@ -483,7 +494,7 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     classify(graph_module.graph, {i.placeholder: _ROLE_CLASS[i.role] for i in inputs})
     _warn_about_unnamed_latents(graph_module.graph, inputs, model_class)
     constants = [_TENSOR if tensor else leaf for leaf, tensor in zip(leaves, is_tensor)]
-    interface = CallInterface(inputs=inputs, binder=binder, leaf_constants=constants,
+    interface = CallInterface(inputs=inputs, binder=binder, leaf_constants=constants, leaf_names=names,
                               in_spec=in_spec, out_spec=out_spec, model_class=model_class)
     captured = Captured(graph_module, interface, method)
     logger.info("captured %s with %s in %.1f s: %d nodes; inputs %s", model_class, method,
@@ -541,6 +552,9 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict, leaves: list[Any], names
     except CaptureError:
         raise
     except Exception as export_error:
+        output_error = unregistered_output_error(export_error, type(model).__name__)
+        if output_error is not None:  # symbolic_trace cannot return such an object either
+            raise output_error from export_error
         try:
             with restoring_traced_state(model):
                 gm, out_spec = _symbolic_trace(model, leaves, names, is_tensor)
