@@ -599,7 +599,10 @@ def _check_shapes_are_static(graph: fx.Graph, model_class: str) -> None:
     """Refuse values whose shape depends on tensor values (``nonzero``, boolean-mask
     indexing): stage boundaries need fixed shapes, and the cost model runs on them."""
     for node in graph.nodes:
-        if free_unbacked_symbols(node.meta.get(VALUE)):
+        value = node.meta.get(VALUE)
+        if isinstance(value, (str, bytes)):  # a string argument (torch 2.11 cannot look into it)
+            continue
+        if free_unbacked_symbols(value):
             raise CaptureError(
                 f"{model_class}.forward makes a tensor whose shape depends on tensor values "
                 f"({node.target}{_traced_at(node)}); asyncfx needs every shape fixed at capture to "
