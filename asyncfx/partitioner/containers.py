@@ -24,6 +24,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from asyncfx.errors import CaptureError
+from asyncfx.partitioner.traced_state import is_plain_object
 
 #: Attribute values that are part of an object's structure rather than its contents.
 CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -85,10 +86,11 @@ def check_objects_are_registered(leaves: list[Any], names: list[str], model_clas
     cannot be an input of the graph, and baking its tensors in as constants would be wrong
     at the next call. The error names every class to register."""
     for leaf, name in zip(leaves, names):
-        if isinstance(leaf, (torch.Tensor, *CONSTANT_TYPES)) or not _holds_tensors(leaf, SEARCH_DEPTH):
+        if isinstance(leaf, torch.Tensor) or not _holds_tensors(leaf):
             continue
-        classes = sorted({type(o).__qualname__: type(o) for o in _unregistered_objects(leaf, SEARCH_DEPTH)
-                          if _holds_tensors(o, SEARCH_DEPTH)}.items())
+        unregistered = [item for item in _nested(leaf, SEARCH_DEPTH) if is_plain_object(item)
+                        and type(item) not in pytree.SUPPORTED_NODES and _holds_tensors(item)]
+        classes = sorted({type(item).__qualname__: type(item) for item in unregistered}.items())
         raise CaptureError(
             f"argument {name!r} of {model_class} is a {type(leaf).__qualname__}, an object holding "
             "tensors, which a captured graph cannot take as an input. Register its class, and those "
@@ -113,33 +115,21 @@ def unregistered_output_error(error: Exception, model_class: str) -> CaptureErro
         "tensors then become outputs of the graph, put back into a new object after each call.")
 
 
-def _unregistered_objects(value: Any, depth: int) -> Iterator[Any]:
-    """Objects of unregistered classes in ``value``, through lists, tuples, dicts and
-    object attributes down to ``depth`` levels."""
-    if depth < 0 or isinstance(value, (torch.Tensor, *CONSTANT_TYPES)):
+def _nested(value: Any, depth: int) -> Iterator[Any]:
+    """``value`` and everything it holds through lists, tuples, dicts and plain objects'
+    attributes, down to ``depth`` levels."""
+    yield value
+    if depth <= 0:
         return
     if isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _unregistered_objects(item, depth - 1)
+        items: Any = value
     elif isinstance(value, dict):
-        for item in value.values():
-            yield from _unregistered_objects(item, depth - 1)
-    elif hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module):
-        if type(value) not in pytree.SUPPORTED_NODES:
-            yield value
-        for item in vars(value).values():
-            yield from _unregistered_objects(item, depth - 1)
+        items = value.values()
+    else:
+        items = vars(value).values() if is_plain_object(value) else ()
+    for item in items:
+        yield from _nested(item, depth - 1)
 
 
-def _holds_tensors(value: Any, depth: int) -> bool:
-    """Whether a tensor is found in ``value`` within ``depth`` levels."""
-    if isinstance(value, torch.Tensor):
-        return True
-    if depth < 0 or isinstance(value, (CONSTANT_TYPES, torch.nn.Module)):
-        return False
-    if isinstance(value, (list, tuple)):
-        return any(_holds_tensors(item, depth - 1) for item in value)
-    if isinstance(value, dict):
-        return any(_holds_tensors(item, depth - 1) for item in value.values())
-    attributes = vars(value).values() if hasattr(value, "__dict__") else ()
-    return any(_holds_tensors(item, depth - 1) for item in attributes)
+def _holds_tensors(value: Any) -> bool:
+    return any(isinstance(item, torch.Tensor) for item in _nested(value, SEARCH_DEPTH))

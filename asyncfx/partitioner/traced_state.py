@@ -149,7 +149,7 @@ def _held(path: str, value: Any, depth: int, seen: set[int]) -> list[Namespace]:
         contents, items = list(value), [(f"{path}[{i}]", item) for i, item in enumerate(value)]
     elif isinstance(value, dict):
         contents, items = dict(value), [(f"{path}[{key!r}]", item) for key, item in value.items()]
-    elif _is_plain_object(value):
+    elif is_plain_object(value):
         contents = dict(vars(value))
         items = [(_joined(path, name), item) for name, item in contents.items()]
     else:
@@ -161,7 +161,9 @@ def _held(path: str, value: Any, depth: int, seen: set[int]) -> list[Namespace]:
     return saved
 
 
-def _is_plain_object(value: Any) -> bool:
+def is_plain_object(value: Any) -> bool:
+    """Whether ``value`` is an object whose attributes are Python state (not a module, a
+    tensor, a class, a function or a module of code)."""
     return hasattr(value, "__dict__") and not isinstance(value, NOT_STATE)
 
 
