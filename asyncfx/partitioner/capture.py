@@ -595,14 +595,17 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
     return gm, exported.call_spec.out_spec
 
 
+#: Node values that may carry a size computed from tensor values.
+SYMBOLIC_VALUES = (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool, list, tuple)
+
+
 def _check_shapes_are_static(graph: fx.Graph, model_class: str) -> None:
     """Refuse values whose shape depends on tensor values (``nonzero``, boolean-mask
     indexing): stage boundaries need fixed shapes, and the cost model runs on them."""
     for node in graph.nodes:
         value = node.meta.get(VALUE)
-        if isinstance(value, (str, bytes)):  # a string argument (torch 2.11 cannot look into it)
-            continue
-        if free_unbacked_symbols(value):
+        # only tensors and symbolic numbers have sizes (torch 2.11 raises on a string argument)
+        if isinstance(value, SYMBOLIC_VALUES) and free_unbacked_symbols(value):
             raise CaptureError(
                 f"{model_class}.forward makes a tensor whose shape depends on tensor values "
                 f"({node.target}{_traced_at(node)}); asyncfx needs every shape fixed at capture to "

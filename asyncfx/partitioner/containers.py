@@ -106,12 +106,12 @@ def unregistered_output_error(error: Exception, model_class: str) -> CaptureErro
     match = re.search(r"Found <class '([\w.]+)'> in output", str(error))
     if match is None:
         return None
-    path = match.group(1)
+    module, _, name = match.group(1).rpartition(".")
     return CaptureError(
-        f"{model_class}.forward returns a {path.rsplit('.', 1)[-1]} (from {path.rsplit('.', 1)[0]}), an "
+        f"{model_class}.forward returns a {name} (from {module}), an "
         "object that a captured graph cannot return. If it holds tensors (a cache filled by the call), "
         f"register its class once before partitioning: asyncfx.register_tensor_container("
-        f"{path.rsplit('.', 1)[-1]}), and the classes of the objects it holds that hold tensors. Its "
+        f"{name}), and the classes of the objects it holds that hold tensors. Its "
         "tensors then become outputs of the graph, put back into a new object after each call.")
 
 
