@@ -276,6 +276,41 @@ def test_python_state_that_forward_changes_is_warned_about_as_fixed_at_the_captu
     torch.testing.assert_close(model(*args), first / 2)
 
 
+class CountsOnItself(nn.Module):
+    """A counter on the module itself, which torch.export puts back without a word."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.calls = nn.Linear(4, 4), 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        return self.linear(x) * t / self.calls
+
+
+class HoldsCountingModule(nn.Module):
+    def __init__(self, leave_torch: bool):
+        super().__init__()
+        self.inner, self.leave_torch = CountsOnItself(), leave_torch
+
+    def forward(self, x, t):
+        return self.inner(numpy_tanh(x) if self.leave_torch else x, t)
+
+
+@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+def test_a_counter_a_module_keeps_on_itself_is_warned_about_and_put_back(method):
+    model = HoldsCountingModule(leave_torch=method == "symbolic_trace")
+    args = (torch.randn(2, 4), torch.tensor(2.0))
+    with pytest.warns(asyncfx.PythonStateWarning, match=r"^HoldsCountingModule.forward changed the model's "
+                      r"Python state while it was captured: inner.calls \(0 -> 1\)\. The captured graph"):
+        captured = asyncfx.capture(model, args)
+    assert captured.method == method
+    assert model.inner.calls == 0
+    first = model(*args)
+    torch.testing.assert_close(captured(*args), first)  # what forward computed at the capture's count
+    torch.testing.assert_close(model(*args), first / 2)  # the eager model counts on
+
+
 @pytest.mark.parametrize("method", ["export", "symbolic_trace"])
 def test_capture_leaves_no_traced_values_in_the_models_python_state(method):
     model = KeepsStateInPython(leave_torch=method == "symbolic_trace")

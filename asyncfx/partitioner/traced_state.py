@@ -15,8 +15,8 @@ flag flipped at each call) is also reported: the captured graph runs no Python, 
 state stops changing after the capture while the graph keeps what forward computed from
 it at the capture. State set for the first time (an attribute that was absent or None,
 a new dict key: a table made at the first call) is not reported. torch.export puts back
-the modules' own attributes before this looks, so there the report covers the objects
-they hold: attention processors, and what those hold.
+the modules' own attributes itself, silently, when it finishes: their changes (a counter
+a module keeps on itself) are read by a forward hook on the model, as forward returns.
 """
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ CHANGES_SHOWN = 5
 
 #: An attribute's value where it has none.
 ABSENT = object()
+#: What nn.Module keeps for its own bookkeeping besides the registries (hooks, mostly):
+#: not the model's state, and the capture's own forward hook goes in one of them.
+MODULE_BOOKKEEPING = frozenset(vars(nn.Module())) - MODULE_REGISTRIES - {"training"}
 #: Values with a ``__dict__`` that are not state kept between calls.
 NOT_STATE = (nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType, types.ModuleType)
 
@@ -70,13 +73,25 @@ def restoring_traced_state(model: nn.Module) -> Iterator[None]:
         >>> model(*args, **kwargs)        # computes as it did before the export
     """
     saved = _snapshot(model)
+    at_return: list[str] = []
+    hook = model.register_forward_hook(lambda *_: _record(at_return, _module_changes(saved)))
     try:
         yield
     finally:
+        hook.remove()
         _restore_traced(saved)  # silently: they were never real values
         found = [change for space in saved for change in changes(space)]
         _restore_objects(saved)
-    _warn_about_changes(type(model).__name__, found)
+    _warn_about_changes(type(model).__name__, list(dict.fromkeys(at_return + found)))
+
+
+def _module_changes(saved: list[Namespace]) -> list[str]:
+    """What changed in the modules' own attributes, read before torch.export puts them back."""
+    return [change for space in saved if isinstance(space.owner, nn.Module) for change in changes(space)]
+
+
+def _record(kept: list[str], found: list[str]) -> None:
+    kept[:] = found  # the last call's: a trace may run forward more than once
 
 
 def is_traced(value: Any, depth: int = CONTAINER_DEPTH) -> bool:
@@ -99,7 +114,7 @@ def is_traced(value: Any, depth: int = CONTAINER_DEPTH) -> bool:
 
 def changes(space: Namespace) -> list[str]:
     """What differs in ``space`` from its saved contents, as ``"path (before -> now)"``,
-    leaving out what was set for the first time.
+    leaving out what was set for the first time and traced values (put back silently).
 
     Example:
         >>> counter = types.SimpleNamespace(step=0)
@@ -118,7 +133,7 @@ def changes(space: Namespace) -> list[str]:
         name = f"{space.path}[{key!r}]" if is_dict else _joined(space.path, key)
         if key not in now:
             found.append(f"{name} (deleted)")
-        elif before is not None and _differs(before, now[key]):
+        elif before is not None and not is_traced(now[key]) and _differs(before, now[key]):
             found.append(f"{name} ({_shown(before)} -> {_shown(now[key])})")
     return found
 
@@ -127,11 +142,20 @@ def _snapshot(model: nn.Module) -> list[Namespace]:
     saved: list[Namespace] = []
     seen: set[int] = set()
     for path, module in model.named_modules():
-        namespace = {k: v for k, v in vars(module).items() if k not in MODULE_REGISTRIES}
+        namespace = _attributes(module)
         saved.append(Namespace(path, module, dict(namespace)))
         for name, value in namespace.items():
             saved.extend(_held(_joined(path, name), value, STATE_DEPTH, seen))
     return saved
+
+
+def _attributes(owner: Any) -> dict[str, Any]:
+    """A module's or a plain object's attributes that are Python state (for a module, not
+    its parameters, buffers, submodules or torch's bookkeeping)."""
+    if not isinstance(owner, nn.Module):
+        return vars(owner)
+    left_out = MODULE_REGISTRIES | MODULE_BOOKKEEPING
+    return {name: value for name, value in vars(owner).items() if name not in left_out}
 
 
 def _joined(path: str, name: str) -> str:
@@ -181,15 +205,15 @@ def _restore_traced(saved: list[Namespace]) -> None:
 
 
 def _restore_objects(saved: list[Namespace]) -> None:
-    """Put back whatever else changed in the plain objects, lists and dicts the modules
-    hold (torch.export puts back the modules' own attributes itself)."""
+    """Put back whatever else changed in the modules' attributes (torch.export does so
+    itself, symbolic_trace does not) and in the plain objects, lists and dicts they hold."""
     for space in saved:
         owner, contents = space.owner, space.contents
         if isinstance(owner, (list, dict)):
             if _differs(contents, owner):
                 _refill(owner, contents)
-        elif not isinstance(owner, nn.Module) and _differs(contents, vars(owner)):
-            for name in vars(owner).keys() | contents.keys():
+        elif _differs(contents, now := _attributes(owner)):
+            for name in now.keys() | contents.keys():
                 _put_back(owner, name, contents)
 
 
