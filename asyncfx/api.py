@@ -115,7 +115,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
 def _interface(captured: Captured) -> CallInterfaceLike:
     return CallInterfaceLike(
         flatten=captured.interface.flatten, unflatten=captured.interface.unflatten,
-        names=[i.placeholder for i in captured.inputs], roles=[str(i.role) for i in captured.inputs])
+        names=[i.placeholder for i in captured.inputs], roles=[str(i.role) for i in captured.inputs],
+        written_arguments=captured.interface.written_arguments)
 
 
 def _executor(captured: Captured, plan: StagePlan, kind: str, devices: list[torch.device],

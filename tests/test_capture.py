@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import asyncfx
+from asyncfx.partitioner.cuts import cut_positions, latent_order
+from asyncfx.passes.meta import has_data_dependent_size
 from asyncfx.runtime.denoiser import CompiledDenoiserError
 from asyncfx.zoo import tiny
 from asyncfx.zoo.tiny import ZOO
@@ -381,19 +383,6 @@ def test_each_capture_failure_is_reported_where_it_happened():
     assert "module 'table' makes a tensor in forward" in trace and "tensor.data" in trace
 
 
-class KeepsValidTokens(nn.Module):
-    """Attention over the valid tokens only, picked with nonzero (as Mochi's processor does)."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(4, 4)
-
-    def forward(self, x, t, mask):
-        valid = torch.nonzero(mask[0]).flatten()
-        h = self.linear(x[:, valid]).mean(1, keepdim=True)
-        return x + h * t
-
-
 class BranchOnLengths(nn.Module):
     """Masks attention only when the prompts' lengths differ (as Lumina 2 does)."""
 
@@ -411,13 +400,72 @@ def test_values_read_into_python_get_the_data_dependent_advice():
         asyncfx.capture(BranchOnLengths(), args)
 
 
-def test_shapes_that_depend_on_values_are_a_clear_capture_error():
+class PicksTokensByMask(nn.Module):
+    """Mochi's and GLM-Image's ways with masks: the valid prompt tokens picked with nonzero,
+    the dropped prior embeddings zeroed through a boolean index."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.linear, self.out = nn.Embedding(8, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, t, mask, ids, drop):
+        prior = self.embed(ids)
+        prior[drop] *= 0.0
+        valid = torch.nonzero(mask[0]).flatten()
+        h = torch.tanh(self.linear(x + prior))
+        context = h[:, valid].mean(1, keepdim=True)
+        return x + self.out(torch.tanh(h + context)) * t
+
+
+def _mask_inputs(valid: list[int], dropped: list[int]) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 8, (1, 5), generator=generator)
+    return (torch.randn(1, 5, 4, generator=generator), torch.tensor(0.9), torch.tensor([valid]), ids,
+            torch.tensor([dropped], dtype=torch.bool))
+
+
+def test_sizes_that_depend_on_mask_values_stay_inside_stages():
+    model, args = PicksTokensByMask().eval(), _mask_inputs([1, 1, 0, 1, 0], [0, 1, 0, 0, 1])
+    captured = asyncfx.capture(model, args)
+    nodes = {node.name: node for node in captured.graph.nodes}
+    order = latent_order(captured.graph)
+    selections = [n for n in order if has_data_dependent_size(n.meta["val"])]
+    assert selections, "the latent selection h[:, valid] keeps its symbolic size"
+    for p in cut_positions(order):  # no cut lets a symbolic size cross
+        crossing = {v for v in order[:p] for user in v.users if user in order[p:]}
+        assert not crossing & set(selections)
+    most = len(cut_positions(order)) + 1
+    assert most > 2
+    plan = asyncfx.compile(captured, most)
+    assert all(not has_data_dependent_size(nodes[b.name].meta["val"]) for b in plan.boundaries)
+    with torch.no_grad():
+        torch.testing.assert_close(asyncfx.split(captured, plan)(*args), model(*args), rtol=0, atol=0)
+        other = _mask_inputs([1, 0, 0, 0, 1], [1, 1, 1, 0, 0])  # another count: the same graph
+        torch.testing.assert_close(captured(*other), model(*other), rtol=0, atol=0)
+        serial, local = (asyncfx.partition(captured, 2, warmup=1, executor=e) for e in ("serial", "local"))
+        try:
+            for step in range(3):
+                call = (args[0] * (1 - 0.1 * step), torch.tensor(0.9 - 0.1 * step), *other[2:])
+                expected, got = model(*call), serial(*call)
+                torch.testing.assert_close(local(*call), got, rtol=0, atol=0)
+                assert torch.equal(got, expected) == (step == 0), step
+        finally:
+            local.close()
+
+
+class ReturnsValidTokens(nn.Module):
+    def forward(self, x, t, mask):
+        return x[:, mask[0].bool()] * t
+
+
+def test_an_output_whose_shape_depends_on_values_is_a_clear_capture_error():
     args = (torch.randn(1, 5, 4), torch.tensor(1.0), torch.tensor([[1, 1, 0, 1, 0]]))
     with pytest.raises(asyncfx.CaptureError) as info:
-        asyncfx.capture(KeepsValidTokens(), args)
+        asyncfx.capture(ReturnsValidTokens(), args)
     message = str(info.value)
-    assert "KeepsValidTokens.forward makes a tensor whose shape depends on tensor values" in message
-    assert "aten.nonzero.default at test_capture.py" in message and "torch.nonzero(mask[0])" in message
+    assert "ReturnsValidTokens.forward returns a tensor whose shape depends on tensor values" in message
+    assert "at test_capture.py" in message and "x[:, mask[0].bool()] * t" in message
+    assert "keep the output's shape fixed" in message.lower()
 
 
 class BranchOnValue(nn.Module):
@@ -524,6 +572,12 @@ def test_objects_holding_tensors_are_refused_until_their_classes_are_registered(
                        r"register_tensor_container\(_UnregisteredCache\); "
                        r"asyncfx.register_tensor_container\(_UnregisteredKeys\)"):
         asyncfx.capture(_ReadsACache(), (torch.randn(2, 3), torch.tensor(0.5), cache))
+    empty = type("_UnregisteredEmptyCache", (_Cache,), {})([])  # a cache the call would fill
+    with pytest.raises(asyncfx.CaptureError, match=r"argument 'cache' of _ReadsACache is a "
+                       r"_UnregisteredEmptyCache, an object of a class torch.export does not know.*"
+                       r"or the call fills it with some \(a cache\).*"
+                       r"asyncfx.register_tensor_container\(_UnregisteredEmptyCache\) \(from test_capture\)"):
+        asyncfx.capture(_ReadsACache(), (torch.randn(2, 3), torch.tensor(0.5), empty))
     with pytest.raises(asyncfx.CaptureError, match=r"_MakesACache.forward returns a _Cache .*"
                        r"register_tensor_container\(_Cache\)"):
         asyncfx.capture(_MakesACache(), (torch.randn(2, 3), torch.tensor(0.5)))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import (AuraFlowTransformer2DModel, ChromaTransformer2DModel, CogVideoXTransformer3DModel,
-                       CogView4Transformer2DModel, Flux2Transformer2DModel, HunyuanVideoTransformer3DModel,
-                       LTX2VideoTransformer3DModel, LTXVideoTransformer3DModel, Lumina2Transformer2DModel,
-                       MochiTransformer3DModel, PixArtTransformer2DModel, QwenImageTransformer2DModel,
-                       SanaTransformer2DModel, UNet1DModel, UNet3DConditionModel, WanTransformer3DModel,
-                       WanVACETransformer3DModel)
+                       CogView4Transformer2DModel, Flux2Transformer2DModel, GlmImageTransformer2DModel,
+                       HunyuanVideoTransformer3DModel, LTX2VideoTransformer3DModel,
+                       LTXVideoTransformer3DModel, Lumina2Transformer2DModel, MochiTransformer3DModel,
+                       PixArtTransformer2DModel, QwenImageTransformer2DModel, SanaTransformer2DModel,
+                       UNet1DModel, UNet3DConditionModel, WanTransformer3DModel, WanVACETransformer3DModel)
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2KVAttnProcessor, Flux2KVCache, Flux2KVLayerCache, Flux2KVParallelSelfAttnProcessor)
+from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache, GlmImageLayerKVCache
 
 import asyncfx
 from asyncfx.zoo import tiny
@@ -155,8 +156,32 @@ def unet1d():  # a 1-D UNet (trajectories, audio)
     return model, _inputs(sample=(4, 14, 16)), 1000.0
 
 
+def mochi():  # picks each prompt's valid tokens with nonzero: sizes that depend on the mask
+    model = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu",
+        max_sequence_length=16)
+    mask = torch.ones(2, 7)
+    mask[1, 5:] = 0  # the second prompt is shorter
+    return model, {**_inputs(hidden_states=(2, 4, 2, 8, 8), encoder_hidden_states=(2, 7, 16)),
+                   "encoder_attention_mask": mask}, 1000.0
+
+
+def glm_image():  # zeroes the dropped prior tokens' embeddings through a boolean index
+    model = GlmImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, text_embed_dim=12, time_embed_dim=16, condition_dim=8,
+        prior_vq_quantizer_codebook_size=32)
+    drop = torch.zeros(2, 16, dtype=torch.bool)
+    drop[1] = True  # the unconditional half of the batch
+    return model, {**_inputs(hidden_states=(2, 4, 8, 8), encoder_hidden_states=(2, 5, 12)),
+                   "prior_token_id": torch.arange(32).reshape(2, 16), "prior_token_drop": drop,
+                   "target_size": torch.tensor([[64.0, 64.0]] * 2), "crop_coords": torch.zeros(2, 2)}, 1000.0
+
+
 FAMILIES = {f.__name__: f for f in (pixart, wan, cogvideox, ltx_video, hunyuan_video, auraflow, sana,
-                                    qwen_image, cogview4, chroma, flux2, wan_vace, unet3d, unet1d)}
+                                    qwen_image, cogview4, chroma, flux2, wan_vace, unet3d, unet1d, mochi,
+                                    glm_image)}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -259,18 +284,30 @@ def test_several_latent_arguments_can_be_named():
     assert [roles[name] for name in latents] == ["latent", "latent"] and roles["timestep"] == "timestep"
 
 
-def test_families_that_depend_on_tensor_values_are_refused_clearly():
-    """Mochi picks the valid prompt tokens with nonzero, Lumina 2 reads the prompt lengths
-    into Python: neither has one graph for every input of a shape."""
+def test_a_mask_with_another_count_of_valid_tokens_runs_in_the_same_graph():
+    """Mochi's valid prompt tokens are picked by value inside the graph, so prompts of other
+    lengths need no new capture; a generation with them warms up exactly as before."""
     torch.manual_seed(0)
-    mochi = MochiTransformer3DModel(
-        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1, pooled_projection_dim=16,
-        in_channels=4, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu",
-        max_sequence_length=16).eval()
-    inputs = {**_inputs(hidden_states=(2, 4, 2, 8, 8), encoder_hidden_states=(2, 7, 16)),
-              "timestep": torch.tensor([900, 900]), "encoder_attention_mask": torch.ones(2, 7)}
-    with pytest.raises(asyncfx.CaptureError, match=r"shape depends on tensor values \(aten.nonzero"):
-        asyncfx.capture(mochi, (), inputs)
+    model, inputs, _ = mochi()
+    model.eval()
+    den, interfaces = asyncfx.partition(model, 2, warmup=1, executor="serial"), []
+    with torch.no_grad():
+        for valid in (7, 3):  # one generation each
+            mask = inputs["encoder_attention_mask"].clone()
+            mask[1, valid:] = 0
+            for step in range(2):
+                call = {**inputs, "encoder_attention_mask": mask,
+                        "timestep": torch.full((2,), 900.0 - 100 * step)}
+                expected, got = leaves(model(**call))[0], leaves(den(**call))[0]
+                assert torch.equal(got, expected) == (step == 0), (valid, step)
+            interfaces.append(den.interface)
+    assert interfaces[0] is interfaces[1]  # the shorter prompt was not a new capture
+
+
+def test_a_family_that_reads_tensor_values_into_python_is_refused_clearly():
+    """Lumina 2 reads the prompt lengths into Python: it has no one graph for every input
+    of a shape."""
+    torch.manual_seed(0)
     lumina = Lumina2Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=1, num_refiner_layers=1,
         num_attention_heads=3, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 2, 2),
@@ -343,3 +380,92 @@ def test_a_cache_object_that_one_call_returns_and_later_calls_read():
     assert {name: role for name, role in roles.items() if name.startswith("kv_cache")} == {
         f"kv_cache_{blocks}_0__{key}": "condition"
         for blocks in ("double_block_caches", "single_block_caches") for key in ("k_ref", "v_ref")}
+
+
+def _glm_image_kv_generation(model, reference: torch.Tensor, steps: int = 5) -> list[torch.Tensor]:
+    """GLM-Image's pipeline with a reference image: one call at timestep 0 fills the KV cache
+    with the reference's keys and values, then each step makes a conditional call that reads
+    the cache and an unconditional one that skips it."""
+    generator = torch.Generator().manual_seed(1)
+    prompt, negative = (torch.randn(1, 5, 12, generator=generator) for _ in range(2))
+    prior = torch.randint(0, 32, (1, 16), generator=generator)
+    sizes = {"target_size": torch.tensor([[64.0, 64.0]]), "crop_coords": torch.zeros(1, 2)}
+    caches = GlmImageKVCache(num_layers=2)
+    caches.set_mode("write")
+    model(hidden_states=reference, encoder_hidden_states=prompt[:, :0], prior_token_id=prior,
+          prior_token_drop=torch.zeros_like(prior, dtype=torch.bool), timestep=torch.zeros(1),
+          kv_caches=caches, **sizes)
+    caches.next_sample()
+    latents, predictions = torch.randn(1, 4, 8, 8, generator=generator), []
+    for step in range(steps):
+        timestep = torch.full((1,), 1000.0 * (1 - step / steps))
+        noise = []
+        for mode, embeds, drop in (("read", prompt, False), ("skip", negative, True)):
+            caches.set_mode(mode)
+            noise.append(model(hidden_states=latents, encoder_hidden_states=embeds, prior_token_id=prior,
+                               prior_token_drop=torch.full_like(prior, drop, dtype=torch.bool),
+                               timestep=timestep, kv_caches=caches, return_dict=False, **sizes)[0])
+        predictions.append(noise[1] + 2.0 * (noise[0] - noise[1]))
+        latents = latents - 0.1 * predictions[-1]
+    return predictions
+
+
+def test_a_call_that_fills_a_cache_it_is_given_runs_the_original_model():
+    """GLM-Image's first call appends each layer's keys and values to the cache it is given:
+    a graph cannot write into its arguments, so that call runs the original model, and is no
+    step of the generation. The three kinds of call are three captures, kept for the next
+    generation."""
+    torch.manual_seed(0)
+    model = glm_image()[0].eval()
+    reference = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), pytest.raises(asyncfx.CaptureError, match=(
+            r"argument 'kv_caches' of GlmImageTransformer2DModel is a GlmImageKVCache, an object of a class "
+            r"torch.export does not know.*register_tensor_container\(GlmImageKVCache\); "
+            r"asyncfx.register_tensor_container\(GlmImageLayerKVCache\)")):
+        _glm_image_kv_generation(asyncfx.partition(model, 2, warmup=2, executor="serial"), reference)
+    asyncfx.register_tensor_container(GlmImageKVCache)
+    asyncfx.register_tensor_container(GlmImageLayerKVCache)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs = {executor: asyncfx.partition(model, 2, warmup=2, executor=executor)
+            for executor in ("serial", "local")}
+    try:
+        with torch.no_grad():
+            expected = _glm_image_kv_generation(model, reference)
+            for generation in range(2):
+                serial, local = (_glm_image_kv_generation(runs[e], reference) for e in ("serial", "local"))
+                for got_serial, got_local in zip(serial, local):
+                    torch.testing.assert_close(got_local, got_serial, rtol=0, atol=0)
+                # two warm-up steps, then stale reads: the filling call is no step
+                assert [torch.equal(g, e) for g, e in zip(serial, expected)] == [True] * 2 + [False] * 3
+                builds = [runs["serial"]._now, *runs["serial"]._spares]
+                if generation == 0:
+                    first, captures = serial, {id(build) for build in builds}
+            for got, before in zip(serial, first):  # the next generation: no new capture, same values
+                torch.testing.assert_close(got, before, rtol=0, atol=0)
+            assert {id(build) for build in builds} == captures
+    finally:
+        torch.set_num_threads(threads)
+        runs["local"].close()
+    assert sorted(build.interface.written_arguments for build in builds) == [(), (), ("kv_caches",)]
+
+
+def test_a_capture_of_a_call_that_fills_its_argument_refuses_to_run():
+    torch.manual_seed(0)
+    model = glm_image()[0].eval()
+    asyncfx.register_tensor_container(GlmImageKVCache)
+    asyncfx.register_tensor_container(GlmImageLayerKVCache)
+    caches = GlmImageKVCache(num_layers=2)
+    caches.set_mode("write")
+    call = {"hidden_states": torch.randn(1, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 0, 12),
+            "prior_token_id": torch.zeros(1, 16, dtype=torch.long),
+            "prior_token_drop": torch.zeros(1, 16, dtype=torch.bool), "timestep": torch.zeros(1),
+            "target_size": torch.tensor([[64.0, 64.0]]), "crop_coords": torch.zeros(1, 2),
+            "kv_caches": caches}
+    captured = asyncfx.capture(model, (), call)
+    assert captured.interface.written_arguments == ("kv_caches",)
+    assert caches[0].k_caches == []  # the trace wrote into torch.export's copy, not into the caller's cache
+    with pytest.raises(asyncfx.CaptureError, match=r"GlmImageTransformer2DModel.forward writes into its "
+                       r"argument\(s\) 'kv_caches' \(a cache it fills\).*call the original model"):
+        captured(**call)
+    assert caches[0].k_caches == []  # refused before anything ran

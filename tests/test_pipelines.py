@@ -317,7 +317,7 @@ def test_stable_diffusion_3_skip_layer_guidance():
                         **embeds)
     # each kind of call is one stream through the whole generation (start step, steps taken):
     # the guided calls from step 0, the layer-skipping ones from step 1; neither warmed up again
-    streams = sorted((s.start, s.step) for build in (den._now, den._spare) for s in build.streams)
+    streams = sorted((s.start, s.step) for build in (den._now, *den._spares) for s in build.streams)
     assert streams == [(0, STEPS), (1, STEPS - 1)]
 
 

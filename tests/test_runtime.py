@@ -554,7 +554,7 @@ def test_alternating_captures_each_keep_their_generation_going():
     local = asyncfx.partition(model, 2, warmup=1)
     for call in (kwargs, single):
         local(**call)  # step 0 is the last warm-up step: each capture gets its executor
-    executors = [local.executor, local._spare.executor]
+    executors = [local.executor, local._spares[0].executor]
     local.close()  # both captures' workers stop
     assert not any(worker.is_alive() for executor in executors for worker in executor._workers)
 

@@ -6,6 +6,12 @@ UNets and transformers whose forward has shape-dependent Python control flow.
 Either way the result is a :class:`Captured`: a GraphModule whose placeholders are the
 model's tensor inputs, flattened, and whose output is a flat tuple, plus what is needed
 to bind calls to it and rebuild the model's own output type.
+
+Note (data-dependent sizes): a value whose size depends on tensor values (boolean-mask
+indexing, ``nonzero``; GLM-Image zeroes the dropped prior embeddings with
+``x[mask] *= 0``) keeps torch.export's symbolic size in the graph. Cuts never cross it
+(``cuts.cut_positions``) and the cost estimate counts it at its bound; the graph runs on
+real tensors, where every size is known. Only the outputs need fixed shapes.
 """
 from __future__ import annotations
 
@@ -26,15 +32,15 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch._dynamo.eval_frame import OptimizedModule
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from asyncfx.errors import ArgumentsError, CaptureError, InputMismatchError
 from asyncfx.module_attributes import ACCELERATE_HOOK, diffusers_hook_names
-from asyncfx.partitioner.containers import check_objects_are_registered, unregistered_output_error
+from asyncfx.partitioner.containers import (check_objects_are_registered, unregistered_input_error,
+                                            unregistered_output_error, watching_argument_writes)
 from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.classify import classify
 from asyncfx.passes.functionalise import functionalise, in_place_ops
-from asyncfx.passes.meta import VALUE, ValueClass
+from asyncfx.passes.meta import VALUE, ValueClass, has_data_dependent_size
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +86,11 @@ class CallInterface:
 
     def __init__(self, *, inputs: list[GraphInput], binder: "_Binder", leaf_constants: list[Any],
                  leaf_names: list[str], in_spec: pytree.TreeSpec, out_spec: pytree.TreeSpec,
-                 model_class: str):
+                 model_class: str, written_arguments: Sequence[str] = ()):
         self.inputs = inputs
         self.model_class = model_class
+        #: arguments the call writes into (a cache it fills), which the graph cannot do
+        self.written_arguments = tuple(written_arguments)
         self._binder = binder
         self._leaf_constants = leaf_constants   # per flat leaf: a constant, or _TENSOR
         self._leaf_names = leaf_names
@@ -169,6 +177,13 @@ class Captured(nn.Module):
         return next((i for i in self.inputs if i.role is InputRole.TIMESTEP), None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        written = self.interface.written_arguments
+        if written:
+            raise CaptureError(
+                f"{self.model_class}.forward writes into its argument(s) {', '.join(map(repr, written))} "
+                "(a cache it fills) at calls like the captured one, and a graph cannot write into its "
+                "arguments; call the original model for them (the denoiser partition() returns does "
+                "so by itself).")
         flat = self.interface.flatten(args, kwargs)
         return self.interface.unflatten(self.graph_module(*flat))
 
@@ -485,7 +500,8 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     is_tensor = [isinstance(v, torch.Tensor) for v in leaves]
     roles = _assign_roles(names, is_tensor, latent, timestep_name, model_class)
 
-    graph_module, out_spec, method = _trace(model, bound_args, bound_kwargs, leaves, names, is_tensor)
+    graph_module, out_spec, method, written = _trace(model, bound_args, bound_kwargs, leaves, names,
+                                                     is_tensor)
     tensor_inputs = [(name, role, leaf) for name, role, leaf in zip(names, roles, leaves)
                      if role is not None]
     placeholders = _name_placeholders(graph_module, [name for name, _, _ in tensor_inputs])
@@ -495,8 +511,12 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     _warn_about_unnamed_latents(graph_module.graph, inputs, model_class)
     constants = [_TENSOR if tensor else leaf for leaf, tensor in zip(leaves, is_tensor)]
     interface = CallInterface(inputs=inputs, binder=binder, leaf_constants=constants, leaf_names=names,
-                              in_spec=in_spec, out_spec=out_spec, model_class=model_class)
+                              in_spec=in_spec, out_spec=out_spec, model_class=model_class,
+                              written_arguments=written)
     captured = Captured(graph_module, interface, method)
+    if written:
+        logger.info("%s.forward writes into %s at calls like this one: they run the original model",
+                    model_class, ", ".join(written))
     logger.info("captured %s with %s in %.1f s: %d nodes; inputs %s", model_class, method,
                 time.perf_counter() - started, len(graph_module.graph.nodes),
                 ", ".join(i.describe() for i in inputs))
@@ -545,28 +565,32 @@ def _name_placeholders(gm: fx.GraphModule, names: list[str]) -> list[str]:
 
 
 def _trace(model: nn.Module, args: tuple, kwargs: dict, leaves: list[Any], names: list[str],
-           is_tensor: list[bool]) -> tuple[fx.GraphModule, pytree.TreeSpec, str]:
+           is_tensor: list[bool]) -> tuple[fx.GraphModule, pytree.TreeSpec, str, list[str]]:
+    """The graph, its output structure, the method that made it, and the arguments the
+    call writes into (see ``containers.watching_argument_writes``)."""
     try:
-        with restoring_traced_state(model):
-            return (*_export(model, args, kwargs, is_tensor, type(model).__name__), "export")
+        with restoring_traced_state(model), watching_argument_writes(model) as written:
+            graph_module, out_spec = _export(model, args, kwargs, is_tensor, type(model).__name__)
+        return graph_module, out_spec, "export", written
     except CaptureError:
         raise
     except Exception as export_error:
-        output_error = unregistered_output_error(export_error, type(model).__name__)
-        if output_error is not None:  # symbolic_trace cannot return such an object either
-            raise output_error from export_error
+        object_error = (unregistered_output_error(export_error, type(model).__name__)
+                        or unregistered_input_error(export_error, leaves, names, type(model).__name__))
+        if object_error is not None:  # symbolic_trace cannot take or return such an object either
+            raise object_error from export_error
         try:
             with restoring_traced_state(model):
                 gm, out_spec = _symbolic_trace(model, leaves, names, is_tensor)
         except Exception as trace_error:
             raise CaptureError(_both_failed_message(model, export_error, trace_error)) from export_error
-        return gm, out_spec, "symbolic_trace"
+        return gm, out_spec, "symbolic_trace", []  # its arguments are tensors
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
             model_class: str) -> tuple[fx.GraphModule, pytree.TreeSpec]:
     exported = torch.export.export(model, args, kwargs, strict=False)
-    _check_shapes_are_static(exported.graph, model_class)
+    _check_outputs_are_static(exported.graph, model_class)
     unlifted = exported.module()
     graph = unlifted.graph
     mutated = sorted(set(exported.graph_signature.buffers_to_mutate.values()) | _mutated_state(graph))
@@ -595,23 +619,18 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
     return gm, exported.call_spec.out_spec
 
 
-#: Node values that may carry a size computed from tensor values.
-SYMBOLIC_VALUES = (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool, list, tuple)
-
-
-def _check_shapes_are_static(graph: fx.Graph, model_class: str) -> None:
-    """Refuse values whose shape depends on tensor values (``nonzero``, boolean-mask
-    indexing): stage boundaries need fixed shapes, and the cost model runs on them."""
-    for node in graph.nodes:
-        value = node.meta.get(VALUE)
-        # only tensors and symbolic numbers have sizes (torch 2.11 raises on a string argument)
-        if isinstance(value, SYMBOLIC_VALUES) and free_unbacked_symbols(value):
+def _check_outputs_are_static(graph: fx.Graph, model_class: str) -> None:
+    """Refuse outputs whose shape depends on tensor values (``nonzero``, boolean-mask
+    indexing): the runtime keeps each output in a buffer of the captured shape. Values
+    inside the graph may have such shapes (see the note on data-dependent sizes)."""
+    for node in pytree.tree_leaves(graph.output_node().args):
+        if isinstance(node, fx.Node) and has_data_dependent_size(node.meta.get(VALUE)):
             raise CaptureError(
-                f"{model_class}.forward makes a tensor whose shape depends on tensor values "
-                f"({node.target}{_traced_at(node)}); asyncfx needs every shape fixed at capture to "
-                "cut the graph and size the buffers between stages. Keep shapes fixed in the "
-                "model (a mask applied with torch.where or an attention mask instead of boolean "
-                "indexing or nonzero), or move that part out of the denoiser.")
+                f"{model_class}.forward returns a tensor whose shape depends on tensor values "
+                f"({node.target}{_traced_at(node)}); asyncfx needs the outputs' shapes fixed at "
+                "capture to keep them between steps. Keep the output's shape fixed in the model "
+                "(a mask applied with torch.where instead of boolean indexing or nonzero), or "
+                "move that part out of the denoiser.")
 
 
 def _traced_at(node: fx.Node) -> str:

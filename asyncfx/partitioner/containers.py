@@ -14,14 +14,23 @@ like any non-tensor argument.
 
 Registration is global, as with ``torch.export.register_dataclass``: do it once, before
 partitioning.
+
+A call that fills an object it is given (GLM-Image's first call appends each layer's
+keys and values to ``kv_caches``) cannot be a graph, which has no way to write into its
+arguments: ``watching_argument_writes`` finds such writes while the call is captured,
+and the denoiser runs such calls with the original model. They prepare a generation;
+the steps that read the filled cache run as stages.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
+from torch import nn
 
 from asyncfx.errors import CaptureError
 from asyncfx.partitioner.traced_state import is_plain_object
@@ -88,16 +97,46 @@ def check_objects_are_registered(leaves: list[Any], names: list[str], model_clas
     for leaf, name in zip(leaves, names):
         if isinstance(leaf, torch.Tensor) or not _holds_tensors(leaf):
             continue
-        unregistered = [item for item in _nested(leaf, SEARCH_DEPTH) if is_plain_object(item)
-                        and type(item) not in pytree.SUPPORTED_NODES and _holds_tensors(item)]
-        classes = sorted({type(item).__qualname__: type(item) for item in unregistered}.items())
-        raise CaptureError(
-            f"argument {name!r} of {model_class} is a {type(leaf).__qualname__}, an object holding "
-            "tensors, which a captured graph cannot take as an input. Register its class, and those "
-            "of the objects in it that hold tensors, once before partitioning: "
-            + "; ".join(f"asyncfx.register_tensor_container({qualname})" for qualname, _ in classes)
-            + " (from " + ", ".join(sorted({cls.__module__ for _, cls in classes})) + "). Its tensors "
-            "then become inputs of the graph, read as conditioning.")
+        raise _registration_error(name, leaf, _unregistered(leaf, _holds_tensors), model_class,
+                                  "an object holding tensors")
+
+
+def unregistered_input_error(error: Exception, leaves: list[Any], names: list[str],
+                             model_class: str) -> CaptureError | None:
+    """A clear error for export's refusal of an argument that is an object of an
+    unregistered class holding no tensors yet (a cache the call fills: GLM-Image's
+    ``kv_caches`` in "write" mode), or None when ``error`` is about something else."""
+    match = re.search(r"Unsupported input type <class '([\w.]+)'>", str(error))
+    for leaf, name in zip(leaves, names):
+        if match is not None and any(_qualified(type(item)) == match.group(1)
+                                     for item in _nested(leaf, SEARCH_DEPTH)):
+            return _registration_error(name, leaf, _unregistered(leaf, lambda item: True), model_class,
+                                       "an object of a class torch.export does not know")
+    return None
+
+
+def _unregistered(argument: Any, keep: Callable[[Any], bool]) -> list[type]:
+    """The classes of the plain objects in ``argument`` that are not registered, and that
+    ``keep`` picks, in name order."""
+    found = {type(item).__qualname__: type(item) for item in _nested(argument, SEARCH_DEPTH)
+             if is_plain_object(item) and type(item) not in pytree.SUPPORTED_NODES and keep(item)}
+    return [cls for _, cls in sorted(found.items())]
+
+
+def _registration_error(name: str, argument: Any, classes: list[type], model_class: str,
+                        what: str) -> CaptureError:
+    return CaptureError(
+        f"argument {name!r} of {model_class} is a {type(argument).__qualname__}, {what}, which a "
+        "captured graph cannot take as an input. If it holds tensors, or the call fills it with "
+        "some (a cache), register its class, and those of the objects in it, once before "
+        "partitioning: " + "; ".join(f"asyncfx.register_tensor_container({cls.__qualname__})"
+                                     for cls in classes)
+        + " (from " + ", ".join(sorted({cls.__module__ for cls in classes})) + "). Its tensors "
+        "then become inputs of the graph, read as conditioning.")
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def unregistered_output_error(error: Exception, model_class: str) -> CaptureError | None:
@@ -133,3 +172,59 @@ def _nested(value: Any, depth: int) -> Iterator[Any]:
 
 def _holds_tensors(value: Any) -> bool:
     return any(isinstance(item, torch.Tensor) for item in _nested(value, SEARCH_DEPTH))
+
+
+@contextlib.contextmanager
+def watching_argument_writes(model: nn.Module) -> Iterator[list[str]]:
+    """Around a trace of ``model``: the list it yields names, once the trace is done, the
+    arguments whose contents the call changed (GLM-Image's ``kv_caches`` in "write" mode:
+    each layer's cache gets the call's keys and values appended). torch.export hands
+    ``forward`` copies of registered objects, so such writes never reach the caller's
+    objects, and a captured graph cannot make them; forward hooks see the copies.
+
+    Example:
+        >>> with watching_argument_writes(model) as written:
+        ...     exported = torch.export.export(model, args, kwargs, strict=False)
+        >>> written
+        ['kv_caches']
+    """
+    signature = inspect.signature(model.forward)
+    written: list[str] = []
+    at_entry: dict[str, tuple[pytree.TreeSpec, list[Any]]] = {}
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        at_entry.clear()
+        at_entry.update(_argument_contents(signature, args, kwargs))
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        now = _argument_contents(signature, args, kwargs)
+        written[:] = [name for name, (spec, leaves) in now.items()
+                      if name in at_entry and _changed(at_entry[name], (spec, leaves))]
+
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
+               model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield written
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _argument_contents(signature: inspect.Signature, args: tuple,
+                       kwargs: dict) -> dict[str, tuple[pytree.TreeSpec, list[Any]]]:
+    """The structure and leaves of each argument that is not a tensor itself (a tensor
+    written in place is torch.export's to record)."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    contents = {}
+    for name, value in bound.items():
+        if not isinstance(value, torch.Tensor):
+            leaves, spec = pytree.tree_flatten(value)
+            contents[name] = (spec, leaves)
+    return contents
+
+
+def _changed(before: tuple[pytree.TreeSpec, list[Any]], now: tuple[pytree.TreeSpec, list[Any]]) -> bool:
+    """Whether an argument holds other things than it did: another structure, or another
+    object in some place (a tensor replaced)."""
+    (spec_before, leaves_before), (spec_now, leaves_now) = before, now
+    return spec_before != spec_now or any(a is not b for a, b in zip(leaves_before, leaves_now))

@@ -16,8 +16,8 @@ from torch import fx, nn
 from asyncfx.partitioner.capture import Captured
 from asyncfx.partitioner.cuts import COMPUTE_OPS, cut_positions, latent_order
 from asyncfx.partitioner.plan import PlanInput
-from asyncfx.passes.estimate_cost import estimate_cost
-from asyncfx.passes.meta import BYTES, FLOPS, MEASURED_SECONDS, VALUE, VALUE_CLASS, ValueClass
+from asyncfx.passes.estimate_cost import estimate_cost, tensor_bytes
+from asyncfx.passes.meta import BYTES, FLOPS, MEASURED_SECONDS, VALUE, VALUE_CLASS, ValueClass, size_bound
 from asyncfx.passes.split import non_latent_ancestors
 
 
@@ -30,7 +30,7 @@ class CostNode:
     flops: int
     bytes: int                       # bytes read and written
     out_bytes: int                   # 0 when the output is not a tensor
-    out_shape: list[int] | None
+    out_shape: list[int] | None      # a size that depends on tensor values at its bound
     out_dtype: str | None
     readers: list[int]               # positions of latent readers; len(nodes) = graph output
     needs: list[str]                 # step/static nodes (weights included) it needs, by name
@@ -100,8 +100,8 @@ def _cost_node(node: fx.Node, position: dict[fx.Node, int], index: dict[fx.Node,
     return CostNode(
         name=node.name, module=module_path(node), flops=int(node.meta[FLOPS]),
         bytes=int(node.meta[BYTES]),
-        out_bytes=value.numel() * value.element_size() if is_tensor else 0,
-        out_shape=list(value.shape) if is_tensor else None,
+        out_bytes=tensor_bytes(value) if is_tensor else 0,
+        out_shape=[size_bound(size) for size in value.shape] if is_tensor else None,
         out_dtype=str(value.dtype) if is_tensor else None,
         readers=readers, needs=_needs(node, index) if latent else [],
         measured_seconds=node.meta.get(MEASURED_SECONDS))

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import fx
 
-from asyncfx.passes.meta import COMPUTE_OPS, VALUE, VALUE_CLASS, ValueClass
+from asyncfx.passes.meta import COMPUTE_OPS, VALUE, VALUE_CLASS, ValueClass, has_data_dependent_size
 
 
 def latent_order(graph: fx.Graph) -> list[fx.Node]:
@@ -16,12 +16,15 @@ def latent_order(graph: fx.Graph) -> list[fx.Node]:
 
 def cut_positions(order: Sequence[fx.Node]) -> list[int]:
     """Positions ``p`` (cut before ``order[p]``) where every value crossing the cut is a
-    tensor. A multi-output op (``split``, ``chunk``) and the ``getitem`` nodes that unpack it
-    are never separated: a list of tensors is not a boundary tensor."""
+    tensor of a fixed shape. A multi-output op (``split``, ``chunk``) and the ``getitem``
+    nodes that unpack it are never separated: a list of tensors is not a boundary tensor;
+    nor is a tensor whose size depends on tensor values (a boolean-mask selection), since
+    boundary buffers are allocated before the values are known."""
     index = {node: i for i, node in enumerate(order)}
     blocked = [False] * (len(order) + 1)
     for i, node in enumerate(order):
-        if isinstance(node.meta.get(VALUE), torch.Tensor):
+        value = node.meta.get(VALUE)
+        if isinstance(value, torch.Tensor) and not has_data_dependent_size(value):
             continue
         last_use = max((index[u] for u in node.users if u in index), default=i)
         for p in range(i + 1, last_use + 1):

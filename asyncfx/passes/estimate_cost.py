@@ -2,10 +2,12 @@
 
 The graph is interpreted on fake tensors (shapes and dtypes only) under
 ``torch.utils.flop_counter.FlopCounterMode``, so an SD-sized UNet costs seconds to
-estimate and no memory for activations.
+estimate and no memory for activations. A size that depends on tensor values (a boolean
+mask's selection) is counted at its bound, as if the whole mask were selected.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -15,7 +17,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from asyncfx.passes.meta import BYTES, FLOPS, VALUE
+from asyncfx.passes.meta import BYTES, FLOPS, VALUE, has_data_dependent_size, size_bound
 
 
 def estimate_cost(gm: fx.GraphModule) -> int:
@@ -50,10 +52,9 @@ class _CostInterpreter(fx.Interpreter):
         except Exception as exc:  # e.g. a leaf function that calls numpy
             if VALUE not in node.meta:
                 raise
-            warnings.warn(f"estimate_cost: node {node.name} ({node.format_node()}) cannot run on "
-                          f"fake tensors ({type(exc).__name__}: {exc}); its FLOPs are counted as "
-                          "0 and its cost comes from the bytes it reads and writes.", stacklevel=2)
-            result = pytree.tree_map_only(torch.Tensor, _fake_like, node.meta[VALUE])
+            if not _has_data_dependent_sizes(node):
+                _warn_cannot_run(node, exc)
+            result = pytree.tree_map_only((torch.Tensor, torch.SymInt), _bounded_like, node.meta[VALUE])
         node.meta[FLOPS] = int(self.counter.get_total_flops() - before)
         if node.op in ("placeholder", "get_attr", "output"):
             node.meta[BYTES] = 0
@@ -62,16 +63,51 @@ class _CostInterpreter(fx.Interpreter):
         return result
 
 
+def _has_data_dependent_sizes(node: fx.Node) -> bool:
+    """Whether ``node`` makes or reads a value whose size depends on tensor values: fake
+    tensors without symbolic shapes cannot run it (``nonzero``, a boolean-mask write), and
+    its cost is counted on the values' bounds."""
+    values = [node.meta.get(VALUE), *(n.meta.get(VALUE) for n in node.all_input_nodes)]
+    return any(has_data_dependent_size(value) for value in values)
+
+
+def _warn_cannot_run(node: fx.Node, exc: Exception) -> None:
+    warnings.warn(f"estimate_cost: node {node.name} ({node.format_node()}) cannot run on "
+                  f"fake tensors ({type(exc).__name__}: {exc}); its FLOPs are counted as "
+                  "0 and its cost comes from the bytes it reads and writes.", stacklevel=3)
+
+
 def _tensor_bytes(value: Any, env: dict[fx.Node, Any] | None = None) -> int:
     if env is not None:
         value = pytree.tree_map_only(fx.Node, lambda n: env.get(n), value)
     tensors = [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(map(tensor_bytes, tensors))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of ``tensor``, a size that depends on tensor values counted at its bound.
+
+    Example:
+        >>> tensor_bytes(torch.empty(2, 3))
+        24
+    """
+    return math.prod(size_bound(size) for size in tensor.shape) * tensor.element_size()
 
 
 def _fake_like(value: torch.Tensor) -> torch.Tensor:
     device = "cpu" if value.device.type == "meta" else value.device
     return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
+
+
+def _bounded_like(value: torch.Tensor | torch.SymInt) -> torch.Tensor | int:
+    """A stand-in for a node's value: a fake tensor like it (sizes that depend on tensor
+    values at their bounds), or a symbolic size's bound."""
+    if isinstance(value, torch.SymInt):
+        return size_bound(value)
+    if not has_data_dependent_size(value):
+        return _fake_like(value)
+    device = "cpu" if value.device.type == "meta" else value.device
+    return torch.empty([size_bound(size) for size in value.shape], dtype=value.dtype, device=device)
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

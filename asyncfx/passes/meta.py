@@ -1,10 +1,16 @@
-"""The ``node.meta`` keys asyncfx passes write, and the value classes of the classify pass.
+"""The ``node.meta`` keys asyncfx passes write, the value classes of the classify pass,
+and how to read sizes from node values.
 
 Each key has exactly one owning pass; other code only reads it.
 """
 from __future__ import annotations
 
 import enum
+import math
+from typing import Any
+
+import torch
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 #: fx node kinds that compute something (the others are inputs, weights and the output).
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
@@ -20,6 +26,35 @@ MEASURED_SECONDS = "asyncfx_measured_seconds"
 #: Written by ``capture`` (``torch.export`` writes it itself): the node's value, a fake or
 #: meta tensor (or a pytree of them) carrying shape and dtype.
 VALUE = "val"
+
+#: Node values that may carry a size computed from tensor values.
+SYMBOLIC_VALUES = (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool, list, tuple)
+
+
+def has_data_dependent_size(value: Any) -> bool:
+    """Whether a node's value has a size computed from tensor values (``nonzero``,
+    boolean-mask indexing): torch.export gives it an unbacked symbol, not a number.
+
+    Example:
+        >>> has_data_dependent_size(torch.empty(2, 3))
+        False
+    """
+    # only tensors and symbolic numbers have sizes (torch 2.11 raises on a string)
+    return isinstance(value, SYMBOLIC_VALUES) and bool(free_unbacked_symbols(value))
+
+
+def size_bound(size: int | torch.SymInt) -> int:
+    """A size, or for a data-dependent one the largest it can be (all of a boolean mask
+    selected), as torch.export bounded it; 1 where it has no bound.
+
+    Example:
+        >>> size_bound(3)
+        3
+    """
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    upper = float(size.node.shape_env.bound_sympy(size.node.expr).upper)
+    return int(upper) if math.isfinite(upper) else 1
 
 
 class ValueClass(enum.IntEnum):

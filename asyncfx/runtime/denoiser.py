@@ -33,12 +33,14 @@ own (a warm-up step): what a forward makes for itself at its first call (Z-Image
 rotary table), which the capture's trace left unmade, is not an edit.
 
 Note (shapes): a call with other shapes, dtypes or non-tensor arguments than the
-capture is captured anew. The previous capture is kept as a spare (with its executor),
-so a pipeline that alternates two kinds of call (SD3's skip-layer guidance: an extra
-call without classifier-free guidance at some steps) switches back without capturing
-again. A switch does not start a new generation: each capture keeps its own streams, and
-a stream goes on from where it was if it was called at the previous step (its buffers are
-one step stale, as the schedule says); one that missed a step starts over with warm-up.
+capture is captured anew. Earlier captures are kept as spares (with their executors,
+up to ``MAX_SPARES``), so a pipeline that alternates kinds of call (SD3's skip-layer
+guidance: an extra call without classifier-free guidance at some steps; GLM-Image: a
+call that fills a cache, then conditional and unconditional calls that read it or not)
+switches back without capturing again. A switch does not start a new generation: each
+capture keeps its own streams, and a stream goes on from where it was if it was called
+at the previous step (its buffers are one step stale, as the schedule says); one that
+missed a step starts over with warm-up.
 
 Note (two calls per step): pipelines that run the conditional and unconditional
 passes as separate calls call the denoiser twice with the same timestep. The i-th call
@@ -55,6 +57,12 @@ step index where it keeps one (a model that takes over part-way, like Wan 2.2's 
 expert, starts there), else at its begin index plus the stream's start. A conditioning
 input equal to the timestep at the call (LTX-2's ``sigma=timestep``) is the timestep
 under another name, and moves with it (stride 2, ``time_shift``).
+
+Note (filling calls): a call that writes into its arguments (GLM-Image's pipeline first
+fills a KV cache with the reference image's keys and values, at timestep 0) cannot run
+as a graph; the capture lists what it writes into (``written_arguments``). Such calls
+run the original model and are not steps: they neither count in a generation nor tell
+which way its timesteps move.
 """
 from __future__ import annotations
 
@@ -87,6 +95,9 @@ logger = logging.getLogger(__name__)
 #: are taken for one-step generations, each a new one (else each would open a stream and
 #: keep its buffers for good).
 MAX_CALLS_PER_STEP = 16
+#: Earlier captures kept for calls that fit them again (see the note on shapes); each may
+#: hold an executor with its stage copies.
+MAX_SPARES = 3
 #: A model without a timestep input that starts this many generations in a row because
 #: a one-number-per-sample input changed is warned about: that input is likely its timestep.
 RESTARTS_BEFORE_WARNING = 3
@@ -97,7 +108,7 @@ MANY_TIMESTEPS = 64
 #: the capture, and how to make its executor.
 Build = Callable[[Any, tuple, dict], tuple["CallInterfaceLike", "MakeExecutor"]]
 #: What the denoiser builds while it runs; a copy starts without it (``__deepcopy__``).
-RUNTIME_STATE = ("_now", "_spare", "_generation", "_restarts")
+RUNTIME_STATE = ("_now", "_spares", "_generation", "_restarts")
 #: The denoiser's own attributes (set on it even where the model has one of the name).
 OWN_ATTRIBUTES = frozenset({"_build", "n_stages", "warmup", "stride", "time_shift", "scheduler", "rebuild",
                             "convertible", "training", *RUNTIME_STATE})
@@ -124,6 +135,7 @@ class CallInterfaceLike:
     unflatten: Callable[[Sequence[Any]], Any]
     names: list[str]          # placeholder name of each flat input
     roles: list[str]          # "latent", "timestep" or "condition"
+    written_arguments: Sequence[str] = ()  # arguments the call writes into (note on filling calls)
 
 
 @dataclasses.dataclass
@@ -239,7 +251,7 @@ class AsyncDenoiser(nn.Module):
     def _start_runtime_state(self) -> None:
         """Nothing captured, no generation (the attributes named in RUNTIME_STATE)."""
         self._now = _Build()
-        self._spare: _Build | None = None  # the capture for the previous shapes (note on shapes)
+        self._spares: list[_Build] = []  # earlier captures, the latest first (note on shapes)
         self._generation = _Generation()
         self._restarts = 0  # calls in a row that restarted because a timestep-like input changed
 
@@ -395,9 +407,8 @@ class AsyncDenoiser(nn.Module):
     def reset(self) -> None:
         """Forget the current generation: the next call is step 0 of a new one."""
         self._generation = _Generation()
-        for build in (self._now, self._spare):
-            if build is not None:
-                build.streams, build.step, build.calls = [], -1, 0
+        for build in (self._now, *self._spares):
+            build.streams, build.step, build.calls = [], -1, 0
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> AsyncDenoiser:
         """``.to()`` and friends: convert the original model and capture it again at the
@@ -409,7 +420,7 @@ class AsyncDenoiser(nn.Module):
                                "the dtype and device it was captured with; convert the model first, then "
                                "capture and partition it again.")
         self._model._apply(fn)
-        self._drop_spare()
+        self._drop_spares()
         self.close()
         self._now = _Build(why_empty="the model was converted (.to() and the like)")
         self.reset()
@@ -418,8 +429,8 @@ class AsyncDenoiser(nn.Module):
     def close(self) -> None:
         """Stop the executors' workers and free what they hold; the next call starts new ones
         from the same plan (workers also stop when the denoiser is garbage collected)."""
-        for build in (self._now, self._spare):
-            if build is not None and build.executor is not None:
+        for build in (self._now, *self._spares):
+            if build.executor is not None:
                 build.executor.close()
                 build.executor = None
 
@@ -427,16 +438,16 @@ class AsyncDenoiser(nn.Module):
               keep_current: bool = False, reason: str | None = None) -> None:
         """Capture for inputs like ``args``/``kwargs``; compile and split now, or at the
         last warm-up step (see the note on lazy compilation in ``forward``).
-        ``keep_current`` keeps the current capture as the spare (see the note on shapes);
+        ``keep_current`` keeps the current capture as a spare (see the note on shapes);
         ``reason`` says why, in the log."""
         logger.info("capturing %s: %s", type(self._model).__name__, reason or self._now.why_empty)
         # a capture that fails keeps the old build
         interface, make_executor = self._build(self._model, args, kwargs)
         current = self._now
-        self._drop_spare()
         if keep_current and current.interface is not None:
-            self._spare = current
+            self._keep_spare(current)
         else:
+            self._drop_spares()
             self.close()
         signature = state_signature(self._model) if self.convertible else None
         self._now = _Build(interface, make_executor, signature=signature,
@@ -452,24 +463,35 @@ class AsyncDenoiser(nn.Module):
             build.signature = state_signature(self._model)
         build.settled = True
 
-    def _drop_spare(self) -> None:
-        if self._spare is not None and self._spare.executor is not None:
-            self._spare.executor.close()
-        self._spare = None
+    def _keep_spare(self, build: _Build) -> None:
+        """Keep ``build`` as the latest spare; the oldest beyond ``MAX_SPARES`` goes."""
+        self._spares.insert(0, build)
+        for dropped in self._spares[MAX_SPARES:]:
+            if dropped.executor is not None:
+                dropped.executor.close()
+        del self._spares[MAX_SPARES:]
+
+    def _drop_spares(self) -> None:
+        for spare in self._spares:
+            if spare.executor is not None:
+                spare.executor.close()
+        self._spares = []
 
     def _switch_to_spare(self, args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
-        """The call's flat inputs if the spare capture fits them, now the current one."""
-        spare = self._spare
-        if spare is None or spare.interface is None:
-            return None
-        try:
-            flat = spare.interface.flatten(args, kwargs)
-        except InputMismatchError:
-            return None
-        self._spare, self._now = self._now, spare
-        logger.debug("switched back to the previous capture of %s, which fits this call",
-                     type(self._model).__name__)
-        return flat
+        """The call's flat inputs if a spare capture fits them (the latest that does), now
+        the current one."""
+        for index, spare in enumerate(self._spares):
+            try:
+                flat = spare.interface.flatten(args, kwargs)
+            except InputMismatchError:
+                continue
+            del self._spares[index]
+            self._spares.insert(0, self._now)
+            self._now = spare
+            logger.debug("switched back to an earlier capture of %s, which fits this call",
+                         type(self._model).__name__)
+            return flat
+        return None
 
     def _compile(self) -> None:
         now = self._now
@@ -494,6 +516,10 @@ class AsyncDenoiser(nn.Module):
         if self.interface is None:
             self.build(args, kwargs)
         named = self._bind(args, kwargs)
+        if self.interface.written_arguments:  # see the note on filling calls
+            output = self._model(*args, **kwargs)
+            self._settle(self._now)
+            return output
         self._follow_generation(named)
         stream = self._stream_for(self._now)
         if self._generation.step == 0 and stream.step == 0 and self._model_edited():
@@ -529,7 +555,7 @@ class AsyncDenoiser(nn.Module):
 
     def _bind(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         """The call's graph inputs by placeholder name, from the capture that fits it: the
-        current one, the spare, or a new one (see the note on shapes)."""
+        current one, a spare, or a new one (see the note on shapes)."""
         try:
             flat = self.interface.flatten(args, kwargs)
         except ArgumentsError:
@@ -619,7 +645,7 @@ class AsyncDenoiser(nn.Module):
     def _model_edited(self) -> bool:
         """Whether the model was edited since it was captured (checked as each stream of
         the generation's first step starts: one-step generations, e.g. SD-Turbo's, are
-        streams of one step; a new capture drops the spare, captured before too; see the
+        streams of one step; a new capture drops the spares, captured before too; see the
         note on editing)."""
         signature = self._now.signature
         return signature is not None and state_signature(self._model) != signature
