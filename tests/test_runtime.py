@@ -559,6 +559,46 @@ def test_alternating_captures_each_keep_their_generation_going():
     assert not any(worker.is_alive() for executor in executors for worker in executor._workers)
 
 
+class _Notes:
+    """What a forward fills: one entry per call."""
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] = []
+
+
+class FillsItsArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, t, notes):
+        h = torch.tanh(self.first(x))
+        notes.seen.append(h.mean())
+        return x + self.second(h) * t
+
+
+def test_calls_that_fill_an_argument_at_every_step_run_the_model_and_are_warned_about():
+    asyncfx.register_tensor_container(_Notes)
+    model, x = FillsItsArgument().eval(), torch.randn(2, 4)
+    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    notes, expected = _Notes(), _Notes()
+    with torch.no_grad():
+        for step, t in enumerate((900.0, 800.0, 700.0)):
+            call = (x * (1 - 0.1 * step), torch.tensor(t))
+            if step == 1:
+                with pytest.warns(UserWarning, match=r"FillsItsArgument writes into 'notes' at calls at "
+                                  r"timestep 900 and then 800: such calls run the original model"):
+                    got = den(*call, notes)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # once only
+                    got = den(*call, notes)
+            torch.testing.assert_close(got, model(*call, expected), rtol=0, atol=0)  # never stale
+    assert den.interface.written_arguments == ("notes",) and den.executor is None  # no stages built
+    assert len(notes.seen) == 3  # the caller's object got every write
+    torch.testing.assert_close(torch.stack(notes.seen), torch.stack(expected.seen), rtol=0, atol=0)
+
+
 def test_a_capture_not_called_at_the_previous_step_warms_up_again():
     model, _, kwargs = zoo_example("sd_unet")  # e.g. guidance switched off for a few steps
     single = {**kwargs, "sample": kwargs["sample"][:1],

@@ -62,7 +62,8 @@ Note (filling calls): a call that writes into its arguments (GLM-Image's pipelin
 fills a KV cache with the reference image's keys and values, at timestep 0) cannot run
 as a graph; the capture lists what it writes into (``written_arguments``). Such calls
 run the original model and are not steps: they neither count in a generation nor tell
-which way its timesteps move.
+which way its timesteps move. Calls like that at different timesteps are denoising steps
+that gain nothing from the stages, and are warned about.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ MANY_TIMESTEPS = 64
 #: the capture, and how to make its executor.
 Build = Callable[[Any, tuple, dict], tuple["CallInterfaceLike", "MakeExecutor"]]
 #: What the denoiser builds while it runs; a copy starts without it (``__deepcopy__``).
-RUNTIME_STATE = ("_now", "_spares", "_generation", "_restarts")
+RUNTIME_STATE = ("_now", "_spares", "_generation", "_restarts", "_filled_at", "_warned_filling")
 #: The denoiser's own attributes (set on it even where the model has one of the name).
 OWN_ATTRIBUTES = frozenset({"_build", "n_stages", "warmup", "stride", "time_shift", "scheduler", "rebuild",
                             "convertible", "training", *RUNTIME_STATE})
@@ -254,6 +255,8 @@ class AsyncDenoiser(nn.Module):
         self._spares: list[_Build] = []  # earlier captures, the latest first (note on shapes)
         self._generation = _Generation()
         self._restarts = 0  # calls in a row that restarted because a timestep-like input changed
+        self._filled_at: float | None = None  # the last call writing into its arguments was at
+        self._warned_filling = False  # about such calls at several timesteps (note on filling calls)
 
     def __deepcopy__(self, memo: dict) -> AsyncDenoiser:
         """A denoiser of a deep copy of the model, with the same options (and hooks), captured
@@ -517,6 +520,7 @@ class AsyncDenoiser(nn.Module):
             self.build(args, kwargs)
         named = self._bind(args, kwargs)
         if self.interface.written_arguments:  # see the note on filling calls
+            self._check_filling_call(named)
             output = self._model(*args, **kwargs)
             self._settle(self._now)
             return output
@@ -625,6 +629,23 @@ class AsyncDenoiser(nn.Module):
                 "timestep, so each call started a new generation and ran as the original model (no "
                 f"speedup). If {changed[0]!r} is the timestep or noise level, pass "
                 f"timestep={changed[0]!r} to asyncfx.partition().", stacklevel=6)  # the denoiser's caller
+
+    def _check_filling_call(self, named: Mapping[str, torch.Tensor]) -> None:
+        """Warn once when calls that write into their arguments come at another timestep
+        than before: they are denoising steps then, which all run the original model."""
+        if self._timestep_name is None or self._warned_filling:
+            return
+        t = timestep_value(named[self._timestep_name])
+        before, self._filled_at = self._filled_at, t
+        if before is not None and t != before:
+            self._warned_filling = True
+            written = ", ".join(map(repr, self.interface.written_arguments))
+            warnings.warn(
+                f"{type(self._model).__name__} writes into {written} at calls at timestep "
+                f"{before:g} and then {t:g}: such calls run the original model, since a graph "
+                "cannot write into its arguments, so these steps gain nothing from the stages. Have "
+                "forward return what it writes (registered with asyncfx.register_tensor_container()) "
+                "rather than fill an argument.", stacklevel=5)  # the denoiser's caller
 
     def _stream_for(self, build: _Build) -> _Stream:
         """The stream of ``build`` the call belongs to: the i-th call of the capture at
