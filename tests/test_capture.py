@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import numpy as np
@@ -324,6 +325,36 @@ def test_capture_leaves_no_traced_values_in_the_models_python_state(method):
     torch.testing.assert_close(model(x, t), expected, rtol=0, atol=0)
     torch.testing.assert_close(captured(x, t), expected, rtol=0, atol=0)
     assert torch.equal(model.rotary.table, torch.tensor([0.25, 0.5, 0.75, 1.0]))
+
+
+class MemoisedTable(nn.Module):
+    """A rotary table memoised with functools.lru_cache on the method, as NucleusMoE's is:
+    the cache lives on the class, outside the module's state."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.base = nn.Linear(4, 4), torch.arange(1.0, 5.0)  # a plain tensor attribute
+
+    @functools.lru_cache(maxsize=8)
+    def table(self, n: int) -> torch.Tensor:
+        return self.base[:n] / n
+
+    def forward(self, x, t):
+        return self.linear(x) * self.table(4) * t
+
+
+def test_a_method_cache_filled_while_capturing_is_cleared():
+    model, args = MemoisedTable(), (torch.randn(2, 4), torch.tensor(2.0))
+    expected = copy.deepcopy(model)(*args)
+    MemoisedTable.table.cache_clear()
+    captured = asyncfx.capture(model, args)
+    assert MemoisedTable.table.cache_info().currsize == 0  # else it would hand out the traced table
+    torch.testing.assert_close(model(*args), expected, rtol=0, atol=0)
+    assert MemoisedTable.table.cache_info().currsize == 1  # the eager call filled it again
+    captured_again = asyncfx.capture(model, args)  # a trace that only reads the cache keeps it
+    assert MemoisedTable.table.cache_info().currsize == 1
+    for graph in (captured, captured_again):
+        torch.testing.assert_close(graph(*args), expected, rtol=0, atol=0)
 
 
 def test_forward_hooks_are_warned_about_as_running_only_while_capturing():

@@ -15,11 +15,13 @@ from diffusers import (AuraFlowTransformer2DModel, ChromaTransformer2DModel, Cog
                        CogView4Transformer2DModel, Flux2Transformer2DModel, GlmImageTransformer2DModel,
                        HunyuanVideoTransformer3DModel, LTX2VideoTransformer3DModel,
                        LTXVideoTransformer3DModel, Lumina2Transformer2DModel, MochiTransformer3DModel,
-                       PixArtTransformer2DModel, QwenImageTransformer2DModel, SanaTransformer2DModel,
-                       UNet1DModel, UNet3DConditionModel, WanTransformer3DModel, WanVACETransformer3DModel)
+                       NucleusMoEImageTransformer2DModel, PixArtTransformer2DModel,
+                       QwenImageTransformer2DModel, SanaTransformer2DModel, UNet1DModel, UNet3DConditionModel,
+                       WanTransformer3DModel, WanVACETransformer3DModel)
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2KVAttnProcessor, Flux2KVCache, Flux2KVLayerCache, Flux2KVParallelSelfAttnProcessor)
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache, GlmImageLayerKVCache
+from torch import nn
 
 import asyncfx
 from asyncfx.zoo import tiny
@@ -181,9 +183,21 @@ def glm_image():  # zeroes the dropped prior tokens' embeddings through a boolea
                    "target_size": torch.tensor([[64.0, 64.0]] * 2), "crop_coords": torch.zeros(2, 2)}, 1000.0
 
 
+def nucleus_moe():  # routes tokens to experts by value: per-expert sizes read with tolist()
+    model = NucleusMoEImageTransformer2DModel(
+        patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), num_experts=4, moe_intermediate_dim=8,
+        dense_moe_strategy="all_moe", capacity_factors=1.0)
+    for parameter in model.parameters():  # its experts' weights are made with torch.empty
+        nn.init.normal_(parameter, std=0.2)
+    return model, {**_inputs(hidden_states=(1, 16, 16), encoder_hidden_states=(1, 5, 16)),
+                   "img_shapes": [(1, 4, 4)],
+                   "encoder_hidden_states_mask": torch.ones(1, 5, dtype=torch.bool)}, 1.0
+
+
 FAMILIES = {f.__name__: f for f in (pixart, wan, cogvideox, ltx_video, hunyuan_video, auraflow, sana,
                                     qwen_image, cogview4, chroma, flux2, wan_vace, unet3d, unet1d, mochi,
-                                    glm_image)}
+                                    glm_image, nucleus_moe)}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -17,6 +17,10 @@ it at the capture. State set for the first time (an attribute that was absent or
 a new dict key: a table made at the first call) is not reported. torch.export puts back
 the modules' own attributes itself, silently, when it finishes: their changes (a counter
 a module keeps on itself) are read by a forward hook on the model, as forward returns.
+
+A method of a module's class memoised with ``functools.lru_cache`` (NucleusMoE's rotary
+table) keeps what the trace computed in the cache, outside any module: a cache that
+computed anything while the model was traced is cleared, and refills at the next call.
 """
 from __future__ import annotations
 
@@ -73,6 +77,8 @@ def restoring_traced_state(model: nn.Module) -> Iterator[None]:
         >>> model(*args, **kwargs)        # computes as it did before the export
     """
     saved = _snapshot(model)
+    caches = _method_caches(model)
+    misses = [cache.cache_info().misses for cache in caches]
     at_return: list[str] = []
     hook = model.register_forward_hook(lambda *_: _record(at_return, _module_changes(saved)))
     try:
@@ -82,7 +88,29 @@ def restoring_traced_state(model: nn.Module) -> Iterator[None]:
         _restore_traced(saved)  # silently: they were never real values
         found = [change for space in saved for change in changes(space)]
         _restore_objects(saved)
+        _clear_caches_filled_since(caches, misses)
     _warn_about_changes(type(model).__name__, list(dict.fromkeys(at_return + found)))
+
+
+def _method_caches(model: nn.Module) -> list[Any]:
+    """The ``functools.lru_cache`` wrappers among the methods of the model's module classes
+    (static and class methods included)."""
+    caches: dict[int, Any] = {}
+    for cls in {type(module) for module in model.modules()}:
+        for owner in cls.__mro__:
+            for value in vars(owner).values():
+                function = getattr(value, "__func__", value)  # under staticmethod / classmethod
+                if all(callable(getattr(function, name, None)) for name in ("cache_info", "cache_clear")):
+                    caches[id(function)] = function
+    return list(caches.values())
+
+
+def _clear_caches_filled_since(caches: list[Any], misses: list[int]) -> None:
+    """Clear the caches that computed something since ``misses`` were counted: what they
+    computed while the model was traced are traced values."""
+    for cache, before in zip(caches, misses):
+        if cache.cache_info().misses != before:
+            cache.cache_clear()
 
 
 def _module_changes(saved: list[Namespace]) -> list[str]:
