@@ -424,6 +424,24 @@ class BranchOnLengths(nn.Module):
         return x * t
 
 
+class SpreadsNone(nn.Module):
+    """Spreads a missing options dict into a block, as LuminaNext's attention does with
+    ``cross_attention_kwargs=None``: Python's message starts with the block's repr."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 4))
+
+    def forward(self, x, t, options=None):
+        return self.block(x, **options) * t
+
+
+def test_an_error_message_over_several_lines_is_summed_up_by_its_first_and_last():
+    with pytest.raises(asyncfx.CaptureError, match=r"with TypeError: Sequential\(\.\.\.\) argument "
+                                                   r"after \*\* must be a mapping, not NoneType"):
+        asyncfx.capture(SpreadsNone(), (torch.randn(2, 4), torch.tensor(1.0)))
+
+
 def test_values_read_into_python_get_the_data_dependent_advice():
     args = (torch.randn(2, 5, 4), torch.tensor(1.0), torch.ones(2, 5, dtype=torch.long))
     with pytest.raises(asyncfx.CaptureError, match=r"(?s)cannot capture BranchOnLengths.*"

@@ -13,11 +13,12 @@ import pytest
 import torch
 from diffusers import (AuraFlowTransformer2DModel, ChromaTransformer2DModel, CogVideoXTransformer3DModel,
                        CogView4Transformer2DModel, Flux2Transformer2DModel, GlmImageTransformer2DModel,
-                       HunyuanVideoTransformer3DModel, LTX2VideoTransformer3DModel,
+                       HunyuanDiT2DModel, HunyuanVideoTransformer3DModel, LTX2VideoTransformer3DModel,
                        LTXVideoTransformer3DModel, Lumina2Transformer2DModel, MochiTransformer3DModel,
                        NucleusMoEImageTransformer2DModel, PixArtTransformer2DModel,
-                       QwenImageTransformer2DModel, SanaTransformer2DModel, UNet1DModel, UNet3DConditionModel,
-                       WanTransformer3DModel, WanVACETransformer3DModel)
+                       QwenImageTransformer2DModel, SanaTransformer2DModel, StableAudioDiTModel, UNet1DModel,
+                       UNet3DConditionModel, WanTransformer3DModel, WanVACETransformer3DModel)
+from diffusers.models.embeddings import get_1d_rotary_pos_embed, get_2d_rotary_pos_embed
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2KVAttnProcessor, Flux2KVCache, Flux2KVLayerCache, Flux2KVParallelSelfAttnProcessor)
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache, GlmImageLayerKVCache
@@ -195,9 +196,33 @@ def nucleus_moe():  # routes tokens to experts by value: per-expert sizes read w
                    "encoder_hidden_states_mask": torch.ones(1, 5, dtype=torch.bool)}, 1.0
 
 
+def hunyuan_dit():  # two text encoders, style and image-size embeddings, rotary tables as inputs
+    model = HunyuanDiT2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8,
+        hidden_size=16, num_layers=2, cross_attention_dim=24, cross_attention_dim_t5=32,
+        pooled_projection_dim=16, text_len=5, text_len_t5=6)
+    return model, {**_inputs(hidden_states=(2, 4, 8, 8), encoder_hidden_states=(2, 5, 24),
+                             encoder_hidden_states_t5=(2, 6, 32)),
+                   "text_embedding_mask": torch.ones(2, 5, dtype=torch.long),
+                   "text_embedding_mask_t5": torch.ones(2, 6, dtype=torch.long),
+                   "image_meta_size": torch.tensor([[64, 64, 64, 64, 0, 0]] * 2),
+                   "style": torch.zeros(2, dtype=torch.long),
+                   "image_rotary_emb": get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4))}, 1000.0
+
+
+def stable_audio():  # a 1-D audio latent, global conditioning and rotary tables
+    model = StableAudioDiTModel(
+        sample_size=16, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=16, time_proj_dim=8,
+        global_states_input_dim=16, cross_attention_input_dim=12)
+    rotary = get_1d_rotary_pos_embed(4, 17, use_real=True, repeat_interleave_real=False)
+    return model, {**_inputs(hidden_states=(2, 4, 16), encoder_hidden_states=(2, 5, 12),
+                             global_hidden_states=(2, 1, 16)), "rotary_embedding": rotary}, 1.0
+
+
 FAMILIES = {f.__name__: f for f in (pixart, wan, cogvideox, ltx_video, hunyuan_video, auraflow, sana,
                                     qwen_image, cogview4, chroma, flux2, wan_vace, unet3d, unet1d, mochi,
-                                    glm_image, nucleus_moe)}
+                                    glm_image, nucleus_moe, hunyuan_dit, stable_audio)}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

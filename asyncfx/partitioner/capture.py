@@ -660,7 +660,7 @@ def _functionalised(exported: torch.export.ExportedProgram, model_class: str) ->
     try:
         return functionalise(exported).module()
     except Exception as exc:
-        reason = _first_line(exc).rstrip(".")
+        reason = _summary(exc).rstrip(".")
         raise CaptureError(f"{model_class}.forward writes to intermediate values in place "
                            f"({', '.join(writes)}), which asyncfx must turn into new values to split the "
                            f"graph, and torch could not: {type(exc).__name__}: {reason}. Write those "
@@ -781,9 +781,9 @@ def _both_failed_message(model: nn.Module, export_error: Exception, trace_error:
         advice = ("Check that the example inputs are what the model expects (shapes, dtypes, "
                   "which arguments are tensors), or change the construct named above.")
     return (f"cannot capture {type(model).__name__}: torch.export failed{_at(export_error)} with "
-            f"{type(export_error).__name__}: {_first_line(export_error)}; the torch.fx.symbolic_trace "
+            f"{type(export_error).__name__}: {_summary(export_error)}; the torch.fx.symbolic_trace "
             f"fallback failed too{_at(trace_error)} with {type(trace_error).__name__}: "
-            f"{_first_line(trace_error)}. " + advice)
+            f"{_summary(trace_error)}. " + advice)
 
 
 def _at(error: BaseException) -> str:
@@ -791,9 +791,16 @@ def _at(error: BaseException) -> str:
     return f" at {construct}" if construct else ""
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "(no message)"
+def _summary(error: Exception) -> str:
+    """The error's message in one line: its first line, and its last where the first only
+    opens a value written over several lines (``Attention(`` ... ``) argument after **
+    must be a mapping, not NoneType``)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return "(no message)"
+    if len(lines) > 1 and lines[0].endswith(("(", "[", "{")):
+        return f"{lines[0]}...{lines[-1]}"
+    return lines[0]
 
 
 def _failing_construct(error: BaseException) -> str | None:
