@@ -7,7 +7,9 @@ reference does.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -225,6 +227,21 @@ FAMILIES = {f.__name__: f for f in (pixart, wan, cogvideox, ltx_video, hunyuan_v
                                     glm_image, nucleus_moe, hunyuan_dit, stable_audio)}
 
 
+@contextlib.contextmanager
+def _serial_and_local(model: Any, warmup: int) -> Iterator[dict[str, asyncfx.AsyncDenoiser]]:
+    """``model`` partitioned in two for the serial and the local executor, with every worker
+    and the serial run on one thread, so that the two are bitwise equal."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs = {executor: asyncfx.partition(model, 2, warmup=warmup, executor=executor)
+            for executor in ("serial", "local")}
+    try:
+        yield runs
+    finally:
+        torch.set_num_threads(threads)
+        runs["local"].close()
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_model_family_partitions_into_stale_stages(family):
     torch.manual_seed(0)
@@ -235,20 +252,12 @@ def test_model_family_partitions_into_stale_stages(family):
     calls = [{**kwargs, latent: kwargs[latent] * (1 - 0.1 * step),
               "timestep": torch.full((batch,), scale * (0.9 - 0.1 * step))} for step in range(3)]
     captured = asyncfx.capture(model, (), calls[0])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # every worker and the serial run on one thread: bitwise equal
-    try:
-        runs = {executor: asyncfx.partition(captured, 2, warmup=1, executor=executor)
-                for executor in ("serial", "local")}
-        with torch.no_grad():
-            for step, call in enumerate(calls):
-                expected = leaves(model(**call))[0]
-                serial, local = (leaves(runs[e](**call))[0] for e in ("serial", "local"))
-                torch.testing.assert_close(local, serial, rtol=0, atol=0)
-                assert torch.equal(serial, expected) == (step == 0), step  # warm-up, then stale
-    finally:
-        torch.set_num_threads(threads)
-        runs["local"].close()
+    with _serial_and_local(captured, warmup=1) as runs, torch.no_grad():
+        for step, call in enumerate(calls):
+            expected = leaves(model(**call))[0]
+            serial, local = (leaves(runs[e](**call))[0] for e in ("serial", "local"))
+            torch.testing.assert_close(local, serial, rtol=0, atol=0)
+            assert torch.equal(serial, expected) == (step == 0), step  # warm-up, then stale
 
 
 def test_a_latent_passed_as_a_list_is_one_latent_per_sample():
@@ -260,20 +269,12 @@ def test_a_latent_passed_as_a_list_is_one_latent_per_sample():
     captured = asyncfx.capture(model, (), calls[0])
     roles = [(i.name, str(i.role)) for i in captured.inputs]
     assert roles[:3] == [("x[0]", "latent"), ("x[1]", "latent"), ("t", "timestep")]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runs = {executor: asyncfx.partition(captured, 2, warmup=1, executor=executor)
-                for executor in ("serial", "local")}
-        with torch.no_grad():
-            for step, call in enumerate(calls):
-                expected = leaves(model(**call))
-                serial, local = (leaves(runs[e](**call)) for e in ("serial", "local"))
-                torch.testing.assert_close(local, serial, rtol=0, atol=0)
-                assert [torch.equal(s, e) for s, e in zip(serial, expected)] == [step == 0] * 2, step
-    finally:
-        torch.set_num_threads(threads)
-        runs["local"].close()
+    with _serial_and_local(captured, warmup=1) as runs, torch.no_grad():
+        for step, call in enumerate(calls):
+            expected = leaves(model(**call))
+            serial, local = (leaves(runs[e](**call)) for e in ("serial", "local"))
+            torch.testing.assert_close(local, serial, rtol=0, atol=0)
+            assert [torch.equal(s, e) for s, e in zip(serial, expected)] == [step == 0] * 2, step
 
 
 def test_a_table_the_model_makes_at_its_first_call_is_not_an_edit():
@@ -400,22 +401,14 @@ def test_a_cache_object_that_one_call_returns_and_later_calls_read():
         _flux2_klein_kv_generation(den, references[0])
     asyncfx.register_tensor_container(Flux2KVCache)
     asyncfx.register_tensor_container(Flux2KVLayerCache)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    runs = {executor: asyncfx.partition(model, 2, warmup=2, executor=executor)
-            for executor in ("serial", "local")}
-    try:
-        with torch.no_grad():
-            for reference in references:  # two generations, each with its own cache
-                expected = _flux2_klein_kv_generation(model, reference)
-                serial, local = (_flux2_klein_kv_generation(runs[e], reference) for e in ("serial", "local"))
-                for got_serial, got_local in zip(serial, local):
-                    torch.testing.assert_close(got_local, got_serial, rtol=0, atol=0)
-                # the extract call, then the cached calls' two warm-up steps, then stale reads
-                assert [torch.equal(g, e) for g, e in zip(serial, expected)] == [True] * 3 + [False] * 2
-    finally:
-        torch.set_num_threads(threads)
-        runs["local"].close()
+    with _serial_and_local(model, warmup=2) as runs, torch.no_grad():
+        for reference in references:  # two generations, each with its own cache
+            expected = _flux2_klein_kv_generation(model, reference)
+            serial, local = (_flux2_klein_kv_generation(runs[e], reference) for e in ("serial", "local"))
+            for got_serial, got_local in zip(serial, local):
+                torch.testing.assert_close(got_local, got_serial, rtol=0, atol=0)
+            # the extract call, then the cached calls' two warm-up steps, then stale reads
+            assert [torch.equal(g, e) for g, e in zip(serial, expected)] == [True] * 3 + [False] * 2
     interface = runs["serial"].interface  # of the capture of the cached calls, by placeholder
     roles = dict(zip(interface.names, interface.roles))
     assert {name: role for name, role in roles.items() if name.startswith("kv_cache")} == {
@@ -466,29 +459,21 @@ def test_a_call_that_fills_a_cache_it_is_given_runs_the_original_model():
         _glm_image_kv_generation(asyncfx.partition(model, 2, warmup=2, executor="serial"), reference)
     asyncfx.register_tensor_container(GlmImageKVCache)
     asyncfx.register_tensor_container(GlmImageLayerKVCache)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    runs = {executor: asyncfx.partition(model, 2, warmup=2, executor=executor)
-            for executor in ("serial", "local")}
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("error", message=".* writes into")  # one timestep: it prepares
-            expected = _glm_image_kv_generation(model, reference)
-            for generation in range(2):
-                serial, local = (_glm_image_kv_generation(runs[e], reference) for e in ("serial", "local"))
-                for got_serial, got_local in zip(serial, local):
-                    torch.testing.assert_close(got_local, got_serial, rtol=0, atol=0)
-                # two warm-up steps, then stale reads: the filling call is no step
-                assert [torch.equal(g, e) for g, e in zip(serial, expected)] == [True] * 2 + [False] * 3
-                builds = [runs["serial"]._now, *runs["serial"]._spares]
-                if generation == 0:
-                    first, captures = serial, {id(build) for build in builds}
-            for got, before in zip(serial, first):  # the next generation: no new capture, same values
-                torch.testing.assert_close(got, before, rtol=0, atol=0)
-            assert {id(build) for build in builds} == captures
-    finally:
-        torch.set_num_threads(threads)
-        runs["local"].close()
+    with _serial_and_local(model, warmup=2) as runs, torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".* writes into")  # one timestep: it prepares
+        expected = _glm_image_kv_generation(model, reference)
+        for generation in range(2):
+            serial, local = (_glm_image_kv_generation(runs[e], reference) for e in ("serial", "local"))
+            for got_serial, got_local in zip(serial, local):
+                torch.testing.assert_close(got_local, got_serial, rtol=0, atol=0)
+            # two warm-up steps, then stale reads: the filling call is no step
+            assert [torch.equal(g, e) for g, e in zip(serial, expected)] == [True] * 2 + [False] * 3
+            builds = [runs["serial"]._now, *runs["serial"]._spares]
+            if generation == 0:
+                first, captures = serial, {id(build) for build in builds}
+        for got, before in zip(serial, first):  # the next generation: no new capture, same values
+            torch.testing.assert_close(got, before, rtol=0, atol=0)
+        assert {id(build) for build in builds} == captures
     assert sorted(build.interface.written_arguments for build in builds) == [(), (), ("kv_caches",)]
 
 
