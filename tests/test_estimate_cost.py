@@ -1,6 +1,8 @@
 """The estimate_cost pass: FLOPs and bytes from shapes alone."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -44,3 +46,36 @@ def test_nodes_that_cannot_run_on_fake_tensors_are_costed_by_bytes_with_a_warnin
         estimate_cost(captured.graph_module)
     leaf = next(n for n in captured.graph.nodes if "numpy_tanh" in n.name)
     assert leaf.meta[FLOPS] == 0 and leaf.meta[BYTES] == 2 * 2 * 4 * 4
+
+
+class SplitsAmongExperts(nn.Module):
+    """Tokens split among experts by counts read with tolist(), as NucleusMoE's loop does,
+    padded back to the input's length."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.Parameter(torch.randn(2, 4, 4))
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x, t, counts):
+        sizes = counts.tolist()
+        routed = sum(sizes)
+        parts = torch.split(x[:routed], sizes)
+        mixed = torch.cat([part @ expert for part, expert in zip(parts, self.experts)])
+        mixed = torch.vstack((mixed, mixed.new_zeros(x.shape[0] - routed, 4)))
+        return self.out(mixed * x) * t
+
+
+def test_sizes_that_depend_on_values_are_counted_at_their_bound_and_leave_later_nodes_their_shapes():
+    args = (torch.randn(6, 4), torch.tensor(1.0), torch.tensor([2, 3]))
+    captured = asyncfx.capture(SplitsAmongExperts(), args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every node runs on fake tensors, none is guessed
+        estimate_cost(captured.graph_module)
+    by_target = {}
+    for node in captured.graph.nodes:
+        by_target.setdefault(str(node.target), []).append(node)
+    (linear,) = by_target["aten.linear.default"]
+    assert linear.meta[FLOPS] == 2 * 6 * 4 * 4  # after the padding: the captured shape
+    experts = by_target["aten.matmul.default"]
+    assert len(experts) == 2 and all(node.meta[FLOPS] > 0 for node in experts)

@@ -47,13 +47,16 @@ class _CostInterpreter(fx.Interpreter):
 
     def run_node(self, node: fx.Node) -> Any:
         before = self.counter.get_total_flops()
+        bounded = VALUE in node.meta and _has_data_dependent_sizes(node)
         try:
             result = super().run_node(node)
         except Exception as exc:  # e.g. a leaf function that calls numpy
             if VALUE not in node.meta:
                 raise
-            if not _has_data_dependent_sizes(node):
+            if not bounded:
                 _warn_cannot_run(node, exc)
+            bounded = True
+        if bounded:  # what later nodes read is shaped as captured, not as the bounds made it
             result = pytree.tree_map_only((torch.Tensor, torch.SymInt), _bounded_like, node.meta[VALUE])
         node.meta[FLOPS] = int(self.counter.get_total_flops() - before)
         if node.op in ("placeholder", "get_attr", "output"):
