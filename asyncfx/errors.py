@@ -18,6 +18,10 @@ class InputMismatchError(AsyncFXError, ValueError):
     """A call's inputs differ from the inputs the graph was captured with."""
 
 
+class OutputShapeError(AsyncFXError, RuntimeError):
+    """An output whose size depends on tensor values has another shape than at capture."""
+
+
 class ArgumentsError(InputMismatchError):
     """A call's arguments do not bind to the model's forward (missing or unknown ones):
     a mistake in the call, not new shapes that a new capture would fit."""

@@ -13,6 +13,7 @@ from torch import nn
 import asyncfx
 from asyncfx.partitioner.cuts import cut_positions, latent_order
 from asyncfx.passes.meta import has_data_dependent_size
+from asyncfx.passes.pin_shapes import expect_shape
 from asyncfx.runtime.denoiser import CompiledDenoiserError
 from asyncfx.zoo import tiny
 from asyncfx.zoo.tiny import ZOO
@@ -502,19 +503,60 @@ def test_sizes_that_depend_on_mask_values_stay_inside_stages():
             local.close()
 
 
+class KeepsTheLatentTokens(nn.Module):
+    """FramePack's way: the valid prompt tokens (a count read from the mask) join the
+    latent tokens for a block, which splits them off again; the latent part's size is one
+    torch.export cannot prove fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.mix = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, t, context, mask):
+        text = context[:, :mask.sum(dim=1, dtype=torch.int)[0]]
+        h = torch.tanh(self.pre(torch.tanh(self.pre(x))))  # fixed sizes: cuts may go here
+        joint = torch.tanh(self.mix(torch.cat([h, text], 1)))
+        joint = joint + joint.mean(1, keepdim=True)
+        return torch.tanh(self.mix(joint[:, :-text.shape[1]])) * t
+
+
+def test_an_output_of_a_size_export_cannot_prove_takes_the_examples_size():
+    model, x, context = KeepsTheLatentTokens().eval(), torch.randn(1, 6, 4), torch.randn(1, 5, 4)
+    captured = asyncfx.capture(model, (x, torch.tensor(1.0), context, torch.tensor([[1, 1, 1, 0, 0]])))
+    (output,) = captured.graph.output_node().args[0]
+    assert output.target is expect_shape and tuple(output.meta["val"].shape) == (1, 6, 4)
+    with torch.no_grad():
+        for step, valid in enumerate(([1, 1, 1, 0, 0], [1, 1, 0, 0, 0])):  # another count: the same size
+            args = (x * (1 - 0.1 * step), torch.tensor(0.9 - 0.1 * step), context, torch.tensor([valid]))
+            torch.testing.assert_close(captured(*args), model(*args), rtol=0, atol=0)
+        serial, local = (asyncfx.partition(captured, 2, warmup=1, executor=e) for e in ("serial", "local"))
+        try:
+            for step in range(3):
+                args = (x * (1 - 0.1 * step), torch.tensor(0.9 - 0.1 * step), context, torch.tensor([valid]))
+                expected, got = model(*args), serial(*args)
+                torch.testing.assert_close(local(*args), got, rtol=0, atol=0)
+                assert torch.equal(got, expected) == (step == 0), step
+        finally:
+            local.close()
+
+
 class ReturnsValidTokens(nn.Module):
     def forward(self, x, t, mask):
         return x[:, mask[0].bool()] * t
 
 
-def test_an_output_whose_shape_depends_on_values_is_a_clear_capture_error():
-    args = (torch.randn(1, 5, 4), torch.tensor(1.0), torch.tensor([[1, 1, 0, 1, 0]]))
-    with pytest.raises(asyncfx.CaptureError) as info:
-        asyncfx.capture(ReturnsValidTokens(), args)
+def test_an_output_whose_shape_changes_with_values_is_a_clear_error_at_the_call():
+    model, x = ReturnsValidTokens(), torch.randn(1, 5, 4)
+    captured = asyncfx.capture(model, (x, torch.tensor(1.0), torch.tensor([[1, 1, 0, 1, 0]])))
+    torch.testing.assert_close(captured(x, torch.tensor(0.5), torch.tensor([[0, 1, 1, 1, 0]])),
+                               model(x, torch.tensor(0.5), torch.tensor([[0, 1, 1, 1, 0]])))  # 3 again
+    with pytest.raises(asyncfx.OutputShapeError) as info:
+        captured(x, torch.tensor(1.0), torch.tensor([[1, 1, 1, 1, 0]]))
     message = str(info.value)
-    assert "ReturnsValidTokens.forward returns a tensor whose shape depends on tensor values" in message
-    assert "at test_capture.py" in message and "x[:, mask[0].bool()] * t" in message
-    assert "keep the output's shape fixed" in message.lower()
+    assert message.startswith("output 0 of ReturnsValidTokens.forward (aten.mul.Tensor at test_capture.py:")
+    assert ("`return x[:, mask[0].bool()] * t`) has shape (1, 4, 4) at this call but (1, 3, 4) at the call"
+            in message)
+    assert "keep the output's shape fixed in the model" in message.lower()
 
 
 class BranchOnValue(nn.Module):

@@ -15,7 +15,8 @@ import pytest
 import torch
 from diffusers import (AuraFlowTransformer2DModel, ChromaTransformer2DModel, CogVideoXTransformer3DModel,
                        CogView4Transformer2DModel, Flux2Transformer2DModel, GlmImageTransformer2DModel,
-                       HunyuanDiT2DModel, HunyuanVideoTransformer3DModel, LTX2VideoTransformer3DModel,
+                       HunyuanDiT2DModel, HunyuanVideoFramepackTransformer3DModel,
+                       HunyuanVideoTransformer3DModel, LTX2VideoTransformer3DModel,
                        LTXVideoTransformer3DModel, Lumina2Transformer2DModel, MochiTransformer3DModel,
                        NucleusMoEImageTransformer2DModel, PixArtTransformer2DModel,
                        QwenImageTransformer2DModel, SanaTransformer2DModel, StableAudioDiTModel, UNet1DModel,
@@ -222,9 +223,25 @@ def stable_audio():  # a 1-D audio latent, global conditioning and rotary tables
                              global_hidden_states=(2, 1, 16)), "rotary_embedding": rotary}, 1.0
 
 
+def framepack():  # keeps the valid prompt tokens (a count read from the mask) next to the latent's
+    model = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 2, 4), has_image_proj=True, image_proj_dim=12,
+        has_clean_x_embedder=True)
+    latents = _inputs(hidden_states=(1, 4, 2, 8, 8), latents_clean=(1, 4, 1, 8, 8),
+                      latents_history_2x=(1, 4, 2, 8, 8), latents_history_4x=(1, 4, 4, 8, 8))
+    return model, {**latents, **_inputs(1, encoder_hidden_states=(1, 6, 16), pooled_projections=(1, 8),
+                                        image_embeds=(1, 3, 12)),
+                   "encoder_attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]]),
+                   "indices_latents": torch.arange(2),
+                   "indices_latents_clean": torch.tensor([0]), "indices_latents_history_2x": torch.arange(2),
+                   "indices_latents_history_4x": torch.arange(4), "guidance": torch.tensor([6000.0])}, 1000.0
+
+
 FAMILIES = {f.__name__: f for f in (pixart, wan, cogvideox, ltx_video, hunyuan_video, auraflow, sana,
                                     qwen_image, cogview4, chroma, flux2, wan_vace, unet3d, unet1d, mochi,
-                                    glm_image, nucleus_moe, hunyuan_dit, stable_audio)}
+                                    glm_image, nucleus_moe, hunyuan_dit, stable_audio, framepack)}
 
 
 @contextlib.contextmanager

@@ -11,7 +11,10 @@ Note (data-dependent sizes): a value whose size depends on tensor values (boolea
 indexing, ``nonzero``; GLM-Image zeroes the dropped prior embeddings with
 ``x[mask] *= 0``) keeps torch.export's symbolic size in the graph. Cuts never cross it
 (``cuts.cut_positions``) and the cost estimate counts it at its bound; the graph runs on
-real tensors, where every size is known. Only the outputs need fixed shapes.
+real tensors, where every size is known. Only the outputs need fixed shapes: an output
+whose size export could not prove fixed (FramePack's last latent tokens, after prompt
+tokens picked by a mask) takes the size one run of the example gives it, checked at
+every call (``passes.pin_shapes``).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.classify import classify
 from asyncfx.passes.functionalise import functionalise, in_place_ops
 from asyncfx.passes.meta import VALUE, ValueClass, has_data_dependent_size
+from asyncfx.passes.pin_shapes import pin_output_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -505,6 +509,7 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     tensor_inputs = [(name, role, leaf) for name, role, leaf in zip(names, roles, leaves)
                      if role is not None]
     placeholders = _name_placeholders(graph_module, [name for name, _, _ in tensor_inputs])
+    graph_module = _pinned_outputs(graph_module, [leaf for _, _, leaf in tensor_inputs], model_class)
     inputs = [GraphInput(name, placeholder, role, tuple(leaf.shape), str(leaf.dtype))
               for (name, role, leaf), placeholder in zip(tensor_inputs, placeholders)]
     classify(graph_module.graph, {i.placeholder: _ROLE_CLASS[i.role] for i in inputs})
@@ -590,7 +595,6 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict, leaves: list[Any], names
 def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
             model_class: str) -> tuple[fx.GraphModule, pytree.TreeSpec]:
     exported = torch.export.export(model, args, kwargs, strict=False)
-    _check_outputs_are_static(exported.graph, model_class)
     unlifted = exported.module()
     graph = unlifted.graph
     mutated = sorted(set(exported.graph_signature.buffers_to_mutate.values()) | _mutated_state(graph))
@@ -619,27 +623,16 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, is_tensor: list[bool],
     return gm, exported.call_spec.out_spec
 
 
-def _check_outputs_are_static(graph: fx.Graph, model_class: str) -> None:
-    """Refuse outputs whose shape depends on tensor values (``nonzero``, boolean-mask
-    indexing): the runtime keeps each output in a buffer of the captured shape. Values
-    inside the graph may have such shapes (see the note on data-dependent sizes)."""
-    for node in pytree.tree_leaves(graph.output_node().args):
-        if isinstance(node, fx.Node) and has_data_dependent_size(node.meta.get(VALUE)):
-            raise CaptureError(
-                f"{model_class}.forward returns a tensor whose shape depends on tensor values "
-                f"({node.target}{_traced_at(node)}); asyncfx needs the outputs' shapes fixed at "
-                "capture to keep them between steps. Keep the output's shape fixed in the model "
-                "(a mask applied with torch.where instead of boolean indexing or nonzero), or "
-                "move that part out of the denoiser.")
-
-
-def _traced_at(node: fx.Node) -> str:
-    """`` at file:line in function: `source``` of the innermost frame export recorded."""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', node.meta.get("stack_trace") or "")
-    if not frames:
-        return ""
-    path, line, function, source = frames[-1]
-    return f" at {os.path.basename(path)}:{line} in {function}: `{source.strip()}`"
+def _pinned_outputs(gm: fx.GraphModule, tensors: list[torch.Tensor], model_class: str) -> fx.GraphModule:
+    """``gm`` with each output whose size export could not prove fixed pinned to the size a
+    run on the example gives it (see the note on data-dependent sizes): one more forward,
+    made only for such graphs."""
+    outputs = gm.graph.output_node().args[0]
+    if not any(isinstance(n, fx.Node) and has_data_dependent_size(n.meta.get(VALUE)) for n in outputs):
+        return gm
+    with torch.no_grad():
+        observed = gm(*tensors)
+    return pin_output_shapes(gm, observed, model_class)
 
 
 def _mutated_state(graph: fx.Graph) -> set[str]:
