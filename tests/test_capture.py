@@ -492,15 +492,21 @@ def test_sizes_that_depend_on_mask_values_stay_inside_stages():
         torch.testing.assert_close(asyncfx.split(captured, plan)(*args), model(*args), rtol=0, atol=0)
         other = _mask_inputs([1, 0, 0, 0, 1], [1, 1, 1, 0, 0])  # another count: the same graph
         torch.testing.assert_close(captured(*other), model(*other), rtol=0, atol=0)
-        serial, local = (asyncfx.partition(captured, 2, warmup=1, executor=e) for e in ("serial", "local"))
-        try:
-            for step in range(3):
-                call = (args[0] * (1 - 0.1 * step), torch.tensor(0.9 - 0.1 * step), *other[2:])
-                expected, got = model(*call), serial(*call)
-                torch.testing.assert_close(local(*call), got, rtol=0, atol=0)
-                assert torch.equal(got, expected) == (step == 0), step
-        finally:
-            local.close()
+        _check_warm_up_then_stale(model, captured, [
+            (args[0] * (1 - 0.1 * step), torch.tensor(0.9 - 0.1 * step), *other[2:]) for step in range(3)])
+
+
+def _check_warm_up_then_stale(model: nn.Module, captured: asyncfx.Captured, calls: list[tuple]) -> None:
+    """``captured`` in two stages, serial and local: the first call (warm-up) computes what
+    ``model`` does, the later ones read stale values, and local computes what serial does."""
+    serial, local = (asyncfx.partition(captured, 2, warmup=1, executor=e) for e in ("serial", "local"))
+    try:
+        for step, call in enumerate(calls):
+            expected, got = model(*call), serial(*call)
+            torch.testing.assert_close(local(*call), got, rtol=0, atol=0)
+            assert torch.equal(got, expected) == (step == 0), step
+    finally:
+        local.close()
 
 
 class KeepsTheLatentTokens(nn.Module):
@@ -529,15 +535,9 @@ def test_an_output_of_a_size_export_cannot_prove_takes_the_examples_size():
         for step, valid in enumerate(([1, 1, 1, 0, 0], [1, 1, 0, 0, 0])):  # another count: the same size
             args = (x * (1 - 0.1 * step), torch.tensor(0.9 - 0.1 * step), context, torch.tensor([valid]))
             torch.testing.assert_close(captured(*args), model(*args), rtol=0, atol=0)
-        serial, local = (asyncfx.partition(captured, 2, warmup=1, executor=e) for e in ("serial", "local"))
-        try:
-            for step in range(3):
-                args = (x * (1 - 0.1 * step), torch.tensor(0.9 - 0.1 * step), context, torch.tensor([valid]))
-                expected, got = model(*args), serial(*args)
-                torch.testing.assert_close(local(*args), got, rtol=0, atol=0)
-                assert torch.equal(got, expected) == (step == 0), step
-        finally:
-            local.close()
+        _check_warm_up_then_stale(model, captured, [
+            (x * (1 - 0.1 * step), torch.tensor(0.9 - 0.1 * step), context, torch.tensor([valid]))
+            for step in range(3)])
 
 
 class ReturnsValidTokens(nn.Module):
