@@ -227,8 +227,8 @@ def _restore_traced(saved: list[Namespace]) -> None:
             if is_traced(owner):
                 _refill(owner, contents)
         else:
-            for name, value in list(vars(owner).items()):
-                if name not in MODULE_REGISTRIES and is_traced(value):
+            for name, value in list(_attributes(owner).items()):
+                if is_traced(value):
                     _put_back(owner, name, contents)
 
 

@@ -98,19 +98,17 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def _fake_like(value: torch.Tensor) -> torch.Tensor:
+    """A tensor like ``value``: its strides too, unless a size depends on tensor values
+    (then contiguous, with that size at its bound)."""
     device = "cpu" if value.device.type == "meta" else value.device
+    if has_data_dependent_size(value):
+        return torch.empty([size_bound(size) for size in value.shape], dtype=value.dtype, device=device)
     return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
 
 
 def _bounded_like(value: torch.Tensor | torch.SymInt) -> torch.Tensor | int:
-    """A stand-in for a node's value: a fake tensor like it (sizes that depend on tensor
-    values at their bounds), or a symbolic size's bound."""
-    if isinstance(value, torch.SymInt):
-        return size_bound(value)
-    if not has_data_dependent_size(value):
-        return _fake_like(value)
-    device = "cpu" if value.device.type == "meta" else value.device
-    return torch.empty([size_bound(size) for size in value.shape], dtype=value.dtype, device=device)
+    """A stand-in for a node's value: a fake tensor like it, or a symbolic size's bound."""
+    return size_bound(value) if isinstance(value, torch.SymInt) else _fake_like(value)
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
