@@ -77,6 +77,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
         slots, streams = partition_slots(devices, devices_needed(n_devices, stride), executor)
     elif executor == "distributed":
         slots = [distributed_device(devices, devices_needed(n_devices, stride))]
+    elif executor == "serial" and devices is None:
+        slots = []  # one thread computes every stage where the model's weights are
     else:
         slots = resolve_devices(devices, devices_needed(n_devices, stride))
     plan = StagePlan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan

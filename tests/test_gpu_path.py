@@ -53,6 +53,19 @@ def test_device_option_errors(kwargs, error, match):
         asyncfx.partition(model, 2, **kwargs)
 
 
+def test_the_serial_executor_needs_no_device_per_stage_on_a_one_gpu_machine(monkeypatch):
+    """The serial executor computes every stage in the calling thread where the weights
+    are, so a machine with fewer GPUs than stages runs it; the local executor says why not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    model, _, kwargs = zoo_example("sd_unet")
+    with pytest.raises(DeviceError, match="2 devices are needed and this machine has 1 CUDA device"):
+        asyncfx.partition(model, 2)
+    den = asyncfx.partition(model, 2, warmup=2, executor="serial", example_inputs=((), kwargs))
+    with torch.no_grad():
+        torch.testing.assert_close(den(**kwargs).sample, model(**kwargs).sample, rtol=0, atol=0)
+
+
 def test_cuda_graphs_option_is_inert_on_cpu_workers():
     model, _, kwargs = zoo_example("sd_unet")
     den = asyncfx.partition(model, 2, warmup=2, cuda_graphs=True, devices=["cpu", "cpu"])
@@ -211,8 +224,8 @@ def test_a_worker_copies_every_boundary_output_eagerly_and_from_its_cuda_graph()
     try:
         for step in range(5):  # eager, eager, captured, replayed, replayed
             x = torch.randn(2048, 2048, device=device)
-            worker.tasks.put((1, StageRun(0, step, step, step, None, 0), [x], [], None))
-            _, _, outputs, copies, error = results.get(timeout=120)
+            worker.tasks.put((1, StageRun(0, step, step, step, None, 0), [x], [], None, ()))
+            _, _, outputs, copies, error = results.get(timeout=60)
             assert error is None, error
             with torch.no_grad():
                 expected = module(x)

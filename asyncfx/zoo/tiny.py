@@ -49,7 +49,7 @@ def unet2d(batch: int = 2, size: int = 16, seed: int = 0) -> Example:
 
 def sd_unet(batch: int = 2, size: int = 8, seed: int = 0, *,
             block_out_channels: tuple[int, ...] = (8, 16), cross_attention_dim: int = 8,
-            layers_per_block: int = 1, heads: int = 2, text_len: int = 4,
+            layers_per_block: int = 1, heads: int | tuple[int, ...] = 2, text_len: int = 4,
             use_linear_projection: bool = False) -> Example:
     """``UNet2DConditionModel`` shaped like Stable Diffusion 1.5/2.1 (cross-attention UNet).
 
@@ -77,9 +77,11 @@ def sd_unet(batch: int = 2, size: int = 8, seed: int = 0, *,
 
 
 def sd21_unet(batch: int = 2, size: int = 64, seed: int = 0) -> Example:
-    """An SD2.1-shaped UNet (320/640/1280/1280 channels, 1024-wide text) with random weights."""
+    """An SD2.1-shaped UNet (320/640/1280/1280 channels, 1024-wide text, attention heads of
+    width 64) with random weights."""
+    # diffusers reads SD2's attention_head_dim as the number of heads per block
     return sd_unet(batch, size, seed, block_out_channels=(320, 640, 1280, 1280),
-                   cross_attention_dim=1024, layers_per_block=2, heads=64, text_len=77,
+                   cross_attention_dim=1024, layers_per_block=2, heads=(5, 10, 20, 20), text_len=77,
                    use_linear_projection=True)
 
 
