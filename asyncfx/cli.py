@@ -7,6 +7,7 @@
     asyncfx compile profile.json --n-devices 4 [--link nvlink|pcie4|cpu] --out plan.json
     asyncfx show plan.json [--profile profile.json] [--plot plan.png]
     asyncfx simulate plan.json [--link nvlink|pcie4|cpu] [--steps 50 --warmup 3 --stride 1]
+                               [--host-ms 1.1]
 
 MODEL is ``package.module:function`` returning (model, args, kwargs), or a local diffusers
 model directory. Errors print one line and exit with status 2.
@@ -107,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--steps", type=_positive_int, default=50)
     simulate.add_argument("--warmup", type=_positive_int, default=3)
     simulate.add_argument("--stride", type=int, choices=(1, 2), default=1)
+    simulate.add_argument("--host-ms", type=float, default=None,
+                          help="the host's time at each call while the devices wait, in ms "
+                               "(default: the link preset's)")
     simulate.set_defaults(run=_simulate)
     return parser
 
@@ -208,8 +212,9 @@ def _simulate(options: argparse.Namespace) -> int:
     from asyncfx.partitioner.simulate import simulate
 
     plan = StagePlan.load(options.plan)
+    host = None if options.host_ms is None else options.host_ms / 1e3
     print(simulate(plan, link=options.link, steps=options.steps, warmup=options.warmup,
-                   stride=options.stride).summary())
+                   stride=options.stride, host_seconds=host).summary())
     return 0
 
 

@@ -411,10 +411,13 @@ def _draw_round(ax: Axes, sim: Simulation, index: int, start: float, colors: lis
             left = start + sim.sends_done[stage] - send
             ax.barh(device + 0.3, send * 1e3, left=left * 1e3, height=0.25, color="none",
                     edgecolor=colors[stage], hatch="////", gid=f"send:{index}:{device}")
-    end = start + sim.round_overlapped
+    host = sim.stride * sim.host_seconds  # the round ends with the host's time at each call
+    end = start + sim.round_overlapped - host
     if sim.broadcast_seconds > 0:
         ax.axvspan((end - sim.broadcast_seconds) * 1e3, end * 1e3, color="black", alpha=0.15, lw=0,
                    gid=f"broadcast:{index}")
+    if host > 0:
+        ax.axvspan(end * 1e3, (end + host) * 1e3, color="grey", alpha=0.08, lw=0, gid=f"host:{index}")
 
 
 # --- samples ----------------------------------------------------------------------------

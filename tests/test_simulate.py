@@ -81,6 +81,35 @@ def test_predicted_times_scale_the_whole_model_by_the_measurements():
     assert unmeasured.stage_seconds == pytest.approx([0.010, 0.012, 0.008])
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_hosts_time_at_each_call_lengthens_every_round(stride):
+    """The runtime waits for every stage at each call, then the host collects, the sampler
+    steps and the next call is dispatched: the devices idle for that long once per call."""
+    fast = DeviceSpec("fast", 1e12, 1e11, link_bytes_per_s=1e15, link_latency_s=0.0)
+    busy_host = DeviceSpec("fast", 1e12, 1e11, link_bytes_per_s=1e15, link_latency_s=0.0,
+                           host_seconds_per_call=1e-3)
+    free, slow = (simulate(hand_plan(), link=spec, steps=50, warmup=3, stride=stride)
+                  for spec in (fast, busy_host))
+    assert slow.round_overlapped - free.round_overlapped == pytest.approx(stride * 1e-3)
+    assert slow.round_serial - free.round_serial == pytest.approx(stride * 1e-3)
+    assert slow.total() - free.total() == pytest.approx(slow.rounds * stride * 1e-3)
+    no_host = simulate(hand_plan(), link=busy_host, stride=stride, host_seconds=0.0)
+    assert no_host.total() == pytest.approx(free.total())
+    assert "host time per call: 1.000 ms" in slow.summary()
+
+
+def test_presets_charge_the_measured_host_time_and_it_can_be_set():
+    from asyncfx.partitioner.device import GPU_HOST_SECONDS_PER_CALL, PRESETS
+
+    gpu_links = ("nvlink", "pcie4")
+    assert {PRESETS[name].host_seconds_per_call for name in gpu_links} == {GPU_HOST_SECONDS_PER_CALL}
+    assert simulate(hand_plan(), link="nvlink").host_seconds == GPU_HOST_SECONDS_PER_CALL
+    assert simulate(hand_plan(), link="nvlink", host_seconds=2e-3).host_seconds == 2e-3
+    for bad in (-1e-3, float("nan"), float("inf")):
+        with pytest.raises(PlanError, match="host_seconds must be a finite number of seconds"):
+            simulate(hand_plan(), host_seconds=bad)
+
+
 def test_node_count_plans_need_measurements():
     plan = hand_plan(measured=False)
     plan.cost_unit = "nodes"
@@ -102,6 +131,10 @@ def test_cli_simulate(tmp_path, capsys):
     out = capsys.readouterr().out
     sim = simulate(hand_plan(), link="pcie4", steps=20, warmup=2)
     assert f"({sim.speedup(True):.2f}x)" in out and "3 stages on 3 devices over pcie4, 20 steps" in out
+    assert main(["simulate", str(path), "--link", "pcie4", "--host-ms", "3"]) == 0
+    assert "host time per call: 3.000 ms" in capsys.readouterr().out
+    assert main(["simulate", str(path), "--host-ms", "-1"]) == 2
+    assert "host_seconds must be a finite number" in capsys.readouterr().err
 
 
 def test_cli_simulate_missing_plan(tmp_path, capsys):

@@ -202,7 +202,8 @@ def test_timeline_draws_warmup_chains_and_parallel_rounds(stride, devices):
     from asyncfx.partitioner.device import DeviceSpec
     from asyncfx.partitioner.simulate import simulate
 
-    slow = DeviceSpec("slow", 1e12, 1e11, link_bytes_per_s=1e9, link_latency_s=1e-3)
+    slow = DeviceSpec("slow", 1e12, 1e11, link_bytes_per_s=1e9, link_latency_s=1e-3,
+                      host_seconds_per_call=2e-3)
     sim = simulate(hand_plan(), link=slow, steps=10, warmup=2, stride=stride)
     ax = viz.plot_timeline(sim, rounds=3)
     assert len(_gids(ax, "warmup:")) == 2 * 3                 # every stage, one after another
@@ -210,6 +211,11 @@ def test_timeline_draws_warmup_chains_and_parallel_rounds(stride, devices):
     assert len(rounds) == 3 * devices and f"round:2:{devices - 1}" in rounds
     assert sorted(_gids(ax, "send:")) == sorted(f"send:{r}:{k}" for r in range(3) for k in (0, 1))
     assert len(_gids(ax, "broadcast:")) == 3
+    spans = {p.get_gid(): (p.get_x(), p.get_x() + p.get_width()) for p in ax.patches
+             if (p.get_gid() or "").startswith(("broadcast:", "host:"))}
+    next_round = (2 * sim.sequential_step + sim.round_overlapped) * 1e3
+    assert spans["host:0"] == pytest.approx((next_round - stride * 2.0, next_round))  # 2 ms a call
+    assert spans["broadcast:0"][1] == pytest.approx(spans["host:0"][0])
     warmup_bars = [p for p in ax.patches if (p.get_gid() or "").startswith("warmup:")]
     assert sum(p.get_width() for p in warmup_bars) == pytest.approx(2 * sim.sequential_step * 1e3)
     first_round = [p for p in ax.patches if (p.get_gid() or "").startswith("round:0:")]

@@ -13,6 +13,9 @@ link model (``DeviceSpec``) prices the transfers. One generation of ``steps`` st
   the share of the stage's compute done by then, comes from the compiler's cost model),
   and a round lasts until the slowest stage ends or the last send arrives: its readers
   need it when the next round starts. Without overlap a stage's sends follow its compute.
+  Each call then leaves the devices waiting for the host for ``host_seconds`` (the
+  runtime collects the step's outputs, the sampler steps, the next call is dispatched):
+  once per round with stride 1, twice with stride 2.
 
 Stride 2 runs two steps per round on N + 1 devices (AsyncDiff's stride batching).
 """
@@ -42,6 +45,7 @@ class Simulation:
     send_seconds: list[float]       # per stage: its boundary sends, one after another
     sends_done: list[float]         # per stage: when its last send arrives, sent as made
     broadcast_seconds: float        # the noise prediction to every device, once per round
+    host_seconds: float             # the host's time at each call while the devices wait
     sequential_step: float          # the whole model on one device
     round_overlapped: float
     round_serial: float
@@ -77,7 +81,8 @@ class Simulation:
                  f"warm-up {self.warmup}, stride {self.stride} (stage times: {self.source})",
                  "stage times: " + ", ".join(ms(s) for s in self.stage_seconds),
                  "boundary sends per stage: " + ", ".join(ms(s) for s in self.send_seconds),
-                 f"noise-prediction broadcast per round: {ms(self.broadcast_seconds)}",
+                 f"noise-prediction broadcast per round: {ms(self.broadcast_seconds)}; host time per "
+                 f"call: {ms(self.host_seconds)}",
                  f"sequential step {ms(self.sequential_step)}; round {ms(self.round_overlapped)} with "
                  f"transfers overlapped, {ms(self.round_serial)} without",
                  f"generation: sequential {self.sequential_total:.3f} s; asyncfx "
@@ -88,9 +93,10 @@ class Simulation:
 
 
 def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: int = 50,
-             warmup: int = 3, stride: int = 1) -> Simulation:
+             warmup: int = 3, stride: int = 1, host_seconds: float | None = None) -> Simulation:
     """Predicted latency of a generation with ``plan`` on N devices joined by ``link``
-    (default: the link the plan was compiled for).
+    (default: the link the plan was compiled for), the host taking ``host_seconds`` at
+    each call (default: the link preset's ``host_seconds_per_call``).
 
     Example:
         >>> sim = simulate(StagePlan.load("plan.json"), link="pcie4", steps=50, warmup=3)
@@ -98,6 +104,7 @@ def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: in
     """
     _check_schedule(steps, warmup, stride)
     spec = device_spec(link if link is not None else plan.link)
+    host = spec.host_seconds_per_call if host_seconds is None else _check_host_seconds(host_seconds)
     stage_seconds, sequential, source = stage_times(plan)
     sends = [0.0] * plan.n_stages
     for boundary in plan.boundaries:
@@ -108,9 +115,10 @@ def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: in
         n_stages=plan.n_stages, devices=plan.n_stages + (1 if stride == 2 else 0), link=spec.name,
         steps=steps, warmup=warmup, stride=stride, stage_seconds=stage_seconds, send_seconds=sends,
         sends_done=sent,
-        broadcast_seconds=broadcast, sequential_step=sequential,
-        round_overlapped=max(*stage_seconds, *sent) + broadcast,
-        round_serial=max(c + s for c, s in zip(stage_seconds, sends)) + broadcast, source=source)
+        broadcast_seconds=broadcast, host_seconds=host, sequential_step=sequential,
+        round_overlapped=max(*stage_seconds, *sent) + broadcast + stride * host,
+        round_serial=max(c + s for c, s in zip(stage_seconds, sends)) + broadcast + stride * host,
+        source=source)
 
 
 def sends_done(plan: StagePlan, stage_seconds: list[float], spec: DeviceSpec) -> list[float]:
@@ -153,6 +161,12 @@ def _latent_bytes(plan: StagePlan) -> int:
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
+
+
+def _check_host_seconds(host_seconds: float) -> float:
+    if not host_seconds >= 0 or math.isinf(host_seconds):
+        raise PlanError(f"host_seconds must be a finite number of seconds, 0 or more; got {host_seconds!r}.")
+    return float(host_seconds)
 
 
 def _check_schedule(steps: int, warmup: int, stride: int) -> None:
