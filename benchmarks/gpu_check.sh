@@ -3,8 +3,8 @@
 #   sh benchmarks/gpu_check.sh [out-dir]
 # 1. what the machine has (GPU, driver, torch, cuda-python, diffusers);
 # 2. a smoke check of SM partitions (4 groups, a matrix product on each);
-# 3. benchmarks/gpu.py, writing its tables to out-dir/gpu_tables.md row by row;
-# 4. the GPU-marked tests.
+# 3. the GPU-marked tests (about 30 s on an H200);
+# 4. benchmarks/gpu.py, writing its tables to out-dir/gpu_tables.md row by row (about 4 min).
 # Each part runs under its own time limit and a failing part does not stop the next, so
 # one run returns every result it could get. Everything goes to out-dir (default: $OUT if
 # set, else benchmarks/gpu_check): gpu_check.log, gpu_tables.md, and one exit status per
@@ -56,8 +56,11 @@ for p in parts:
 for y in outs:
     torch.testing.assert_close(y, x @ x)
 print("4 partitions:", [p.sm_count for p in parts], "SMs; a product on each matches")'
+    # each test under its own limit where pytest-timeout is installed, so that one that hangs
+    # still leaves the others' results and every failure's traceback in the log
+    per_test=$("$python" -c 'import pytest_timeout' 2>/dev/null && echo "--timeout=60")
+    part gpu-tests "${TESTS_LIMIT_S:-120}" "$python" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        --tb=short $per_test tests/test_gpu_path.py tests/test_runtime.py tests/test_profile.py
     part benchmark "${BENCHMARK_LIMIT_S:-360}" "$python" benchmarks/gpu.py --write "$out/gpu_tables.md"
-    part gpu-tests "${TESTS_LIMIT_S:-120}" "$python" -m pytest -q -m gpu -p no:cacheprovider \
-        tests/test_gpu_path.py tests/test_runtime.py tests/test_profile.py
 } 2>&1 | tee "$out/gpu_check.log"
 ! grep -q -v ' 0$' "$out/status.txt"

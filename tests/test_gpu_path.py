@@ -340,7 +340,7 @@ def test_gpu_check_runs_every_part_and_records_each_status(tmp_path):
     done = subprocess.run(["sh", str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHON": sys.executable}, cwd=script.parent.parent)
     statuses = dict(line.split() for line in (tmp_path / "status.txt").read_text().splitlines())
-    assert list(statuses) == ["environment", "sm-partitions", "benchmark", "gpu-tests"]
+    assert list(statuses) == ["environment", "sm-partitions", "gpu-tests", "benchmark"]
     assert statuses["sm-partitions"] == "1" and statuses["benchmark"] == "2"
     assert statuses["gpu-tests"] == "0"  # every GPU test skips here
     assert done.returncode != 0
