@@ -105,7 +105,7 @@ def test_presets_charge_the_measured_host_time_and_it_can_be_set():
     assert {PRESETS[name].host_seconds_per_call for name in gpu_links} == {GPU_HOST_SECONDS_PER_CALL}
     assert simulate(hand_plan(), link="nvlink").host_seconds == GPU_HOST_SECONDS_PER_CALL
     assert simulate(hand_plan(), link="nvlink", host_seconds=2e-3).host_seconds == 2e-3
-    for bad in (-1e-3, float("nan"), float("inf")):
+    for bad in (-1e-3, float("nan"), float("inf"), "1 ms"):
         with pytest.raises(PlanError, match="host_seconds must be a finite number of seconds"):
             simulate(hand_plan(), host_seconds=bad)
 

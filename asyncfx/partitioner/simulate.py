@@ -164,7 +164,8 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _check_host_seconds(host_seconds: float) -> float:
-    if not host_seconds >= 0 or math.isinf(host_seconds):
+    if (isinstance(host_seconds, bool) or not isinstance(host_seconds, (int, float)) or not host_seconds >= 0
+            or math.isinf(host_seconds)):
         raise PlanError(f"host_seconds must be a finite number of seconds, 0 or more; got {host_seconds!r}.")
     return float(host_seconds)
 
