@@ -19,7 +19,7 @@ from asyncfx.api import DeviceError
 from asyncfx.errors import AsyncFXError
 from asyncfx.runtime.cuda_graphs import GraphedStage
 from asyncfx.runtime.green import PartitionError, parse_sm_partitions, sm_partitions
-from conftest import load_benchmark, on_cuda, sample, zoo_example
+from conftest import ddim, load_benchmark, on_cuda, sample, zoo_example
 
 
 def test_parse_sm_partitions():
@@ -129,6 +129,32 @@ def test_cuda_graphs_and_partitions_match_serial(devices):
     # the same kernels in the caller's thread (TF32 convolutions would part from a CPU run)
     serial = asyncfx.partition(model, 2, warmup=2, executor="serial")
     torch.testing.assert_close(got, sample(serial, cuda_kwargs, "sample", steps=8), rtol=1e-3, atol=1e-3)
+    den.close()
+
+
+def _stride_two_on(devices, device, steps=8):
+    """A stride-2 sampling of the tiny SD UNet, weights and inputs on ``device``, with the
+    local executor on ``devices`` and with the serial executor."""
+    model, _, kwargs = zoo_example("sd_unet")
+    model = copy.deepcopy(model).to(device)
+    inputs = on_cuda(kwargs) if device.startswith("cuda") else kwargs
+    den = asyncfx.partition(model, 2, warmup=2, stride=2, scheduler=ddim(steps), devices=devices)
+    got = sample(den, inputs, "sample", steps=steps)
+    serial = asyncfx.partition(model, 2, warmup=2, stride=2, scheduler=ddim(steps), executor="serial")
+    return den, got, sample(serial, inputs, "sample", steps=steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stride_two_on_sm_partitions_matches_serial():
+    """Stride 2 on N + 1 partitions (the extra one computes the last stage of each round's
+    first step), every slot replayed as a CUDA graph, gives what the serial executor gives."""
+    try:
+        den, got, expected = _stride_two_on("sm-partitions:3", "cuda:0")
+    except PartitionError as exc:
+        pytest.skip(f"this GPU or driver cannot make SM partitions: {exc}")
+    assert den.executor.graphed_slots() == [True] * 3
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     den.close()
 
 
