@@ -20,6 +20,8 @@ weights, float16, a classifier-free-guidance batch of 2) it measures:
   warm-up 3 against the same generation on the baseline partition;
 - the simulator's prediction from the stage times measured all at once (as they run in
   the emulation), to compare with the measured generation;
+- correctness: the latent the asyncfx generation made against the serial executor's
+  with the same plan, schedule and staleness (what remains is the kernels' rounding);
 - overhead: round time minus the slowest stage alone, and the part of it that is the
   runtime's (round time minus all stages at once) rather than the partitions'
   contention for memory; and the CPU time of a round in the calling thread (the
@@ -145,6 +147,7 @@ class Row:
     overhead: float             # (round - slowest stage) / round
     runtime: float              # (round - concurrent) / round: the part that is not contention
     host_ms: float              # CPU time of a round in the calling thread (the runtime's host work)
+    serial_error: float         # |asyncfx - serial executor| / |serial executor|, generated latents
 
     @property
     def e2e_speedup(self) -> float:
@@ -163,7 +166,7 @@ class Row:
                 f"{self.e2e_s:.3f} / {self.baseline_e2e_s:.3f} | "
                 f"{self.e2e_speedup:.2f}x | {self.ideal:.2f}x ({self.e2e_speedup / self.ideal:.0%}) | "
                 f"{self.predicted_speedup:.2f}x ({error:+.0%}) | {self.overhead:.1%} ({self.runtime:.1%}) | "
-                f"{self.host_ms:.2f} |")
+                f"{self.host_ms:.2f} | {self.serial_error:.1e} |")
 
 
 class Report:
@@ -185,8 +188,9 @@ def header(steps: int) -> str:
     return ("| model | config | partitions | baseline step ms | slowest stage ms | all stages at once ms | "
             f"balance | round ms | round speedup | busy baseline ms | round speedup (busy) | "
             f"{steps}-step s (asyncfx / baseline) | speedup | "
-            "ideal (fraction) | simulator (error) | overhead (runtime alone) | host ms per round |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "ideal (fraction) | simulator (error) | overhead (runtime alone) | host ms per round | "
+            "error vs serial |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def build(rig: Rig, factory: Callable[[], Any], dtype: torch.dtype) -> tuple[Any, dict]:
@@ -210,6 +214,7 @@ class Generation:
     seconds: float                  # the whole generation
     calls: list[float]              # wall seconds of each denoiser call
     host: list[float]               # CPU seconds of each call in the calling thread
+    latent: torch.Tensor            # the generated latent
 
 
 def generation(rig: Rig, denoiser: Callable[..., Any], kwargs: dict, steps: int,
@@ -228,7 +233,7 @@ def generation(rig: Rig, denoiser: Callable[..., Any], kwargs: dict, steps: int,
         host.append(time.thread_time() - host_start)
         x = scheduler.step(eps, t, x).prev_sample
     rig.sync()
-    return Generation(time.perf_counter() - start, calls, host)
+    return Generation(time.perf_counter() - start, calls, host, x)
 
 
 def round_seconds(calls: Sequence[float], warmup: int, stride: int) -> float:
@@ -296,6 +301,9 @@ def run_config(rig: Rig, name: str, captured: asyncfx.Captured, profile: asyncfx
         timed = generation(rig, denoiser, kwargs, options.steps, scheduler)
     finally:
         denoiser.close()
+    serial = asyncfx.partition(captured, n, plan=plan, executor="serial", warmup=options.warmup,
+                               stride=stride, scheduler=scheduler)
+    reference = generation(rig, serial, kwargs, options.steps, scheduler).latent
     baseline_model = _BaselineDenoiser(baseline, captured)
     baseline_e2e_s = generation(rig, baseline_model, kwargs, options.steps, scheduler).seconds
     round_s = round_seconds(timed.calls, options.warmup, stride)
@@ -309,7 +317,14 @@ def run_config(rig: Rig, name: str, captured: asyncfx.Captured, profile: asyncfx
                ideal=predicted.ideal_speedup, predicted_speedup=predicted.speedup(),
                overhead=(round_s - max(stage_s)) / round_s, concurrent_ms=concurrent.round_seconds * 1e3,
                runtime=(round_s - concurrent.round_seconds) / round_s,
-               host_ms=round_seconds(timed.host, options.warmup, stride) * 1e3)
+               host_ms=round_seconds(timed.host, options.warmup, stride) * 1e3,
+               serial_error=relative_error(timed.latent, reference))
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """|got - expected| / |expected| (Frobenius norms, in float64)."""
+    got, expected = got.double(), expected.double()
+    return float(torch.linalg.vector_norm(got - expected) / torch.linalg.vector_norm(expected))
 
 
 @dataclasses.dataclass

@@ -348,6 +348,7 @@ def test_gpu_benchmark_dry_run_writes_its_table(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| sd21 |")]
     header = next(line for line in text.splitlines() if line.startswith("| model |"))
     assert {r.count("|") for r in rows} == {header.count("|")}
+    assert all(float(r.split(" | ")[-1].rstrip(" |")) < 1e-4 for r in rows)  # as the serial executor
     assert [r.split(" | ")[1] for r in rows] == ["N=2, stride 1", "N=4, stride 1", "N=3, stride 2"]
     assert all("CPU workers" in r for r in rows)
 
