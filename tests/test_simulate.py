@@ -86,7 +86,7 @@ def test_the_hosts_time_at_each_call_lengthens_every_round(stride):
     """The runtime waits for every stage at each call, then the host collects, the sampler
     steps and the next call is dispatched: the devices idle for that long once per call."""
     fast = DeviceSpec("fast", 1e12, 1e11, link_bytes_per_s=1e15, link_latency_s=0.0)
-    busy_host = DeviceSpec("fast", 1e12, 1e11, link_bytes_per_s=1e15, link_latency_s=0.0,
+    busy_host = DeviceSpec("busy host", 1e12, 1e11, link_bytes_per_s=1e15, link_latency_s=0.0,
                            host_seconds_per_call=1e-3)
     free, slow = (simulate(hand_plan(), link=spec, steps=50, warmup=3, stride=stride)
                   for spec in (fast, busy_host))
