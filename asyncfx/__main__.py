@@ -1,5 +1,5 @@
 import sys
 
-from asyncfx.cli import main
+from asyncfx.app.cli import main
 
 sys.exit(main())

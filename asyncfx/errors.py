@@ -30,3 +30,16 @@ class ArgumentsError(InputMismatchError):
 class PythonStateWarning(UserWarning):
     """Tracing ``forward`` changed Python state that later calls of the captured graph will
     not change (a step counter an attention processor keeps)."""
+
+
+class SchedulerError(AsyncFXError, ValueError):
+    """Stride 2 needs the sampler's timesteps and did not get them, or the calls do not
+    follow them."""
+
+
+class DeviceError(AsyncFXError, ValueError):
+    """The devices asked for do not exist here."""
+
+
+class GenerationWarning(UserWarning):
+    """Nothing but the timesteps tells a denoiser's generations apart."""

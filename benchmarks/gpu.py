@@ -46,7 +46,7 @@ import torch
 
 import asyncfx
 from asyncfx.partitioner.device import GPU_HOST_SECONDS_PER_CALL, DeviceSpec
-from asyncfx.partitioner.refine import median_cuda_seconds, median_wall_seconds
+from asyncfx.timing import median_cuda_seconds, median_wall_seconds
 from asyncfx.partitioner.simulate import simulate
 from asyncfx.runtime.cuda_graphs import GraphedStage
 from asyncfx.runtime.green import sm_partitions

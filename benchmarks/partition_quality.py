@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import asyncfx
-from asyncfx.partitioner.compile import plan_from_cuts
+from asyncfx.partitioner.make_plan import plan_from_cuts
 from asyncfx.partitioner.cost_model import CostModel
 from asyncfx.partitioner.device import PRESETS
 from asyncfx.partitioner.profile import profile_captured

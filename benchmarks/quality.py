@@ -20,7 +20,7 @@ import torch
 
 import asyncfx
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
-from asyncfx.sweep import digits_example_inputs
+from asyncfx.app.sweep import digits_example_inputs
 from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, digits, digits_classifier,
                                       digits_dataset, make_scheduler, sample_digits)
 

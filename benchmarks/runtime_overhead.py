@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 import asyncfx
-from asyncfx.partitioner.refine import median_wall_seconds
-from asyncfx.runtime.denoiser import diffusers_hooks
+from asyncfx.timing import median_wall_seconds
+from asyncfx.integration import diffusers_hooks
 from asyncfx.runtime.model_state import state_signature
 from asyncfx.zoo import tiny
 

@@ -39,6 +39,11 @@ def zoo_captured(name: str) -> asyncfx.Captured:
     return asyncfx.capture(model, args, kwargs)
 
 
+def streams(denoiser: asyncfx.AsyncDenoiser) -> list:
+    """The streams of calls of a denoiser's current capture, in the order they started."""
+    return list(denoiser.captures()[0].streams.values())
+
+
 def on_cuda(inputs: Any) -> Any:
     """Example inputs (any nesting of args and kwargs) with every tensor moved to the GPU."""
     return pytree.tree_map_only(torch.Tensor, lambda t: t.cuda(), inputs)

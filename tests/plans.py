@@ -1,7 +1,7 @@
 """A hand-made StagePlan whose numbers are easy to check by hand."""
 from __future__ import annotations
 
-from asyncfx.partitioner.plan import BoundaryTensor, PlanInput, StageInfo, StagePlan
+from asyncfx.plan import BoundaryTensor, PlanInput, StageInfo, StagePlan
 
 
 def hand_plan(stage_ms=(10.0, 12.0, 8.0), measured=True) -> StagePlan:

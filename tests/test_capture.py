@@ -14,7 +14,7 @@ import asyncfx
 from asyncfx.partitioner.cuts import cut_positions, latent_order
 from asyncfx.passes.meta import has_data_dependent_size
 from asyncfx.passes.pin_shapes import expect_shape
-from asyncfx.runtime.denoiser import CompiledDenoiserError
+from asyncfx.runtime.guards import CompiledDenoiserError
 from asyncfx.zoo import tiny
 from asyncfx.zoo.tiny import ZOO
 from conftest import assert_same_output, zoo_captured, zoo_example

@@ -9,7 +9,7 @@ import torch
 
 import asyncfx
 
-from asyncfx.cli import main
+from asyncfx.app.cli import main
 
 
 def test_demo_samples_the_default_model_and_writes_the_grids(tmp_path, capsys):
@@ -87,7 +87,7 @@ def test_profile_of_a_diffusers_model_directory(tmp_path, capsys):
     ("svd_unet", [2, 2, 4, 8, 8], []),                 # UNets: one timestep, as pipelines pass it
 ])
 def test_example_inputs_of_diffusers_model_directories(tmp_path, name, latent, timestep):
-    from asyncfx.partitioner.model_spec import load_model
+    from asyncfx.app.model_spec import load_model
 
     model, _, _ = getattr(asyncfx.zoo.tiny, name)()
     model.save_pretrained(tmp_path / name)

@@ -72,7 +72,7 @@ def test_training_script_writes_loadable_weights(tmp_path):
 
 
 def test_speed_quality_sweep_rows():
-    from asyncfx.sweep import speed_quality_sweep
+    from asyncfx.app.sweep import speed_quality_sweep
 
     model, classifier = asyncfx.zoo.digits(), asyncfx.zoo.digits_classifier()
     rows = speed_quality_sweep(model, classifier, torch.arange(4), stages=(2,), strides=(1,),

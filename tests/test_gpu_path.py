@@ -238,7 +238,7 @@ def _early_and_late_stage() -> tuple[torch.fx.GraphModule, list[str]]:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_worker_copies_every_boundary_output_eagerly_and_from_its_cuda_graph():
     from asyncfx.runtime.local import _Worker
-    from asyncfx.runtime.schedule import StageRun
+    from asyncfx.schedule import StageRun
 
     module, names = _early_and_late_stage()
     device = torch.device("cuda:0")

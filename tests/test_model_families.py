@@ -485,13 +485,13 @@ def test_a_call_that_fills_a_cache_it_is_given_runs_the_original_model():
                 torch.testing.assert_close(got_local, got_serial, rtol=0, atol=0)
             # two warm-up steps, then stale reads: the filling call is no step
             assert [torch.equal(g, e) for g, e in zip(serial, expected)] == [True] * 2 + [False] * 2
-            builds = [runs["serial"]._now, *runs["serial"]._spares]
+            builds = runs["serial"].captures()
             if generation == 0:
                 first, captures = serial, {id(build) for build in builds}
         for got, before in zip(serial, first):  # the next generation: no new capture, same values
             torch.testing.assert_close(got, before, rtol=0, atol=0)
         assert {id(build) for build in builds} == captures
-    assert sorted(build.interface.written_arguments for build in builds) == [(), (), ("kv_caches",)]
+    assert sorted(build.call.written_arguments for build in builds) == [(), (), ("kv_caches",)]
 
 
 def test_a_capture_of_a_call_that_fills_its_argument_refuses_to_run():

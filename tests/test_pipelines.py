@@ -25,16 +25,13 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 
 import asyncfx
 from asyncfx.zoo import tiny
+from conftest import streams
 
 STEPS = 6
 
 
 def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
-                         block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
-                         down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=0.0).eval()
+    return tiny.vae(latent_channels)
 
 
 @contextlib.contextmanager
@@ -74,9 +71,7 @@ def check_drop_in(pipe, attribute: str, **kwargs) -> asyncfx.AsyncDenoiser:
 
 
 def sd_pipeline(unet: UNet2DConditionModel, scheduler=None) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
-                                   scheduler=scheduler or DDIMScheduler(num_train_timesteps=1000),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return tiny.sd_pipeline(unet, scheduler or DDIMScheduler(num_train_timesteps=1000))
 
 
 def test_stable_diffusion_pipeline():
@@ -100,7 +95,7 @@ def test_stable_diffusion_pipeline_with_schedulers_that_call_twice_at_a_timestep
     embeds = dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
                   negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
     den = check_drop_in(pipe, "unet", **embeds)
-    assert [(stream.start, stream.step) for stream in den._now.streams] == [(0, STEPS), (1, second_stream)]
+    assert [(stream.start, stream.step) for stream in streams(den)] == [(0, STEPS), (1, second_stream)]
     runs = {}
     with one_thread():
         for executor in ("serial", "local"):
@@ -108,7 +103,7 @@ def test_stable_diffusion_pipeline_with_schedulers_that_call_twice_at_a_timestep
                                           executor=executor)
             runs[executor] = images(pipe, **embeds)
     np.testing.assert_array_equal(runs["local"], runs["serial"])
-    assert [stream.scheduler_index for stream in pipe.unet._now.streams] == [0, 1]
+    assert [stream.times.scheduler_index for stream in streams(pipe.unet)] == [0, 1]
 
 
 def test_stable_diffusion_pag_pipeline():
@@ -317,7 +312,7 @@ def test_stable_diffusion_3_skip_layer_guidance():
                         **embeds)
     # each kind of call is one stream through the whole generation (start step, steps taken):
     # the guided calls from step 0, the layer-skipping ones from step 1; neither warmed up again
-    streams = sorted((s.start, s.step) for build in (den._now, *den._spares) for s in build.streams)
+    streams = sorted((s.start, s.step) for build in den.captures() for s in build.streams.values())
     assert streams == [(0, STEPS), (1, STEPS - 1)]
 
 
@@ -406,7 +401,7 @@ def test_z_image_pipeline_with_a_list_of_latents_and_timesteps_that_count_up():
     assert not np.array_equal(runs["local"], expected)  # the stale steps did run
     assert np.abs(runs["local"] - expected).mean() < 0.25
     assert den.interface.roles[:3] == ["latent", "latent", "timestep"]  # CFG: two samples, two latents
-    a, b = den._now.streams[0].timestep_map.line()
+    a, b = streams(den)[0].times.line.line()
     assert (round(a, 6), round(b, 6)) == (-0.001, 1.0)
 
 
@@ -445,7 +440,7 @@ def test_wan_2_2_two_experts_with_stride_two():
     assert np.abs(runs["local"] - original).max() < 0.25 and not np.array_equal(runs["local"], original)
     first_low_noise_step = int((pipe.scheduler.timesteps >= 700).sum())  # 0.7 x 1000 training steps
     assert STEPS - first_low_noise_step >= 3  # the second expert's third call checks its timestep
-    starts = [[stream.scheduler_index for stream in getattr(pipe, name)._now.streams] for name in experts]
+    starts = [[stream.times.scheduler_index for stream in streams(getattr(pipe, name))] for name in experts]
     assert starts == [[0, 0], [first_low_noise_step] * 2]  # guided and unguided calls: two streams each
 
 
@@ -460,4 +455,4 @@ def test_wan_2_2_image_to_video_with_a_timestep_per_token():
     den = check_drop_in(pipe, "transformer", image=image, height=16, width=16, num_frames=5,
                         prompt_embeds=torch.randn(1, 6, 16, generator=generator),
                         negative_prompt_embeds=torch.randn(1, 6, 16, generator=generator))
-    assert [(stream.start, stream.step) for stream in den._now.streams] == [(0, STEPS)] * 2
+    assert [(stream.start, stream.step) for stream in streams(den)] == [(0, STEPS)] * 2

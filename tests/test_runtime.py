@@ -19,8 +19,10 @@ from torch import nn
 import asyncfx
 from asyncfx.api import DeviceError, ModelError
 from asyncfx.zoo import tiny
-from asyncfx.runtime.denoiser import MAX_CALLS_PER_STEP, SchedulerError, TimestepMap
-from conftest import ddim, load_benchmark, on_cuda, sample, zoo_captured, zoo_example
+from asyncfx.errors import SchedulerError
+from asyncfx.runtime.clock import MAX_CALLS_PER_STEP
+from asyncfx.runtime.timesteps import TimestepMap
+from conftest import ddim, load_benchmark, on_cuda, sample, streams, zoo_captured, zoo_example
 
 COEFFICIENTS = (1.0, 10.0, 100.0)
 
@@ -157,7 +159,7 @@ def test_stride_two_finds_where_a_model_starts_in_the_schedule_from_the_schedule
         if step >= 3:
             torch.testing.assert_close(got, alone(x, t), rtol=0, atol=0)
         scheduler.step_index = step + 1  # as scheduler.step() counts
-    assert [s.scheduler_index for expert in experts for s in expert._now.streams] == [0, 3]
+    assert [s.times.scheduler_index for expert in experts for s in streams(expert)] == [0, 3]
 
 
 def test_a_timestep_per_token_moves_on_only_where_it_is_at_the_step():
@@ -174,7 +176,7 @@ def test_a_timestep_per_token_moves_on_only_where_it_is_at_the_step():
             got = per_token(x, torch.tensor([0.0, t], dtype=torch.float64))
             assert got[0] == 0  # a stage given the next timestep at the conditioning token would add it
             assert got[1] == scalar(x[1:], torch.tensor(t, dtype=torch.float64)), (stride, step)
-        assert per_token._now.streams[0].step == len(ts)  # one generation
+        assert streams(per_token)[0].step == len(ts)  # one generation
     moving = chain_denoiser("serial", warmup=1, stride=2, scheduler=scheduler, tokens=2)
     moving(torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, ts[0]], dtype=torch.float64))
     with pytest.raises(SchedulerError, match=r"step 1 of the scheduler's timesteps changed the others too; "
@@ -200,7 +202,7 @@ def test_stride_two_follows_a_scheduler_that_lists_a_timestep_twice_in_a_row(cou
         torch.testing.assert_close(den(x, t), (corrector if second else predictor)(x, t), rtol=0, atol=0)
         if counts_steps:
             scheduler.step_index = index + 1  # as Heun's step() counts every call
-    assert [(s.start, s.scheduler_index) for s in den._now.streams] == [(0, 0), (1, 1)]
+    assert [(s.start, s.times.scheduler_index) for s in streams(den)] == [(0, 0), (1, 1)]
 
 
 def test_timestep_map_fits_two_calls_and_checks_a_guess_made_from_one():
@@ -395,7 +397,7 @@ def test_one_step_generations_do_not_pile_up_streams():
     den = asyncfx.partition(model, 2, warmup=1, executor="serial")
     for _ in range(3 * MAX_CALLS_PER_STEP):  # SD-Turbo: one call at t=999 per image
         assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)
-        assert len(den._now.streams) <= MAX_CALLS_PER_STEP
+        assert len(streams(den)) <= MAX_CALLS_PER_STEP
 
 
 def test_an_edit_between_one_step_generations_takes_effect_at_the_next_image():
@@ -513,7 +515,7 @@ def test_layer_hooks_added_after_the_capture_are_refused_at_the_next_call():
     with pytest.raises(asyncfx.AsyncFXError, match=rf"UNet2DConditionModel.{blocks}.0 has diffusers' "
                                                    r"'layer_skip_hook' hook.*ClassifierFreeGuidance"):
         den(**later)
-    assert den._generation.step == 0  # refused before the call counted
+    assert den._clock.step == 0  # refused before the call counted
     HookRegistry.check_if_exists_or_initialize(den).remove_hook("layer_skip_hook", recurse=True)
     reference = asyncfx.partition(model, 2, warmup=1, executor="serial")
     reference(**kwargs)
@@ -554,7 +556,7 @@ def test_alternating_captures_each_keep_their_generation_going():
     local = asyncfx.partition(model, 2, warmup=1)
     for call in (kwargs, single):
         local(**call)  # step 0 is the last warm-up step: each capture gets its executor
-    executors = [local.executor, local._spares[0].executor]
+    executors = [local.executor, local.captures()[1].executor]
     local.close()  # both captures' workers stop
     assert not any(worker.is_alive() for executor in executors for worker in executor._workers)
 
@@ -632,7 +634,7 @@ def test_shape_change_mid_generation_recaptures(caplog):
     for t in (900, 800, 700):
         den(**{**kwargs, "timestep": torch.tensor(t)})
     bigger = {**kwargs, "sample": torch.randn(2, 4, 16, 16), "timestep": torch.tensor(600)}
-    with caplog.at_level(logging.INFO, logger="asyncfx.runtime.denoiser"):
+    with caplog.at_level(logging.INFO, logger="asyncfx.runtime.captures"):
         torch.testing.assert_close(den(**bigger).sample, model(**bigger).sample, rtol=0, atol=0)
     assert caplog.messages[0].startswith("capturing UNet2DConditionModel: the call differs from the capture: "
                                          "input 'sample' of UNet2DConditionModel is float32[2, 4, 16, 16]")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncfx.runtime.schedule import Mode, devices_needed, schedule
+from asyncfx.schedule import Mode, devices_needed, schedule
 
 
 def runs(step, n, **kw):

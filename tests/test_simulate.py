@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from asyncfx.cli import main
+from asyncfx.app.cli import main
 from asyncfx.errors import PlanError
 from asyncfx.partitioner.device import DeviceSpec
 from asyncfx.partitioner.simulate import simulate

@@ -16,7 +16,7 @@ from asyncfx import viz  # noqa: E402
 from asyncfx.errors import AsyncFXError, PlanError  # noqa: E402
 from asyncfx.partitioner.refine import measure_stages  # noqa: E402
 from asyncfx.passes.meta import COMPUTE_OPS, ValueClass  # noqa: E402
-from asyncfx.sweep import SweepRow  # noqa: E402
+from asyncfx.app.sweep import SweepRow  # noqa: E402
 from conftest import zoo_captured, zoo_example  # noqa: E402
 from plans import hand_plan  # noqa: E402
 

@@ -1,8 +1,8 @@
 """Objects that carry tensors between a denoiser's calls, as inputs and outputs of a graph.
 
-Some denoisers take or return plain Python objects that hold tensors: Flux.2 Klein's KV
-pipeline gets a ``Flux2KVCache`` back from its first call (the reference image's keys and
-values, layer by layer) and passes it to every later call. torch.export flattens only
+Some denoisers take or return plain Python objects that hold tensors: a pipeline may get
+a KV cache back from its first call (a reference image's keys and values, layer by
+layer) and pass it to every later call. torch.export flattens only
 tensors and registered containers (tuples, lists, dicts, dataclasses); an object of any
 other class can be neither an input nor an output of the captured graph.
 ``register_tensor_container(cls)`` registers such a class as a container of its
@@ -15,8 +15,8 @@ like any non-tensor argument.
 Registration is global, as with ``torch.export.register_dataclass``: do it once, before
 partitioning.
 
-A call that fills an object it is given (GLM-Image's first call appends each layer's
-keys and values to ``kv_caches``) cannot be a graph, which has no way to write into its
+A call that fills an object it is given (a first call that appends each layer's keys
+and values to a cache argument) cannot be a graph, which has no way to write into its
 arguments: ``watching_argument_writes`` finds such writes while the call is captured,
 and the denoiser runs such calls with the original model. They prepare a generation;
 the steps that read the filled cache run as stages.
@@ -47,9 +47,8 @@ def register_tensor_container(cls: type) -> None:
     class twice does nothing.
 
     Example:
-        >>> from diffusers.models.transformers.transformer_flux2 import Flux2KVCache, Flux2KVLayerCache
-        >>> asyncfx.register_tensor_container(Flux2KVCache)
-        >>> asyncfx.register_tensor_container(Flux2KVLayerCache)   # the objects it holds
+        >>> asyncfx.register_tensor_container(KVCache)
+        >>> asyncfx.register_tensor_container(KVLayerCache)   # the objects it holds
         >>> pipe.transformer = asyncfx.partition(pipe.transformer, n_devices=2)
     """
     if not isinstance(cls, type) or issubclass(cls, (torch.Tensor, torch.nn.Module)):
@@ -104,8 +103,7 @@ def check_objects_are_registered(leaves: list[Any], names: list[str], model_clas
 def unregistered_input_error(error: Exception, leaves: list[Any], names: list[str],
                              model_class: str) -> CaptureError | None:
     """A clear error for export's refusal of an argument that is an object of an
-    unregistered class holding no tensors yet (a cache the call fills: GLM-Image's
-    ``kv_caches`` in "write" mode), or None when ``error`` is about something else."""
+    unregistered class holding no tensors yet (a cache the call fills), or None when ``error`` is about something else."""
     match = re.search(r"Unsupported input type <class '([\w.]+)'>", str(error))
     for leaf, name in zip(leaves, names):
         if match is not None and any(_qualified(type(item)) == match.group(1)
@@ -177,8 +175,8 @@ def _holds_tensors(value: Any) -> bool:
 @contextlib.contextmanager
 def watching_argument_writes(model: nn.Module) -> Iterator[list[str]]:
     """Around a trace of ``model``: the list it yields names, once the trace is done, the
-    arguments whose contents the call changed (GLM-Image's ``kv_caches`` in "write" mode:
-    each layer's cache gets the call's keys and values appended). torch.export hands
+    arguments whose contents the call changed (a cache argument to which each layer
+    appends the call's keys and values). torch.export hands
     ``forward`` copies of registered objects, so such writes never reach the caller's
     objects, and a captured graph cannot make them; forward hooks see the copies.
 

@@ -13,9 +13,9 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from asyncfx.partitioner.capture import Captured
+from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.cuts import COMPUTE_OPS, cut_positions, latent_order
-from asyncfx.partitioner.plan import PlanInput
+from asyncfx.plan import PlanInput
 from asyncfx.passes.estimate_cost import estimate_cost, tensor_bytes
 from asyncfx.passes.meta import BYTES, FLOPS, MEASURED_SECONDS, VALUE, VALUE_CLASS, ValueClass, size_bound
 from asyncfx.passes.split import non_latent_ancestors

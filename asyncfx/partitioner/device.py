@@ -41,8 +41,8 @@ class DeviceSpec:
 
 #: The local executor's host time per call on a GPU machine, while the devices wait:
 #: benchmarks/gpu.py on an H200 machine measured a round 0.7 to 1.7 ms a call longer than
-#: every stage replayed at once without the runtime (SD2.1- and SDXL-shaped UNets, N=2 and
-#: 4 with stride 1, N=3 with stride 2: nine rows, 1.1 ms a call on average).
+#: every stage replayed at once without the runtime (two UNet shapes, N=2 and 4 with
+#: stride 1, N=3 with stride 2: nine rows, 1.1 ms a call on average; benchmarks/RESULTS.md).
 GPU_HOST_SECONDS_PER_CALL = 1.1e-3
 
 PRESETS: dict[str, DeviceSpec] = {

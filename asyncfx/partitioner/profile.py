@@ -8,10 +8,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from asyncfx.artifact import load_json, save_json
 from asyncfx.errors import PlanError
-from asyncfx.partitioner.artifact import load_json, save_json
-from asyncfx.partitioner.capture import Captured, LatentOption
+from asyncfx.partitioner.binding import LatentOption
+from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
+from asyncfx.partitioner.examples import as_captured, split_example_inputs
 from asyncfx.passes.profile import profile_nodes, timing_device
 
 PROFILE_FORMAT = "asyncfx.Profile"
@@ -69,8 +71,6 @@ def profile(model_or_captured: nn.Module, example_inputs: Any, *, warmup: int = 
         >>> prof = asyncfx.profile(model, (args, kwargs), repeats=5)
         >>> sorted(prof.node_seconds().items(), key=lambda kv: -kv[1])[:3]   # slowest nodes
     """
-    from asyncfx.partitioner.compile import as_captured, split_example_inputs
-
     captured = as_captured(model_or_captured, example_inputs, latent, timestep)
     args, kwargs = split_example_inputs(example_inputs)
     return profile_captured(captured, captured.interface.flatten(args, kwargs), warmup=warmup,

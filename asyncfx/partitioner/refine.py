@@ -8,28 +8,26 @@ cuts stop moving.
 """
 from __future__ import annotations
 
-import statistics
-import time
-import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from asyncfx.partitioner.capture import Captured
+from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.cost_model import CostModel
-from asyncfx.partitioner.plan import StagePlan
+from asyncfx.partitioner.examples import split_example_inputs
+from asyncfx.partitioner.make_plan import plan_from_cuts
 from asyncfx.partitioner.search import search_cuts
 from asyncfx.partitioner.staged import StagedModel, split
 from asyncfx.passes.profile import timing_device
+from asyncfx.plan import StagePlan
+from asyncfx.timing import median_seconds
 
 
 def refine(captured: Captured, model: CostModel, plan: StagePlan, flat_inputs: Sequence[torch.Tensor],
            *, rounds: int = 5, repeats: int = 5) -> StagePlan:
     """The best plan found in up to ``rounds`` measure-and-search rounds, with its
     stages' measured times filled in and the history in ``plan.notes``."""
-    from asyncfx.partitioner.compile import plan_from_cuts
-
     best, best_slowest, history = plan, float("inf"), []
     for round_index in range(rounds):
         measured = time_stages(split(captured, plan), flat_inputs, repeats=repeats)
@@ -59,8 +57,6 @@ def measure_stages(captured: Captured, plan: StagePlan, example_inputs: object, 
         >>> naive = measure_stages(captured, asyncfx.compile(captured, 4, cost="uniform"), (args, kwargs))
         >>> [s.measured_seconds for s in naive.stages]
     """
-    from asyncfx.partitioner.compile import split_example_inputs
-
     args, kwargs = split_example_inputs(example_inputs)
     flat_inputs = captured.interface.flatten(args, kwargs)
     measured = time_stages(split(captured, plan), flat_inputs, repeats=repeats)
@@ -100,7 +96,7 @@ def time_stages(staged: StagedModel, flat_inputs: Sequence[torch.Tensor], *, war
         timings = []
         for index, (stage, args) in enumerate(zip(staged.stages, stage_args)):
             run = lambda stage=stage, args=args: stage(*args)  # noqa: E731
-            timings.append(_median_seconds(run, f"stage {index}", _on_cuda(args), warmup, repeats))
+            timings.append(median_seconds(run, f"stage {index}", _on_cuda(args), warmup, repeats))
     return timings
 
 
@@ -109,66 +105,10 @@ def time_whole(captured: Captured, flat_inputs: Sequence[torch.Tensor], *, warmu
     """Median seconds of the whole captured graph on one device, timed like a stage."""
     with torch.no_grad():
         run = lambda: captured.graph_module(*flat_inputs)  # noqa: E731
-        return _median_seconds(run, "the whole model", _on_cuda(flat_inputs), warmup, repeats)
+        return median_seconds(run, "the whole model", _on_cuda(flat_inputs), warmup, repeats)
 
 
 def _on_cuda(tensors: Sequence[torch.Tensor]) -> bool:
     return timing_device(tensors).type == "cuda"
 
 
-def _median_seconds(run: Callable[[], object], what: str, cuda: bool, warmup: int, repeats: int) -> float:
-    if cuda:
-        return median_cuda_seconds(_cuda_graph_or_eager(run, what), warmup, repeats)
-    return median_wall_seconds(run, warmup, repeats)
-
-
-def median_wall_seconds(run: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall-clock seconds of ``run`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        run()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def median_cuda_seconds(run: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median seconds of ``run`` on the current CUDA stream, between CUDA events."""
-    for _ in range(warmup):
-        run()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(samples)
-
-
-def _cuda_graph_or_eager(run: Callable[[], object], what: str) -> Callable[[], object]:
-    try:
-        stream = _capture_stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()  # warm up allocations outside the graph
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            run()
-        return graph.replay
-    except Exception as exc:  # capture fails on CPU syncs, dynamic allocations, ...
-        warnings.warn(f"{what} cannot be captured as a CUDA graph ({type(exc).__name__}: "
-                      f"{exc}); timing it eagerly, which includes launch overhead.", stacklevel=3)
-        return run
-
-
-def _capture_stream() -> torch.cuda.Stream:
-    """Where to capture: the current stream, so that the graph's kernels belong to its
-    context (an SM partition's green context), unless it is the default stream, which
-    cannot capture; then a new stream of the whole GPU."""
-    current = torch.cuda.current_stream()
-    return current if current != torch.cuda.default_stream(current.device) else torch.cuda.Stream()

@@ -23,7 +23,7 @@ import numpy as np
 
 from asyncfx.errors import PlanError
 from asyncfx.partitioner.cost_model import CostModel
-from asyncfx.partitioner.plan import format_bytes
+from asyncfx.plan import format_bytes
 
 MAX_CANDIDATES = 768
 

@@ -28,7 +28,8 @@ import torch
 
 from asyncfx.errors import PlanError
 from asyncfx.partitioner.device import DeviceSpec, device_spec
-from asyncfx.partitioner.plan import StagePlan
+from asyncfx.plan import StagePlan
+from asyncfx.schedule import Mode, check_settings, devices_needed, schedule
 
 
 @dataclasses.dataclass
@@ -53,7 +54,8 @@ class Simulation:
 
     @property
     def rounds(self) -> int:
-        return math.ceil(max(self.steps - self.warmup, 0) / self.stride)
+        """Parallel rounds of the generation, as the runtime's schedule makes them."""
+        return parallel_rounds(self.steps, self.n_stages, self.warmup, self.stride)
 
     @property
     def sequential_total(self) -> float:
@@ -102,7 +104,7 @@ def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: in
         >>> sim = simulate(StagePlan.load("plan.json"), link="pcie4", steps=50, warmup=3)
         >>> print(sim.summary()); sim.speedup(overlap=True)
     """
-    _check_schedule(steps, warmup, stride)
+    _check_schedule(steps, plan.n_stages, warmup, stride)
     spec = device_spec(link if link is not None else plan.link)
     host = spec.host_seconds_per_call if host_seconds is None else _check_host_seconds(host_seconds)
     stage_seconds, sequential, source = stage_times(plan)
@@ -112,7 +114,7 @@ def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: in
     broadcast = spec.transfer_seconds(_latent_bytes(plan)) if plan.n_stages > 1 else 0.0
     sent = sends_done(plan, stage_seconds, spec)
     return Simulation(
-        n_stages=plan.n_stages, devices=plan.n_stages + (1 if stride == 2 else 0), link=spec.name,
+        n_stages=plan.n_stages, devices=devices_needed(plan.n_stages, stride), link=spec.name,
         steps=steps, warmup=warmup, stride=stride, stage_seconds=stage_seconds, send_seconds=sends,
         sends_done=sent,
         broadcast_seconds=broadcast, host_seconds=host, sequential_step=sequential,
@@ -152,7 +154,7 @@ def stage_times(plan: StagePlan) -> tuple[list[float], float, str]:
 
 
 def _latent_bytes(plan: StagePlan) -> int:
-    latents = [i for i in plan.inputs if i.role == "latent"]  # one, or one per sample (Z-Image)
+    latents = [i for i in plan.inputs if i.role == "latent"]  # one, or one per sample
     if not latents:
         raise PlanError("the plan names no latent input, so the noise prediction's size is unknown; "
                         "compile it again.")
@@ -170,8 +172,14 @@ def _check_host_seconds(host_seconds: float) -> float:
     return float(host_seconds)
 
 
-def _check_schedule(steps: int, warmup: int, stride: int) -> None:
-    if steps < 1 or warmup < 1:
-        raise PlanError(f"steps and warm-up must be at least 1 (got steps={steps}, warmup={warmup}).")
-    if stride not in (1, 2):
-        raise PlanError(f"stride must be 1 or 2, got {stride}.")
+def _check_schedule(steps: int, n_stages: int, warmup: int, stride: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PlanError(f"steps must be at least 1, got {steps!r}.")
+    check_settings(n_stages, warmup, stride)
+
+
+def parallel_rounds(steps: int, n_stages: int, warmup: int, stride: int) -> int:
+    """How many of a generation's ``steps`` calls run the stages in parallel (a round of
+    stride 2 serves two calls), from the schedule every executor follows."""
+    return sum(schedule(step, n_stages, warmup=warmup, stride=stride, total_steps=steps).mode is Mode.PARALLEL
+               for step in range(steps))

@@ -7,9 +7,9 @@ import torch
 from torch import fx, nn
 
 from asyncfx.errors import PlanError
-from asyncfx.partitioner.capture import CallInterface, Captured
+from asyncfx.partitioner.captured import CallInterface, Captured
 from asyncfx.partitioner.cuts import latent_order
-from asyncfx.partitioner.plan import StagePlan
+from asyncfx.plan import StagePlan
 from asyncfx.passes.split import StageGraph, split_stages
 
 

@@ -1,9 +1,8 @@
 """Undo what tracing left in a model's Python state, and report what it changed.
 
 torch.export runs ``forward`` on fake tensors and ``torch.fx.symbolic_trace`` on proxies.
-A forward that keeps a value in Python between calls (Z-Image's rotary table, computed
-at its first call and cached in a plain object; a cache of the previous step's
-features) keeps the traced value, and every later eager call of the model reads it:
+A forward that keeps a value in Python between calls (a rotary table computed at its
+first call and cached in a plain object; a cache of the previous step's features) keeps the traced value, and every later eager call of the model reads it:
 wrong numbers or a crash, long after the capture. Parameters, buffers and submodules are
 export's own business; this restores the rest, to what it held before: the attributes of
 the model's modules that hold a traced value after tracing, and everything in the plain
@@ -18,7 +17,7 @@ a new dict key: a table made at the first call) is not reported. torch.export pu
 the modules' own attributes itself, silently, when it finishes: their changes (a counter
 a module keeps on itself) are read by a forward hook on the model, as forward returns.
 
-A method of a module's class memoised with ``functools.lru_cache`` (NucleusMoE's rotary
+A method of a module's class memoised with ``functools.lru_cache`` (a rotary
 table) keeps what the trace computed in the cache, outside any module: a cache that
 computed anything while the model was traced is cleared, and refills at the next call.
 """
@@ -35,7 +34,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from asyncfx.errors import PythonStateWarning
-from asyncfx.module_attributes import MODULE_REGISTRIES  # export restores parameters and buffers
+from asyncfx.integration import MODULE_REGISTRIES  # export restores parameters and buffers
 
 #: How deep into lists, tuples and dicts a traced value is looked for.
 CONTAINER_DEPTH = 2

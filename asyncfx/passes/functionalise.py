@@ -2,12 +2,12 @@
 
 The passes read a graph as dataflow (a value is what its node computed), which an
 in-place write to an intermediate breaks: the split would drop a write nothing reads the
-result of (FreeU fills a mask in place) or apply it in one stage to what another stage
+result of (a mask filled in place) or apply it in one stage to what another stage
 reads. ``torch.export`` keeps such writes in its training IR; ``functionalise`` rewrites
 them with ``ExportedProgram.run_decompositions({})``, which decomposes nothing else.
 
 torch cannot functionalise a write through ``as_strided``, which is how
-``fill_diagonal_`` writes (perturbed-attention guidance builds SD3's attention masks with
+``fill_diagonal_`` writes (perturbed-attention guidance builds attention masks with
 it), so that op is first replaced by an equivalent masked copy.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 real call gave them, checked at every call.
 
 A denoiser's output may pass through a size that depends on tensor values although the
-output itself does not change size: FramePack keeps only the valid prompt tokens
+output itself does not change size: a model may keep only the valid prompt tokens
 (``x[:, :mask.sum()]``), runs its blocks over latent and prompt tokens together, then
 returns the last ``n`` latent tokens, a size export writes as
 ``Max(0, u0 - Max(0, u0 - n))``. The runtime keeps outputs in buffers of a known shape, so
@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from asyncfx.errors import OutputShapeError
+from asyncfx.passes.copy_graph import copy_graph_module, finish
 from asyncfx.passes.meta import VALUE, has_data_dependent_size
 
 
@@ -40,14 +41,20 @@ def expect_shape(tensor: torch.Tensor, shape: tuple[int, ...], where: str) -> to
     return tensor
 
 
-def pin_output_shapes(gm: fx.GraphModule, observed: Sequence[torch.Tensor],
-                      model_class: str) -> fx.GraphModule:
-    """Route each output of ``gm`` whose size depends on tensor values through
-    :func:`expect_shape` with its shape in ``observed`` (the outputs of a real call).
+def pin_output_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], model_class: str) -> fx.GraphModule:
+    """``gm`` with each output whose size depends on tensor values routed through
+    :func:`expect_shape` with the shape a run on ``inputs`` gives it (the run is made only
+    for such graphs; ``gm`` itself is returned when no output needs pinning).
 
     Example:
-        >>> gm = pin_output_shapes(captured.graph_module, captured.graph_module(*inputs), "Model")
+        >>> gm = pin_output_shapes(captured.graph_module, example_inputs, "Model")
     """
+    if not any(isinstance(n, fx.Node) and has_data_dependent_size(n.meta.get(VALUE))
+               for n in gm.graph.output_node().args[0]):
+        return gm
+    with torch.no_grad():
+        observed = gm(*inputs)
+    gm = copy_graph_module(gm)
     output = gm.graph.output_node()
     flat = list(output.args[0])
     for index, (node, value) in enumerate(zip(flat, observed)):
@@ -62,9 +69,7 @@ def pin_output_shapes(gm: fx.GraphModule, observed: Sequence[torch.Tensor],
         pinned.meta[VALUE] = torch.empty_strided(shape, value.stride(), dtype=value.dtype, device="meta")
         flat[index] = pinned
     output.args = (tuple(flat),)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return finish(gm)
 
 
 def traced_at(node: fx.Node) -> str:

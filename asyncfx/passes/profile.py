@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from asyncfx.passes.meta import COMPUTE_OPS, MEASURED_SECONDS
+from asyncfx.timing import median_wall_seconds
 
 
 def profile_nodes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, warmup: int = 2,
@@ -50,7 +51,7 @@ def profile_nodes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, warmup:
                     samples.setdefault(node, []).append(seconds)
     medians = {node: statistics.median(values) for node, values in samples.items()}
     if device.type != "cuda" and medians:
-        whole = _median_whole_graph(gm, inputs, repeats)
+        whole = median_wall_seconds(lambda: gm(*inputs), 0, repeats)
         overhead = max(0.0, whole - sum(medians.values())) / len(medians)
         medians = {node: seconds + overhead for node, seconds in medians.items()}
     for node, seconds in medians.items():
@@ -63,16 +64,6 @@ def timing_device(inputs: Sequence[Any]) -> torch.device:
     may stay on the CPU), else the CPU."""
     cuda = [t.device for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda]
     return cuda[0] if cuda else torch.device("cpu")
-
-
-def _median_whole_graph(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], repeats: int) -> float:
-    samples = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            gm(*inputs)
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 class _WallTimer:

@@ -32,19 +32,14 @@ import torch
 import torch.distributed as dist
 
 from asyncfx.errors import AsyncFXError
-from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, StageProgram
+from asyncfx.program import Program
+from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, stage_arguments
 from asyncfx.runtime.hooks import with_send_hooks
-from asyncfx.runtime.schedule import Mode, StageRun, StepSchedule
+from asyncfx.schedule import Mode, StageRun, StepSchedule
 
 
 class PeerError(AsyncFXError, RuntimeError):
     """Another rank stopped answering (it died, hung, or ran a different script)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
 
 
 @dataclasses.dataclass
@@ -60,32 +55,25 @@ class DistributedExecutor(Executor):
 
     Example (every rank, under torchrun, after dist.init_process_group("gloo")):
         >>> unet = asyncfx.partition(unet, n_devices=dist.get_world_size(), executor="distributed")
+        >>> executor = DistributedExecutor(program, torch.device("cpu"))   # what partition() builds
     """
 
-    def __init__(self, programs: Sequence[StageProgram], graph_inputs: set[str],
-                 boundaries: dict[str, TensorSpec], outputs: Sequence[TensorSpec],
-                 device: torch.device, group: dist.ProcessGroup | None = None):
-        super().__init__(programs, graph_inputs)
+    def __init__(self, program: Program, device: torch.device, group: dist.ProcessGroup | None = None):
         require_process_group()
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.device = torch.device(device)
-        self.boundaries = boundaries
-        self.outputs = list(outputs)
         self.slot = self.rank
-        stage = min(self.slot, len(programs) - 1)
-        # keep only this rank's stage; the others are never run here
-        self.programs = [p if i == stage
-                         else StageProgram(None, p.inputs, p.outputs)  # type: ignore[arg-type]
-                         for i, p in enumerate(programs)]
-        module = programs[stage].module
+        super().__init__(program)
+        stage = program.stage_in_slot(self.slot)
+        module = stage.module  # the only stage this rank runs
         self.module = module if self.device.type == "cpu" else copy.deepcopy(module).to(self.device)
-        self._hooked = with_send_hooks(self.module, programs[stage].outputs, self._produced)
-        self._tags = {name: i for i, name in enumerate(sorted(boundaries))}
+        self._hooked = with_send_hooks(self.module, stage.outputs, self._produced)
+        self._tags = {name: i for i, name in enumerate(sorted(program.boundary))}
         self._reader_ranks = {name: [slot for slot in range(self.world)
-                                     if name in self.programs[min(slot, len(self.programs) - 1)].inputs]
-                              for name in boundaries}
+                                     if name in self.program.stage_in_slot(slot).inputs]
+                              for name in program.boundary}
         self._in_flight: dict[BoundaryStore, _InFlight] = {}
         self._sending: _InFlight | None = None  # set while a parallel step computes
 
@@ -117,9 +105,7 @@ class DistributedExecutor(Executor):
 
     def _compute(self, run: StageRun, inputs_for: InputsFor, store: BoundaryStore,
                  results: dict[int, tuple[torch.Tensor, ...]]) -> None:
-        inputs = inputs_for(run.timestep)
-        args = [inputs[name].to(self.device) if name in self.graph_inputs else store.get(name, run.reads)
-                for name in self.programs[run.stage].inputs]
+        args = [arg.to(self.device) for arg in stage_arguments(self.program, run, inputs_for, store.get)]
         with torch.no_grad():
             outputs = self._hooked(*args)
         self.record(run, outputs, store, results)
@@ -141,7 +127,7 @@ class DistributedExecutor(Executor):
         for run in runs:
             if run.writes is None or run.slot == self.rank:
                 continue
-            for name in self.programs[run.stage].outputs:
+            for name in self.program.stages[run.stage].outputs:
                 if self.rank in self._readers(name):
                     buffer = self._buffer(name)
                     work = self._guard(lambda: dist.irecv(buffer, src=run.slot, group=self.group,
@@ -190,7 +176,7 @@ class DistributedExecutor(Executor):
             if run.writes is None:
                 continue
             producer = run.slot
-            for name in self.programs[run.stage].outputs:
+            for name in self.program.stages[run.stage].outputs:
                 readers = self._readers(name)
                 if producer == self.rank:
                     for reader in readers:
@@ -202,8 +188,7 @@ class DistributedExecutor(Executor):
         return self._reader_ranks[name]
 
     def _buffer(self, name: str) -> torch.Tensor:
-        spec = self.boundaries[name]
-        return torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+        return self.program.boundary[name].tensor.empty(self.device)
 
     def _send(self, tensor: torch.Tensor, peer: int, name: str) -> None:
         self._guard(lambda: dist.send(tensor.contiguous(), dst=peer, group=self.group, tag=self._tags[name]),
@@ -222,7 +207,7 @@ class DistributedExecutor(Executor):
             if run.slot == self.rank:
                 tensors = [t.contiguous() for t in results[run.gives]]
             else:
-                tensors = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in self.outputs]
+                tensors = [spec.empty(self.device) for spec in self.program.call.outputs]
             for tensor in tensors:
                 try:
                     dist.broadcast(tensor, src=run.slot, group=self.group)

@@ -1,28 +1,19 @@
-"""Executors run the stage programs as the schedule says. ``SerialExecutor`` is the
+"""Executors run a program's stages as the schedule says. ``SerialExecutor`` is the
 reference: one device, one run after another."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Mapping, Sequence
 
 import torch
-from torch import nn
 
-from asyncfx.runtime.schedule import Mode, StageRun, StepSchedule
+from asyncfx.program import Program, StageSpec
+from asyncfx.schedule import Mode, StageRun, StepSchedule
 
 #: ``inputs_for(timestep_index)``: the graph inputs (by placeholder name) a run with
 #: that step's timestep computes with.
 InputsFor = Callable[[int], Mapping[str, torch.Tensor]]
-
-
-@dataclasses.dataclass
-class StageProgram:
-    """What an executor needs of one stage: its module and the names of its inputs
-    (graph inputs or boundary tensors) and of the boundary tensors it returns."""
-
-    module: nn.Module
-    inputs: list[str]
-    outputs: list[str]
+#: ``read(name, version)``: a boundary value as the executor keeps it.
+Read = Callable[[str, int], torch.Tensor]
 
 
 class BoundaryStore:
@@ -52,26 +43,37 @@ class BoundaryStore:
             del self._versions[old]
 
 
+def stage_arguments(program: Program, run: StageRun, inputs_for: InputsFor, read: Read) -> list[torch.Tensor]:
+    """The arguments of one run of a stage, in its inputs' order: graph inputs from the
+    call (with the timestep of the run's step), boundary values of the version the
+    schedule says it reads.
+
+    Example:
+        >>> args = stage_arguments(program, run, inputs_for, store.get)
+    """
+    inputs = inputs_for(run.timestep)
+    graph_inputs = program.graph_inputs
+    return [inputs[name] if name in graph_inputs else read(name, run.reads)
+            for name in program.stages[run.stage].inputs]
+
+
 class Executor:
     """Runs one step's schedule; returns the flat outputs of the last stage by step."""
 
-    def __init__(self, programs: Sequence[StageProgram], graph_inputs: set[str]):
-        self.programs = list(programs)
-        self.graph_inputs = graph_inputs
+    def __init__(self, program: Program):
+        self.program = program
+
+    def stage(self, slot: int) -> StageSpec:
+        return self.program.stage_in_slot(slot)
 
     def step(self, plan: StepSchedule, inputs_for: InputsFor,
              store: BoundaryStore) -> dict[int, tuple[torch.Tensor, ...]]:
         raise NotImplementedError
 
-    def arguments(self, run: StageRun, inputs_for: InputsFor, store: BoundaryStore) -> list[torch.Tensor]:
-        inputs = inputs_for(run.timestep)
-        return [inputs[name] if name in self.graph_inputs else store.get(name, run.reads)
-                for name in self.programs[run.stage].inputs]
-
     def record(self, run: StageRun, outputs: Sequence[torch.Tensor], store: BoundaryStore,
                results: dict[int, tuple[torch.Tensor, ...]]) -> None:
         if run.writes is not None:
-            store.put(run.writes, dict(zip(self.programs[run.stage].outputs, outputs)))
+            store.put(run.writes, dict(zip(self.program.stages[run.stage].outputs, outputs)))
         if run.gives is not None:
             results[run.gives] = tuple(outputs)
 
@@ -89,7 +91,7 @@ class SerialExecutor(Executor):
     """Every run on the calling thread, in schedule order: the reference semantics.
 
     Example:
-        >>> executor = SerialExecutor(programs, {"sample", "timestep"})
+        >>> executor = SerialExecutor(program)
         >>> outputs = executor.step(schedule(0, 2, warmup=1), inputs_for, BoundaryStore())
     """
 
@@ -98,7 +100,8 @@ class SerialExecutor(Executor):
         results: dict[int, tuple[torch.Tensor, ...]] = {}
         with torch.no_grad():
             for run in plan.runs:
-                outputs = self.programs[run.stage].module(*self.arguments(run, inputs_for, store))
+                module = self.program.stages[run.stage].module
+                outputs = module(*stage_arguments(self.program, run, inputs_for, store.get))
                 self.record(run, outputs, store, results)
         if plan.mode is not Mode.CACHED:
             self.finish(plan, store)

@@ -35,9 +35,10 @@ from torch import nn
 
 from asyncfx.errors import AsyncFXError
 from asyncfx.runtime.cuda_graphs import GraphedStage, check_cuda_graphs_option
-from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, StageProgram
+from asyncfx.program import Program
+from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, stage_arguments
 from asyncfx.runtime.hooks import with_send_hooks
-from asyncfx.runtime.schedule import Mode, StageRun, StepSchedule
+from asyncfx.schedule import Mode, StageRun, StepSchedule
 
 
 class LocalExecutor(Executor):
@@ -49,18 +50,17 @@ class LocalExecutor(Executor):
     its first calls.
 
     Example:
-        >>> executor = LocalExecutor(programs, {"sample", "timestep"}, ["cpu", "cpu"])
+        >>> executor = LocalExecutor(program, ["cpu", "cpu"])
         >>> outputs = executor.step(schedule(3, 2, warmup=1), inputs_for, store)
         >>> executor.close()
     """
 
-    def __init__(self, programs: Sequence[StageProgram], graph_inputs: set[str],
-                 devices: Sequence[str | torch.device], threads: int | None = None, *,
+    def __init__(self, program: Program, devices: Sequence[str | torch.device], threads: int | None = None, *,
                  streams: Sequence[Any] | None = None, cuda_graphs: bool | None = None):
-        super().__init__(programs, graph_inputs)
+        super().__init__(program)
         self.devices = [torch.device(d) for d in devices]
-        if len(self.devices) < len(programs):
-            raise ValueError(f"{len(programs)} stages need at least {len(programs)} devices, "
+        if len(self.devices) < program.n_stages:
+            raise ValueError(f"{program.n_stages} stages need at least {program.n_stages} devices, "
                              f"got {len(self.devices)}.")
         streams = list(streams) if streams is not None else [None] * len(self.devices)
         if len(streams) != len(self.devices):
@@ -74,21 +74,18 @@ class LocalExecutor(Executor):
         capture_lock = threading.Lock()  # workers capture their graphs one at a time
         consumers = self._consumer_devices()
         self._workers = [_Worker(slot, self._slot_module(slot), device, threads, self._results,
-                                 destinations=_destinations(self._stage(slot).outputs, consumers, device),
+                                 destinations=_destinations(self.stage(slot).outputs, consumers, device),
                                  stream=streams[slot], cuda_graph=use_graphs and device.type == "cuda",
                                  capture_lock=capture_lock,
-                                 name=f"stage {min(slot, len(programs) - 1)} (slot {slot})")
+                                 name=f"stage {min(slot, program.n_stages - 1)} (slot {slot})")
                          for slot, device in enumerate(self.devices)]
         for worker in self._workers:
             worker.start()
         # workers hold their stages (weights, graphs): stop them when the executor goes away
         self._stop = weakref.finalize(self, _stop_workers, list(self._workers))
 
-    def _stage(self, slot: int) -> StageProgram:
-        return self.programs[min(slot, len(self.programs) - 1)]
-
     def _slot_module(self, slot: int) -> nn.Module:
-        module = self._stage(slot).module
+        module = self.stage(slot).module
         device = self.devices[slot]
         # Weights already where the slot computes are shared (inference only reads them);
         # otherwise a private copy: moving a shared module would move the caller's weights.
@@ -99,8 +96,8 @@ class LocalExecutor(Executor):
     def _consumer_devices(self) -> dict[str, set[torch.device]]:
         consumers: dict[str, set[torch.device]] = {}
         for slot, device in enumerate(self.devices):
-            for name in self._stage(slot).inputs:
-                if name not in self.graph_inputs:
+            for name in self.stage(slot).inputs:
+                if name not in self.program.graph_inputs:
                     consumers.setdefault(name, set()).add(device)
         return consumers
 
@@ -134,11 +131,11 @@ class LocalExecutor(Executor):
     def _dispatch(self, run: StageRun, inputs_for: InputsFor, store: BoundaryStore,
                   threads: int | None) -> None:
         worker = self._workers[run.slot]
-        inputs = inputs_for(run.timestep)
-        names = self.programs[run.stage].inputs
-        args = [inputs[name] if name in self.graph_inputs else _read(store, name, run.reads, worker.device)
-                for name in names]
-        written = _recorded_on_current_streams([inputs[name] for name in names if name in self.graph_inputs])
+        args = stage_arguments(self.program, run, inputs_for,
+                               lambda name, version: _read(store, name, version, worker.device))
+        graph_inputs = self.program.graph_inputs
+        written = _recorded_on_current_streams(
+            [arg for arg, name in zip(args, self.program.stages[run.stage].inputs) if name in graph_inputs])
         worker.tasks.put((self._epoch, run, args, written, threads, _caller_autocast()))
 
     def _collect(self, runs: Sequence[StageRun], store: BoundaryStore,

@@ -304,3 +304,33 @@ def demo_unet(batch: int = 2, size: int = 16, seed: int = 0) -> Example:
     """A small SD-shaped UNet (32/64/64 channels, three levels) for the demo."""
     return sd_unet(batch, size, seed, block_out_channels=(32, 64, 64), cross_attention_dim=32,
                    layers_per_block=1, heads=8, text_len=8)
+
+
+def vae(latent_channels: int = 4) -> nn.Module:
+    """A tiny ``AutoencoderKL`` (random weights) for pipelines of the tiny denoisers."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=0.0).eval()
+
+
+def sd_pipeline(unet: nn.Module | None = None, scheduler: Any = None) -> Any:
+    """A ``StableDiffusionPipeline`` of the tiny SD-shaped UNet (or ``unet``) and VAE, without
+    text encoder: call it with ``prompt_embeds`` and ``negative_prompt_embeds`` (batch x 4
+    tokens x 8) instead of prompts. The scheduler is DDIM unless given.
+
+    Example:
+        >>> pipe = tiny.sd_pipeline()
+        >>> embeds = torch.randn(1, 4, 8)
+        >>> image = pipe(prompt_embeds=embeds, negative_prompt_embeds=-embeds).images[0]
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae(), text_encoder=None, tokenizer=None,
+                                   unet=unet if unet is not None else sd_unet()[0],
+                                   scheduler=scheduler or DDIMScheduler(num_train_timesteps=1000, steps_offset=1,
+                                                                        clip_sample=False),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)

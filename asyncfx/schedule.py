@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from asyncfx.errors import PlanError
+
 
 class Mode(str, enum.Enum):
     SEQUENTIAL = "sequential"   # warm-up: stages in order, fresh values
@@ -92,15 +94,30 @@ def devices_needed(n_stages: int, stride: int) -> int:
     return n_stages + (1 if stride == 2 else 0)
 
 
-def _check(step: int, n_stages: int, warmup: int, stride: int, total_steps: int | None) -> None:
+def check_settings(n_stages: int, warmup: int, stride: int) -> None:
+    """Raise PlanError (a ValueError) unless the schedule can run with these settings:
+    at least one stage, stride 1 or 2, and warm-up steps (an integer, at least 1 with
+    several stages: the last warm-up step fills the boundary buffers the first parallel
+    step reads). ``partition()``, ``simulate()`` and ``schedule()`` all check this.
+
+    Example:
+        >>> check_settings(4, warmup=3, stride=2)
+    """
     if n_stages < 1:
-        raise ValueError(f"schedule needs at least one stage, got {n_stages}.")
+        raise PlanError(f"schedule needs at least one stage, got {n_stages}.")
+    if stride not in (1, 2) or isinstance(stride, bool):
+        raise PlanError(f"stride must be 1 or 2, got {stride!r}.")
+    least = 1 if n_stages > 1 else 0
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < least:
+        raise PlanError(f"warmup must be an integer >= {least} with {n_stages} stage(s), got {warmup!r}: "
+                        + ("the last warm-up step fills the boundary buffers the first parallel step "
+                           "reads, so warmup must be at least 1 with several stages." if least else
+                           "the number of warm-up steps."))
+
+
+def _check(step: int, n_stages: int, warmup: int, stride: int, total_steps: int | None) -> None:
+    check_settings(n_stages, warmup, stride)
     if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}.")
-    if stride not in (1, 2):
-        raise ValueError(f"stride must be 1 or 2, got {stride!r}.")
-    if warmup < (1 if n_stages > 1 else 0):
-        raise ValueError(f"warmup must be at least 1 with {n_stages} stages (the last warm-up "
-                         f"step fills the boundary buffers that step {warmup} reads), got {warmup}.")
+        raise PlanError(f"step must be >= 0, got {step}.")
     if stride == 2 and total_steps is None:
-        raise ValueError("stride 2 needs total_steps: rounds compute the next step's timestep.")
+        raise PlanError("stride 2 needs total_steps: rounds compute the next step's timestep.")

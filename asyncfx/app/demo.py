@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 import asyncfx
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
-from asyncfx.sweep import digits_example_inputs
+from asyncfx.app.sweep import digits_example_inputs
 from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, IMAGE_SIZE, digits, digits_classifier,
                                       digits_dataset, make_scheduler, sample_digits)
 

@@ -105,7 +105,7 @@ def example_kwargs(model: nn.Module, batch: int, height: int | None, width: int 
     """Example inputs for a diffusers denoiser, from its forward's argument names and config,
     shaped as diffusers' pipelines call it: UNets (latent ``sample``) get one timestep,
     transformers (``hidden_states``) one per batch element; a transformer that takes
-    ``img_ids`` (Flux) gets its latent packed into 2x2-patch tokens."""
+    ``img_ids`` gets its latent packed into 2x2-patch tokens."""
     config = dict(model.config)
     size = config.get("sample_size") or 64
     size = size if isinstance(size, int) else size[0]
@@ -113,7 +113,7 @@ def example_kwargs(model: nn.Module, batch: int, height: int | None, width: int 
     text_dim = config.get("cross_attention_dim") or config.get("joint_attention_dim")
     text_dim = text_dim[0] if isinstance(text_dim, (list, tuple)) else text_dim
     arguments = inspect.signature(model.forward).parameters
-    tokens = (height // 2) * (width // 2)  # packed latents (Flux): one token per 2x2 patch
+    tokens = (height // 2) * (width // 2)  # packed latents: one token per 2x2 patch
     makers: dict[str, Callable[[], Any]] = {
         "timestep": (lambda: torch.tensor(999)) if "sample" in arguments else
                     (lambda: torch.full((batch,), 999.0)),

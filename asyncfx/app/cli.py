@@ -133,7 +133,7 @@ def _positive_int(text: str) -> int:
 
 
 def _demo(options: argparse.Namespace) -> int:
-    from asyncfx.demo import run_demo
+    from asyncfx.app.demo import run_demo
 
     _check_writable(options.out)
     return run_demo(n_devices=options.n_devices, warmup=options.warmup, stride=options.stride,
@@ -145,7 +145,7 @@ def _profile(options: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from asyncfx.partitioner.capture import capture
-    from asyncfx.partitioner.model_spec import load_model
+    from asyncfx.app.model_spec import load_model
     from asyncfx.partitioner.profile import profile_captured
 
     _check_writable(options.out)
@@ -189,7 +189,7 @@ def _compile(options: argparse.Namespace) -> int:
 
 
 def _show(options: argparse.Namespace) -> int:
-    from asyncfx.partitioner.plan import StagePlan
+    from asyncfx.plan import StagePlan
     from asyncfx.partitioner.profile import Profile
 
     if options.profile and not options.plot:
@@ -208,7 +208,7 @@ def _show(options: argparse.Namespace) -> int:
 
 
 def _simulate(options: argparse.Namespace) -> int:
-    from asyncfx.partitioner.plan import StagePlan
+    from asyncfx.plan import StagePlan
     from asyncfx.partitioner.simulate import simulate
 
     plan = StagePlan.load(options.plan)

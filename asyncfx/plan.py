@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from asyncfx.errors import PlanError
-from asyncfx.partitioner.artifact import load_json, save_json
+from asyncfx.artifact import load_json, save_json
 
 PLAN_FORMAT = "asyncfx.StagePlan"
 PLAN_VERSION = 1

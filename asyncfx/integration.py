@@ -1,0 +1,164 @@
+"""What asyncfx knows of diffusers', accelerate's and torch's conventions, in one place.
+
+Capture reads it once (what a graph cannot stand for is refused), the runtime at every
+call (hooks put on since the capture, the names pipelines give their calls, the
+sampler's timesteps). Everything here is read through attribute names and duck typing:
+asyncfx imports neither diffusers nor accelerate.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import operator
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from asyncfx.errors import AsyncFXError, CaptureError
+
+#: Where nn.Module keeps its parameters, buffers and submodules.
+MODULE_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
+#: accelerate's hook on a module (model or sequential CPU offloading, ``device_map``).
+ACCELERATE_HOOK = "_hf_hook"
+#: diffusers' hook registry on a module (offloading, layerwise casting, caching, layer skipping).
+DIFFUSERS_HOOKS = "_diffusers_hook"
+
+
+def diffusers_hook_names(module: Any) -> list[str]:
+    """The names of the diffusers hooks on ``module`` itself (none once they are removed).
+
+    Example:
+        >>> diffusers_hook_names(torch.nn.Linear(2, 2))
+        []
+    """
+    return list(getattr(module.__dict__.get(DIFFUSERS_HOOKS), "hooks", None) or {})
+
+
+def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tuple[str, str]]:
+    """``(module name, hook name)`` of every diffusers hook on ``model``'s modules, whose
+    attribute dicts are ``module_dicts``; fast when there are none (one C-level scan).
+
+    Example:
+        >>> diffusers_hooks(unet, [m.__dict__ for m in unet.modules()])
+        []
+    """
+    if not any(map(operator.contains, module_dicts, itertools.repeat(DIFFUSERS_HOOKS))):
+        return []
+    if not any(getattr(d[DIFFUSERS_HOOKS], "hooks", None) for d in module_dicts if DIFFUSERS_HOOKS in d):
+        return []  # registries whose hooks were removed
+    return [(name, hook) for name, module in model.named_modules() for hook in diffusers_hook_names(module)]
+
+
+def check_no_step_cache(model: nn.Module) -> None:
+    """Refuse a model that reuses its earlier calls' results (diffusers' ``enable_cache``:
+    first-block cache, FasterCache, TaylorSeer...): its hooks decide at each call what to
+    skip, and a captured graph runs what the capture's call ran, at every call."""
+    if getattr(model, "is_cache_enabled", False) is True:
+        config = type(getattr(model, "_cache_config", None)).__name__
+        raise CaptureError(f"{type(model).__name__} has step caching enabled ({config}): it skips blocks "
+                           "at a step by reusing earlier steps' outputs, which a captured graph cannot do "
+                           "(it would compute every block at every step). asyncfx reuses the previous "
+                           "step's values across stages instead; call model.disable_cache() before "
+                           "partitioning.")
+
+
+def check_no_forward_wrappers(model: nn.Module) -> None:
+    """Refuse hooks that wrap a module's forward to move or convert its weights, or to
+    choose what to compute, at each call: accelerate's (``_hf_hook``: model or sequential
+    CPU offloading, ``device_map``) and diffusers' hook registries (``_diffusers_hook``:
+    group offloading, layerwise casting, caching, layer skipping). A captured graph keeps
+    the weights where the stages are and computes what the capture's call computed."""
+    for name, module in model.named_modules():
+        accelerate = getattr(module, ACCELERATE_HOOK, None)
+        wrappers = [f"accelerate's {type(accelerate).__name__}"] if accelerate is not None else []
+        wrappers += [f"diffusers' {hook!r} hook" for hook in diffusers_hook_names(module)]
+        if wrappers:
+            where = f"{type(model).__name__}.{name}" if name else type(model).__name__
+            raise CaptureError(
+                f"{where} has {', '.join(wrappers)} wrapping its forward: such hooks move or convert "
+                "weights, or choose what to compute, at each call, which a captured graph cannot do "
+                "(asyncfx puts each stage's weights on its device itself). Remove them before "
+                "partitioning: no enable_model_cpu_offload() or group offloading (pipe.remove_all_hooks() "
+                "undoes model offloading), no layerwise casting, no step caching.")
+
+
+def refuse_offloading(proxy: nn.Module, model: nn.Module) -> None:
+    """Refuse accelerate's hook on the denoiser itself (``pipe.enable_model_cpu_offload()``
+    after partitioning): it moves the whole denoiser to the execution device before each
+    call and back after the next component's, and each move would convert the model and
+    capture it again."""
+    hook = proxy.__dict__.get(ACCELERATE_HOOK)
+    if hook is None:
+        return
+    raise AsyncFXError(
+        f"this AsyncDenoiser (of {type(model).__name__}) is wrapped by accelerate's {type(hook).__name__} "
+        "(pipe.enable_model_cpu_offload() or enable_sequential_cpu_offload()), which moves it between "
+        "devices around every call; asyncfx keeps each stage on its own device. Call "
+        "pipe.remove_all_hooks(), and move the rest of the pipeline to its device with pipe.to(...).")
+
+
+def refuse_hooks_added_since_capture(model: nn.Module, module_dicts: Sequence[dict]) -> None:
+    """Refuse diffusers hooks put on the model's layers after the capture (capture refuses
+    those there before): step caching (``enable_cache()``), and the guiders of modular
+    pipelines that skip layers, which add them around single calls. The graph would
+    compute every layer as captured. One C-level scan of the modules' attribute dicts."""
+    hooked = diffusers_hooks(model, module_dicts)
+    if not hooked:
+        return
+    name, hook = hooked[0]
+    raise AsyncFXError(
+        f"{type(model).__name__}.{name} has diffusers' {hook!r} hook (one of {len(hooked)} on its "
+        "layers), put there after the capture: the captured stages cannot apply it, and would "
+        "compute every layer as captured. Step caching (model.enable_cache()) and the guiders of "
+        "modular pipelines that skip layers (SkipLayerGuidance, PerturbedAttentionGuidance, "
+        "SmoothedEnergyGuidance, around single calls) put such hooks there: call "
+        "model.disable_cache(), use a guider without them (ClassifierFreeGuidance) or a pipeline "
+        "that takes layer skipping as an argument (StableDiffusion3Pipeline's skip_guidance_layers), "
+        "or call .original_model.")
+
+
+# -- the sampler ------------------------------------------------------------------------
+def scheduler_timesteps(scheduler: Any) -> torch.Tensor | None:
+    """The timesteps a diffusers scheduler lists once ``set_timesteps`` ran (None before)."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    return None if timesteps is None else torch.as_tensor(timesteps)
+
+
+def scheduler_steps_taken(scheduler: Any) -> int | None:
+    """The steps the scheduler took in this generation (``step_index``; None before its
+    first ``step()``, or for a scheduler that does not count)."""
+    taken = getattr(scheduler, "step_index", None)
+    return None if taken is None else int(taken)
+
+
+def scheduler_begin_index(scheduler: Any) -> int:
+    """Where the pipeline starts among the scheduler's timesteps (``begin_index``: image to
+    image starts part-way), 0 if it does not say."""
+    return getattr(scheduler, "begin_index", None) or 0
+
+
+# -- the names pipelines give their calls ---------------------------------------------------
+class NamedCalls:
+    """``cache_context(name)``: diffusers pipelines that make the conditional and the
+    unconditional pass separate calls name each (``with pipe.transformer.cache_context(
+    "cond"): ...``). A proxy of the model with this mixin keeps the name for its call
+    clock. (The model's own context only informs diffusers' cache hooks, which asyncfx
+    refuses, so it is not entered: entering it would put a hook registry on the model.)
+
+    Example:
+        >>> with pipe.transformer.cache_context("uncond"):
+        ...     pipe.transformer.call_context
+        'uncond'
+    """
+
+    call_context: str | None = None
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        outer = self.__dict__.get("call_context")
+        self.__dict__["call_context"] = name
+        try:
+            yield
+        finally:
+            self.__dict__["call_context"] = outer

@@ -1,0 +1,75 @@
+"""PartitionOptions: every option of ``asyncfx.partition()``, checked once, frozen.
+
+Each option is checked here, when ``partition()`` is called, so a bad one is a clear
+error before any model runs; the parts of asyncfx that use an option take it checked.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import torch
+
+from asyncfx.errors import PlanError, SchedulerError
+from asyncfx.partitioner.binding import LatentOption
+from asyncfx.partitioner.cost_model import check_cost
+from asyncfx.partitioner.device import DeviceSpec, device_spec
+from asyncfx.plan import StagePlan
+from asyncfx.runtime.cuda_graphs import check_cuda_graphs_option
+from asyncfx.schedule import check_settings, devices_needed
+
+#: Default warm-up steps, chosen from benchmarks/quality.py on the trained default model:
+#: with 3-4 stages staleness compounds, and three warm-up steps recover most of the
+#: fidelity nine would (N=4: SSIM 0.865 at W=1, 0.913 at W=3, 0.945 at W=9) for 4-9% of
+#: the ideal speedup at 50 steps; class accuracy stays at the sequential level throughout.
+DEFAULT_WARMUP = 3
+EXECUTORS = ("local", "serial", "distributed")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionOptions:
+    """The options of :func:`asyncfx.partition` (see there), checked when made; ``plan``
+    may be given as a path and is loaded.
+
+    Example:
+        >>> PartitionOptions(n_devices=4, stride=2, scheduler=pipe.scheduler).slots
+        5
+    """
+
+    n_devices: int = 2
+    devices: Sequence[str | torch.device] | str | None = None
+    warmup: int = DEFAULT_WARMUP
+    stride: int = 1
+    executor: str = "local"
+    plan: StagePlan | str | os.PathLike | None = None
+    scheduler: Any = None
+    time_shift: bool = False
+    cost: str = "flops"
+    link: str | DeviceSpec = "cpu"
+    latent: LatentOption = None
+    timestep: str | None = None
+    cuda_graphs: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_devices, bool) or not isinstance(self.n_devices, int) or self.n_devices < 1:
+            raise PlanError(f"n_devices must be a positive integer, got {self.n_devices!r}.")
+        check_settings(self.n_devices, self.warmup, self.stride)
+        if self.executor not in EXECUTORS:
+            raise PlanError(f"executor={self.executor!r} is not known; use one of {list(EXECUTORS)}.")
+        if self.stride == 2 and self.scheduler is None:
+            raise SchedulerError("stride=2 computes the next step's timestep ahead of time and needs the "
+                                 "sampler's schedule: pass scheduler=pipe.scheduler.")
+        check_cost(self.cost)
+        device_spec(self.link)
+        check_cuda_graphs_option(self.cuda_graphs)
+        if isinstance(self.plan, (str, os.PathLike)):
+            object.__setattr__(self, "plan", StagePlan.load(self.plan))
+        if self.plan is not None and self.plan.n_stages != self.n_devices:
+            raise PlanError(f"the plan has {self.plan.n_stages} stages but n_devices={self.n_devices}; pass "
+                            f"n_devices={self.plan.n_stages} or compile a plan for {self.n_devices}.")
+
+    @property
+    def slots(self) -> int:
+        """Device slots the schedule uses: one per stage, plus one for stride 2."""
+        return devices_needed(self.n_devices, self.stride)

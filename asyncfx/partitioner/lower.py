@@ -1,0 +1,32 @@
+"""lower(): a capture and a StagePlan become the Program the runtime runs."""
+from __future__ import annotations
+
+import torch
+
+from asyncfx.partitioner.captured import Captured
+from asyncfx.partitioner.staged import split
+from asyncfx.plan import StagePlan
+from asyncfx.program import BoundarySpec, Program, StageSpec, TensorSpec
+
+
+def lower(captured: Captured, plan: StagePlan) -> Program:
+    """The program of ``plan``'s stages of ``captured``: stage modules, boundary and output
+    specs, and how calls bind (refused with a PlanError when the plan is for another graph).
+
+    Example:
+        >>> program = lower(captured, asyncfx.compile(captured, 2))
+        >>> program.n_stages, [b.producer for b in program.boundaries][:1]
+        (2, [0])
+    """
+    staged = split(captured, plan)
+    stages = tuple(StageSpec(module, tuple(inputs), tuple(outputs)) for module, inputs, outputs
+                   in zip(staged.stages, staged.stage_inputs, staged.stage_outputs))
+    boundaries = tuple(BoundarySpec(b.name, b.producer, tuple(b.consumers),
+                                    TensorSpec(tuple(b.shape), dtype_named(b.dtype)))
+                       for b in plan.boundaries)
+    return Program(captured.call, stages, boundaries, plan)
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """``"torch.float16"`` (as plans write dtypes) -> ``torch.float16``."""
+    return getattr(torch, name.removeprefix("torch."))

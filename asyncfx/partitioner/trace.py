@@ -1,0 +1,197 @@
+"""Tracing: the model as an fx graph, by ``torch.export.export(..., strict=False)``, or by
+``torch.fx.symbolic_trace`` for simple modules that export rejects.
+
+export follows diffusers UNets and transformers, whose forward has shape-dependent
+Python control flow; symbolic_trace cannot, so it is only the fallback. A forward that
+writes to its weights, buffers or inputs is refused (a denoiser must not change state
+while sampling); writes to intermediate values are made new values
+(``passes.functionalise``). When both tracers fail, the error names where and why each
+did (``diagnose``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from asyncfx.errors import CaptureError
+from asyncfx.partitioner.binding import BoundCall, top_level_name
+from asyncfx.partitioner.containers import (unregistered_input_error, unregistered_output_error,
+                                            watching_argument_writes)
+from asyncfx.partitioner.diagnose import both_failed_message, summary
+from asyncfx.partitioner.traced_state import restoring_traced_state
+from asyncfx.passes.functionalise import functionalise, in_place_ops
+from asyncfx.passes.meta import VALUE
+
+
+@dataclasses.dataclass
+class Traced:
+    """What tracing made: the graph (export's module, with the model's argument structure,
+    or symbolic_trace's, already flat), its output structure, the method, and the
+    arguments the call writes into (see ``containers.watching_argument_writes``)."""
+
+    graph_module: fx.GraphModule
+    out_spec: pytree.TreeSpec
+    method: str                  # "export" or "symbolic_trace"
+    written: list[str]
+
+
+def trace(model: nn.Module, call: BoundCall) -> Traced:
+    """The model traced on the bound example call: torch.export, else symbolic_trace.
+
+    Example:
+        >>> trace(unet, bind_call(unet, args, kwargs, None, None)).method
+        'export'
+    """
+    args, kwargs, leaves, names, is_tensor = call.args, call.kwargs, call.leaves, call.names, call.is_tensor
+    try:
+        with restoring_traced_state(model), watching_argument_writes(model) as written:
+            graph_module, out_spec = _export(model, args, kwargs, type(model).__name__)
+        return Traced(graph_module, out_spec, "export", written)
+    except CaptureError:
+        raise
+    except Exception as export_error:
+        object_error = (unregistered_output_error(export_error, type(model).__name__)
+                        or unregistered_input_error(export_error, leaves, names, type(model).__name__))
+        if object_error is not None:  # symbolic_trace cannot take or return such an object either
+            raise object_error from export_error
+        try:
+            with restoring_traced_state(model):
+                gm, out_spec = _symbolic_trace(model, leaves, names, is_tensor)
+        except Exception as trace_error:
+            raise CaptureError(both_failed_message(model, export_error, trace_error)) from export_error
+        return Traced(gm, out_spec, "symbolic_trace", [])  # its arguments are tensors
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str) -> tuple[fx.GraphModule, pytree.TreeSpec]:
+    """export's module of the model, its in-place writes to intermediates made new values;
+    writes to weights, buffers or inputs are refused."""
+    exported = torch.export.export(model, args, kwargs, strict=False)
+    unlifted = exported.module()
+    graph = unlifted.graph
+    mutated = sorted(set(exported.graph_signature.buffers_to_mutate.values()) | _mutated_state(graph))
+    if mutated:
+        raise CaptureError(
+            f"{model_class}.forward writes to buffers or inputs {mutated}; a denoiser must not "
+            "change state while sampling. Call model.eval() (batch norm in training mode "
+            "updates running statistics) or keep the state outside the model.")
+    if in_place_ops(graph):  # e.g. FreeU's masks and slice assignments
+        unlifted = _functionalised(exported, model_class)
+        graph = unlifted.graph
+    return unlifted, exported.call_spec.out_spec
+
+
+def _mutated_state(graph: fx.Graph) -> set[str]:
+    """Weights, buffers and inputs that an in-place op writes to."""
+    written = set()
+    for node in in_place_ops(graph):
+        for argument, value in zip(node.target._schema.arguments, node.args):
+            is_write = argument.alias_info is not None and argument.alias_info.is_write
+            if is_write and isinstance(value, fx.Node) and value.op in ("get_attr", "placeholder"):
+                written.add(str(value.target))
+    return written
+
+
+def _functionalised(exported: torch.export.ExportedProgram, model_class: str) -> fx.GraphModule:
+    """The module of ``exported`` with its in-place writes to intermediates made new
+    values (see ``passes.functionalise``), or a clear error where torch cannot do it."""
+    writes = sorted({str(node.target.overloadpacket.__name__) for node in in_place_ops(exported.graph)})
+    try:
+        return functionalise(exported).module()
+    except Exception as exc:
+        reason = summary(exc).rstrip(".")
+        raise CaptureError(f"{model_class}.forward writes to intermediate values in place "
+                           f"({', '.join(writes)}), which asyncfx must turn into new values to split the "
+                           f"graph, and torch could not: {type(exc).__name__}: {reason}. Write those "
+                           "values out of place (torch.where, torch.cat, or a new tensor).") from exc
+
+
+def _symbolic_trace(model: nn.Module, leaves: list[Any], names: list[str],
+                    is_tensor: list[bool]) -> tuple[fx.GraphModule, pytree.TreeSpec]:
+    nested = [n for n, t in zip(names, is_tensor) if t and n != top_level_name(n)]
+    if nested:
+        raise CaptureError(f"symbolic tracing needs tensors as top-level arguments; {nested} "
+                           "are nested in containers.")
+    concrete = {n: v for n, v, t in zip(names, leaves, is_tensor) if not t}
+    tracer = fx.Tracer()
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    writes = _traced_writes_in_place(graph)
+    if writes:
+        raise CaptureError(f"the model writes to intermediate values in place ({', '.join(writes)}), which "
+                           "a symbolically traced graph cannot keep through a split; write them out of "
+                           "place (x = x * 2 rather than x *= 2, torch.where rather than slice "
+                           "assignment, inplace=False)")
+    placeholders = {n.target.lstrip("*"): n for n in graph.nodes if n.op == "placeholder"}
+    tensor_names = [n for n, t in zip(names, is_tensor) if t]
+    for name, node in placeholders.items():  # constants are specialised, not inputs
+        if name not in tensor_names:
+            _erase_specialised_input(graph, node)
+    output = graph.output_node()
+    flat, out_spec = pytree.tree_flatten(_mutable(output.args[0]))
+    output.args = (tuple(flat),)
+    gm = fx.GraphModule(tracer.root, graph, class_name=f"Captured{type(model).__name__}")
+    gm.graph.lint()
+    gm.recompile()
+    _record_values(gm, [v for v, t in zip(leaves, is_tensor) if t])
+    return gm, out_spec
+
+
+def _traced_writes_in_place(graph: fx.Graph) -> list[str]:
+    """Nodes of a symbolically traced graph that write in place: trailing-underscore
+    methods and functions (``mul_``, ``torch.relu_``) and calls with inplace=True (slice
+    assignment does not trace at all)."""
+    writes = []
+    for node in graph.nodes:
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        in_place = (node.kwargs.get("inplace") is True
+                    or (node.op in ("call_method", "call_function") and isinstance(name, str)
+                        and name.endswith("_") and not name.endswith("__")))
+        if in_place:
+            writes.append(node.name)
+    return writes
+
+
+def _mutable(value: Any) -> Any:
+    """fx stores node arguments as immutable dicts and lists; the model returned plain ones."""
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
+def _erase_specialised_input(graph: fx.Graph, placeholder: fx.Node) -> None:
+    """Remove a constant argument's placeholder and the checks fx traced on it."""
+    doomed, stack = {placeholder}, list(placeholder.users)
+    while stack:
+        node = stack.pop()
+        if node.op == "output":
+            raise CaptureError(f"the output depends on non-tensor argument {placeholder.name}; "
+                               "pass it as a tensor.")
+        if node not in doomed:
+            doomed.add(node)
+            stack.extend(node.users)
+    for node in reversed([n for n in graph.nodes if n in doomed]):
+        graph.erase_node(node)
+
+
+def _record_values(gm: fx.GraphModule, inputs: list[torch.Tensor]) -> None:
+    """Give every node of a symbolically traced graph a meta-device ``val`` like export does."""
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            result = super().run_node(node)
+            node.meta[VALUE] = pytree.tree_map_only(
+                torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                            device="meta"), result)
+            return result
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+
+

@@ -1,0 +1,37 @@
+"""Name-placeholders pass: each graph input is named after the argument it stands for
+(``added_cond_kwargs.time_ids`` -> ``added_cond_kwargs_time_ids``), so that stage graphs
+and plans read in the model's terms."""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from torch import fx
+
+from asyncfx.errors import CaptureError
+from asyncfx.passes.copy_graph import copy_graph_module, finish
+
+
+def name_placeholders(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
+    """``gm`` with its placeholders named after ``names``, in order (fx adds a suffix to
+    reserved names such as ``input``: read the names given from the result).
+
+    Example:
+        >>> named = name_placeholders(gm, ["sample", "added_cond_kwargs.time_ids"])
+        >>> [n.name for n in named.graph.find_nodes(op="placeholder")]
+        ['sample', 'added_cond_kwargs_time_ids']
+    """
+    gm = copy_graph_module(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(names):
+        raise CaptureError(f"captured graph has {len(placeholders)} inputs for {len(names)} "
+                           "tensor arguments; please report this model.")
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for node, name in zip(placeholders, names):
+        wanted = re.sub(r"\W", "_", name)
+        holder = by_name.get(wanted)
+        if holder is not None and holder is not node:  # free the name first
+            holder._rename(f"{wanted}_node")
+        node._rename(wanted)
+        node.target = node.name
+    return finish(gm)

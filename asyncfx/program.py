@@ -1,0 +1,179 @@
+"""The program: what the compiler hands the runtime, and all the runtime knows of a model.
+
+The partitioner lowers a capture and a :class:`~asyncfx.plan.StagePlan` to a
+:class:`Program` (``asyncfx.partitioner.lower``); the runtime runs programs and never
+looks at graphs, plans or captures otherwise. Both sides import this module and
+neither owns it. A program is frozen: its stage modules, the call's inputs with their
+roles, the boundary tensors between stages, the outputs, and how a call's arguments
+become the graph's flat inputs and the flat outputs the model's own output type.
+
+The runtime captures lazily (at a model's first call) and builds the stages late (at
+the last warm-up step), so it asks the compiler in two steps, through the two
+protocols at the end: :class:`Frontend` captures a call and gives a :class:`Lowering`,
+whose ``call`` spec binds calls at once and whose ``lower()`` makes the program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from asyncfx.plan import StagePlan
+
+
+class InputRole(str, enum.Enum):
+    """What an input of the denoiser is to a sampler."""
+
+    LATENT = "latent"        # the noisy sample x_s, new every step
+    TIMESTEP = "timestep"    # t_s, new every step
+    CONDITION = "condition"  # constant over a generation: text embeddings, labels, ids
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphInput:
+    """One tensor input of a captured graph, in placeholder order."""
+
+    name: str                 # argument path, e.g. "added_cond_kwargs.text_embeds"
+    placeholder: str          # its placeholder in captured and stage graphs
+    role: InputRole
+    shape: tuple[int, ...]
+    dtype: str                # e.g. "torch.float32"
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.role}, {self.dtype.removeprefix('torch.')}{list(self.shape)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """The shape and dtype of a tensor a program moves (a boundary or an output)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def empty(self, device: torch.device) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=device)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallSpec:
+    """How a call of the model binds to the graph and how its output is rebuilt.
+
+    ``flatten(args, kwargs)`` checks a call against the capture and returns the graph's
+    flat inputs (raising ``InputMismatchError`` for other shapes, ``ArgumentsError`` for
+    arguments that do not bind); ``unflatten(values)`` rebuilds the model's output.
+    ``written_arguments`` names arguments the call writes into (a cache it fills), which
+    no graph can do: such calls run the original model.
+
+    Example:
+        >>> spec = captured.call
+        >>> flat = spec.flatten(args, kwargs)
+        >>> dict(zip(spec.names, flat))[spec.latent] is kwargs["sample"]
+        True
+    """
+
+    model_class: str
+    inputs: tuple[GraphInput, ...]
+    outputs: tuple[TensorSpec, ...]
+    flatten: Callable[[tuple, dict], list[torch.Tensor]]
+    unflatten: Callable[[Sequence[Any]], Any]
+    written_arguments: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        """The placeholder of each flat input."""
+        return tuple(i.placeholder for i in self.inputs)
+
+    @functools.cached_property
+    def roles(self) -> list[InputRole]:
+        """The role of each flat input."""
+        return [i.role for i in self.inputs]
+
+    @functools.cached_property
+    def latent(self) -> str:
+        """The placeholder of the latent (the first, where there are several)."""
+        return next(i.placeholder for i in self.inputs if i.role is InputRole.LATENT)
+
+    @functools.cached_property
+    def timestep(self) -> str | None:
+        return next((i.placeholder for i in self.inputs if i.role is InputRole.TIMESTEP), None)
+
+    @functools.cached_property
+    def conditions(self) -> tuple[str, ...]:
+        return tuple(i.placeholder for i in self.inputs if i.role is InputRole.CONDITION)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage: its module, what it reads (graph-input placeholders and boundary
+    names, in argument order) and what it returns (boundary names; the last stage
+    returns the model's flat outputs)."""
+
+    module: nn.Module
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundarySpec:
+    """A latent value one stage makes and later stages read, one step stale."""
+
+    name: str
+    producer: int
+    consumers: tuple[int, ...]
+    tensor: TensorSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A model lowered to stages: everything the runtime runs.
+
+    Example:
+        >>> program = asyncfx.partitioner.lower(captured, plan)
+        >>> [len(s.inputs) for s in program.stages], program.call.latent
+        ([3, 4], 'sample')
+    """
+
+    call: CallSpec
+    stages: tuple[StageSpec, ...]
+    boundaries: tuple[BoundarySpec, ...]
+    plan: StagePlan
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    @functools.cached_property
+    def graph_inputs(self) -> frozenset[str]:
+        return frozenset(self.call.names)
+
+    @functools.cached_property
+    def boundary(self) -> dict[str, BoundarySpec]:
+        """The boundaries by name."""
+        return {b.name: b for b in self.boundaries}
+
+    def stage_in_slot(self, slot: int) -> StageSpec:
+        """The stage a device slot computes: stage k in slot k, and the last stage in
+        stride 2's extra slot."""
+        return self.stages[min(slot, self.n_stages - 1)]
+
+
+class Lowering(Protocol):
+    """A captured call, not lowered yet: its ``call`` spec binds calls now, ``lower()``
+    compiles (unless a plan was given) and makes the program."""
+
+    call: CallSpec
+
+    def lower(self) -> Program: ...
+
+
+class Frontend(Protocol):
+    """The compiler as the runtime sees it: captures a model for a call like this one."""
+
+    def capture(self, model: nn.Module, args: tuple, kwargs: dict) -> Lowering: ...
