@@ -21,8 +21,9 @@ step's timestep instead of the current one.
 """
 from __future__ import annotations
 
-import dataclasses
 import enum
+import functools
+from typing import NamedTuple
 
 from asyncfx.errors import PlanError
 
@@ -36,8 +37,7 @@ class Mode(str, enum.Enum):
         return self.value
 
 
-@dataclasses.dataclass(frozen=True)
-class StageRun:
+class StageRun(NamedTuple):
     """One execution of one stage."""
 
     stage: int
@@ -48,8 +48,7 @@ class StageRun:
     slot: int              # device slot: the stage index, or n_stages for stride 2's extra
 
 
-@dataclasses.dataclass(frozen=True)
-class StepSchedule:
+class StepSchedule(NamedTuple):
     """What happens when the denoiser is called for ``step``."""
 
     step: int
@@ -115,8 +114,17 @@ def check_settings(n_stages: int, warmup: int, stride: int) -> None:
                            "the number of warm-up steps."))
 
 
-def _check(step: int, n_stages: int, warmup: int, stride: int, total_steps: int | None) -> None:
+@functools.lru_cache(maxsize=64)
+def _settings_checked(n_stages: int, warmup: int, stride: int) -> None:
+    """``check_settings``, remembered for the settings a denoiser schedules every step with."""
     check_settings(n_stages, warmup, stride)
+
+
+def _check(step: int, n_stages: int, warmup: int, stride: int, total_steps: int | None) -> None:
+    try:
+        _settings_checked(n_stages, warmup, stride)
+    except TypeError:  # settings that cannot be remembered (a list): checked, and named, anyway
+        check_settings(n_stages, warmup, stride)
     if step < 0:
         raise PlanError(f"step must be >= 0, got {step}.")
     if stride == 2 and total_steps is None:

@@ -1,6 +1,6 @@
 """Host cost of the asyncfx runtime per denoiser call, with stages that do almost nothing.
 
-    python benchmarks/runtime_overhead.py [--calls 300] [--stages 2,4]
+    python benchmarks/runtime_overhead.py [--calls 300] [--stages 2,4] [--compare REV [--rounds 3]]
 
 A chain of tiny Linear layers (microseconds of arithmetic) is partitioned, so what a
 call costs beyond the model itself is the runtime: binding and checking the inputs,
@@ -10,6 +10,11 @@ baseline), the serial executor (every stage in the calling thread: the runtime w
 threads) and the local executor on CPU worker threads, each as the median wall time of
 a parallel step and the CPU time the calling thread spent in it. On a GPU the calling
 thread's time is what a round cannot hide; ``benchmarks/gpu.py`` measures the rest.
+
+``--compare REV`` measures the calls of this checkout and of git revision REV (checked
+out in a temporary worktree) in one run, alternating between them ``--rounds`` times in
+fresh interpreters, and prints the median of each, with their ratio: a before/after
+that the machine's drift affects alike.
 
 Once per generation (per stream of calls) the denoiser also checks whether the model was
 edited since it was captured (``asyncfx.runtime.model_state``). That check is timed on
@@ -21,8 +26,13 @@ the capture (``diffusers_hooks``); that check is timed on the same UNets.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import pathlib
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -30,65 +40,111 @@ import torch
 from torch import nn
 
 import asyncfx
-from asyncfx.timing import median_wall_seconds
-from asyncfx.integration import diffusers_hooks
-from asyncfx.runtime.model_state import state_signature
 from asyncfx.zoo import tiny
 
 WARMUP = 1
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 class TinyChain(nn.Module):
-    """A denoiser-shaped chain of 16 8x8 Linear layers."""
+    """A denoiser-shaped chain of 16 8x8 Linear layers, conditioned on a text-like vector."""
 
     def __init__(self, layers: int = 16):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(layers))
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            sample = layer(sample) + timestep / 1000
+            sample = layer(sample) + timestep / 1000 + condition
         return sample
 
 
-def per_call(denoiser: Callable[..., Any], sample: torch.Tensor, calls: int,
+def per_call(denoiser: Callable[..., Any], sample: torch.Tensor, condition: torch.Tensor, calls: int,
              generations: int = 3) -> tuple[float, float]:
-    """Median wall seconds and calling-thread CPU seconds of the calls after warm-up."""
+    """Median wall seconds and calling-thread CPU seconds of the calls after warm-up (the
+    conditioning is the same object at every call, as pipelines pass their embeddings)."""
     walls, cpus = [], []
     for _ in range(generations):
         getattr(denoiser, "reset", lambda: None)()
         for step in range(calls):
             timestep = torch.tensor(999.0 - step)
             wall, cpu = time.perf_counter(), time.thread_time()
-            denoiser(sample, timestep)
+            denoiser(sample, timestep, condition)
             if step >= WARMUP:
                 cpus.append(time.thread_time() - cpu)
                 walls.append(time.perf_counter() - wall)
     return statistics.median(walls), statistics.median(cpus)
 
 
-def run(calls: int, stage_counts: Sequence[int]) -> list[str]:
+def measure(calls: int, stage_counts: Sequence[int]) -> dict[str, Any]:
+    """Median wall and calling-thread CPU seconds per call: the model alone, then each
+    executor for each stage count (``"N=2, serial"``...)."""
     torch.manual_seed(0)
     torch.set_num_threads(1)  # tiny layers: more threads would only measure their wake-ups
     model = TinyChain().eval()
-    example = (torch.randn(2, 8), torch.tensor(999.0))
-    lines = []
+    example = (torch.randn(2, 8), torch.tensor(999.0), torch.randn(2, 8))
+    rows = {}
     with torch.no_grad():
-        alone_wall, alone_cpu = per_call(model, example[0], calls)
-        lines.append(f"model alone:                      {alone_wall * 1e6:7.0f} us a call "
-                     f"({alone_cpu * 1e6:.0f} us CPU in the calling thread)")
+        rows["model alone"] = per_call(model, example[0], example[2], calls)
         for n in stage_counts:
             for executor, devices in (("serial", None), ("local", ["cpu"] * n)):
                 den = asyncfx.partition(model, n, warmup=WARMUP, executor=executor, devices=devices,
                                         example_inputs=(example, {}))
                 try:
-                    wall, cpu = per_call(den, example[0], calls)
+                    rows[f"N={n}, {executor}"] = per_call(den, example[0], example[2], calls)
                 finally:
                     den.close()
-                lines.append(f"N={n}, {executor:6} executor:          {wall * 1e6:7.0f} us a call "
-                             f"({cpu * 1e6:.0f} us CPU in the calling thread); runtime "
-                             f"+{(wall - alone_wall) * 1e6:.0f} us over the model alone")
+    return {"asyncfx": os.path.dirname(asyncfx.__file__), "rows": rows}
+
+
+def run(calls: int, stage_counts: Sequence[int]) -> list[str]:
+    rows = measure(calls, stage_counts)["rows"]
+    alone_wall, alone_cpu = rows.pop("model alone")
+    lines = [f"model alone:                      {alone_wall * 1e6:7.0f} us a call "
+             f"({alone_cpu * 1e6:.0f} us CPU in the calling thread)"]
+    for name, (wall, cpu) in rows.items():
+        n, executor = name.split(", ")
+        lines.append(f"{n}, {executor:6} executor:          {wall * 1e6:7.0f} us a call "
+                     f"({cpu * 1e6:.0f} us CPU in the calling thread); runtime "
+                     f"+{(wall - alone_wall) * 1e6:.0f} us over the model alone")
     return lines
+
+
+def compare(revision: str, calls: int, stage_counts: Sequence[int], rounds: int) -> list[str]:
+    """This checkout against ``revision``, alternating in fresh interpreters."""
+    with tempfile.TemporaryDirectory() as folder:
+        other = pathlib.Path(folder) / "other"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(other), revision],
+                       check=True, capture_output=True)
+        try:
+            samples: dict[str, dict[str, list[tuple[float, float]]]] = {revision: {}, "this checkout": {}}
+            for _ in range(rounds):
+                for label, source in ((revision, other), ("this checkout", ROOT)):
+                    result = _measure_in(source, calls, stage_counts)
+                    for name, row in result["rows"].items():
+                        samples[label].setdefault(name, []).append(tuple(row))
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)],
+                           capture_output=True)
+    lines = [f"calling-thread CPU per call, median of {rounds} alternating runs ({calls} calls a generation):",
+             f"{'':18} {revision:>14} {'this checkout':>14} {'ratio':>7}"]
+    for name in samples["this checkout"]:
+        before = statistics.median(cpu for _, cpu in samples[revision][name])
+        after = statistics.median(cpu for _, cpu in samples["this checkout"][name])
+        lines.append(f"{name:18} {before * 1e6:11.0f} us {after * 1e6:11.0f} us {after / before:6.2f}x")
+    return lines
+
+
+def _measure_in(source: pathlib.Path, calls: int, stage_counts: Sequence[int]) -> dict[str, Any]:
+    """``measure()`` in a fresh interpreter that imports asyncfx from ``source``."""
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--json", "--calls", str(calls),
+               "--stages", ",".join(map(str, stage_counts))]
+    done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    result = json.loads(done.stdout.splitlines()[-1])
+    if pathlib.Path(result["asyncfx"]).resolve() != (source / "asyncfx").resolve():
+        raise RuntimeError(f"measured asyncfx from {result['asyncfx']}, not from {source}")
+    return result
 
 
 def parameters_signature(model: nn.Module) -> int:
@@ -97,6 +153,10 @@ def parameters_signature(model: nn.Module) -> int:
 
 
 def edit_check_lines(repeats: int = 20) -> list[str]:
+    from asyncfx.integration import diffusers_hooks
+    from asyncfx.runtime.model_state import state_signature
+    from asyncfx.timing import median_wall_seconds
+
     lines = []
     for name, make in (("SD2.1-shaped UNet", tiny.sd21_unet), ("SDXL-shaped UNet", tiny.sdxl_base_unet)):
         with torch.device("meta"):
@@ -122,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300, help="denoiser calls per generation")
     parser.add_argument("--stages", default="2,4", help="stage counts, comma-separated")
+    parser.add_argument("--compare", metavar="REV", help="also measure git revision REV, alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each with --compare")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one measurement, for --compare
     options = parser.parse_args(argv)
     try:
         stage_counts = [int(n) for n in options.stages.split(",")]
@@ -129,9 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--stages {options.stages!r} must be integers separated by commas, e.g. 2,4")
     if options.calls <= WARMUP + 1 or min(stage_counts) < 2:
         parser.error(f"need --calls > {WARMUP + 1} and stage counts of at least 2")
+    if options.json:
+        print(json.dumps(measure(options.calls, stage_counts)))
+        return 0
     print(f"torch {torch.__version__}, {options.calls} calls a generation, 3 generations, "
           "1 intra-op thread", flush=True)
-    for line in run(options.calls, stage_counts) + edit_check_lines():
+    if options.compare:
+        lines = compare(options.compare, options.calls, stage_counts, options.rounds)
+    else:
+        lines = run(options.calls, stage_counts) + edit_check_lines()
+    for line in lines:
         print(line, flush=True)
     return 0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import os
 import pathlib
-import queue
 import subprocess
 import sys
 import warnings
@@ -237,22 +236,23 @@ def _early_and_late_stage() -> tuple[torch.fx.GraphModule, list[str]]:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_worker_copies_every_boundary_output_eagerly_and_from_its_cuda_graph():
-    from asyncfx.runtime.local import _Worker
+    from asyncfx.runtime.local import _Round, _Worker
     from asyncfx.schedule import StageRun
 
     module, names = _early_and_late_stage()
     device = torch.device("cuda:0")
-    results: queue.Queue = queue.Queue()
     # the executor only copies to other devices; to the same one the copy path runs alike
-    worker = _Worker(0, module, device, 1, results, destinations={name: [device] for name in names},
+    worker = _Worker(0, module, device, 1, destinations={name: [device] for name in names},
                      cuda_graph=True, name="stage 0")
     worker.start()
     try:
         for step in range(5):  # eager, eager, captured, replayed, replayed
             x = torch.randn(2048, 2048, device=device)
-            worker.tasks.put((1, StageRun(0, step, step, step, None, 0), [x], [], None, ()))
-            _, _, outputs, copies, error = results.get(timeout=60)
-            assert error is None, error
+            run, handed = StageRun(0, step, step, step, None, 0), _Round(1)
+            worker.tasks.put((handed, run, [x], [], None, ()))
+            handed.wait()
+            assert handed.error is None, handed.error
+            outputs, copies = handed.made[run]
             with torch.no_grad():
                 expected = module(x)
             for name, out, want in zip(names, outputs, expected):

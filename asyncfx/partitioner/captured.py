@@ -22,10 +22,24 @@ from asyncfx.passes.meta import VALUE
 from asyncfx.program import CallSpec, GraphInput, InputRole, TensorSpec
 
 
+#: Call layouts whose tensor positions are remembered (see the note on the fast path).
+MAX_LAYOUTS = 8
+#: Python values that may stand beside tensors in a call with a remembered layout.
+_SCALARS = (type(None), bool, int, float, str)
+
+
 class CallInterface:
     """How calls to a model map to a flat graph's inputs and back to the model's output.
 
     Shared by :class:`Captured` and the staged model split from it.
+
+    Note (fast path): binding a call to the signature and flattening it as a pytree take
+    tens of microseconds, at every denoising step. A call whose arguments are tensors and
+    plain scalars only has a *layout* (how many positional arguments, which keywords,
+    which scalar values) that decides where each of its tensors lands among the graph's
+    inputs; the first call of a layout goes the full way, and later calls of the same
+    layout take their tensors from the remembered positions (shapes and dtypes are still
+    checked at every call).
     """
 
     def __init__(self, *, inputs: list[GraphInput], binder: Binder, leaf_constants: list[Any],
@@ -40,9 +54,38 @@ class CallInterface:
         self._leaf_names = leaf_names
         self._in_spec = in_spec
         self._out_spec = out_spec
+        self._layouts: dict[tuple, list[int]] = {}  # layout -> argument index of each tensor input
+        self._dtypes = [getattr(torch, i.dtype.removeprefix("torch.")) for i in inputs]
 
     def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The graph's positional inputs for a model call, checked against the capture."""
+        layout = _layout(args, kwargs)
+        positions = self._layouts.get(layout) if layout is not None else None
+        if positions is None:
+            tensors = self._flatten(args, kwargs)
+            if layout is not None and len(self._layouts) < MAX_LAYOUTS:
+                self._remember(layout, args, kwargs)
+            return tensors
+        values = (*args, *kwargs.values())
+        tensors = [values[i] for i in positions]
+        for given, expected, dtype in zip(tensors, self.inputs, self._dtypes):
+            if given.shape != expected.shape or given.dtype is not dtype:
+                check_input(given, expected, self.model_class)
+        return tensors
+
+    def _remember(self, layout: tuple, args: tuple, kwargs: dict) -> None:
+        """Where each tensor input of calls of ``layout`` comes from: the call bound again
+        with each tensor argument replaced by a marker (not for a layout whose binding makes
+        tensors of its own, as a number given as the timestep)."""
+        markers = [object() if isinstance(v, torch.Tensor) else v for v in (*args, *kwargs.values())]
+        marked_args, marked_kwargs = tuple(markers[:len(args)]), dict(zip(kwargs, markers[len(args):]))
+        index = {id(m): i for i, m in enumerate(markers)}
+        leaves = pytree.tree_leaves(self._binder.bind(marked_args, marked_kwargs))
+        positions = [index.get(id(leaf)) for leaf, c in zip(leaves, self._leaf_constants) if c is _TENSOR]
+        if None not in positions and len(positions) == len(self.inputs):
+            self._layouts[layout] = positions
+
+    def _flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         bound = self._binder.bind(args, kwargs)
         leaves, spec = pytree.tree_flatten(bound)
         if spec != self._in_spec:
@@ -73,6 +116,8 @@ class CallInterface:
 
     def unflatten(self, values: Sequence[Any]) -> Any:
         """The model's own output (tuple, tensor or diffusers output class) from flat values."""
+        if self._out_spec.is_leaf():  # a model that returns one tensor
+            return values[0]
         return pytree.tree_unflatten(list(values), self._out_spec)
 
 
@@ -138,13 +183,27 @@ class Captured(nn.Module):
 _TENSOR = object()  # marks a tensor leaf in Captured._leaf_constants
 
 
+def _layout(args: tuple, kwargs: dict) -> tuple | None:
+    """The layout of a call of tensors and plain scalars (see the note on the fast path),
+    None for a call with anything else."""
+    entries = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            entries.append(None)
+        elif isinstance(value, _SCALARS):
+            entries.append((type(value), value))
+        else:
+            return None
+    return len(args), tuple(kwargs), tuple(entries)
+
+
 def check_input(given: Any, expected: GraphInput, model_class: str) -> None:
     """Raise InputMismatchError unless ``given`` is a tensor shaped like ``expected``."""
     if not isinstance(given, torch.Tensor):
         raise InputMismatchError(
             f"input {expected.name!r} of {model_class} must be a tensor like at capture "
             f"({expected.describe()}), got {type(given).__name__}.")
-    if tuple(given.shape) != expected.shape or str(given.dtype) != expected.dtype:
+    if tuple(given.shape) != tuple(expected.shape) or str(given.dtype) != expected.dtype:
         raise InputMismatchError(
             f"input {expected.name!r} of {model_class} is "
             f"{str(given.dtype).removeprefix('torch.')}{list(given.shape)} but the graph was "

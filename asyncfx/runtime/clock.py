@@ -39,8 +39,7 @@ timesteps tell generations apart (the denoiser warns about it once).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Hashable, Mapping
+from typing import Hashable, Mapping, NamedTuple
 
 #: Calls with one timestep that are separate streams: most pipelines make one or two per
 #: step (conditional and unconditional passes as separate calls), video pipelines that
@@ -53,8 +52,7 @@ MAX_CALLS_PER_STEP = 16
 StreamKey = tuple[Hashable, "str | None", int]
 
 
-@dataclasses.dataclass(frozen=True)
-class CallFacts:
+class CallFacts(NamedTuple):
     """What the clock knows about a call. Tokens are compared with ``==`` only: the
     denoiser gives tokens that are equal for the same tensor object (conditions, the
     sampler's timesteps) or for equal values (``values``)."""
@@ -67,16 +65,15 @@ class CallFacts:
     schedule: Hashable = None              # the sampler's timesteps, by identity (None: unknown)
 
 
-@dataclasses.dataclass(frozen=True)
-class StreamState:
+class StreamState(NamedTuple):
     start: int                             # the generation step of its first call
     last: int                              # the generation step of its last call
     conditions: tuple[Hashable, ...] = ()  # the tokens of its last call
 
 
-@dataclasses.dataclass(frozen=True)
-class ClockState:
-    """Where the calls are. ``ClockState()`` is before any call."""
+class ClockState(NamedTuple):
+    """Where the calls are, and what was seen of them. ``ClockState()`` is before any call;
+    its mappings are never changed in place (each call makes new ones)."""
 
     generation: int = -1                   # the current generation's number (-1: none yet)
     step: int = -1                         # the current step of the generation
@@ -85,14 +82,13 @@ class ClockState:
     calls: int = 0                         # calls at the current step, all captures
     values: Hashable = None                # the last call's conditioning values
     schedule: Hashable = None              # the last call's sampler timesteps token
-    counts: Mapping[tuple[Hashable, str | None], int] = dataclasses.field(default_factory=dict)
-    streams: Mapping[StreamKey, StreamState] = dataclasses.field(default_factory=dict)
+    counts: Mapping[tuple[Hashable, str | None], int] = {}   # calls at this step per (capture, context)
+    streams: Mapping[StreamKey, StreamState] = {}
     constant: frozenset[tuple[Hashable, str | None, int]] = frozenset()  # (capture, context, input)
-    widths: Mapping[tuple[Hashable, str | None], int] = dataclasses.field(default_factory=dict)
+    widths: Mapping[tuple[Hashable, str | None], int] = {}   # most calls per step per (capture, context)
 
 
-@dataclasses.dataclass(frozen=True)
-class Placement:
+class Placement(NamedTuple):
     """Where a call belongs."""
 
     generation: int
@@ -124,14 +120,17 @@ def advance(state: ClockState, facts: CallFacts) -> tuple[ClockState, Placement]
     if stream is not None and stream.last == state.step - 1:
         same = [i for i, (a, b) in enumerate(zip(stream.conditions, facts.conditions)) if a == b]
         kept, start = len(same), stream.start
-        if index == 0:
+        if index == 0 and any((*group, i) not in constant for i in same):
             constant = constant | {(*group, i) for i in same}
     else:
         start = state.step
     streams = {**state.streams, key: StreamState(start, state.step, facts.conditions)}
-    state = dataclasses.replace(state, calls=state.calls + 1, values=facts.values, schedule=facts.schedule,
-                                counts={**state.counts, group: index + 1}, streams=streams, constant=constant,
-                                widths={**state.widths, group: max(state.widths.get(group, 1), index + 1)})
+    widths = state.widths
+    if index + 1 > widths.get(group, 1):
+        widths = {**widths, group: index + 1}
+    state = state._replace(calls=state.calls + 1, values=facts.values, schedule=facts.schedule,
+                           counts={**state.counts, group: index + 1}, streams=streams, constant=constant,
+                           widths=widths)
     placement = Placement(state.generation, state.step, key, state.step - start, why, kept)
     return state, placement
 
@@ -185,8 +184,7 @@ def _at_step(state: ClockState, facts: CallFacts) -> ClockState:
     direction = state.direction
     if t is not None and state.timestep is not None:
         direction = 1.0 if t > state.timestep else -1.0
-    return dataclasses.replace(state, step=state.step + 1, timestep=t, direction=direction, calls=0,
-                               counts={})
+    return state._replace(step=state.step + 1, timestep=t, direction=direction, calls=0, counts={})
 
 
 def reset(state: ClockState) -> ClockState:

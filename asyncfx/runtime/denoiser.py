@@ -225,7 +225,8 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
             outputs = results.pop(step)
             stream.cached = results
         device = named[call.latent].device
-        return call.unflatten([o.to(device) if isinstance(o, torch.Tensor) else o for o in outputs])
+        return call.unflatten([o.to(device) if isinstance(o, torch.Tensor) and o.device != device else o
+                               for o in outputs])
 
     def _fill(self, call: CallSpec, named: Mapping[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
         """A call that writes into its arguments runs the original model (see the note on

@@ -49,18 +49,20 @@ class OneCallAtATime:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._holder: str | None = None
+        self._holder: threading.Thread | None = None
+        self._held = _Held(self)
 
     def enter(self, model_class: str) -> _Held:
         if not self._lock.acquire(blocking=False):
+            holder = getattr(self._holder, "name", "?")
             raise ConcurrentCallError(
-                f"this AsyncDenoiser (of {model_class}) is being called by thread {self._holder!r}, and "
+                f"this AsyncDenoiser (of {model_class}) is being called by thread {holder!r}, and "
                 f"thread {threading.current_thread().name!r} called it too: one denoiser runs one "
                 "generation at a time, since its stages keep each generation's values between steps. "
                 "Give each thread its own (asyncfx.partition() again, or copy.copy(denoiser), which "
                 "shares the model's weights), or serialise the pipeline calls with a lock.")
-        self._holder = threading.current_thread().name
-        return _Held(self)
+        self._holder = threading.current_thread()
+        return self._held
 
     def release(self) -> None:
         self._holder = None

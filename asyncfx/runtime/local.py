@@ -28,7 +28,7 @@ import copy
 import queue
 import threading
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -69,11 +69,9 @@ class LocalExecutor(Executor):
         cpu_slots = sum(d.type == "cpu" for d in self.devices)
         self._all_threads = torch.get_num_threads()
         threads = threads or max(1, self._all_threads // max(cpu_slots, 1))
-        self._results: queue.Queue = queue.Queue()
-        self._epoch = 0
         capture_lock = threading.Lock()  # workers capture their graphs one at a time
         consumers = self._consumer_devices()
-        self._workers = [_Worker(slot, self._slot_module(slot), device, threads, self._results,
+        self._workers = [_Worker(slot, self._slot_module(slot), device, threads,
                                  destinations=_destinations(self.stage(slot).outputs, consumers, device),
                                  stream=streams[slot], cuda_graph=use_graphs and device.type == "cuda",
                                  capture_lock=capture_lock,
@@ -114,47 +112,48 @@ class LocalExecutor(Executor):
         if not self._stop.alive:
             raise AsyncFXError("this local executor was closed and its workers have stopped; make a new "
                                "one (an AsyncDenoiser does so by itself at its next call).")
-        self._epoch += 1
         results: dict[int, tuple[torch.Tensor, ...]] = {}
+        autocast = _caller_autocast()
         if plan.mode is Mode.SEQUENTIAL:
             for run in plan.runs:
-                self._dispatch(run, inputs_for, store, self._all_threads)
-                self._collect([run], store, results)
-        else:
-            for run in plan.runs:
-                self._dispatch(run, inputs_for, store, None)
-            self._collect(plan.runs, store, results)
+                self._run_round([run], inputs_for, store, results, autocast, self._all_threads)
+        elif plan.runs:
+            self._run_round(plan.runs, inputs_for, store, results, autocast, None)
         if plan.mode is not Mode.CACHED:
             self.finish(plan, store)
         return results
 
-    def _dispatch(self, run: StageRun, inputs_for: InputsFor, store: BoundaryStore,
-                  threads: int | None) -> None:
-        worker = self._workers[run.slot]
-        args = stage_arguments(self.program, run, inputs_for,
-                               lambda name, version: _read(store, name, version, worker.device))
-        graph_inputs = self.program.graph_inputs
-        written = _recorded_on_current_streams(
-            [arg for arg, name in zip(args, self.program.stages[run.stage].inputs) if name in graph_inputs])
-        worker.tasks.put((self._epoch, run, args, written, threads, _caller_autocast()))
-
-    def _collect(self, runs: Sequence[StageRun], store: BoundaryStore,
-                 results: dict[int, tuple[torch.Tensor, ...]]) -> None:
-        pending = set(runs)
-        while pending:
-            epoch, run, outputs, copies, error = self._results.get()
-            if epoch != self._epoch:
-                continue  # a run of a step that failed earlier; nobody waits for it
-            if error is not None:
-                step = run.gives if run.gives is not None else run.writes
-                error.add_note(f"raised in stage {run.stage} on {self._workers[run.slot].device} "
-                               f"(asyncfx local executor, step {step}); "
-                               "call reset() on the denoiser before sampling again.")
-                raise error
-            pending.discard(run)
+    def _run_round(self, runs: Sequence[StageRun], inputs_for: InputsFor, store: BoundaryStore,
+                   results: dict[int, tuple[torch.Tensor, ...]], autocast: Any, threads: int | None) -> None:
+        """Hand ``runs`` to their workers at once, wait for all of them (or the first error)
+        and keep what they made."""
+        handed = _Round(len(runs))
+        for run in runs:
+            self._dispatch(handed, run, inputs_for, store, autocast, threads)
+        handed.wait()
+        if handed.error is not None:
+            run, error = handed.error
+            step = run.gives if run.gives is not None else run.writes
+            error.add_note(f"raised in stage {run.stage} on {self._workers[run.slot].device} "
+                           f"(asyncfx local executor, step {step}); "
+                           "call reset() on the denoiser before sampling again.")
+            raise error
+        for run in runs:
+            outputs, copies = handed.made[run]
             self.record(run, outputs, store, results)
             if run.writes is not None and copies:
                 store.put(run.writes, copies)
+
+    def _dispatch(self, handed: _Round, run: StageRun, inputs_for: InputsFor, store: BoundaryStore,
+                  autocast: Any, threads: int | None) -> None:
+        worker = self._workers[run.slot]
+        args = stage_arguments(self.program, run, inputs_for, worker.reader(store))
+        written = ()
+        if worker.device.type == "cuda":
+            graph_inputs = self.program.graph_inputs
+            written = _recorded_on_current_streams(
+                [arg for arg, name in zip(args, self.program.stages[run.stage].inputs) if name in graph_inputs])
+        worker.tasks.put((handed, run, args, written, threads, autocast))
 
     def close(self) -> None:
         self._stop()
@@ -168,6 +167,36 @@ def _stop_workers(workers: Sequence[_Worker]) -> None:
     for worker in workers:
         if worker is not threading.current_thread():
             worker.join(timeout=5)
+
+
+class _Round:
+    """Runs handed to the workers at once: each worker delivers what its run made (or the
+    error it raised), and the caller wakes once, when every run delivered or one failed.
+    Runs of a round the caller gave up on (after an error) deliver into it unread."""
+
+    def __init__(self, runs: int):
+        self.made: dict[StageRun, tuple[Any, dict[str, torch.Tensor]]] = {}
+        self.error: tuple[StageRun, BaseException] | None = None
+        self._left, self._woken = runs, False
+        self._lock = threading.Lock()
+        self._done = threading.Lock()
+        self._done.acquire()
+
+    def deliver(self, run: StageRun, outputs: Any, copies: dict[str, torch.Tensor],
+                error: BaseException | None = None) -> None:
+        with self._lock:
+            if error is None:
+                self.made[run] = (outputs, copies)
+            elif self.error is None:
+                self.error = (run, error)
+            self._left -= 1
+            wake = not self._woken and (self._left == 0 or self.error is not None)
+            self._woken |= wake
+        if wake:
+            self._done.release()
+
+    def wait(self) -> None:
+        self._done.acquire()
 
 
 def _copy_key(name: str, device: torch.device) -> str:
@@ -224,21 +253,28 @@ def _on_device(module: nn.Module, device: torch.device) -> bool:
 
 
 class _Worker(threading.Thread):
-    """One slot: takes runs from ``tasks``, computes them on ``device`` and puts
-    ``(epoch, run, outputs, copies, error)`` on ``results``. ``destinations`` names the
-    boundary outputs to copy to other devices (CUDA only: CPU slots share memory)."""
+    """One slot: takes ``(round, run, args, written events, threads, autocast)`` from
+    ``tasks``, computes the run on ``device`` and delivers what it made to its round.
+    ``destinations`` names the boundary outputs to copy to other devices (CUDA only: CPU
+    slots share memory)."""
 
-    def __init__(self, slot: int, module: nn.Module, device: torch.device, threads: int,
-                 results: queue.Queue, *, destinations: dict[str, list[torch.device]] | None = None,
+    def __init__(self, slot: int, module: nn.Module, device: torch.device, threads: int, *,
+                 destinations: dict[str, list[torch.device]] | None = None,
                  stream: Any = None, cuda_graph: bool = False, capture_lock: Any = None, name: str = ""):
         super().__init__(name=f"asyncfx-stage-slot-{slot}", daemon=True)
         self.slot, self.module, self.device, self.threads = slot, module, device, threads
-        self.results = results
-        self.tasks: queue.Queue = queue.Queue()
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
         self.destinations = destinations or {}
         self.stream, self.cuda_graph, self.stage_name = stream, cuda_graph, name
         self.capture_lock = capture_lock
         self.graphed: GraphedStage | None = None
+
+    def reader(self, store: BoundaryStore) -> Callable[[str, int], torch.Tensor]:
+        """How this slot reads a boundary value: the copy made on its device where there is
+        one (CUDA), else the producer's tensor (CPU slots share memory)."""
+        if self.device.type != "cuda":
+            return store.get
+        return lambda name, version: _read(store, name, version, self.device)
 
     def run(self) -> None:
         cuda = self.device.type == "cuda"
@@ -254,7 +290,7 @@ class _Worker(threading.Thread):
             task = self.tasks.get()
             if task is None:
                 return
-            epoch, run, args, written, threads, autocast = task
+            handed, run, args, written, threads, autocast = task
             if not cuda and torch.get_num_threads() != (threads or self.threads):
                 torch.set_num_threads(threads or self.threads)
             try:
@@ -264,9 +300,9 @@ class _Worker(threading.Thread):
                             outputs, copies = runnable(*[a.to(self.device) for a in args]), {}
                     else:
                         outputs, copies = self._compute(runnable, run, args, written, compute, sender)
-                self.results.put((epoch, run, outputs, copies, None))
+                handed.deliver(run, outputs, copies)
             except BaseException as exc:  # reported to the caller, which re-raises it
-                self.results.put((epoch, run, None, None, exc))
+                handed.deliver(run, None, {}, exc)
 
     def _compute(self, runnable: nn.Module, run: StageRun, args: list[torch.Tensor], written: Sequence[Any],
                  compute: Any, sender: _Sender) -> tuple[Any, dict[str, torch.Tensor]]:

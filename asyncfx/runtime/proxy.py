@@ -92,6 +92,9 @@ class ModelProxy(nn.Module):
         """An attribute the original model has, and the proxy does not, is set on the model
         (``pipe.unet.encoder_hid_proj = None``, as unloading an adapter does): read through
         the proxy, it is the model's. Others, new ones included, are the proxy's."""
+        if name in self.RUNTIME_STATE:  # plain objects set at every call: past nn.Module's bookkeeping
+            self.__dict__[name] = value
+            return
         model = self.__dict__.get("_model")
         if model is None or self._is_own(name) or not hasattr(model, name):
             super().__setattr__(name, value)

@@ -172,8 +172,11 @@ def timestep_value(timestep: torch.Tensor) -> float:
         >>> timestep_value(torch.tensor([0.0, 0.0, 937.5, 937.5]))
         937.5
     """
+    count = timestep.numel()
+    if count == 1:
+        return float(timestep.item())
     flat = timestep.detach().flatten()
-    if flat.numel() <= MANY_TIMESTEPS:  # one per sample: a single copy to the host, as item() makes
+    if count <= MANY_TIMESTEPS:  # one per sample: a single copy to the host, as item() makes
         return float(max(flat.tolist(), key=abs))
     return float(flat[flat.abs().argmax()].item())
 
