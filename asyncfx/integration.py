@@ -125,6 +125,12 @@ def scheduler_timesteps(scheduler: Any) -> torch.Tensor | None:
     return None if timesteps is None else torch.as_tensor(timesteps)
 
 
+def scheduled_timesteps(scheduler: Any) -> Any:
+    """The object a scheduler keeps its timesteps in, as it is (None before ``set_timesteps``):
+    ``set_timesteps`` replaces it, so a new one means the scheduler was set up again."""
+    return getattr(scheduler, "timesteps", None)
+
+
 def scheduler_steps_taken(scheduler: Any) -> int | None:
     """The steps the scheduler took in this generation (``step_index``; None before its
     first ``step()``, or for a scheduler that does not count)."""

@@ -59,7 +59,9 @@ print("4 partitions:", [p.sm_count for p in parts], "SMs; a product on each matc
     # each test under its own limit where pytest-timeout is installed, so that one that hangs
     # still leaves the others' results and every failure's traceback in the log
     per_test=$("$python" -c 'import pytest_timeout' 2>/dev/null && echo "--timeout=60")
-    part gpu-tests "${TESTS_LIMIT_S:-120}" "$python" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+    # in one process (-o addopts=: the suite's own options spread it over every core with
+    # pytest-xdist, which a GPU machine may lack; GPU tests share one device anyway)
+    part gpu-tests "${TESTS_LIMIT_S:-120}" "$python" -m pytest -q -m gpu -p no:cacheprovider -o addopts= -rfE \
         --tb=short $per_test tests/test_gpu_path.py tests/test_runtime.py tests/test_profile.py
     part benchmark "${BENCHMARK_LIMIT_S:-360}" "$python" benchmarks/gpu.py --write "$out/gpu_tables.md"
 } 2>&1 | tee "$out/gpu_check.log"

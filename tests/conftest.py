@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import pathlib
 import sys
 from typing import Any
@@ -15,6 +16,14 @@ from diffusers import DDIMScheduler
 import asyncfx
 from asyncfx.passes.meta import VALUE_CLASS, ValueClass
 from asyncfx.zoo.tiny import ZOO
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist every core runs a worker: each computes on one thread, and the
+    processes tests start do too, or their thread pools would fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def load_benchmark(name: str) -> Any:

@@ -28,6 +28,18 @@ class _ExitAt:
         return self.denoiser(*args, **kwargs)
 
 
+def run_scenarios(rank: int, out_root: str, scenarios: list[tuple], steps: int) -> None:
+    """One process for many scenarios ``(model_name, world, stride, guided_at)``, each with
+    a process group of its own (ranks beyond a scenario's world skip it), so that the
+    interpreters, imports and zoo models are made once; results go to ``out_root/<i>``."""
+    for index, (model_name, world, stride, guided_at) in enumerate(scenarios):
+        if rank < world:
+            out_dir = os.path.join(out_root, str(index))
+            os.makedirs(out_dir, exist_ok=True)
+            run(rank, world, os.path.join(out_root, f"init{index}"), out_dir, model_name, steps,
+                stride=stride, guided_at=guided_at)
+
+
 def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, steps: int,
         dying_rank: int | None = None, timeout_s: float = 60.0, stride: int = 1,
         guided_at: tuple[int, ...] = ()) -> None:

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 import asyncfx
 from conftest import ddim, sample, zoo_example
-from distributed_worker import LATENT, run
+from distributed_worker import LATENT, run, run_scenarios
 
 STEPS = 10
 
@@ -41,11 +41,25 @@ def serial_result(model_name: str, world: int, stride: int = 1, guided_at=()) ->
 GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
 
 
-@pytest.mark.parametrize("model_name, world, stride, guided_at",
-                         [("sd_unet", 2, 1, ()), ("sd_unet", 3, 1, ()), ("sd3_transformer", 2, 1, ()),
-                          ("sd_unet", 3, 2, ()), ("sd_unet", 2, 1, GUIDED_BUT_5)])
-def test_distributed_ranks_equal_serial(tmp_path, model_name, world, stride, guided_at):
-    spawn(tmp_path, world, model_name, stride=stride, guided_at=guided_at)
+SCENARIOS = [("sd_unet", 2, 1, ()), ("sd_unet", 3, 1, ()), ("sd3_transformer", 2, 1, ()),
+             ("sd_unet", 3, 2, ()), ("sd_unet", 2, 1, GUIDED_BUT_5)]
+
+
+@pytest.fixture(scope="session")  # kept while the worker that runs them runs other tests between
+def scenario_runs(tmp_path_factory) -> pytest.TempPathFactory:
+    """Every scenario run by one set of rank processes (spawned once: each interpreter
+    imports torch and diffusers and builds the zoo models once), each scenario with a
+    process group of its own; ``<root>/<i>`` holds what scenario i's ranks saved."""
+    root = tmp_path_factory.mktemp("ranks")
+    mp.start_processes(run_scenarios, args=(str(root), SCENARIOS, STEPS),
+                       nprocs=max(world for _, world, _, _ in SCENARIOS), start_method="spawn", join=True)
+    return root
+
+
+@pytest.mark.xdist_group(name="rank processes")  # one worker runs them all, on one set of ranks
+@pytest.mark.parametrize("model_name, world, stride, guided_at", SCENARIOS)
+def test_distributed_ranks_equal_serial(scenario_runs, model_name, world, stride, guided_at):
+    tmp_path = scenario_runs / str(SCENARIOS.index((model_name, world, stride, guided_at)))
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
     assert not errors, errors
     expected = serial_result(model_name, world, stride, guided_at)

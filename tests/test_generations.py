@@ -169,3 +169,20 @@ def test_a_denoiser_shared_by_a_thread_pool_never_hangs():
         concurrent.futures.wait(futures, timeout=120)
     assert all(f.done() for f in futures) and len(outcomes) == len(futures) and "ran" in outcomes
     den.close()
+
+
+def test_calls_named_by_the_pipeline_keep_their_streams_in_any_order():
+    """A pipeline that names its conditional and unconditional calls (diffusers'
+    ``cache_context``) may make them in any order: each name is a stream of its own, so
+    the results are those of the calls made in one order."""
+    model, _, kwargs = zoo_example("sd_unet")
+    uncond = {**kwargs, "encoder_hidden_states": torch.zeros_like(kwargs["encoder_hidden_states"])}
+    named, ordered = (asyncfx.partition(model, 2, warmup=1, executor="serial") for _ in range(2))
+    for step, t in enumerate((900, 800, 700, 600)):
+        calls = {"cond": {**kwargs, "timestep": torch.tensor(t)}, "uncond": {**uncond, "timestep": torch.tensor(t)}}
+        expected = {name: ordered(**call).sample for name, call in calls.items()}
+        for name in (("uncond", "cond") if step % 2 else ("cond", "uncond")):
+            with named.cache_context(name):
+                torch.testing.assert_close(named(**calls[name]).sample, expected[name], rtol=0, atol=0)
+    assert [key[1] for key in named.captures()[0].streams] == ["cond", "uncond"]
+    assert named.call_context is None

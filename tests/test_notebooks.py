@@ -1,13 +1,23 @@
-"""The notebooks are part of the product: execute them headless and fail on any cell error."""
+"""The notebooks are part of the product: execute them headless and fail on any cell error.
+
+They run in this interpreter through IPython's own shell (magics, the inline matplotlib
+backend and rich display outputs as in a Jupyter kernel), rather than in a kernel
+process of their own, which would import torch and diffusers again for each notebook;
+what they change in the process (grad mode, threads, random state, the working folder,
+matplotlib's backend) is put back afterwards.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+from typing import Iterator
 
 import pytest
+import torch
 
 nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+interactiveshell = pytest.importorskip("IPython.core.interactiveshell")
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
@@ -23,12 +33,57 @@ def test_notebook_is_stored_without_outputs(path):
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@contextlib.contextmanager
+def process_state_kept(folder: pathlib.Path) -> Iterator[None]:
+    """Run in ``folder``, then put back what a notebook may change in the process."""
+    import matplotlib
+
+    grad, threads, rng, cwd = torch.is_grad_enabled(), torch.get_num_threads(), torch.get_rng_state(), os.getcwd()
+    backend = matplotlib.get_backend()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        torch.set_grad_enabled(grad)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+        plt.switch_backend(backend)
+
+
+class HeadlessShell(interactiveshell.InteractiveShell):
+    """IPython's shell as a kernel runs it, without a GUI event loop (the inline backend
+    needs none)."""
+
+    def enable_gui(self, gui=None):
+        pass
+
+
+def execute(notebook, folder: pathlib.Path) -> None:
+    """Run every code cell in order in a fresh IPython namespace, keeping each cell's rich
+    outputs in ``cell.outputs``; a cell that raises fails the notebook with its error."""
+    from IPython.utils.capture import capture_output
+
+    shell = HeadlessShell.instance()
+    shell.reset(new_session=True)
+    with process_state_kept(folder):
+        for index, cell in enumerate(c for c in notebook.cells if c.cell_type == "code"):
+            with capture_output(display=True) as captured:
+                result = shell.run_cell(cell.source, store_history=False)
+            if result.error_before_exec or result.error_in_exec:
+                error = result.error_before_exec or result.error_in_exec
+                raise AssertionError(f"cell {index + 1} raised {type(error).__name__}: {error}\n"
+                                     f"{cell.source}\n{captured.stdout}{captured.stderr}") from error
+            cell.outputs = [{"data": output.data} for output in captured.outputs]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_without_errors(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute(env={**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
+    execute(notebook, tmp_path)
     plotting = [c for c in notebook.cells if c.cell_type == "code" and "viz.plot_" in c.source]
     assert plotting
     for cell in plotting:  # every view was drawn, not just computed

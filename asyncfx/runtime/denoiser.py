@@ -33,13 +33,13 @@ import torch
 from torch import nn
 
 from asyncfx.errors import AsyncFXError, GenerationWarning
-from asyncfx.integration import NamedCalls, scheduler_timesteps
+from asyncfx.integration import NamedCalls, scheduled_timesteps
 from asyncfx.program import CallSpec, Frontend, Program
 from asyncfx.runtime.captures import Capture, CaptureCache, Launch, running_on
 from asyncfx.runtime.clock import ClockState, CallFacts, Placement, advance, reset
 from asyncfx.runtime.guards import OneCallAtATime, check_call
 from asyncfx.runtime.proxy import ModelProxy
-from asyncfx.runtime.timesteps import inputs_for, timestep_value
+from asyncfx.runtime.timesteps import inputs_for, same_values, timestep_value
 from asyncfx.schedule import Mode, schedule
 from asyncfx.plan import StagePlan
 
@@ -190,7 +190,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
     def _facts(self, capture: Capture, named: Mapping[str, torch.Tensor]) -> CallFacts:
         call = capture.call
         conditions = tuple(_Same(named[name]) for name in call.conditions)
-        timesteps = scheduler_timesteps(self.scheduler) if self.scheduler is not None else None
+        timesteps = scheduled_timesteps(self.scheduler) if self.scheduler is not None else None
         if call.timestep is None:
             return CallFacts(None, capture.key, self.call_context, conditions,
                              values=_Equal([named[name] for name in call.conditions]),
@@ -260,7 +260,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         if facts.timestep is not None or not isinstance(previous, _Equal) or len(previous) != len(facts.values):
             return
         changed = [name for name, a, b in zip(call.conditions, previous.tensors, facts.values.tensors)
-                   if not _Equal([a]) == _Equal([b])]
+                   if not same_values(a, b)]
         latent = named[call.latent]
         batch = latent.shape[0] if latent.dim() else 1
         if not changed or any(named[n].numel() > batch for n in changed):
@@ -291,12 +291,16 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
 
 
 class _Same:
-    """A clock token equal to another for the same live tensor object."""
+    """A clock token equal to another for the same live object (held weakly where it can be:
+    a tensor, which a later object could otherwise never reuse the address of)."""
 
     __slots__ = ("ref",)
 
-    def __init__(self, tensor: torch.Tensor):
-        self.ref = weakref.ref(tensor)
+    def __init__(self, value: Any):
+        try:
+            self.ref = weakref.ref(value)
+        except TypeError:  # a list of timesteps: held as it is
+            self.ref = lambda: value
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Same) and other.ref() is self.ref() and self.ref() is not None
@@ -316,10 +320,8 @@ class _Equal:
         return len(self.tensors)
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _Equal) or len(other) != len(self):
-            return False
-        return all(a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-                              and torch.equal(a, b)) for a, b in zip(self.tensors, other.tensors))
+        return (isinstance(other, _Equal) and len(other) == len(self)
+                and all(map(same_values, self.tensors, other.tensors)))
 
     __hash__ = None  # type: ignore[assignment]
 

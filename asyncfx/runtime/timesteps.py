@@ -154,7 +154,7 @@ def inputs_for(named: Mapping[str, torch.Tensor], call: CallSpec, times: StreamT
     if not moves or call.timestep is None:
         return lambda index: named
     timestep = named[call.timestep]
-    copies = [name for name in call.conditions if _same_tensor(named[name], timestep)]
+    copies = [name for name in call.conditions if same_values(named[name], timestep)]
 
     def moved_inputs(index: int) -> Mapping[str, torch.Tensor]:
         if index == step:
@@ -217,5 +217,6 @@ def _other_levels(timestep: torch.Tensor) -> torch.Tensor:
     return torch.where(timestep == timestep_value(timestep), torch.zeros_like(timestep), timestep)
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the same object, or of one shape, dtype and device with equal values."""
     return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
