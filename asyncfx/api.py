@@ -67,11 +67,12 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
                                executor=executor, plan=plan, scheduler=scheduler, time_shift=time_shift,
                                cost=cost, link=link, latent=latent, timestep=timestep, cuda_graphs=cuda_graphs)
     launch = launcher(options.executor, options.devices, options.slots, options.cuda_graphs)
-    frontend = PartitionFrontend(n_stages=n_devices, cost=cost, link=link, latent=latent, timestep=timestep,
-                                 plan=options.plan, rank_zero_decides=executor == "distributed")
-    denoiser = AsyncDenoiser(model, frontend, launch, n_stages=n_devices, warmup=warmup, stride=stride,
-                             time_shift=time_shift, scheduler=scheduler, rebuild=options.plan is None,
-                             convertible=not isinstance(model, Captured))
+    frontend = PartitionFrontend(n_stages=options.n_devices, cost=options.cost, link=options.link,
+                                 latent=options.latent, timestep=options.timestep, plan=options.plan,
+                                 rank_zero_decides=options.executor == "distributed")
+    denoiser = AsyncDenoiser(model, frontend, launch, n_stages=options.n_devices, warmup=options.warmup,
+                             stride=options.stride, time_shift=options.time_shift, scheduler=options.scheduler,
+                             rebuild=options.plan is None, convertible=not isinstance(model, Captured))
     if example_inputs is not None:
         denoiser.build(*split_example_inputs(example_inputs))
     return denoiser

@@ -45,7 +45,7 @@ SCENARIOS = [("sd_unet", 2, 1, ()), ("sd_unet", 3, 1, ()), ("sd3_transformer", 2
              ("sd_unet", 3, 2, ()), ("sd_unet", 2, 1, GUIDED_BUT_5)]
 
 
-@pytest.fixture(scope="session")  # kept while the worker that runs them runs other tests between
+@pytest.fixture(scope="module")  # the suite sends a module's tests to one worker (--dist loadscope)
 def scenario_runs(tmp_path_factory) -> pytest.TempPathFactory:
     """Every scenario run by one set of rank processes (spawned once: each interpreter
     imports torch and diffusers and builds the zoo models once), each scenario with a
@@ -56,7 +56,6 @@ def scenario_runs(tmp_path_factory) -> pytest.TempPathFactory:
     return root
 
 
-@pytest.mark.xdist_group(name="rank processes")  # one worker runs them all, on one set of ranks
 @pytest.mark.parametrize("model_name, world, stride, guided_at", SCENARIOS)
 def test_distributed_ranks_equal_serial(scenario_runs, model_name, world, stride, guided_at):
     tmp_path = scenario_runs / str(SCENARIOS.index((model_name, world, stride, guided_at)))

@@ -13,7 +13,7 @@ from torch import nn
 
 import asyncfx
 from asyncfx.runtime.guards import ConcurrentCallError
-from conftest import ddim, zoo_example
+from conftest import ddim, zoo_captured, zoo_example
 
 STEPS = 6
 
@@ -40,7 +40,7 @@ def pipeline_run(denoiser, seed: int, steps: int = STEPS, stop_after: int | None
 def test_a_run_stopped_after_one_call_does_not_leak_into_the_next(warmup, steps):
     """The next run (another seed; with warm-up 2-3 also another step count) is exactly a
     fresh run, not the continuation of the stopped one."""
-    model, _, _ = zoo_example("sd_unet")
+    model = zoo_captured("sd_unet")  # captured once for the suite: these tests are about the call clock
     fresh = pipeline_run(asyncfx.partition(model, 2, warmup=warmup, executor="serial"), seed=3, steps=steps)
     den = asyncfx.partition(model, 2, warmup=warmup, executor="serial")
     pipeline_run(den, seed=1)                    # a whole run: the embeddings are kept from step to step
@@ -52,7 +52,7 @@ def test_a_run_stopped_after_one_call_does_not_leak_into_the_next(warmup, steps)
 def test_a_scheduler_set_up_again_starts_a_generation_even_first(stop_after):
     """Given the scheduler, a new run is known from its timesteps set up again, even when
     the very first run stopped after one call."""
-    model, _, _ = zoo_example("sd_unet")
+    model = zoo_captured("sd_unet")
     fresh = pipeline_run(asyncfx.partition(model, 2, warmup=1, executor="serial"), seed=3)
     scheduler = ddim(STEPS)
     den = asyncfx.partition(model, 2, warmup=1, executor="serial", scheduler=scheduler)
@@ -61,8 +61,8 @@ def test_a_scheduler_set_up_again_starts_a_generation_even_first(stop_after):
 
 
 def test_without_any_signal_the_denoiser_warns_once():
-    model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    _, _, kwargs = zoo_example("sd_unet")
+    den = asyncfx.partition(zoo_captured("sd_unet"), 2, warmup=1, executor="serial")
     with pytest.warns(asyncfx.GenerationWarning, match=r"keep no conditioning tensor from one step to the "
                       r"next.*Pass scheduler=pipe.scheduler to asyncfx.partition\(\), or call reset\(\)"):
         for t in (900, 800, 700):  # new embeddings at every call: nothing tells runs apart
@@ -175,9 +175,9 @@ def test_calls_named_by_the_pipeline_keep_their_streams_in_any_order():
     """A pipeline that names its conditional and unconditional calls (diffusers'
     ``cache_context``) may make them in any order: each name is a stream of its own, so
     the results are those of the calls made in one order."""
-    model, _, kwargs = zoo_example("sd_unet")
+    _, _, kwargs = zoo_example("sd_unet")
     uncond = {**kwargs, "encoder_hidden_states": torch.zeros_like(kwargs["encoder_hidden_states"])}
-    named, ordered = (asyncfx.partition(model, 2, warmup=1, executor="serial") for _ in range(2))
+    named, ordered = (asyncfx.partition(zoo_captured("sd_unet"), 2, warmup=1, executor="serial") for _ in range(2))
     for step, t in enumerate((900, 800, 700, 600)):
         calls = {"cond": {**kwargs, "timestep": torch.tensor(t)}, "uncond": {**uncond, "timestep": torch.tensor(t)}}
         expected = {name: ordered(**call).sample for name, call in calls.items()}

@@ -244,7 +244,8 @@ def test_stride_two_refuses_calls_that_do_not_follow_its_scheduler():
 
 @pytest.mark.parametrize("name, latent", [("sd_unet", "sample"), ("sd3_transformer", "hidden_states")])
 def test_local_workers_equal_serial(name, latent):
-    model, _, kwargs = zoo_example(name)
+    _, _, kwargs = zoo_example(name)
+    model = zoo_captured(name)  # captured once for the suite: this test is about the executors
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # every worker and the serial run on one thread: bitwise equal
     try:
@@ -286,7 +287,7 @@ def test_warmup_covering_every_step_is_the_original_run(executor):
     torch.set_num_threads(1)  # as each local worker: the same summation order, bitwise results
     try:
         expected = sample(model, kwargs, "sample")
-        den = asyncfx.partition(model, 3, warmup=10, executor=executor)
+        den = asyncfx.partition(zoo_captured("sd_unet"), 3, warmup=10, executor=executor)
         got = sample(den, kwargs, "sample")
     finally:
         torch.set_num_threads(threads)
@@ -299,8 +300,9 @@ def test_two_calls_per_step_are_two_independent_streams():
     negative = {**kwargs, "encoder_hidden_states": torch.zeros_like(kwargs["encoder_hidden_states"])}
     scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
     scheduler.set_timesteps(6)
-    both = asyncfx.partition(model, 2, warmup=2, executor="serial")
-    alone = [asyncfx.partition(model, 2, warmup=2, executor="serial") for _ in range(2)]
+    captured = zoo_captured("sd_unet")  # captured once for the suite: this test is about streams
+    both = asyncfx.partition(captured, 2, warmup=2, executor="serial")
+    alone = [asyncfx.partition(captured, 2, warmup=2, executor="serial") for _ in range(2)]
     x = kwargs["sample"].clone()
     for t in scheduler.timesteps:
         for i, conditioning in enumerate((kwargs, negative)):
@@ -311,7 +313,7 @@ def test_two_calls_per_step_are_two_independent_streams():
 
 def test_new_generation_and_reset_restart_the_warmup():
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(zoo_captured("sd_unet"), 2, warmup=1, executor="serial")
     first = sample(den, kwargs, "sample", steps=4)
     second = sample(den, kwargs, "sample", steps=4)   # timestep goes up: new generation
     torch.testing.assert_close(second, first, rtol=0, atol=0)
@@ -322,7 +324,7 @@ def test_new_generation_and_reset_restart_the_warmup():
 
 def test_conditioning_that_changes_every_step_keeps_the_generation_going():
     model, _, kwargs = zoo_example("sd_unet")  # like ControlNet residuals, made anew each step
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(zoo_captured("sd_unet"), 2, warmup=1, executor="serial")
     for step, t in enumerate((900, 800, 700, 600)):
         call = {**kwargs, "timestep": torch.tensor(t),
                 "encoder_hidden_states": kwargs["encoder_hidden_states"] * (1 + 0.1 * step)}
@@ -394,7 +396,7 @@ def test_timesteps_that_count_up_are_one_generation_until_they_move_back():
 
 def test_one_step_generations_do_not_pile_up_streams():
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(zoo_captured("sd_unet"), 2, warmup=1, executor="serial")
     for _ in range(3 * MAX_CALLS_PER_STEP):  # SD-Turbo: one call at t=999 per image
         assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)
         assert len(streams(den)) <= MAX_CALLS_PER_STEP

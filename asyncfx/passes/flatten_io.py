@@ -13,7 +13,7 @@ from typing import Sequence
 from torch import fx
 
 from asyncfx.errors import CaptureError
-from asyncfx.passes.copy_graph import copy_graph_module, finish
+from asyncfx.passes.copy_graph import copy_graph, finish
 
 
 def flatten_io(gm: fx.GraphModule, is_tensor: Sequence[bool], model_class: str) -> fx.GraphModule:
@@ -23,8 +23,7 @@ def flatten_io(gm: fx.GraphModule, is_tensor: Sequence[bool], model_class: str) 
     Example:
         >>> flat = flatten_io(exported.module(), [True, True, False], "UNet2DConditionModel")
     """
-    gm = copy_graph_module(gm, class_name=f"Captured{model_class}")
-    graph = gm.graph
+    graph = copy_graph(gm)
     graph.set_codegen(fx.graph.CodeGen())
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for node, tensor in zip(placeholders, is_tensor):
@@ -35,4 +34,4 @@ def flatten_io(gm: fx.GraphModule, is_tensor: Sequence[bool], model_class: str) 
             graph.erase_node(node)
     output = graph.output_node()
     output.args = (tuple(output.args[0]),)
-    return finish(gm)
+    return finish(gm, graph, class_name=f"Captured{model_class}")

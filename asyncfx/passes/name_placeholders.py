@@ -9,7 +9,7 @@ from typing import Sequence
 from torch import fx
 
 from asyncfx.errors import CaptureError
-from asyncfx.passes.copy_graph import copy_graph_module, finish
+from asyncfx.passes.copy_graph import copy_graph, finish
 
 
 def name_placeholders(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
@@ -21,12 +21,12 @@ def name_placeholders(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModul
         >>> [n.name for n in named.graph.find_nodes(op="placeholder")]
         ['sample', 'added_cond_kwargs_time_ids']
     """
-    gm = copy_graph_module(gm)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    graph = copy_graph(gm)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(names):
         raise CaptureError(f"captured graph has {len(placeholders)} inputs for {len(names)} "
                            "tensor arguments; please report this model.")
-    by_name = {n.name: n for n in gm.graph.nodes}
+    by_name = {n.name: n for n in graph.nodes}
     for node, name in zip(placeholders, names):
         wanted = re.sub(r"\W", "_", name)
         holder = by_name.get(wanted)
@@ -34,4 +34,4 @@ def name_placeholders(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModul
             holder._rename(f"{wanted}_node")
         node._rename(wanted)
         node.target = node.name
-    return finish(gm)
+    return finish(gm, graph)

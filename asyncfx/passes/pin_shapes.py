@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from asyncfx.errors import OutputShapeError
-from asyncfx.passes.copy_graph import copy_graph_module, finish
+from asyncfx.passes.copy_graph import copy_graph, finish
 from asyncfx.passes.meta import VALUE, has_data_dependent_size
 
 
@@ -54,22 +54,22 @@ def pin_output_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], model_
         return gm
     with torch.no_grad():
         observed = gm(*inputs)
-    gm = copy_graph_module(gm)
-    output = gm.graph.output_node()
+    graph = copy_graph(gm)
+    output = graph.output_node()
     flat = list(output.args[0])
     for index, (node, value) in enumerate(zip(flat, observed)):
         if not (isinstance(node, fx.Node) and has_data_dependent_size(node.meta.get(VALUE))):
             continue
         shape = tuple(value.shape)
-        with gm.graph.inserting_before(output):
-            pinned = gm.graph.call_function(
+        with graph.inserting_before(output):
+            pinned = graph.call_function(
                 expect_shape, (node, shape, f"output {index} of {model_class}.forward ({node.target}"
                                             f"{traced_at(node)})"))
         pinned.meta.update(node.meta)
         pinned.meta[VALUE] = torch.empty_strided(shape, value.stride(), dtype=value.dtype, device="meta")
         flat[index] = pinned
     output.args = (tuple(flat),)
-    return finish(gm)
+    return finish(gm, graph)
 
 
 def traced_at(node: fx.Node) -> str:

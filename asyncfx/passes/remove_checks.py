@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from asyncfx.passes.copy_graph import copy_graph_module, finish
+from asyncfx.passes.copy_graph import copy_graph, finish
 
 
 def remove_checks(gm: fx.GraphModule) -> fx.GraphModule:
@@ -18,8 +18,7 @@ def remove_checks(gm: fx.GraphModule) -> fx.GraphModule:
     Example:
         >>> checked = remove_checks(torch.export.export(model, args).module())
     """
-    gm = copy_graph_module(gm)
-    graph = gm.graph
+    graph = copy_graph(gm)
     for node in reversed(list(graph.nodes)):
         if node.users or node.op == "output":
             continue
@@ -27,4 +26,4 @@ def remove_checks(gm: fx.GraphModule) -> fx.GraphModule:
         is_guard = node.op == "call_module" and str(node.target) == "_guards_fn"
         if is_guard or (schema is not None and not schema.returns):
             graph.erase_node(node)
-    return finish(gm)
+    return finish(gm, graph)
