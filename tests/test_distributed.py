@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
 import asyncfx
-from conftest import ddim, sample, zoo_example
+from conftest import ddim, sample, zoo_captured, zoo_example
 from distributed_worker import LATENT, run, run_scenarios
 
 STEPS = 10
@@ -25,7 +24,8 @@ def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0
 
 
 def serial_result(model_name: str, world: int, stride: int = 1, guided_at=()) -> torch.Tensor:
-    model, _, kwargs = zoo_example(model_name)
+    _, _, kwargs = zoo_example(model_name)
+    model = zoo_captured(model_name)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -45,22 +45,19 @@ SCENARIOS = [("sd_unet", 2, 1, ()), ("sd_unet", 3, 1, ()), ("sd3_transformer", 2
              ("sd_unet", 3, 2, ()), ("sd_unet", 2, 1, GUIDED_BUT_5)]
 
 
-@pytest.fixture(scope="module")  # the suite sends a module's tests to one worker (--dist loadscope)
-def scenario_runs(tmp_path_factory) -> pytest.TempPathFactory:
-    """Every scenario run by one set of rank processes (spawned once: each interpreter
-    imports torch and diffusers and builds the zoo models once), each scenario with a
-    process group of its own; ``<root>/<i>`` holds what scenario i's ranks saved."""
-    root = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(run_scenarios, args=(str(root), SCENARIOS, STEPS),
+def test_distributed_ranks_equal_serial(tmp_path):
+    """Every scenario on one set of rank processes (spawned once: each interpreter imports
+    torch and diffusers and builds the zoo models once), each scenario with a process
+    group of its own; each rank's two generations equal the serial executor's."""
+    mp.start_processes(run_scenarios, args=(str(tmp_path), SCENARIOS, STEPS),
                        nprocs=max(world for _, world, _, _ in SCENARIOS), start_method="spawn", join=True)
-    return root
+    for index, scenario in enumerate(SCENARIOS):
+        check_scenario(tmp_path / str(index), *scenario)
 
 
-@pytest.mark.parametrize("model_name, world, stride, guided_at", SCENARIOS)
-def test_distributed_ranks_equal_serial(scenario_runs, model_name, world, stride, guided_at):
-    tmp_path = scenario_runs / str(SCENARIOS.index((model_name, world, stride, guided_at)))
+def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at: tuple[int, ...]) -> None:
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
-    assert not errors, errors
+    assert not errors, (model_name, world, stride, guided_at, errors)
     expected = serial_result(model_name, world, stride, guided_at)
     for rank in range(world):  # every rank's sampler took the same steps, in both generations
         first, second = torch.load(tmp_path / f"rank{rank}.pt")
@@ -68,8 +65,7 @@ def test_distributed_ranks_equal_serial(scenario_runs, model_name, world, stride
         torch.testing.assert_close(second, expected, rtol=0, atol=0)
     held = [int((tmp_path / f"held{rank}.txt").read_text()) for rank in range(world)]
     stages = world - (stride - 1)  # stride 2: the extra rank holds the last stage too
-    plan = asyncfx.compile(asyncfx.capture(zoo_example(model_name)[0], (), zoo_example(model_name)[2]),
-                           stages)
+    plan = asyncfx.compile(zoo_captured(model_name), stages)
     assert held == [plan.stages[min(rank, stages - 1)].param_bytes for rank in range(world)]
 
 
