@@ -1,1 +1,2 @@
-"""Executing a StagePlan: schedule, executors and AsyncDenoiser (see the runtime issue)."""
+"""The runtime: runs a lowered ``asyncfx.program.Program`` (the denoiser, the call clock,
+the executors); it imports nothing of the partitioner."""

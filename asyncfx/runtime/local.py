@@ -12,6 +12,11 @@ replays as a CUDA graph once warmed up (``cuda_graphs``, see ``cuda_graphs.py``)
 slot may be given its own stream, e.g. one SM partition of a GPU (``green.py``). Workers
 compute under the caller's autocast, which is thread-local state they would not inherit.
 
+Note (hand-off): the caller hands a round's runs to their workers through C queues and
+wakes once, when the last run delivered (or one failed): a ``_Round`` latch, rather than
+a result queue read once per run. Waking a thread costs the calling thread CPU time on
+every step, which on a GPU is time the devices wait.
+
 Note (sending): the stage graph reports each boundary tensor as it is made (send hooks,
 ``hooks.py``). Run eagerly, the hook records an event on the compute stream and queues
 the copies behind it on the copy stream, so they overlap the rest of the stage. A CUDA
