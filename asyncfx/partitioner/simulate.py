@@ -24,10 +24,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
 
 from asyncfx.errors import PlanError
 from asyncfx.partitioner.device import DeviceSpec, device_spec
+from asyncfx.partitioner.lower import dtype_named
 from asyncfx.plan import StagePlan
 from asyncfx.schedule import Mode, check_settings, devices_needed, schedule
 
@@ -158,11 +158,7 @@ def _latent_bytes(plan: StagePlan) -> int:
     if not latents:
         raise PlanError("the plan names no latent input, so the noise prediction's size is unknown; "
                         "compile it again.")
-    return sum(math.prod(latent.shape) * _dtype(latent.dtype).itemsize for latent in latents)
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.removeprefix("torch."))
+    return sum(math.prod(latent.shape) * dtype_named(latent.dtype).itemsize for latent in latents)
 
 
 def _check_host_seconds(host_seconds: float) -> float:
