@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-
 from asyncfx.errors import PlanError
 from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.partitioner.lower import dtype_named
