@@ -121,7 +121,7 @@ def refuse_hooks_added_since_capture(model: nn.Module, module_dicts: Sequence[di
 # -- the sampler ------------------------------------------------------------------------
 def scheduler_timesteps(scheduler: Any) -> torch.Tensor | None:
     """The timesteps a diffusers scheduler lists once ``set_timesteps`` ran (None before)."""
-    timesteps = getattr(scheduler, "timesteps", None)
+    timesteps = scheduled_timesteps(scheduler)
     return None if timesteps is None else torch.as_tensor(timesteps)
 
 

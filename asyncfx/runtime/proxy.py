@@ -102,7 +102,7 @@ class ModelProxy(nn.Module):
             setattr(model, name, value)
 
     def _is_own(self, name: str) -> bool:
-        return (name in self.__dict__ or name in self.OWN_ATTRIBUTES or name in self.RUNTIME_STATE
+        return (name in self.__dict__ or name in self.OWN_ATTRIBUTES
                 or hasattr(type(self), name)
                 or any(name in self.__dict__.get(registry, ()) for registry in MODULE_REGISTRIES))
 
