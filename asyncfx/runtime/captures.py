@@ -71,10 +71,10 @@ class Capture:
     program: Program | None = None
     executor: Executor | None = None
     streams: dict[StreamKey, Stream] = dataclasses.field(default_factory=dict)
+    call: CallSpec = dataclasses.field(init=False)  # the lowering's, read at every call
 
-    @property
-    def call(self) -> CallSpec:
-        return self.lowering.call
+    def __post_init__(self) -> None:
+        self.call = self.lowering.call
 
     def stream(self, placement: Placement) -> Stream:
         """The kept state of the call's stream; a new one where the stream starts (over)."""
