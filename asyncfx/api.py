@@ -35,7 +35,7 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
               stride: int = 1, executor: str = "local", plan: StagePlan | str | os.PathLike | None = None,
               scheduler: Any = None, time_shift: bool = False, cost: str = "flops", link: str = "cpu",
               latent: LatentOption = None, timestep: str | None = None,
-              cuda_graphs: bool | None = None) -> AsyncDenoiser:
+              cuda_graphs: bool | None = None, rebalance: bool = False) -> AsyncDenoiser:
     """Wrap ``model`` so that its stages run concurrently on ``n_devices`` devices.
 
     The result is called exactly like ``model``. The first ``warmup`` steps of every
@@ -53,8 +53,10 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
     partitioned many times, e.g. in a sweep); it then accepts only its captured shapes.
     ``latent`` and ``timestep`` name the noisy-sample and timestep (noise level) arguments
     where their names are not the usual ones (see :func:`asyncfx.capture`); ``latent`` may
-    list several (``["hidden_states", "audio_hidden_states"]``). docs/usage.md lists every
-    option.
+    list several (``["hidden_states", "audio_hidden_states"]``). ``rebalance=True``
+    re-cuts a compiled plan from the stage times measured while sampling, at the last
+    warm-up step of a generation (a ``plan`` given is never re-cut). docs/usage.md lists
+    every option.
 
     Example:
         >>> pipe.unet = asyncfx.partition(pipe.unet, n_devices=2, warmup=2)
@@ -65,11 +67,12 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
         check_argument_names(model, latent=latent, timestep=timestep)
     options = PartitionOptions(n_devices=n_devices, devices=devices, warmup=warmup, stride=stride,
                                executor=executor, plan=plan, scheduler=scheduler, time_shift=time_shift,
-                               cost=cost, link=link, latent=latent, timestep=timestep, cuda_graphs=cuda_graphs)
+                               cost=cost, link=link, latent=latent, timestep=timestep, cuda_graphs=cuda_graphs,
+                               rebalance=rebalance)
     launch = launcher(options.executor, options.devices, options.slots, options.cuda_graphs)
     frontend = PartitionFrontend(n_stages=options.n_devices, cost=options.cost, link=options.link,
                                  latent=options.latent, timestep=options.timestep, plan=options.plan,
-                                 rank_zero_decides=options.executor == "distributed")
+                                 rebalance=options.rebalance, rank_zero_decides=options.executor == "distributed")
     denoiser = AsyncDenoiser(model, frontend, launch, n_stages=options.n_devices, warmup=options.warmup,
                              stride=options.stride, time_shift=options.time_shift, scheduler=options.scheduler,
                              rebuild=options.plan is None, convertible=not isinstance(model, Captured))

@@ -50,8 +50,11 @@ class PartitionOptions:
     latent: LatentOption = None
     timestep: str | None = None
     cuda_graphs: bool | None = None
+    rebalance: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.rebalance, bool):
+            raise PlanError(f"rebalance must be True or False, got {self.rebalance!r}.")
         if isinstance(self.n_devices, bool) or not isinstance(self.n_devices, int) or self.n_devices < 1:
             raise PlanError(f"n_devices must be a positive integer, got {self.n_devices!r}.")
         check_settings(self.n_devices, self.warmup, self.stride)

@@ -166,11 +166,18 @@ class Program:
 
 class Lowering(Protocol):
     """A captured call, not lowered yet: its ``call`` spec binds calls now, ``lower()``
-    compiles (unless a plan was given) and makes the program."""
+    compiles (unless a plan was given) and makes the program. Where the plan was compiled
+    (``rebalances``), ``rebalanced()`` gives the program of a better one for the measured
+    seconds of each stage (``parallel``: measured all at once), or None to keep it."""
 
     call: CallSpec
 
+    @property
+    def rebalances(self) -> bool: ...
+
     def lower(self) -> Program: ...
+
+    def rebalanced(self, seconds: list[float], parallel: bool) -> Program | None: ...
 
 
 class Frontend(Protocol):

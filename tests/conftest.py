@@ -91,6 +91,31 @@ def check_boundaries(captured: asyncfx.Captured, plan: asyncfx.StagePlan,
             assert k in listed[name].consumers, f"stage {k} reads {name} without being listed"
 
 
+class Mispriced(torch.nn.Module):
+    """A denoiser the FLOP estimate misprices on CPUs: both halves hold the same Linear
+    layers, but the second also sorts its activations after each (no FLOPs and few
+    bytes, milliseconds on a CPU), so the FLOP-balanced cut runs unbalanced."""
+
+    def __init__(self, width: int = 256, layers: int = 4):
+        super().__init__()
+        self.first = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+        self.second = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor]:
+        x = sample
+        for layer in self.first:
+            x = layer(x) + timestep / 1000
+        for layer in self.second:
+            x = layer(x)
+            x = x + torch.sort(x.flatten()).values.view_as(x) * 1e-3
+        return (x,)
+
+
+def mispriced_example() -> tuple[Mispriced, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    return Mispriced().eval(), {"sample": torch.randn(128, 256), "timestep": torch.tensor(999.0)}
+
+
 def ddim(steps: int) -> DDIMScheduler:
     """The scheduler ``sample`` steps with (stride 2 needs it before the loop starts)."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)

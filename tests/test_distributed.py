@@ -1,13 +1,14 @@
 """The distributed executor with real gloo process groups, spawned by the test."""
 from __future__ import annotations
 
+import json
 import time
 
 import torch
 import torch.multiprocessing as mp
 
 import asyncfx
-from conftest import ddim, sample, zoo_captured, zoo_example
+from conftest import ddim, mispriced_example, sample, zoo_captured, zoo_example
 from distributed_worker import LATENT, run, run_scenarios
 
 STEPS = 10
@@ -23,13 +24,20 @@ def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0
     return time.perf_counter() - start
 
 
-def serial_result(model_name: str, world: int, stride: int = 1, guided_at=()) -> torch.Tensor:
-    _, _, kwargs = zoo_example(model_name)
-    model = zoo_captured(model_name)
+def serial_result(model_name: str, world: int, stride: int = 1, guided_at=(),
+                  plan: asyncfx.StagePlan | None = None) -> torch.Tensor:
+    """The serial executor's sample, with the plan given (and the warm-up the worker uses
+    with it), else with the compiled one."""
+    if model_name == "mispriced":
+        model, kwargs = mispriced_example()
+    else:
+        _, _, kwargs = zoo_example(model_name)
+        model = zoo_captured(model_name)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        denoiser = asyncfx.partition(model, world - (stride - 1), warmup=2, executor="serial", stride=stride,
+        denoiser = asyncfx.partition(model, world - (stride - 1), warmup=2 if plan is None else 3,
+                                     executor="serial", stride=stride, plan=plan,
                                      scheduler=ddim(STEPS) if stride == 2 else None)
         return sample(denoiser, kwargs, LATENT[model_name], steps=STEPS, guided_at=guided_at)
     finally:
@@ -41,8 +49,10 @@ def serial_result(model_name: str, world: int, stride: int = 1, guided_at=()) ->
 GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
 
 
-SCENARIOS = [("sd_unet", 2, 1, ()), ("sd_unet", 3, 1, ()), ("sd3_transformer", 2, 1, ()),
-             ("sd_unet", 3, 2, ()), ("sd_unet", 2, 1, GUIDED_BUT_5)]
+#: ``(model, world, stride, guided_at, rebalance)``; the last re-cuts a plan the FLOP
+#: estimate mispriced, from the stage times gathered from every rank.
+SCENARIOS = [("sd_unet", 2, 1, (), False), ("sd_unet", 3, 1, (), False), ("sd3_transformer", 2, 1, (), False),
+             ("sd_unet", 3, 2, (), False), ("sd_unet", 2, 1, GUIDED_BUT_5, False), ("mispriced", 2, 1, (), True)]
 
 
 def test_distributed_ranks_equal_serial(tmp_path):
@@ -50,23 +60,29 @@ def test_distributed_ranks_equal_serial(tmp_path):
     torch and diffusers and builds the zoo models once), each scenario with a process
     group of its own; each rank's two generations equal the serial executor's."""
     mp.start_processes(run_scenarios, args=(str(tmp_path), SCENARIOS, STEPS),
-                       nprocs=max(world for _, world, _, _ in SCENARIOS), start_method="spawn", join=True)
+                       nprocs=max(scenario[1] for scenario in SCENARIOS), start_method="spawn", join=True)
     for index, scenario in enumerate(SCENARIOS):
         check_scenario(tmp_path / str(index), *scenario)
 
 
-def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at: tuple[int, ...]) -> None:
+def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at: tuple[int, ...],
+                   rebalance: bool) -> None:
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
     assert not errors, (model_name, world, stride, guided_at, errors)
-    expected = serial_result(model_name, world, stride, guided_at)
-    for rank in range(world):  # every rank's sampler took the same steps, in both generations
-        first, second = torch.load(tmp_path / f"rank{rank}.pt")
-        torch.testing.assert_close(first, expected, rtol=0, atol=0)
-        torch.testing.assert_close(second, expected, rtol=0, atol=0)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    plans = [asyncfx.StagePlan.from_dict(json.loads(p)) for p in results[0][1]]
+    assert all(r[1] == results[0][1] for r in results)  # every rank ran the plan rank 0 chose
+    if rebalance:  # re-cut in the first generation, from every rank's stage times
+        assert any(note.startswith("re-cut 1:") for note in plans[0].notes), plans[0].notes
+        expected = [serial_result(model_name, world, stride, guided_at, plan) for plan in plans]
+    else:
+        expected = [serial_result(model_name, world, stride, guided_at)] * 2
+    for samples, _ in results:  # every rank's sampler took the same steps, in both generations
+        for got, want in zip(samples, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
     held = [int((tmp_path / f"held{rank}.txt").read_text()) for rank in range(world)]
     stages = world - (stride - 1)  # stride 2: the extra rank holds the last stage too
-    plan = asyncfx.compile(zoo_captured(model_name), stages)
-    assert held == [plan.stages[min(rank, stages - 1)].param_bytes for rank in range(world)]
+    assert held == [plans[-1].stages[min(rank, stages - 1)].param_bytes for rank in range(world)]
 
 
 def test_a_rank_that_exits_makes_the_others_fail_clearly(tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -51,7 +51,26 @@ def compile(model_or_captured: nn.Module, n_devices: int, *, example_inputs: Any
         >>> plan.n_stages
         2
     """
-    captured = as_captured(model_or_captured, example_inputs, latent, timestep)
+    return compile_with_costs(as_captured(model_or_captured, example_inputs, latent, timestep), n_devices,
+                              example_inputs=example_inputs, cost=cost, link=link, profile=profile,
+                              refine_rounds=refine_rounds, repeats=repeats).plan
+
+
+class Compiled(NamedTuple):
+    """A plan and the cost model its cuts were searched with (re-cutting starts from it)."""
+
+    plan: StagePlan
+    model: CostModel
+
+
+def compile_with_costs(captured: Captured, n_devices: int, *, example_inputs: Any = None, cost: str = "flops",
+                       link: str | DeviceSpec = "cpu", profile: Profile | None = None,
+                       refine_rounds: int = 5, repeats: int = 5) -> Compiled:
+    """``compile()`` of a capture, with the cost model it searched with.
+
+    Example:
+        >>> plan, costs = compile_with_costs(captured, 2)
+    """
     spec = device_spec(link)
     check_cost(cost)
     started = time.perf_counter()
@@ -72,7 +91,7 @@ def compile(model_or_captured: nn.Module, n_devices: int, *, example_inputs: Any
     logger.info("compiled %d stage(s) of %s (cost=%s, link=%s) in %.1f s; stage costs (%s) %s",
                 plan.n_stages, captured.model_class, cost, spec.name, time.perf_counter() - started,
                 plan.cost_unit, ", ".join(plan.format_cost(s.estimated_cost) for s in plan.stages))
-    return plan
+    return Compiled(plan, model)
 
 
 def compile_profile(profile: Profile, n_devices: int, *, link: str | DeviceSpec = "cpu") -> StagePlan:

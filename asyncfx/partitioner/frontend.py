@@ -1,18 +1,21 @@
 """The compiler as the runtime sees it (``asyncfx.program.Frontend``): ``partition()``'s
-denoiser captures through it at a model's first call, and lowers at the last warm-up
-step, compiling a plan unless one was given."""
+denoiser captures through it at a model's first call, lowers at the last warm-up step
+(compiling a plan unless one was given), and re-cuts a compiled plan from the stage
+times the runtime measured (``rebalance.py``)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 from torch import nn
 
 from asyncfx.partitioner.binding import LatentOption
 from asyncfx.partitioner.capture import capture
 from asyncfx.partitioner.captured import Captured
-from asyncfx.partitioner.compile import compile
+from asyncfx.partitioner.compile import Compiled, compile_with_costs
 from asyncfx.partitioner.device import DeviceSpec
 from asyncfx.partitioner.lower import lower
+from asyncfx.partitioner.rebalance import Rebalancer
 from asyncfx.plan import StagePlan
 from asyncfx.program import CallSpec, Program
 
@@ -20,8 +23,9 @@ from asyncfx.program import CallSpec, Program
 @dataclasses.dataclass(frozen=True)
 class PartitionFrontend:
     """Captures with ``latent``/``timestep``, compiles ``n_stages`` stages with ``cost`` and
-    ``link`` (or takes ``plan``). ``rank_zero_decides``: under torch.distributed, rank 0
-    compiles and every rank takes its plan (measured costs would differ per rank).
+    ``link`` (or takes ``plan``, which is never re-cut). ``rebalance``: re-cut compiled
+    plans from measured stage times. ``rank_zero_decides``: under torch.distributed, rank
+    0 compiles and re-cuts, and every rank takes its plan (measured costs differ per rank).
 
     Example:
         >>> frontend = PartitionFrontend(n_stages=2)
@@ -34,6 +38,7 @@ class PartitionFrontend:
     latent: LatentOption = None
     timestep: str | None = None
     plan: StagePlan | None = None
+    rebalance: bool = False
     rank_zero_decides: bool = False
 
     def capture(self, model: nn.Module, args: tuple, kwargs: dict) -> CapturedCall:
@@ -41,31 +46,58 @@ class PartitionFrontend:
             model, args, kwargs, latent=self.latent, timestep=self.timestep)
         return CapturedCall(self, captured, (args, kwargs))
 
-    def compile(self, captured: Captured, example: tuple[tuple, dict]) -> StagePlan:
+    def compile(self, captured: Captured, example: tuple[tuple, dict]) -> Compiled | StagePlan:
+        """The given plan, or one compiled (with its cost model, where this rank compiled it)."""
         if self.plan is not None:
             return self.plan
+        return self.decide(lambda: compile_with_costs(captured, self.n_stages, cost=self.cost, link=self.link,
+                                                      example_inputs=example))
+
+    def decide(self, decision: Callable[[], Any]) -> Any:
+        """``decision()`` here, or under torch.distributed on rank 0, whose plan (a
+        StagePlan in what it returns) every rank takes."""
         if not self.rank_zero_decides:
-            return compile(captured, self.n_stages, cost=self.cost, link=self.link, example_inputs=example)
+            return decision()
         import torch.distributed as dist
 
-        box = [compile(captured, self.n_stages, cost=self.cost, link=self.link, example_inputs=example).to_dict()
-               if dist.get_rank() == 0 else None]
+        made = decision() if dist.get_rank() == 0 else None
+        plan = made.plan if isinstance(made, Compiled) else made
+        box = [None if plan is None else plan.to_dict()]
         dist.broadcast_object_list(box, src=0)
-        return StagePlan.from_dict(box[0])
+        return made if made is not None or box[0] is None else StagePlan.from_dict(box[0])
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class CapturedCall:
-    """A capture for the runtime (``asyncfx.program.Lowering``): its call spec, and the
-    program made from it on demand."""
+    """A capture for the runtime (``asyncfx.program.Lowering``): its call spec, the
+    program made from it on demand, and the re-cutting of a compiled plan."""
 
     frontend: PartitionFrontend
     captured: Captured
     example: tuple[tuple, dict]
+    rebalancer: Rebalancer | None = None
 
     @property
     def call(self) -> CallSpec:
         return self.captured.call
 
     def lower(self) -> Program:
-        return lower(self.captured, self.frontend.compile(self.captured, self.example))
+        compiled = self.frontend.compile(self.captured, self.example)
+        if isinstance(compiled, Compiled):
+            if self.frontend.rebalance:
+                self.rebalancer = Rebalancer(compiled.model, compiled.plan)
+            compiled = compiled.plan
+        return lower(self.captured, compiled)
+
+    @property
+    def rebalances(self) -> bool:
+        """Whether measured stage times may re-cut this capture's plan."""
+        return self.frontend.plan is None and self.frontend.rebalance
+
+    def rebalanced(self, seconds: list[float], parallel: bool) -> Program | None:
+        """The program of a better plan given the measured stage times, or None."""
+        if not self.rebalances:
+            return None
+        rebalancer = self.rebalancer
+        plan = self.frontend.decide(lambda: None if rebalancer is None else rebalancer.observe(seconds, parallel))
+        return None if plan is None else lower(self.captured, plan)

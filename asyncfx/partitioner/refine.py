@@ -38,9 +38,9 @@ def refine(captured: Captured, model: CostModel, plan: StagePlan, flat_inputs: S
         if max(measured) >= best_slowest:
             break
         best, best_slowest = plan, max(measured)
-        model = model.rescaled(_correction(model, plan, measured))
+        model = model.rescaled(corrected_scale(model, plan_positions(plan), measured))
         cuts = search_cuts(model, plan.n_stages)
-        if [c.position for c in cuts] == _positions(plan):
+        if [c.position for c in cuts] == plan_positions(plan):
             break
         plan = plan_from_cuts(model, cuts)
     best.notes.append("refinement by measured stage times: " + "; ".join(history))
@@ -66,20 +66,23 @@ def measure_stages(captured: Captured, plan: StagePlan, example_inputs: object, 
     return plan
 
 
-def _correction(model: CostModel, plan: StagePlan, measured: Sequence[float]) -> np.ndarray:
-    """Per-node factors that make each stage's own nodes account for what was measured
-    beyond its replicated step/static nodes (whose cost is shared, so left as is)."""
-    bounds = [0, *_positions(plan), len(model.graph.nodes)]
+def corrected_scale(model: CostModel, positions: Sequence[int], measured: Sequence[float]) -> np.ndarray:
+    """Per-node factors that make each stage's own nodes (of the cut before ``positions``)
+    account for what was measured beyond its replicated step/static nodes (whose cost is
+    shared, so left as is)."""
+    bounds = [0, *positions, len(model.graph.nodes)]
+    predicted = model.predict(positions).stage_compute
     factors = []
-    for stage, seconds, start, end in zip(plan.stages, measured, bounds, bounds[1:]):
+    for estimate, seconds, start, end in zip(predicted, measured, bounds, bounds[1:]):
         own = float(model.own[start:end].sum())
-        replicated = stage.estimated_cost - own
+        replicated = estimate - own
         factors.append(np.full(end - start, max(seconds - replicated, 0.1 * own) / max(own, 1e-12)))
     return np.concatenate(factors)
 
 
-def _positions(plan: StagePlan) -> list[int]:
-    return list(np.cumsum([len(s.nodes) for s in plan.stages])[:-1])
+def plan_positions(plan: StagePlan) -> list[int]:
+    """Where ``plan`` cuts the latent nodes: the position of each stage's first node after the first."""
+    return [int(p) for p in np.cumsum([len(s.nodes) for s in plan.stages])[:-1]]
 
 
 def time_stages(staged: StagedModel, flat_inputs: Sequence[torch.Tensor], *, warmup: int = 2,

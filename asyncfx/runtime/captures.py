@@ -19,7 +19,17 @@ which the capture's trace left unmade, is not an edit.
 Note (lazy compilation): a capture only binds calls. Warm-up steps compute exactly what
 the original model computes, so until the last warm-up step the original model
 answers; the plan, the stages and the executor are made at that step, the first to
-need stage buffers (``start``).
+need stage buffers (``start``). A plan that may be re-cut from measured stage times
+(see the note on re-cutting) is made two steps earlier where the warm-up has them: the
+stages run one of those steps to warm up and the next to be timed.
+
+Note (re-cutting): every executor times the stages it runs. At the last warm-up step of
+every generation the capture's compiled plan (never a plan the user gave) is cut again
+where those times call for it (``rebalance``; ``asyncfx.partitioner.rebalance``): from
+the times of the previous generation's parallel steps, or, in the first generation,
+from the warm-up step before. Every stream of calls is then at a warm-up step (streams
+start with the generation or later), which writes the new plan's boundary values before
+the first parallel step reads them.
 """
 from __future__ import annotations
 
@@ -92,6 +102,23 @@ class Capture:
             logger.info("running %d stage(s) of %s on %s", self.program.n_stages, self.call.model_class,
                         running_on(self.executor))
         return self.executor
+
+    def rebalance(self) -> bool:
+        """Re-cut the plan where the stage times measured since the last look call for it
+        (``Lowering.rebalanced``; a collective under torch.distributed: every rank calls it
+        at the same step). The executor is replaced and every stream's boundary values are
+        dropped, so it is called only where every stream's next step is a warm-up step."""
+        if self.executor is None or not self.lowering.rebalances:
+            return False
+        measured = self.executor.measured()
+        program = None if measured is None else self.lowering.rebalanced(measured.seconds, measured.parallel)
+        if program is None:
+            return False
+        self.close()
+        self.program = program
+        for stream in self.streams.values():
+            stream.store, stream.cached = BoundaryStore(), {}
+        return True
 
     def close(self) -> None:
         if self.executor is not None:

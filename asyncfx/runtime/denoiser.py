@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 #: A model without a timestep input that starts this many generations in a row because
 #: a one-number-per-sample input changed is warned about: that input is likely its timestep.
 RESTARTS_BEFORE_WARNING = 3
+#: Warm-up steps before the last that a plan to be re-cut runs through the stages, in
+#: the first generation: one to warm them up, one to time them.
+TIMED_WARMUP_STEPS = 2
 
 
 class AsyncDenoiser(NamedCalls, ModelProxy):
@@ -61,7 +64,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
     """
 
     RUNTIME_STATE = frozenset({"_captures", "_clock", "_calls", "_restarts", "_filled_at", "_warned",
-                               "call_context"})
+                               "_rebalanced_at", "call_context"})
     OWN_ATTRIBUTES = frozenset({"_frontend", "_launch", "n_stages", "warmup", "stride", "time_shift",
                                 "scheduler", "rebuild", "convertible", "training"})
 
@@ -84,6 +87,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         self._restarts = 0  # calls in a row that restarted because a timestep-like input changed
         self._filled_at: float | None = None  # the last call writing into its arguments was at
         self._warned: set[str] = set()  # warnings given once
+        self._rebalanced_at: dict[int, int] = {}  # capture key -> the generation its plan was last looked at
 
     # -- what it is built of --------------------------------------------------------------
     @property
@@ -119,7 +123,10 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         if self.interface is None:
             state = "not captured yet (at the first call)"
         elif self.executor is None:
-            state = "captured; stages built at the last warm-up step"
+            current = self._captures.current
+            step = self._stages_from(current)
+            state = ("captured; stages built at the last warm-up step" if step == self.warmup - 1 else
+                     f"captured; stages built at warm-up step {step} (timed before the last, to re-cut)")
         else:
             state = f"running on {running_on(self.executor)}"
         return (f"{type(self._model).__name__}, n_stages={self.n_stages}, warmup={self.warmup}, "
@@ -212,10 +219,12 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         runs = schedule(step, self.n_stages, warmup=self.warmup, stride=self.stride,
                         time_shift=self.time_shift, total_steps=total)
         stream.step = step + 1
-        if capture.executor is None and runs.mode is Mode.SEQUENTIAL and step < self.warmup - 1:
+        if capture.executor is None and runs.mode is Mode.SEQUENTIAL and step < self._stages_from(capture):
             output = self._model(*args, **kwargs)  # see the note on lazy compilation (captures.py)
             self._captures.settle(self._model)
             return output
+        if step == placement.step == self.warmup - 1 and runs.mode is Mode.SEQUENTIAL:
+            self._rebalance(capture, placement.generation)
         executor = capture.start(self._launch)
         if runs.mode is Mode.CACHED:
             outputs = stream.cached.pop(step)
@@ -227,6 +236,21 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         device = named[call.latent].device
         return call.unflatten([o.to(device) if isinstance(o, torch.Tensor) and o.device != device else o
                                for o in outputs])
+
+    def _stages_from(self, capture: Capture) -> int:
+        """The first warm-up step the stages run at (see the note on lazy compilation)."""
+        last = self.warmup - 1
+        if capture.program is None and capture.lowering.rebalances and last >= TIMED_WARMUP_STEPS:
+            return last - TIMED_WARMUP_STEPS
+        return last
+
+    def _rebalance(self, capture: Capture, generation: int) -> None:
+        """At the last warm-up step of a stream that started with the generation, once a
+        generation: re-cut the plan if its measured stage times call for it (see the note
+        on re-cutting in captures.py)."""
+        if self._rebalanced_at.get(capture.key) != generation:
+            self._rebalanced_at[capture.key] = generation
+            capture.rebalance()
 
     def _fill(self, call: CallSpec, named: Mapping[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
         """A call that writes into its arguments runs the original model (see the note on

@@ -33,9 +33,10 @@ import torch.distributed as dist
 
 from asyncfx.errors import AsyncFXError
 from asyncfx.program import Program
-from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, stage_arguments
+from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, MeasuredStages, stage_arguments
 from asyncfx.runtime.hooks import with_send_hooks
 from asyncfx.schedule import Mode, StageRun, StepSchedule
+from asyncfx.timing import RunTimer
 
 
 class PeerError(AsyncFXError, RuntimeError):
@@ -89,7 +90,7 @@ class DistributedExecutor(Executor):
             self._sending = flight
             try:
                 for run in mine:
-                    self._compute(run, inputs_for, store, results)
+                    self._compute(run, inputs_for, store, results, parallel=True)
             finally:
                 self._sending = None
                 self._in_flight[store] = flight
@@ -97,18 +98,30 @@ class DistributedExecutor(Executor):
             self._drain()  # messages still in flight, of any stream, are waited for and kept
             for run in plan.runs:
                 if run.slot == self.slot:
-                    self._compute(run, inputs_for, store, results)
+                    self._compute(run, inputs_for, store, results, parallel=False)
                 self._exchange([run], run.writes, store)
         self._broadcast_outputs(plan, results)
         self.finish(plan, store)
         return results
 
     def _compute(self, run: StageRun, inputs_for: InputsFor, store: BoundaryStore,
-                 results: dict[int, tuple[torch.Tensor, ...]]) -> None:
+                 results: dict[int, tuple[torch.Tensor, ...]], *, parallel: bool) -> None:
         args = [arg.to(self.device) for arg in stage_arguments(self.program, run, inputs_for, store.get)]
-        with torch.no_grad():
+        with torch.no_grad(), RunTimer(self.device) as timer:
             outputs = self._hooked(*args)
+        self.times.record(run.stage, timer, parallel=parallel)
         self.record(run, outputs, store, results)
+
+    def measured(self) -> MeasuredStages | None:
+        """Every rank's times of its stage, gathered (a collective: every rank calls it at
+        the same point of the same step, as the denoiser does), so that all ranks see the
+        same; None unless every stage was timed the same way."""
+        mine = self.times.take([min(self.slot, self.program.n_stages - 1)])
+        gathered: list[MeasuredStages | None] = [None] * self.world
+        dist.all_gather_object(gathered, mine, group=self.group)
+        if any(g is None for g in gathered) or len({g.parallel for g in gathered}) != 1:
+            return None
+        return MeasuredStages([g.seconds[0] for g in gathered[:self.program.n_stages]], gathered[0].parallel)
 
     def _produced(self, name: str, tensor: torch.Tensor) -> None:
         """The hook after each boundary producer: in a parallel step, send it now."""

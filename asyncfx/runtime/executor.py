@@ -1,13 +1,15 @@
 """Executors run a program's stages as the schedule says. ``SerialExecutor`` is the
-reference: one device, one run after another."""
+reference: one device, one run after another. Every executor times the stages it runs
+(``StageTimes``), which is what re-cutting an unbalanced plan reads."""
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from asyncfx.program import Program, StageSpec
 from asyncfx.schedule import Mode, StageRun, StepSchedule
+from asyncfx.timing import RunTimer
 
 #: ``inputs_for(timestep_index)``: the graph inputs (by placeholder name) a run with
 #: that step's timestep computes with.
@@ -57,11 +59,68 @@ def stage_arguments(program: Program, run: StageRun, inputs_for: InputsFor, read
             for name in program.stages[run.stage].inputs]
 
 
+class MeasuredStages(NamedTuple):
+    """The seconds of each stage's fastest run (interruptions only ever add time), and
+    whether they ran all at once (a parallel step) or one after another (warm-up steps)."""
+
+    seconds: list[float]
+    parallel: bool
+
+
+class StageTimes:
+    """The times of each stage's runs since they were last taken, kept apart by how the
+    stages ran. A stage's first run (allocations, kernel choice) is not kept, nor a run
+    timed as ``None`` (one that captured a CUDA graph).
+
+    Example:
+        >>> times = StageTimes(2)
+        >>> for seconds in (0.5, 0.02, 0.03):
+        ...     times.record(0, seconds, parallel=True)
+        ...     times.record(1, seconds * 2, parallel=True)
+        >>> times.take()
+        MeasuredStages(seconds=[0.02, 0.04], parallel=True)
+    """
+
+    def __init__(self, n_stages: int):
+        self._warm: set[int] = set()
+        self._runs: dict[bool, list[list[RunTimer | float]]] = {
+            parallel: [[] for _ in range(n_stages)] for parallel in (False, True)}
+
+    def record(self, stage: int, timer: RunTimer | float | None, *, parallel: bool) -> None:
+        if timer is None:
+            return
+        if stage not in self._warm:
+            self._warm.add(stage)
+            return
+        self._runs[parallel][stage].append(timer)
+
+    def take(self, stages: Sequence[int] | None = None) -> MeasuredStages | None:
+        """The fastest runs of ``stages`` (default: all): the parallel runs' if each of them
+        made one, else the warm-up runs' if each made one, else None; forgets them all."""
+        taken = None
+        for parallel in (True, False):
+            runs = self._runs[parallel] if stages is None else [self._runs[parallel][k] for k in stages]
+            if taken is None and all(runs):
+                taken = MeasuredStages([min(map(_seconds, r)) for r in runs], parallel)
+            for r in runs:
+                r.clear()
+        return taken
+
+
+def _seconds(timer: RunTimer | float) -> float:
+    return timer if isinstance(timer, float) else timer.seconds()
+
+
 class Executor:
     """Runs one step's schedule; returns the flat outputs of the last stage by step."""
 
     def __init__(self, program: Program):
         self.program = program
+        self.times = StageTimes(program.n_stages)
+
+    def measured(self) -> MeasuredStages | None:
+        """The stages' times since the last call (see ``StageTimes.take``)."""
+        return self.times.take()
 
     def stage(self, slot: int) -> StageSpec:
         return self.program.stage_in_slot(slot)
@@ -101,7 +160,10 @@ class SerialExecutor(Executor):
         with torch.no_grad():
             for run in plan.runs:
                 module = self.program.stages[run.stage].module
-                outputs = module(*stage_arguments(self.program, run, inputs_for, store.get))
+                args = stage_arguments(self.program, run, inputs_for, store.get)
+                with RunTimer(args[0].device if args else torch.device("cpu")) as timer:
+                    outputs = module(*args)
+                self.times.record(run.stage, timer, parallel=plan.mode is Mode.PARALLEL)
                 self.record(run, outputs, store, results)
         if plan.mode is not Mode.CACHED:
             self.finish(plan, store)

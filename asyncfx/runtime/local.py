@@ -44,6 +44,7 @@ from asyncfx.program import Program
 from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, stage_arguments
 from asyncfx.runtime.hooks import with_send_hooks
 from asyncfx.schedule import Mode, StageRun, StepSchedule
+from asyncfx.timing import RunTimer
 
 
 class LocalExecutor(Executor):
@@ -144,7 +145,8 @@ class LocalExecutor(Executor):
                            "call reset() on the denoiser before sampling again.")
             raise error
         for run in runs:
-            outputs, copies = handed.made[run]
+            outputs, copies, timer = handed.made[run]
+            self.times.record(run.stage, timer, parallel=threads is None)
             self.record(run, outputs, store, results)
             if run.writes is not None and copies:
                 store.put(run.writes, copies)
@@ -180,7 +182,7 @@ class _Round:
     Runs of a round the caller gave up on (after an error) deliver into it unread."""
 
     def __init__(self, runs: int):
-        self.made: dict[StageRun, tuple[Any, dict[str, torch.Tensor]]] = {}
+        self.made: dict[StageRun, tuple[Any, dict[str, torch.Tensor], RunTimer | None]] = {}
         self.error: tuple[StageRun, BaseException] | None = None
         self._left, self._woken = runs, False
         self._lock = threading.Lock()
@@ -188,10 +190,10 @@ class _Round:
         self._done.acquire()
 
     def deliver(self, run: StageRun, outputs: Any, copies: dict[str, torch.Tensor],
-                error: BaseException | None = None) -> None:
+                timer: RunTimer | None = None, error: BaseException | None = None) -> None:
         with self._lock:
             if error is None:
-                self.made[run] = (outputs, copies)
+                self.made[run] = (outputs, copies, timer)
             elif self.error is None:
                 self.error = (run, error)
             self._left -= 1
@@ -301,30 +303,34 @@ class _Worker(threading.Thread):
             try:
                 with _autocast(autocast):
                     if compute is None:
-                        with torch.no_grad():
+                        with torch.no_grad(), RunTimer(self.device) as timer:
                             outputs, copies = runnable(*[a.to(self.device) for a in args]), {}
                     else:
-                        outputs, copies = self._compute(runnable, run, args, written, compute, sender)
-                handed.deliver(run, outputs, copies)
+                        outputs, copies, timer = self._compute(runnable, run, args, written, compute, sender)
+                handed.deliver(run, outputs, copies, timer)
             except BaseException as exc:  # reported to the caller, which re-raises it
-                handed.deliver(run, None, {}, exc)
+                handed.deliver(run, None, {}, error=exc)
 
     def _compute(self, runnable: nn.Module, run: StageRun, args: list[torch.Tensor], written: Sequence[Any],
-                 compute: Any, sender: _Sender) -> tuple[Any, dict[str, torch.Tensor]]:
+                 compute: Any, sender: _Sender) -> tuple[Any, dict[str, torch.Tensor], RunTimer | None]:
+        """The run on the slot's stream; its timer is None for the calls that warm up and
+        capture a CUDA graph (they time the capture, not the stage)."""
         sender.begin(stores=run.writes is not None)
+        steady = self.graphed is None or self.graphed.graphed or self.graphed.failure is not None
         with torch.no_grad(), torch.cuda.device(self.device), torch.cuda.stream(compute):
             for event in written:
                 compute.wait_event(event)
             args = [a.to(self.device, non_blocking=True) for a in args]
-            if self.graphed is None:
-                outputs = runnable(*args)
-            else:
-                outputs = self.graphed(args)
-                if self.graphed.graphed:  # replayed: the hooks did not run, their events did
-                    sender.replayed()
+            with RunTimer(self.device) as timer:
+                if self.graphed is None:
+                    outputs = runnable(*args)
+                else:
+                    outputs = self.graphed(args)
+            if self.graphed is not None and self.graphed.graphed:  # replayed: the hooks did not run
+                sender.replayed()
         compute.synchronize()
         sender.copier.synchronize()  # the next replay overwrites what the copies read
-        return outputs, sender.end()
+        return outputs, sender.end(), timer if steady else None
 
 
 class _Sender:
