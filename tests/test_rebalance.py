@@ -123,3 +123,12 @@ def test_stage_times_drop_first_runs_keep_the_fastest_and_prefer_parallel_ones()
         times.record(stage, 0.9, parallel=False)
     assert times.take() == MeasuredStages([0.1, 0.2], True)
     assert balance([3.0, 1.0]) == 1.5
+
+
+def test_stage_times_keep_only_the_latest_runs_until_taken():
+    from asyncfx.runtime.executor import KEPT_RUNS
+
+    times = StageTimes(1)
+    for index in range(3 * KEPT_RUNS + 1):  # never taken, as with a plan that is never re-cut
+        times.record(0, 0.001 * (index + 1), parallel=True)
+    assert times.take() == MeasuredStages([0.001 * (2 * KEPT_RUNS + 2)], True)

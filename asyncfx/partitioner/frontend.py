@@ -60,11 +60,14 @@ class PartitionFrontend:
             return decision()
         import torch.distributed as dist
 
-        made = decision() if dist.get_rank() == 0 else None
-        plan = made.plan if isinstance(made, Compiled) else made
-        box = [None if plan is None else plan.to_dict()]
+        if dist.get_rank() == 0:
+            made = decision()
+            plan = made.plan if isinstance(made, Compiled) else made
+            dist.broadcast_object_list([None if plan is None else plan.to_dict()], src=0)
+            return made
+        box = [None]
         dist.broadcast_object_list(box, src=0)
-        return made if made is not None or box[0] is None else StagePlan.from_dict(box[0])
+        return None if box[0] is None else StagePlan.from_dict(box[0])
 
 
 @dataclasses.dataclass

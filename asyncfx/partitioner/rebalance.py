@@ -5,13 +5,13 @@ a profile) and can be far off where the stages run: on CPUs a stage of many smal
 memory-bound operations takes longer than its FLOPs say. The runtime times every stage
 where it runs it (one after another at warm-up steps, all at once at parallel steps;
 ``runtime.executor.StageTimes``). A plan whose measured balance (slowest stage over the
-mean) is worse than the cost model predicted by more than ``TOLERANCE``, with the
-slowest stage at least ``MIN_SAVING_SECONDS`` above the mean, is cut again: each
-stage's node costs are scaled by what was measured (``refine.corrected_scale``), the
-cuts are searched again, and the runtime runs the new plan from its next warm-up step
-on. Measurements of each new plan correct the costs further. A plan that measures
-slower than an earlier one measured the same way is replaced by that one, and
-re-cutting ends there, when the cuts stop moving, or after ``MAX_RECUTS`` re-cuts.
+mean) is worse than ``1 + TOLERANCE``, with the slowest stage at least
+``MIN_SAVING_SECONDS`` above the mean, is cut again: each stage's node costs are scaled
+by what was measured (``refine.corrected_scale``), the cuts are searched again, and the
+runtime runs the new plan from its next warm-up step on. Measurements of each new plan
+correct the costs further. A plan that measures slower than an earlier one measured the
+same way is replaced by that one, and re-cutting ends there, when the corrected costs
+cut the graph no other way, or after ``MAX_RECUTS`` re-cuts.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from asyncfx.plan import StagePlan
 
 logger = logging.getLogger(__name__)
 
-#: How much worse than predicted (in max/mean of the stage times) a plan may measure.
+#: How far above perfect balance (max/mean of the stage times, 1.0) a plan may measure.
 TOLERANCE = 0.05
 #: A re-cut is worth its cost (splitting again, new stage copies) only where the slowest
 #: stage takes at least this much longer than the mean at every step.
@@ -77,15 +77,14 @@ class Rebalancer:
         measured = balance(seconds)
         if measured <= 1 + TOLERANCE or max(seconds) - statistics.mean(seconds) < MIN_SAVING_SECONDS:
             return None
-        predicted = balance(self.model.predict(plan_positions(plan)).stage_compute)
         if self.recuts >= MAX_RECUTS:
             self.finished = True
             return None
-        return self._recut(seconds, parallel, measured, predicted)
+        return self._recut(seconds, parallel, measured)
 
-    def _recut(self, seconds: Sequence[float], parallel: bool, measured: float,
-               predicted: float) -> StagePlan | None:
+    def _recut(self, seconds: Sequence[float], parallel: bool, measured: float) -> StagePlan | None:
         plan = self.plan
+        predicted = balance(self.model.predict(plan_positions(plan)).stage_compute)
         corrected = self.model.rescaled(corrected_scale(self.model, plan_positions(plan), seconds))
         cuts = search_cuts(corrected, plan.n_stages)
         if [c.position for c in cuts] == plan_positions(plan):

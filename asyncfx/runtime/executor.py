@@ -3,6 +3,7 @@ reference: one device, one run after another. Every executor times the stages it
 (``StageTimes``), which is what re-cutting an unbalanced plan reads."""
 from __future__ import annotations
 
+import collections
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -67,10 +68,15 @@ class MeasuredStages(NamedTuple):
     parallel: bool
 
 
+#: Runs of each stage kept until they are taken: the latest ones (the times of a denoiser
+#: whose plan is never re-cut are never taken).
+KEPT_RUNS = 16
+
+
 class StageTimes:
-    """The times of each stage's runs since they were last taken, kept apart by how the
-    stages ran. A stage's first run (allocations, kernel choice) is not kept, nor a run
-    timed as ``None`` (one that captured a CUDA graph).
+    """The times of each stage's latest runs (``KEPT_RUNS``) since they were last taken,
+    kept apart by how the stages ran. A stage's first run (allocations, kernel choice) is
+    not kept, nor a run timed as ``None`` (one that captured a CUDA graph).
 
     Example:
         >>> times = StageTimes(2)
@@ -83,8 +89,9 @@ class StageTimes:
 
     def __init__(self, n_stages: int):
         self._warm: set[int] = set()
-        self._runs: dict[bool, list[list[RunTimer | float]]] = {
-            parallel: [[] for _ in range(n_stages)] for parallel in (False, True)}
+        self._runs: dict[bool, list[collections.deque[RunTimer | float]]] = {
+            parallel: [collections.deque(maxlen=KEPT_RUNS) for _ in range(n_stages)]
+            for parallel in (False, True)}
 
     def record(self, stage: int, timer: RunTimer | float | None, *, parallel: bool) -> None:
         if timer is None:
