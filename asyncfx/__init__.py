@@ -10,14 +10,15 @@ or step by step:
 """
 from asyncfx.errors import (ArgumentsError, AsyncFXError, CaptureError, DeviceError, GenerationWarning,
                             InputMismatchError, OutputShapeError, PlanError, PythonStateWarning,
-                            SchedulerError)
+                            SchedulerError, WeightsError, WeightsReleasedError)
 from asyncfx.partitioner import (PRESETS, Captured, DeviceSpec, Profile, StagedModel, capture, compile,
                                  compile_profile, profile, register_tensor_container, split)
 from asyncfx.passes.meta import ValueClass
 from asyncfx.plan import BoundaryTensor, StagePlan
 from asyncfx.program import GraphInput, InputRole, Program
 from asyncfx import zoo  # noqa: F401  (asyncfx.zoo.tiny, asyncfx.zoo.digits)
-from asyncfx.api import partition
+from asyncfx.api import ModelError, partition
+from asyncfx.weights import WeightFiles
 from asyncfx.options import DEFAULT_WARMUP, PartitionOptions
 from asyncfx.runtime.denoiser import AsyncDenoiser
 
@@ -27,5 +28,6 @@ __all__ = ["PRESETS", "ArgumentsError", "AsyncFXError", "BoundaryTensor", "Captu
            "DeviceError", "DeviceSpec", "GenerationWarning", "GraphInput", "InputMismatchError", "InputRole",
            "OutputShapeError", "PartitionOptions", "PlanError", "Profile", "Program", "PythonStateWarning",
            "SchedulerError", "StagePlan", "StagedModel", "ValueClass", "AsyncDenoiser", "DEFAULT_WARMUP",
+           "ModelError", "WeightFiles", "WeightsError", "WeightsReleasedError",
            "capture", "compile", "compile_profile", "partition", "profile", "register_tensor_container",
            "split"]

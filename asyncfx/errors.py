@@ -43,3 +43,12 @@ class DeviceError(AsyncFXError, ValueError):
 
 class GenerationWarning(UserWarning):
     """Nothing but the timesteps tells a denoiser's generations apart."""
+
+
+class WeightsError(AsyncFXError, ValueError):
+    """A model's weight files cannot be read, or do not hold the tensors a stage needs."""
+
+
+class WeightsReleasedError(AsyncFXError, RuntimeError):
+    """The original model's weights were released after its stages were built, or it was
+    built without any, and something needed them."""

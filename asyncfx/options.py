@@ -16,8 +16,10 @@ from asyncfx.partitioner.binding import LatentOption
 from asyncfx.partitioner.cost_model import check_cost
 from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.plan import StagePlan
+from asyncfx.program import WeightSource
 from asyncfx.runtime.cuda_graphs import check_cuda_graphs_option
 from asyncfx.schedule import check_settings, devices_needed
+from asyncfx.weights import WeightFiles, WeightsError
 
 #: Default warm-up steps, chosen from benchmarks/quality.py on the trained default model:
 #: with 3-4 stages staleness compounds, and three warm-up steps recover most of the
@@ -50,11 +52,20 @@ class PartitionOptions:
     latent: LatentOption = None
     timestep: str | None = None
     cuda_graphs: bool | None = None
-    rebalance: bool = False
+    rebalance: bool = True
+    release_weights: bool | None = None
+    weights: str | os.PathLike | WeightSource | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rebalance, bool):
             raise PlanError(f"rebalance must be True or False, got {self.rebalance!r}.")
+        if self.release_weights is not None and not isinstance(self.release_weights, bool):
+            raise PlanError(f"release_weights must be True, False or None, got {self.release_weights!r}.")
+        if isinstance(self.weights, (str, os.PathLike)):
+            object.__setattr__(self, "weights", WeightFiles(self.weights))
+        elif self.weights is not None and not callable(getattr(self.weights, "load", None)):
+            raise WeightsError(f"weights must be a path (a saved model directory or a .safetensors file) or "
+                               f"an object with a load() method, got {type(self.weights).__name__}.")
         if isinstance(self.n_devices, bool) or not isinstance(self.n_devices, int) or self.n_devices < 1:
             raise PlanError(f"n_devices must be a positive integer, got {self.n_devices!r}.")
         check_settings(self.n_devices, self.warmup, self.stride)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -130,9 +130,19 @@ class BoundarySpec:
     tensor: TensorSpec
 
 
+class WeightSource(Protocol):
+    """Where the tensors of a model built without weights come from (its files,
+    ``asyncfx.weights.WeightFiles``): ``load`` reads the tensors ``wanted`` names (tensors
+    without data, as its stage modules hold them) onto ``device``."""
+
+    def load(self, wanted: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """A model lowered to stages: everything the runtime runs.
+    """A model lowered to stages: everything the runtime runs. Stage modules of a
+    model built without weights hold tensors on the meta device, which each executor
+    loads from ``weights`` for the stages it runs, on their devices.
 
     Example:
         >>> program = asyncfx.partitioner.lower(captured, plan)
@@ -144,6 +154,7 @@ class Program:
     stages: tuple[StageSpec, ...]
     boundaries: tuple[BoundarySpec, ...]
     plan: StagePlan
+    weights: WeightSource | None = None  # where stage tensors without data are loaded from
 
     @property
     def n_stages(self) -> int:

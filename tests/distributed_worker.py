@@ -37,46 +37,86 @@ class _ExitAt:
         return self.denoiser(*args, **kwargs)
 
 
+def empty_copy(model):
+    """The model built again without weights (on the meta device), as from_pretrained does
+    with low_cpu_mem_usage: its buffers stay real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return type(model).from_config(model.config).eval()
+
+
+def refusals(denoiser, model, kwargs, latent: str) -> dict[str, str]:
+    """What a model whose weights were released says when it is called, converted or would
+    be captured again (other shapes)."""
+    attempts = {"call": lambda: model(**kwargs), "convert": lambda: denoiser.to(torch.float64),
+                "other shapes": lambda: denoiser(**{**kwargs, latent: kwargs[latent][:1]})}
+    refused = {}
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+            refused[what] = ""
+        except asyncfx.AsyncFXError as exc:
+            refused[what] = f"{type(exc).__name__}: {exc}"
+    return refused
+
+
 def run_scenarios(rank: int, out_root: str, scenarios: list[tuple], steps: int) -> None:
-    """One process for many scenarios ``(model_name, world, stride, guided_at, rebalance)``, each with
-    a process group of its own (ranks beyond a scenario's world skip it), so that the
-    interpreters, imports and zoo models are made once; results go to ``out_root/<i>``."""
+    """One process for many scenarios ``(model_name, world, stride, guided_at, rebalance, source)``,
+    each with a process group of its own (ranks beyond a scenario's world skip it), so that
+    the interpreters, imports and zoo models are made once; results go to ``out_root/<i>``.
+    ``source``: "captured" partitions a capture made once per model, "model" the model
+    itself (whose weights other ranks' stages read are then released), "meta" the model
+    built without weights, loading each rank's from ``out_root/weights/<model>``."""
     captures: dict[str, asyncfx.Captured] = {}  # each model captured once by this rank
-    for index, (model_name, world, stride, guided_at, rebalance) in enumerate(scenarios):
+    for index, (model_name, world, stride, guided_at, rebalance, source) in enumerate(scenarios):
         if rank < world:
             out_dir = os.path.join(out_root, str(index))
             os.makedirs(out_dir, exist_ok=True)
-            if model_name not in captures:
+            if source == "captured" and model_name not in captures:
                 model, kwargs = example(model_name)
                 captures[model_name] = asyncfx.capture(model, (), kwargs)
             run(rank, world, os.path.join(out_root, f"init{index}"), out_dir, model_name, steps,
-                stride=stride, guided_at=guided_at, captured=captures[model_name], rebalance=rebalance)
+                stride=stride, guided_at=guided_at, captured=captures.get(model_name) if source == "captured"
+                else None, rebalance=rebalance,
+                weights=os.path.join(out_root, "weights", model_name) if source == "meta" else None)
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, steps: int,
         dying_rank: int | None = None, timeout_s: float = 60.0, stride: int = 1,
         guided_at: tuple[int, ...] = (), captured: asyncfx.Captured | None = None,
-        rebalance: bool = False) -> None:
+        rebalance: bool = False, weights: str | None = None) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     torch.set_num_threads(1)
     try:
         model, kwargs = example(model_name)
+        if weights is not None:
+            model = empty_copy(model)
         denoiser = asyncfx.partition(captured or model, world - (stride - 1), warmup=3 if rebalance else 2,
                                      executor="distributed", stride=stride, rebalance=rebalance,
-                                     scheduler=ddim(steps) if stride == 2 else None)
+                                     scheduler=ddim(steps) if stride == 2 else None, weights=weights)
         caller = _ExitAt(denoiser, 4 if rank == dying_rank else None)
-        results, plans = [], []
+        results, plans, received = [], [], 0
         with torch.no_grad():  # two generations: the second starts while the first's last messages fly
             for _ in range(2):
                 results.append(sample(caller, kwargs, LATENT[model_name], steps=steps, guided_at=guided_at))
                 plans.append(json.dumps(denoiser.plan.to_dict()))  # the plan the generation's parallel steps ran
+                received += denoiser.executor.received_bytes  # weights a re-cut brought from the other ranks
         module = denoiser.executor.module
-        held = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        facts = {"held": sum(t.nbytes for t in [*module.parameters(), *module.buffers()]),
+                 "stage buffers": sum(t.nbytes for t in module.buffers()),
+                 "model holds": sum(t.untyped_storage().nbytes() for t in
+                                    {t.untyped_storage().data_ptr(): t for t in
+                                     [*model.parameters(), *model.buffers()] if not t.is_meta}.values()),
+                 "loaded": denoiser.program.weights.loaded_bytes if weights is not None else None,
+                 "received": received,
+                 "refused": None if captured is not None or weights is not None
+                 else refusals(denoiser, model, kwargs, LATENT[model_name])}
         denoiser.close()
         torch.save((results, plans), os.path.join(out_dir, f"rank{rank}.pt"))
-        with open(os.path.join(out_dir, f"held{rank}.txt"), "w") as f:
-            f.write(str(held))
+        with open(os.path.join(out_dir, f"facts{rank}.json"), "w") as f:
+            json.dump(facts, f)
     except Exception as exc:  # the test reads what each rank saw
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
             f.write(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")

@@ -184,3 +184,22 @@ def test_show_draws_the_plan_views(tmp_path, monkeypatch, capsys):
     assert "--profile only adds a view to --plot" in capsys.readouterr().err
     assert run_cli("show", "plan.json", "--plot", "no/such/dir/plan.png") == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_sample_runs_a_saved_model_from_its_files_without_building_its_weights(tmp_path, capsys):
+    model, _, _ = asyncfx.zoo.tiny.sd_unet()
+    model.save_pretrained(tmp_path / "unet")
+    assert run_cli("sample", str(tmp_path / "unet"), "--steps", "3", "--warmup", "1", "--height", "8",
+                   "--width", "8") == 0
+    first, second = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert first.startswith(f"UNet2DConditionModel from {tmp_path / 'unet'}: 3 steps in ")
+    assert first.endswith("on 2 stage(s) (local); sample [2, 4, 8, 8], finite: True")
+    params = sum(p.nbytes for p in model.parameters()) / 1e6
+    assert second.startswith("weights loaded from the files: ") and f"of the model's {params:.1f} MB" in second
+
+
+def test_sample_outside_torchrun_says_how_to_launch_it(tmp_path, capsys):
+    model, _, _ = asyncfx.zoo.tiny.sd_unet()
+    model.save_pretrained(tmp_path / "unet")
+    assert run_cli("sample", str(tmp_path / "unet"), "--executor", "distributed") == 2
+    assert "launch the command with torchrun --nproc-per-node N -m asyncfx sample" in capsys.readouterr().err

@@ -49,16 +49,25 @@ def serial_result(model_name: str, world: int, stride: int = 1, guided_at=(),
 GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
 
 
-#: ``(model, world, stride, guided_at, rebalance)``; the last re-cuts a plan the FLOP
-#: estimate mispriced, from the stage times gathered from every rank.
-SCENARIOS = [("sd_unet", 2, 1, (), False), ("sd_unet", 3, 1, (), False), ("sd3_transformer", 2, 1, (), False),
-             ("sd_unet", 3, 2, (), False), ("sd_unet", 2, 1, GUIDED_BUT_5, False), ("mispriced", 2, 1, (), True)]
+#: ``(model, world, stride, guided_at, rebalance, source)``; the last re-cuts a plan the
+#: FLOP estimate mispriced, from the stage times gathered from every rank, after each rank
+#: released the weights its first stage did not read (the re-cut stages get theirs from
+#: the other rank). ``source``: partition a capture ("captured"), the model itself, whose
+#: weights that other ranks' stages read are released ("model"), or the model built on
+#: the meta device, each rank loading its stage's weights from the files
+#: ``save_pretrained`` wrote ("meta").
+SCENARIOS = [("sd_unet", 2, 1, (), False, "model"), ("sd_unet", 3, 1, (), False, "model"),
+             ("sd_unet", 3, 1, (), False, "meta"), ("sd3_transformer", 2, 1, (), False, "meta"),
+             ("sd_unet", 3, 2, (), False, "model"), ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured"),
+             ("mispriced", 2, 1, (), True, "model")]
 
 
 def test_distributed_ranks_equal_serial(tmp_path):
     """Every scenario on one set of rank processes (spawned once: each interpreter imports
     torch and diffusers and builds the zoo models once), each scenario with a process
     group of its own; each rank's two generations equal the serial executor's."""
+    for model_name in {scenario[0] for scenario in SCENARIOS if scenario[-1] == "meta"}:
+        zoo_example(model_name)[0].save_pretrained(tmp_path / "weights" / model_name)
     mp.start_processes(run_scenarios, args=(str(tmp_path), SCENARIOS, STEPS),
                        nprocs=max(scenario[1] for scenario in SCENARIOS), start_method="spawn", join=True)
     for index, scenario in enumerate(SCENARIOS):
@@ -66,9 +75,9 @@ def test_distributed_ranks_equal_serial(tmp_path):
 
 
 def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at: tuple[int, ...],
-                   rebalance: bool) -> None:
+                   rebalance: bool, source: str) -> None:
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
-    assert not errors, (model_name, world, stride, guided_at, errors)
+    assert not errors, (model_name, world, stride, guided_at, source, errors)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
     plans = [asyncfx.StagePlan.from_dict(json.loads(p)) for p in results[0][1]]
     cuts = [[[stage.nodes for stage in plan.stages] for plan in
@@ -82,9 +91,26 @@ def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at
     for samples, _ in results:  # every rank's sampler took the same steps, in both generations
         for got, want in zip(samples, expected):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-    held = [int((tmp_path / f"held{rank}.txt").read_text()) for rank in range(world)]
+    facts = [json.loads((tmp_path / f"facts{rank}.json").read_text()) for rank in range(world)]
     stages = world - (stride - 1)  # stride 2: the extra rank holds the last stage too
-    assert held == [plans[-1].stages[min(rank, stages - 1)].param_bytes for rank in range(world)]
+    own = [plans[-1].stages[min(rank, stages - 1)].param_bytes for rank in range(world)]
+    assert [f["held"] for f in facts] == own
+    if source == "model":  # the original model keeps only what the rank's stage reads, and says so
+        assert [f["model holds"] for f in facts] == own
+        if rebalance:  # the re-cut moved nodes: a rank got their weights from the other
+            assert sum(f["received"] for f in facts) > 0
+        model_class = "Mispriced" if model_name == "mispriced" else "UNet2DConditionModel"
+        for refused in (f["refused"] for f in facts):
+            assert refused["call"].startswith(f"WeightsReleasedError: {model_class} had its weights that "
+                                              "no stage of this process reads released"), refused
+            assert "release_weights=False" in refused["call"]
+            assert refused["convert"].startswith(f"WeightsReleasedError: {model_class} had its weights")
+            assert "cannot be converted" in refused["convert"]
+            assert refused["other shapes"].startswith("WeightsReleasedError: capturing again (the call differs "
+                                                      "from the capture")
+    if source == "meta":  # each rank read its stage's parameters from the files, and no others
+        assert [f["loaded"] + f["stage buffers"] for f in facts] == own
+        assert all(f["loaded"] > 0 for f in facts)
 
 
 def test_a_rank_that_exits_makes_the_others_fail_clearly(tmp_path):

@@ -67,13 +67,13 @@ def test_a_given_plan_is_never_recut(mispriced, caplog):
 
 def test_a_plan_to_recut_is_built_two_steps_before_the_last_warmup_step(mispriced):
     model, kwargs, captured = mispriced
-    for options, built in (({"rebalance": True}, "stages built at warm-up step 1 (timed before the last, to re-cut)"),
-                           ({}, "stages built at the last warm-up step")):
-        den = asyncfx.partition(captured, 2, warmup=4, executor="serial", **options)
+    for rebalance, built in ((True, "stages built at warm-up step 1 (timed before the last, to re-cut)"),
+                             (False, "stages built at the last warm-up step")):
+        den = asyncfx.partition(captured, 2, warmup=4, executor="serial", rebalance=rebalance)
         den(**kwargs)
         assert repr(den).endswith(f": captured; {built})") and den.executor is None
         den(**{**kwargs, "timestep": torch.tensor(900.0)})
-        assert (den.executor is not None) == ("rebalance" in options)  # built at step 1 only to re-cut
+        assert (den.executor is not None) == rebalance  # built at step 1 only to re-cut
 
 
 def test_rebalance_must_be_a_bool():
@@ -85,8 +85,9 @@ def test_the_rebalancer_moves_cuts_towards_the_slow_stage_and_goes_back_when_wor
     _, _, captured = mispriced
     compiled = compile_with_costs(captured, 2)
     rebalancer = Rebalancer(compiled.model, compiled.plan)
-    assert rebalancer.observe([0.010, 0.0102], parallel=True) is None  # balanced: kept
-    assert rebalancer.observe([0.0001, 0.0005], parallel=True) is None  # too little to gain
+    assert rebalancer.observe([0.010, 0.0102], parallel=False) is None  # balanced: kept
+    assert rebalancer.observe([0.0001, 0.0005], parallel=False) is None  # too little to gain
+    assert not rebalancer.finished  # measured one stage after another: the parallel steps may differ
     better = rebalancer.observe([0.002, 0.020], parallel=True)
     assert better is not None and rebalancer.plan is better and rebalancer.recuts == 1
     assert plan_positions(better)[0] > plan_positions(compiled.plan)[0]
@@ -106,6 +107,14 @@ def test_the_rebalancer_stops_after_max_recuts(mispriced):
         seconds = [0.005, slow] if round_index % 2 == 0 else [slow, 0.005]
         rebalancer.observe(seconds, parallel=True)
     assert rebalancer.recuts <= MAX_RECUTS and rebalancer.finished
+
+
+def test_a_plan_measured_balanced_at_parallel_steps_is_final(mispriced):
+    _, _, captured = mispriced
+    compiled = compile_with_costs(captured, 2)
+    rebalancer = Rebalancer(compiled.model, compiled.plan)
+    assert rebalancer.observe([0.010, 0.0102], parallel=True) is None and rebalancer.finished
+    assert rebalancer.observe([0.002, 0.020], parallel=True) is None  # final: weights may be gone
 
 
 def test_stage_times_drop_first_runs_keep_the_fastest_and_prefer_parallel_ones():

@@ -807,7 +807,7 @@ class PositionalWrapper(nn.Module):
 
 def test_attributes_come_from_the_original_model():
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=3)
+    den = asyncfx.partition(model, 2, warmup=3, rebalance=False)  # stages built at the last warm-up step
     assert den.config is model.config and den.dtype == model.dtype and den.device == model.device
     assert den.plan is None and den.interface is None  # captured lazily
     assert repr(den) == ("AsyncDenoiser(UNet2DConditionModel, n_stages=2, warmup=3, stride=1: "

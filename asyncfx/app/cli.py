@@ -8,6 +8,8 @@
     asyncfx show plan.json [--profile profile.json] [--plot plan.png]
     asyncfx simulate plan.json [--link nvlink|pcie4|cpu] [--steps 50 --warmup 3 --stride 1]
                                [--host-ms 1.1]
+    asyncfx sample MODEL_DIR [--n-devices 2] [--executor local|distributed] [--steps 20]
+                             [--warmup W] [--height H --width W --batch B]
 
 MODEL is ``package.module:function`` returning (model, args, kwargs), or a local diffusers
 model directory. Errors print one line and exit with status 2.
@@ -112,6 +114,21 @@ def _parser() -> argparse.ArgumentParser:
                           help="the host's time at each call while the devices wait, in ms "
                                "(default: the link preset's)")
     simulate.set_defaults(run=_simulate)
+
+    sample = commands.add_parser(
+        "sample", help="sample with a saved model, each device or rank loading only its stages' weights",
+        description="Build the model in MODEL_DIR on the meta device (no weights), partition it with "
+                    "weights=MODEL_DIR and sample from random inputs: a model too large for one device "
+                    "runs across several. Under torchrun, --executor distributed runs one stage a rank.")
+    sample.add_argument("model", metavar="MODEL_DIR", help="a diffusers model directory (save_pretrained)")
+    sample.add_argument("--n-devices", type=_positive_int, default=2, help="stages")
+    sample.add_argument("--executor", choices=("local", "distributed"), default="local")
+    sample.add_argument("--steps", type=_positive_int, default=20, help="DDIM steps")
+    sample.add_argument("--warmup", type=_positive_int, default=None, help="warm-up steps")
+    sample.add_argument("--batch", type=_positive_int, default=2, help="batch size (2 for CFG)")
+    sample.add_argument("--height", type=_positive_int, help="latent height")
+    sample.add_argument("--width", type=_positive_int, help="latent width")
+    sample.set_defaults(run=_sample)
     return parser
 
 
@@ -139,6 +156,23 @@ def _demo(options: argparse.Namespace) -> int:
     return run_demo(n_devices=options.n_devices, warmup=options.warmup, stride=options.stride,
                     steps=options.steps, seed=options.seed, per_class=options.per_class,
                     out=options.out)
+
+
+def _sample(options: argparse.Namespace) -> int:
+    from asyncfx.app.sample import init_process_group, sample_from_directory
+
+    created = init_process_group(options.executor)
+    try:
+        for line in sample_from_directory(options.model, n_devices=options.n_devices, executor=options.executor,
+                                          steps=options.steps, warmup=options.warmup, batch=options.batch,
+                                          height=options.height, width=options.width):
+            print(line)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
 
 
 def _profile(options: argparse.Namespace) -> int:

@@ -81,11 +81,26 @@ def _size_keywords(function: Callable, batch: int | None, height: int | None, wi
 
 
 def _from_directory(path: str, batch: int, height: int | None, width: int | None) -> Example:
+    model_class = model_class_of(path)
+    try:
+        model = model_class.from_pretrained(path)
+    except Exception as exc:
+        raise ModelSpecError(f"cannot load {model_class.__name__} from {path!r}: {type(exc).__name__}: "
+                             f"{exc}") from exc
+    return model, (), example_kwargs(model, batch, height, width)
+
+
+def model_class_of(path: str) -> type:
+    """The diffusers class a model directory's ``config.json`` names.
+
+    Example:
+        >>> model_class_of("unet_dir").__name__
+        'UNet2DConditionModel'
+    """
     config_path = os.path.join(path, "config.json")
     try:
         with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-        class_name = config["_class_name"]
+            class_name = json.load(f)["_class_name"]
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         raise ModelSpecError(f"{path!r} is not a diffusers model directory (no readable "
                              f"config.json with _class_name): {exc}") from exc
@@ -94,11 +109,7 @@ def _from_directory(path: str, batch: int, height: int | None, width: int | None
     model_class = getattr(diffusers, class_name, None)
     if model_class is None:
         raise ModelSpecError(f"diffusers has no class {class_name!r} (from {config_path}).")
-    try:
-        model = model_class.from_pretrained(path)
-    except Exception as exc:
-        raise ModelSpecError(f"cannot load {class_name} from {path!r}: {type(exc).__name__}: {exc}") from exc
-    return model, (), example_kwargs(model, batch, height, width)
+    return model_class
 
 
 def example_kwargs(model: nn.Module, batch: int, height: int | None, width: int | None) -> dict[str, Any]:

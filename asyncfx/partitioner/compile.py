@@ -76,6 +76,11 @@ def compile_with_costs(captured: Captured, n_devices: int, *, example_inputs: An
     started = time.perf_counter()
     flat_inputs = None
     if cost == "measure":
+        if any(t.is_meta for t in [*captured.graph_module.parameters(), *captured.graph_module.buffers()]):
+            raise PlanError(f"cost='measure' times the graph's nodes, which needs the weights, and this "
+                            f"{captured.model_class} was built without them (on the meta device). Use "
+                            "cost='flops' (the default); rebalance=True then corrects the plan from the "
+                            "stage times measured while sampling.")
         if example_inputs is None:
             raise PlanError("cost='measure' times the model on real inputs: pass example_inputs "
                             "(and optionally a Profile from asyncfx.profile()).")

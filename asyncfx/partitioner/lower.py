@@ -6,12 +6,13 @@ import torch
 from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.staged import split
 from asyncfx.plan import StagePlan
-from asyncfx.program import BoundarySpec, Program, StageSpec, TensorSpec
+from asyncfx.program import BoundarySpec, Program, StageSpec, TensorSpec, WeightSource
 
 
-def lower(captured: Captured, plan: StagePlan) -> Program:
+def lower(captured: Captured, plan: StagePlan, weights: WeightSource | None = None) -> Program:
     """The program of ``plan``'s stages of ``captured``: stage modules, boundary and output
-    specs, and how calls bind (refused with a PlanError when the plan is for another graph).
+    specs, and how calls bind (refused with a PlanError when the plan is for another graph);
+    ``weights``: where stages of a model built without weights load theirs from.
 
     Example:
         >>> program = lower(captured, asyncfx.compile(captured, 2))
@@ -24,7 +25,7 @@ def lower(captured: Captured, plan: StagePlan) -> Program:
     boundaries = tuple(BoundarySpec(b.name, b.producer, tuple(b.consumers),
                                     TensorSpec(tuple(b.shape), dtype_named(b.dtype)))
                        for b in plan.boundaries)
-    return Program(captured.call, stages, boundaries, plan)
+    return Program(captured.call, stages, boundaries, plan, weights)
 
 
 def dtype_named(name: str) -> torch.dtype:

@@ -11,7 +11,9 @@ by what was measured (``refine.corrected_scale``), the cuts are searched again, 
 runtime runs the new plan from its next warm-up step on. Measurements of each new plan
 correct the costs further. A plan that measures slower than an earlier one measured the
 same way is replaced by that one, and re-cutting ends there, when the corrected costs
-cut the graph no other way, or after ``MAX_RECUTS`` re-cuts.
+cut the graph no other way, when a plan measures balanced with its stages running at
+once (parallel steps), or after ``MAX_RECUTS`` re-cuts. A finished plan is final: the
+runtime then releases the weights no stage of its process reads.
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ class Rebalancer:
             self.best = _Measured(max(seconds), parallel, plan, self.model)
         measured = balance(seconds)
         if measured <= 1 + TOLERANCE or max(seconds) - statistics.mean(seconds) < MIN_SAVING_SECONDS:
+            self.finished = parallel  # balanced where it counts: the plan is final
             return None
         if self.recuts >= MAX_RECUTS:
             self.finished = True

@@ -22,6 +22,7 @@ from asyncfx.partitioner.binding import BoundCall, top_level_name
 from asyncfx.partitioner.containers import (unregistered_input_error, unregistered_output_error,
                                             watching_argument_writes)
 from asyncfx.partitioner.diagnose import both_failed_message, summary
+from asyncfx.partitioner.empty_weights import fake_weights, with_meta_weights
 from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.functionalise import functionalise, in_place_ops
 from asyncfx.passes.meta import VALUE
@@ -48,9 +49,10 @@ def trace(model: nn.Module, call: BoundCall) -> Traced:
     """
     args, kwargs, leaves, names, is_tensor = call.args, call.kwargs, call.leaves, call.names, call.is_tensor
     try:
-        with restoring_traced_state(model), watching_argument_writes(model) as written:
-            graph_module, out_spec = _export(model, args, kwargs, type(model).__name__)
-        return Traced(graph_module, out_spec, "export", written)
+        with (restoring_traced_state(model), watching_argument_writes(model) as written,
+              fake_weights(model, args, kwargs) as (traced_args, traced_kwargs)):
+            graph_module, out_spec = _export(model, traced_args, traced_kwargs, type(model).__name__)
+        return Traced(with_meta_weights(graph_module, model), out_spec, "export", written)
     except CaptureError:
         raise
     except Exception as export_error:

@@ -35,15 +35,26 @@ def estimate_cost(gm: fx.GraphModule) -> int:
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     with fake_mode:
         inputs = [_fake_like(node.meta[VALUE]) for node in gm.graph.nodes if node.op == "placeholder"]
+    device = inputs[0].device if inputs else torch.device("cpu")
     with fake_mode, counter, torch.no_grad():
-        _CostInterpreter(gm, counter).run(*inputs)
+        _CostInterpreter(gm, counter, device).run(*inputs)
     return counter.get_total_flops()
 
 
 class _CostInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode):
+    """Runs the graph on fake tensors, counting FLOPs; weights without data (a model built
+    on the meta device) stand in as fake tensors on the inputs' ``device``."""
+
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode, device: torch.device):
         super().__init__(gm)
         self.counter = counter
+        self.device = device
+
+    def fetch_attr(self, target: str) -> Any:
+        value = super().fetch_attr(target)
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=self.device)
+        return value
 
     def run_node(self, node: fx.Node) -> Any:
         before = self.counter.get_total_flops()

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from asyncfx.errors import ArgumentsError, InputMismatchError
+from asyncfx.errors import ArgumentsError, InputMismatchError, WeightsReleasedError
 from asyncfx.program import CallSpec, Frontend, Lowering, Program
 from asyncfx.runtime.clock import Placement, StreamKey
 from asyncfx.runtime.executor import BoundaryStore, Executor
@@ -141,6 +141,7 @@ class CaptureCache:
         self.current: Capture | None = None
         self.spares: list[Capture] = []
         self.why_empty = "its first call"  # why there is no current capture (logged)
+        self.refusal: str | None = None  # why new captures are refused (the model's weights were released)
         self._keys = itertools.count()
 
     def captures(self) -> list[Capture]:
@@ -169,6 +170,8 @@ class CaptureCache:
                 reason: str = "") -> Capture:
         """Capture for a call like this one, now the current capture; ``keep_current`` keeps
         the one before as a spare (note on shapes). A capture that fails keeps the old."""
+        if self.refusal is not None:
+            raise WeightsReleasedError(f"capturing again ({reason}) is not possible: {self.refusal}")
         logger.info("capturing %s: %s", type(model).__name__, reason)
         lowering = self.frontend.capture(model, args, kwargs)
         if keep_current and self.current is not None:
@@ -192,6 +195,13 @@ class CaptureCache:
         if not current.settled and current.signature is not None:
             current.signature = state_signature(model)
         current.settled = True
+
+    def sign_again(self, model: nn.Module) -> None:
+        """Take the model's state again for every capture: what the denoiser itself did to
+        the model (releasing its weights) is not an edit."""
+        for capture in self.captures():
+            if capture.signature is not None:
+                capture.signature = state_signature(model)
 
     def forget(self, why: str) -> None:
         """Drop every capture (the model was converted): the next call captures again."""

@@ -16,6 +16,19 @@ since the stages were specialised to the old dtype and device. Devices the stage
 are the ones ``partition()`` chose; only the original model (warm-up steps before the
 first compile, capture) moves.
 
+Note (weights): the original model's weights that the stages read and no stage of this
+process holds are released (``release_weights``; ``stage_weights.release_unheld``).
+Under torch.distributed each rank keeps only its stage's weights from its first stage
+on (a re-cut brings it its new nodes' weights from the ranks holding them,
+``peer_weights``); the local executor on GPUs keeps only the stages' copies on their
+devices once the plan is final; on CPU workers the stages share the model's weights and
+nothing is released; weights no stage reads (an adapter switched off) are kept. The
+original model then answers for its config, attributes and modules but computes
+nothing: calling it raises WeightsReleasedError, as does anything needing a new capture
+(other shapes, an edited or converted model). Warm-up steps run through the stages. A
+model built without weights (on the meta device, ``weights=``) never runs either: its
+stages load their weights from its files, at every capture.
+
 Note (filling calls): a call that writes into its arguments (a pipeline may first fill
 a KV cache with a reference image's keys and values) cannot run as a graph; the capture
 lists what it writes into (``written_arguments``). Such calls run the original model
@@ -32,13 +45,15 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from asyncfx.errors import AsyncFXError, GenerationWarning
+from asyncfx.errors import AsyncFXError, GenerationWarning, WeightsReleasedError
 from asyncfx.integration import NamedCalls, scheduled_timesteps
 from asyncfx.program import CallSpec, Frontend, Program
 from asyncfx.runtime.captures import Capture, CaptureCache, Launch, running_on
 from asyncfx.runtime.clock import ClockState, CallFacts, Placement, advance, reset
 from asyncfx.runtime.guards import OneCallAtATime, check_call
 from asyncfx.runtime.proxy import ModelProxy
+from asyncfx.runtime.original_model import (BUILT_WITHOUT, RELEASED, no_new_captures, refuse_conversion,
+                                            release, why_without_weights, would_change)
 from asyncfx.runtime.timesteps import inputs_for, same_values, timestep_value
 from asyncfx.schedule import Mode, schedule
 from asyncfx.plan import StagePlan
@@ -64,19 +79,20 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
     """
 
     RUNTIME_STATE = frozenset({"_captures", "_clock", "_calls", "_restarts", "_filled_at", "_warned",
-                               "_rebalanced_at", "call_context"})
+                               "_rebalanced_at", "_without_weights", "call_context"})
     OWN_ATTRIBUTES = frozenset({"_frontend", "_launch", "n_stages", "warmup", "stride", "time_shift",
-                                "scheduler", "rebuild", "convertible", "training"})
+                                "scheduler", "rebuild", "convertible", "release_weights", "training"})
 
     def __init__(self, model: nn.Module, frontend: Frontend, launch: Launch, *, n_stages: int, warmup: int,
                  stride: int = 1, time_shift: bool = False, scheduler: Any = None, rebuild: bool = True,
-                 convertible: bool = True):
+                 convertible: bool = True, release_weights: bool = True):
         super().__init__(model)
         self._frontend, self._launch = frontend, launch
         self.n_stages, self.warmup, self.stride = n_stages, warmup, stride
         self.time_shift, self.scheduler = time_shift, scheduler
         self.rebuild = rebuild  # re-capture on new input shapes (not with a user's plan)
         self.convertible = convertible  # .to() may convert the model and re-capture it
+        self.release_weights = release_weights  # see the note on weights
         self.start_runtime_state()
 
     def start_runtime_state(self) -> None:
@@ -88,6 +104,9 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         self._filled_at: float | None = None  # the last call writing into its arguments was at
         self._warned: set[str] = set()  # warnings given once
         self._rebalanced_at: dict[int, int] = {}  # capture key -> the generation its plan was last looked at
+        self._without_weights = why_without_weights(self._model)  # None while it holds its weights
+        if self._without_weights == RELEASED:
+            self._captures.refusal = no_new_captures(type(self._model).__name__)
 
     # -- what it is built of --------------------------------------------------------------
     @property
@@ -151,7 +170,10 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> AsyncDenoiser:
         """``.to()`` and friends: convert the original model and capture it again at the
         next call (see the note on converting); a no-op conversion keeps the stages."""
-        if not _would_change(self._model, fn):
+        if self._without_weights is not None:
+            refuse_conversion(self._model, self._without_weights, fn)  # unless it changes nothing
+            return self
+        if not would_change([*self._model.parameters(), *self._model.buffers()], fn):
             return self
         if not self.convertible:
             raise AsyncFXError("this denoiser was partitioned from a captured graph, which is specialised to "
@@ -223,9 +245,13 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
             output = self._model(*args, **kwargs)  # see the note on lazy compilation (captures.py)
             self._captures.settle(self._model)
             return output
-        if step == placement.step == self.warmup - 1 and runs.mode is Mode.SEQUENTIAL:
+        looked = step == placement.step == self.warmup - 1 and runs.mode is Mode.SEQUENTIAL
+        if looked:
             self._rebalance(capture, placement.generation)
+        fresh = capture.executor is None
         executor = capture.start(self._launch)
+        if fresh or looked:  # the plan may have become final
+            self._release_unheld(capture)
         if runs.mode is Mode.CACHED:
             outputs = stream.cached.pop(step)
         else:
@@ -238,7 +264,10 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
                                for o in outputs])
 
     def _stages_from(self, capture: Capture) -> int:
-        """The first warm-up step the stages run at (see the note on lazy compilation)."""
+        """The first warm-up step the stages run at (see the notes on lazy compilation and
+        on weights)."""
+        if self._without_weights is not None:
+            return 0
         last = self.warmup - 1
         if capture.program is None and capture.lowering.rebalances and last >= TIMED_WARMUP_STEPS:
             return last - TIMED_WARMUP_STEPS
@@ -252,9 +281,29 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
             self._rebalanced_at[capture.key] = generation
             capture.rebalance()
 
+    def _release_unheld(self, capture: Capture) -> None:
+        """Release the model's weights no executor here holds, once the plan is final or the
+        executor can find them again (see the note on weights)."""
+        if (not self.release_weights or self._without_weights == BUILT_WITHOUT
+                or capture.lowering.rebalances and not capture.executor.refills_weights):
+            return
+        captures = self._captures.captures()
+        read = [stage.module for c in captures if c.program is not None for stage in c.program.stages]
+        held = [module for c in captures if c.executor is not None for module in c.executor.modules()]
+        released_before = self._without_weights == RELEASED  # the new stages may have been refilled
+        if release(self._model, read, held, refuse_calls=not released_before) or released_before:
+            self._without_weights = RELEASED
+            self._captures.refusal = no_new_captures(type(self._model).__name__)
+            self._captures.sign_again(self._model)  # what was released or refilled is not an edit
+
     def _fill(self, call: CallSpec, named: Mapping[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
         """A call that writes into its arguments runs the original model (see the note on
         filling calls); such calls at another timestep than before are warned about once."""
+        if self._without_weights is not None:
+            raise WeightsReleasedError(
+                f"this call writes into {', '.join(map(repr, call.written_arguments))}, which only the original "
+                f"{call.model_class} can do, and it {self._without_weights}. Partition a model built with its "
+                "weights, with release_weights=False.")
         if call.timestep is not None and "filling" not in self._warned:
             t = timestep_value(named[call.timestep])
             before, self._filled_at = self._filled_at, t
@@ -348,23 +397,3 @@ class _Equal:
                 and all(map(same_values, self.tensors, other.tensors)))
 
     __hash__ = None  # type: ignore[assignment]
-
-
-def _would_change(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """Whether ``fn`` (a conversion of ``nn.Module._apply``) changes the dtype, device or
-    layout of the model's tensors, probed on its first floating-point tensor (conversions
-    to another dtype leave integer tensors alone), its first other tensor and its first
-    4-d one (``memory_format=torch.channels_last`` changes only those)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    probes = [next((t for t in tensors if t.is_floating_point()), None),
-              next((t for t in tensors if not t.is_floating_point()), None),
-              next((t for t in tensors if t.dim() == 4), None)]
-    for tensor in (t for t in probes if t is not None):
-        converted = fn(tensor)
-        if _layout(converted) != _layout(tensor):
-            return True
-    return False
-
-
-def _layout(tensor: torch.Tensor) -> tuple:
-    return tensor.dtype, tensor.device, tensor.stride()

@@ -24,17 +24,19 @@ sends its peers posted before they joined the previous broadcast.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from asyncfx.errors import AsyncFXError
 from asyncfx.program import Program
 from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, MeasuredStages, stage_arguments
 from asyncfx.runtime.hooks import with_send_hooks
+from asyncfx.runtime.peer_weights import fill_from_peers
+from asyncfx.runtime.stage_weights import placed
 from asyncfx.schedule import Mode, StageRun, StepSchedule
 from asyncfx.timing import RunTimer
 
@@ -59,6 +61,9 @@ class DistributedExecutor(Executor):
         >>> executor = DistributedExecutor(program, torch.device("cpu"))   # what partition() builds
     """
 
+    #: A new program's stage gets the weights this rank released from the ranks holding them.
+    refills_weights = True
+
     def __init__(self, program: Program, device: torch.device, group: dist.ProcessGroup | None = None):
         require_process_group()
         self.group = group
@@ -68,8 +73,10 @@ class DistributedExecutor(Executor):
         self.slot = self.rank
         super().__init__(program)
         stage = program.stage_in_slot(self.slot)
-        module = stage.module  # the only stage this rank runs
-        self.module = module if self.device.type == "cpu" else copy.deepcopy(module).to(self.device)
+        self.received_bytes = 0  # of weights released here earlier, from the ranks that hold them
+        if program.weights is None:
+            self.received_bytes = fill_from_peers(program, self.slot, self.device, group)
+        self.module = placed(stage.module, self.device, program.weights)  # the only stage this rank runs
         self._hooked = with_send_hooks(self.module, stage.outputs, self._produced)
         self._tags = {name: i for i, name in enumerate(sorted(program.boundary))}
         self._reader_ranks = {name: [slot for slot in range(self.world)
@@ -111,6 +118,9 @@ class DistributedExecutor(Executor):
             outputs = self._hooked(*args)
         self.times.record(run.stage, timer, parallel=parallel)
         self.record(run, outputs, store, results)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.module]
 
     def measured(self) -> MeasuredStages | None:
         """Every rank's times of its stage, gathered (a collective: every rank calls it at
@@ -177,8 +187,11 @@ class DistributedExecutor(Executor):
                             "exit or hang?") from exc
 
     def close(self) -> None:
-        """Wait for the messages still in flight (they pair with posted peer operations)."""
+        """Wait for the messages still in flight (they pair with posted peer operations),
+        then let go of the stage (its hooked copy refers back to this executor, a cycle
+        that would keep its weights until the garbage collector runs)."""
         self._drain()
+        self.module = self._hooked = None
 
     def _exchange(self, runs: Sequence[StageRun], version: int | None, store: BoundaryStore) -> None:
         """Send this rank's outputs of ``runs`` (version ``version``) to the ranks that read

@@ -7,8 +7,10 @@ import collections
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
+from torch import nn
 
 from asyncfx.program import Program, StageSpec
+from asyncfx.runtime.stage_weights import holds_no_data, placed
 from asyncfx.schedule import Mode, StageRun, StepSchedule
 from asyncfx.timing import RunTimer
 
@@ -121,6 +123,10 @@ def _seconds(timer: RunTimer | float) -> float:
 class Executor:
     """Runs one step's schedule; returns the flat outputs of the last stage by step."""
 
+    #: Whether an executor of this kind for a new program finds the weights its process
+    #: released elsewhere (so they may be released before the plan is final).
+    refills_weights = False
+
     def __init__(self, program: Program):
         self.program = program
         self.times = StageTimes(program.n_stages)
@@ -131,6 +137,10 @@ class Executor:
 
     def stage(self, slot: int) -> StageSpec:
         return self.program.stage_in_slot(slot)
+
+    def modules(self) -> list[nn.Module]:
+        """The stage modules this executor computes with (what this process must keep)."""
+        raise NotImplementedError
 
     def step(self, plan: StepSchedule, inputs_for: InputsFor,
              store: BoundaryStore) -> dict[int, tuple[torch.Tensor, ...]]:
@@ -156,17 +166,32 @@ class Executor:
 class SerialExecutor(Executor):
     """Every run on the calling thread, in schedule order: the reference semantics.
 
+    ``device``: where stages without weights of their own are loaded (default: the CPU);
+    stages with weights run where those are. Its stages run one after another on one
+    thread, so their balance decides nothing: it gives no times to re-cut a plan from.
+
     Example:
         >>> executor = SerialExecutor(program)
         >>> outputs = executor.step(schedule(0, 2, warmup=1), inputs_for, BoundaryStore())
     """
+
+    def __init__(self, program: Program, device: torch.device | None = None):
+        super().__init__(program)
+        self._modules = [placed(stage.module, device if holds_no_data(stage.module) else None, program.weights)
+                         for stage in program.stages]
+
+    def modules(self) -> list[nn.Module]:
+        return list(self._modules)
+
+    def measured(self) -> MeasuredStages | None:
+        return None
 
     def step(self, plan: StepSchedule, inputs_for: InputsFor,
              store: BoundaryStore) -> dict[int, tuple[torch.Tensor, ...]]:
         results: dict[int, tuple[torch.Tensor, ...]] = {}
         with torch.no_grad():
             for run in plan.runs:
-                module = self.program.stages[run.stage].module
+                module = self._modules[run.stage]
                 args = stage_arguments(self.program, run, inputs_for, store.get)
                 with RunTimer(args[0].device if args else torch.device("cpu")) as timer:
                     outputs = module(*args)

@@ -33,7 +33,7 @@ class Launcher:
 
     def __call__(self, program: Program) -> Executor:
         if self.kind == "serial":
-            return SerialExecutor(program)
+            return SerialExecutor(program, self.devices[0] if self.devices else None)
         if self.kind == "local":
             return LocalExecutor(program, self.devices, streams=self.streams, cuda_graphs=self.cuda_graphs)
         return DistributedExecutor(program, self.devices[0])

@@ -29,7 +29,6 @@ those buffers, so a worker waits for its copies before it reports the step done.
 from __future__ import annotations
 
 import contextlib
-import copy
 import queue
 import threading
 import weakref
@@ -43,6 +42,7 @@ from asyncfx.runtime.cuda_graphs import GraphedStage, check_cuda_graphs_option
 from asyncfx.program import Program
 from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, stage_arguments
 from asyncfx.runtime.hooks import with_send_hooks
+from asyncfx.runtime.stage_weights import placed
 from asyncfx.schedule import Mode, StageRun, StepSchedule
 from asyncfx.timing import RunTimer
 
@@ -89,13 +89,7 @@ class LocalExecutor(Executor):
         self._stop = weakref.finalize(self, _stop_workers, list(self._workers))
 
     def _slot_module(self, slot: int) -> nn.Module:
-        module = self.stage(slot).module
-        device = self.devices[slot]
-        # Weights already where the slot computes are shared (inference only reads them);
-        # otherwise a private copy: moving a shared module would move the caller's weights.
-        if _on_device(module, device):
-            return module
-        return copy.deepcopy(module).to(device)
+        return placed(self.stage(slot).module, self.devices[slot], self.program.weights)
 
     def _consumer_devices(self) -> dict[str, set[torch.device]]:
         consumers: dict[str, set[torch.device]] = {}
@@ -108,6 +102,9 @@ class LocalExecutor(Executor):
     def slot_modules(self) -> list[nn.Module]:
         """The module each slot computes with (for inspecting what each device holds)."""
         return [worker.module for worker in self._workers]
+
+    def modules(self) -> list[nn.Module]:
+        return self.slot_modules()
 
     def graphed_slots(self) -> list[bool]:
         """Whether each slot now replays its stage as a CUDA graph."""
@@ -252,11 +249,6 @@ def _autocast(regions: Sequence[tuple[str, torch.dtype]]) -> contextlib.ExitStac
     for device_type, dtype in regions:
         stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=False))
     return stack
-
-
-def _on_device(module: nn.Module, device: torch.device) -> bool:
-    return all(t.device.type == device.type and (device.index is None or t.device.index == device.index)
-               for t in [*module.parameters(), *module.buffers()])
 
 
 class _Worker(threading.Thread):
