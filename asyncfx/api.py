@@ -57,13 +57,14 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
     where their names are not the usual ones (see :func:`asyncfx.capture`); ``latent`` may
     list several (``["hidden_states", "audio_hidden_states"]``). ``rebalance=True``
     re-cuts a compiled plan from the stage times measured while sampling, at the last
-    warm-up step of a generation (a ``plan`` given is never re-cut). Once the plan is
-    final, the model's weights that its stages read and no stage of this process holds
-    are released (``release_weights``; default: for a model, not for a Captured, which is
-    made to be partitioned again): the model then answers for its config and attributes
-    but cannot be called, converted or captured again. A model too large for
-    one device is built on the meta device and given ``weights``, its saved directory
-    or ``.safetensors`` file: each device or rank loads only its stages' tensors.
+    warm-up step of a generation (a ``plan`` given is never re-cut). The model's weights
+    that its stages read and no stage of this process holds are released
+    (``release_weights``; default: for a model, not for a Captured, which is made to be
+    partitioned again), under torch.distributed from the first stage on, elsewhere once
+    the plan is final: the model then answers for its config and attributes but cannot
+    be called, converted or captured again. A model too large for one device is built on
+    the meta device and given ``weights``, its saved directory or ``.safetensors`` file:
+    each device or rank loads only its stages' tensors.
     docs/usage.md lists every option.
 
     Example:
@@ -75,19 +76,21 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
         check_argument_names(model, latent=latent, timestep=timestep)
     options = PartitionOptions(n_devices=n_devices, devices=devices, warmup=warmup, stride=stride,
                                executor=executor, plan=plan, scheduler=scheduler, time_shift=time_shift,
-                               cost=cost, link=link, latent=latent, timestep=timestep, cuda_graphs=cuda_graphs,
-                               rebalance=rebalance, release_weights=release_weights, weights=weights)
+                               cost=cost, link=link, latent=latent, timestep=timestep,
+                               cuda_graphs=cuda_graphs, rebalance=rebalance,
+                               release_weights=release_weights, weights=weights)
     _check_weights(model, options.weights)
     launch = launcher(options.executor, options.devices, options.slots, options.cuda_graphs)
     frontend = PartitionFrontend(n_stages=options.n_devices, cost=options.cost, link=options.link,
                                  latent=options.latent, timestep=options.timestep, plan=options.plan,
-                                 rebalance=options.rebalance, rank_zero_decides=options.executor == "distributed",
-                                 weights=options.weights)
+                                 rebalance=options.rebalance, weights=options.weights,
+                                 rank_zero_decides=options.executor == "distributed")
+    release = options.release_weights
     denoiser = AsyncDenoiser(model, frontend, launch, n_stages=options.n_devices, warmup=options.warmup,
-                             stride=options.stride, time_shift=options.time_shift, scheduler=options.scheduler,
-                             rebuild=options.plan is None, convertible=not isinstance(model, Captured),
-                             release_weights=(options.release_weights if options.release_weights is not None
-                                              else not isinstance(model, Captured)))
+                             stride=options.stride, time_shift=options.time_shift,
+                             scheduler=options.scheduler, rebuild=options.plan is None,
+                             convertible=not isinstance(model, Captured),
+                             release_weights=not isinstance(model, Captured) if release is None else release)
     if example_inputs is not None:
         denoiser.build(*split_example_inputs(example_inputs))
     return denoiser
@@ -98,8 +101,8 @@ def _check_weights(model: nn.Module, weights: WeightSource | None) -> None:
     module = model.graph_module if isinstance(model, Captured) else model
     empty = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if empty and weights is None:
-        raise ModelError(f"{type(module).__name__} holds {len(empty)} tensor(s) on the meta device ({empty[0]}, "
-                         "...): it was built without weights. Pass weights=<the directory it was saved to "
+        raise ModelError(f"{type(module).__name__} holds {len(empty)} tensor(s) on the meta device "
+                         f"({empty[0]}, ...): it was built without weights. Pass weights=<the directory it was saved to "
                          "(save_pretrained) or its .safetensors file>, and each device or rank loads its "
                          "stages' tensors from there.")
     if weights is not None and not empty:

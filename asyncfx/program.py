@@ -52,13 +52,25 @@ class GraphInput:
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """The shape and dtype of a tensor a program moves (a boundary or an output)."""
+    """The shape and dtype of a tensor a program moves (a boundary or an output), and the
+    strides its producer makes it with (None: contiguous). Messages carry contiguous
+    values; ``laid_out`` gives a received one the producer's strides back, so that its
+    readers compute exactly as they do on the producer's own tensor (kernels differ by
+    layout in their last bits)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    stride: tuple[int, ...] | None = None
 
     def empty(self, device: torch.device) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device=device)
+
+    def laid_out(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (contiguous, as received) with the producer's strides."""
+        if self.stride is None or tensor.stride() == self.stride:
+            return tensor
+        laid_out = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=tensor.device)
+        return laid_out.copy_(tensor)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,7 +58,8 @@ def main() -> None:
           f"predicted {predicted_step * 1e3:.0f} ms by the cpu preset's roofline")
     print("| operation | nodes | measured ms | predicted ms | measured / predicted | share of the step |")
     print("|---|---|---|---|---|---|")
-    for op, (measured, predicted, count) in sorted(totals.items(), key=lambda item: -item[1][0])[:options.top]:
+    slowest_first = sorted(totals.items(), key=lambda item: -item[1][0])
+    for op, (measured, predicted, count) in slowest_first[:options.top]:
         ratio = measured / predicted if predicted else float("inf")
         print(f"| {op} | {count} | {measured * 1e3:.1f} | {predicted * 1e3:.1f} | {ratio:.2f} | "
               f"{measured / measured_step:.0%} |")

@@ -6,10 +6,11 @@ SD 2.1's UNet config with random weights, fp32, latent 2x4x16x16 (classifier-fre
 guidance's batch of 2), 10 DDIM steps, warm-up 2. In one run:
 
 - the original model on 1 and 2 threads;
-- ``executor="distributed"`` on 2 gloo ranks of one thread each: the default
-  ``partition(unet, 2)``; a plan from ``cost="measure"``; and the default on the model
-  built on the meta device (``weights=``: each rank loads its stage's tensors from the
-  files ``save_pretrained`` wrote, in a fresh process, so its peak is its own);
+- ``executor="distributed"`` on 2 gloo ranks of one thread each, each run in fresh
+  processes (their memory and peak are the run's own): the default on the model built on
+  the meta device (``weights=``: each rank loads its stage's tensors from the files
+  ``save_pretrained`` wrote, and the whole model is never built); then the default
+  ``partition(unet, 2)`` and a plan from ``cost="measure"``, alternating (``--rounds``);
 - the local executor on 2 CPU workers: the default and ``cost="measure"``.
 
 For each it prints every generation's time, the stage times the executor measured in
@@ -26,7 +27,6 @@ import datetime
 import gc
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -34,9 +34,10 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, UNet2DConditionModel
 
 import asyncfx
+from asyncfx.app.model_spec import example_kwargs
 from asyncfx.partitioner.rebalance import balance
 from asyncfx.zoo import tiny
 
@@ -48,11 +49,12 @@ def build(size: int):
     return model.eval(), kwargs
 
 
-def empty_copy(model: torch.nn.Module) -> torch.nn.Module:
+def empty_copy_from(directory: str) -> torch.nn.Module:
+    """The model saved in ``directory``, built from its config without weights."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        return type(model).from_config(model.config).eval()
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(directory)).eval()
 
 
 def rss() -> float:
@@ -62,7 +64,11 @@ def rss() -> float:
 
 
 def peak_rss() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory, in bytes: the kernel's high-water mark of its
+    address space (``getrusage`` would report the parent's: a spawned rank inherits it)."""
+    with open("/proc/self/status") as status:
+        kilobytes = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    return int(kilobytes) * 1024
 
 
 def sample(denoiser, kwargs: dict, steps: int) -> float:
@@ -100,28 +106,27 @@ def partitioned(model, kwargs: dict, options: argparse.Namespace, **settings) ->
     return facts
 
 
-def distributed_rank(rank: int, folder: str, options: argparse.Namespace, runs: list[str]) -> None:
-    """Every distributed run on one pair of processes, the meta-device one first (its peak is
-    then its own); rank r writes ``<run>.<r>.json``."""
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'init')}", rank=rank,
+def distributed_rank(rank: int, folder: str, options: argparse.Namespace, run: str, label: str) -> None:
+    """One rank of one distributed run, in a fresh process (its memory and peak are the
+    run's own); writes ``<label>.<rank>.json``."""
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'init.' + label)}", rank=rank,
                             world_size=2, timeout=datetime.timedelta(seconds=1800))
     try:
         torch.set_grad_enabled(False)
         torch.set_num_threads(1)
-        for run in runs:
+        settings = {"executor": "distributed"}
+        if run == "meta":  # the model never built with weights: its config, then each rank's stage
+            weights = os.path.join(folder, "weights")
+            model = empty_copy_from(weights)
+            kwargs = example_kwargs(model, 2, options.size, options.size)
+            settings["weights"] = weights
+        else:
             model, kwargs = build(options.size)
-            settings = {"executor": "distributed"}
-            if run == "meta":
-                model = empty_copy(model)  # built twice here only to take its config: no weights kept
-                gc.collect()
-                settings["weights"] = os.path.join(folder, "weights")
-            elif run == "measure":
-                settings.update(cost="measure", example_inputs=kwargs)
-            facts = partitioned(model, kwargs, options, **settings)
-            with open(os.path.join(folder, f"{run}.{rank}.json"), "w") as f:
-                json.dump(facts, f)
-            del model
-            gc.collect()
+        if run == "measure":
+            settings.update(cost="measure", example_inputs=kwargs)
+        facts = partitioned(model, kwargs, options, **settings)
+        with open(os.path.join(folder, f"{label}.{rank}.json"), "w") as f:
+            json.dump(facts, f)
     finally:
         dist.destroy_process_group()
 
@@ -142,11 +147,14 @@ def report(name: str, facts: list[dict], baseline: float, options: argparse.Name
         print(f"    stages measured in the last generation: "
               f"{' / '.join(f'{s * 1e3:.0f}' for s in stage_seconds)} ms, max/mean {balance(stage_seconds):.3f}")
     for rank, rank_facts in enumerate(facts):
-        own = rank_facts["stage bytes"][min(rank, len(rank_facts["stage bytes"]) - 1)]
         memory = " ".join(f"{m / GB:.2f}" for m in rank_facts["rss"])
-        label = f"rank {rank}" if len(facts) > 1 else "process"
-        print(f"    {label}: RSS after each generation {memory} GB, peak {rank_facts['peak'] / GB:.2f} GB; "
-              f"its stage's parameters {own / GB:.2f} GB (+{(rank_facts['rss'][-1] - own) / GB:.2f} GB)")
+        if len(facts) == 1:  # one process holds every stage
+            print(f"    process: RSS after each generation {memory} GB, peak {rank_facts['peak'] / GB:.2f} GB")
+            continue
+        own = rank_facts["stage bytes"][rank]
+        print(f"    rank {rank}: RSS after each generation {memory} GB, peak {rank_facts['peak'] / GB:.2f} GB; "
+              f"its stage's parameters {own / GB:.2f} GB (+{(rank_facts['rss'][0] - own) / GB:.2f} GB after "
+              f"the first generation)")
     for note in facts[0]["notes"]:
         if note.startswith(("re-cut", "back to")):
             print(f"    {note}")
@@ -159,6 +167,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--size", type=int, default=16, help="latent height and width")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating default and measured runs")
     parser.add_argument("--skip-local", action="store_true")
     options = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -174,15 +183,20 @@ def main() -> None:
         two = statistics.median(original(model, kwargs, options, cores))
         print(f"original: 1 thread {one:.2f} s, {cores} threads {two:.2f} s a generation; the process holds "
               f"{model_alone / GB:.2f} GB with the model")
-        runs = ["meta", "default", "measure"]
-        mp.start_processes(distributed_rank, args=(folder, options, runs), nprocs=2, start_method="spawn",
-                           join=True)
-        results = {run: [json.load(open(os.path.join(folder, f"{run}.{rank}.json"))) for rank in range(2)]
-                   for run in runs}
-        measured = report("distributed, cost='measure' plan", results["measure"], one, options)
-        default = report("distributed, default partition(unet, 2)", results["default"], one, options)
-        report("distributed, default, model built on the meta device (weights=)", results["meta"], one, options)
-        print(f"    default against the measured plan: {default / measured - 1:+.1%} (target within 5%)")
+        names = {"meta": "default, model built on the meta device (weights=)",
+                 "default": "default partition(unet, 2)", "measure": "cost='measure' plan"}
+        later: dict[str, list[float]] = {"default": [], "measure": []}
+        for index, run in enumerate(["meta"] + ["default", "measure"] * options.rounds):
+            label = f"{run}{index}"
+            mp.start_processes(distributed_rank, args=(folder, options, run, label), nprocs=2,
+                               start_method="spawn", join=True)
+            facts = [json.load(open(os.path.join(folder, f"{label}.{rank}.json"))) for rank in range(2)]
+            seconds = report(f"distributed, {names[run]}", facts, one, options)
+            later.setdefault(run, []).append(seconds)
+        if options.rounds:
+            default, measured = statistics.median(later["default"]), statistics.median(later["measure"])
+            print(f"    default against the measured plan, medians of {options.rounds} alternating runs: "
+                  f"{default / measured - 1:+.1%} (target within 5%)")
         if options.skip_local:
             return
         torch.set_num_threads(cores)

@@ -92,19 +92,22 @@ def check_boundaries(captured: asyncfx.Captured, plan: asyncfx.StagePlan,
 
 
 class Mispriced(torch.nn.Module):
-    """A denoiser the FLOP estimate misprices on CPUs: both halves hold the same Linear
-    layers, but the second also sorts its activations after each (no FLOPs and few
-    bytes, milliseconds on a CPU), so the FLOP-balanced cut runs unbalanced."""
+    """A denoiser the FLOP/byte estimate misprices on CPUs both ways: the first half holds
+    twice the Linear layers of the second and reshapes their outputs (views, priced by
+    their bytes, free to run); the second sorts its activations after each layer (the
+    bytes of a linear, milliseconds on a CPU). The estimated balanced cut runs unbalanced."""
 
     def __init__(self, width: int = 256, layers: int = 4):
         super().__init__()
-        self.first = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+        self.first = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(2 * layers))
         self.second = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor]:
         x = sample
         for layer in self.first:
             x = layer(x) + timestep / 1000
+            for _ in range(4):  # views: priced by their bytes, free to run
+                x = x.view(-1, x.shape[-1] // 2).view(x.shape)
         for layer in self.second:
             x = layer(x)
             x = x + torch.sort(x.flatten()).values.view_as(x) * 1e-3

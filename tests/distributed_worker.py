@@ -61,13 +61,54 @@ def refusals(denoiser, model, kwargs, latent: str) -> dict[str, str]:
     return refused
 
 
+def refill(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Each rank runs its stage of a plan cut as early as it can be, releases the model's
+    other weights, then builds its stage of a plan cut as late as it can be: rank 0's
+    new stage reads weights only rank 1 holds, which it must receive intact."""
+    from asyncfx.partitioner import lower
+    from asyncfx.partitioner.compile import compile_with_costs
+    from asyncfx.partitioner.make_plan import plan_from_cuts
+    from asyncfx.partitioner.search import Cut
+    from asyncfx.runtime.distributed import DistributedExecutor
+    from asyncfx.runtime.original_model import release
+    from asyncfx.runtime.stage_weights import stage_tensors
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model, kwargs = example("mispriced")
+        values = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        captured = asyncfx.capture(model, (), kwargs)
+        compiled = compile_with_costs(captured, world)
+        positions = compiled.model.graph.cut_positions
+        early, late = (lower(captured, plan_from_cuts(compiled.model, [Cut(p, "test")]))
+                       for p in (positions[0], positions[-1]))
+        first = DistributedExecutor(early, torch.device("cpu"))
+        release(model, [s.module for s in early.stages], first.modules())
+        held_first = sum(t.untyped_storage().nbytes() for t in model.parameters())
+        second = DistributedExecutor(late, torch.device("cpu"))
+        intact = all(torch.equal(tensor, values[name]) for name, tensor in stage_tensors(second.module))
+        release(model, [s.module for s in late.stages], second.modules(), refuse_calls=False)
+        facts = {"held first": held_first, "received": second.received_bytes, "intact": intact,
+                 "held last": sum(t.untyped_storage().nbytes() for t in model.parameters()),
+                 "stage bytes": [[s.param_bytes for s in p.plan.stages] for p in (early, late)]}
+        with open(os.path.join(out_dir, f"facts{rank}.json"), "w") as f:
+            json.dump(facts, f)
+    except Exception as exc:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+
+
 def run_scenarios(rank: int, out_root: str, scenarios: list[tuple], steps: int) -> None:
     """One process for many scenarios ``(model_name, world, stride, guided_at, rebalance, source)``,
     each with a process group of its own (ranks beyond a scenario's world skip it), so that
     the interpreters, imports and zoo models are made once; results go to ``out_root/<i>``.
     ``source``: "captured" partitions a capture made once per model, "model" the model
     itself (whose weights other ranks' stages read are then released), "meta" the model
-    built without weights, loading each rank's from ``out_root/weights/<model>``."""
+    built without weights, loading each rank's from ``out_root/weights/<model>``; "refill"
+    moves weights between ranks (``refill``)."""
     captures: dict[str, asyncfx.Captured] = {}  # each model captured once by this rank
     for index, (model_name, world, stride, guided_at, rebalance, source) in enumerate(scenarios):
         if rank < world:
@@ -76,6 +117,9 @@ def run_scenarios(rank: int, out_root: str, scenarios: list[tuple], steps: int) 
             if source == "captured" and model_name not in captures:
                 model, kwargs = example(model_name)
                 captures[model_name] = asyncfx.capture(model, (), kwargs)
+            if source == "refill":
+                refill(rank, world, os.path.join(out_root, f"init{index}"), out_dir)
+                continue
             run(rank, world, os.path.join(out_root, f"init{index}"), out_dir, model_name, steps,
                 stride=stride, guided_at=guided_at, captured=captures.get(model_name) if source == "captured"
                 else None, rebalance=rebalance,
@@ -97,11 +141,15 @@ def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, st
                                      executor="distributed", stride=stride, rebalance=rebalance,
                                      scheduler=ddim(steps) if stride == 2 else None, weights=weights)
         caller = _ExitAt(denoiser, 4 if rank == dying_rank else None)
-        results, plans, received = [], [], 0
+        results, plans, received, first_bytes = [], [], 0, None
         with torch.no_grad():  # two generations: the second starts while the first's last messages fly
+            if rebalance:  # the stages are built at step 0: the bytes of the rank's first stage
+                caller(**kwargs)
+                denoiser.reset()
+                first_bytes = denoiser.plan.stages[min(rank, denoiser.plan.n_stages - 1)].param_bytes
             for _ in range(2):
                 results.append(sample(caller, kwargs, LATENT[model_name], steps=steps, guided_at=guided_at))
-                plans.append(json.dumps(denoiser.plan.to_dict()))  # the plan the generation's parallel steps ran
+                plans.append(json.dumps(denoiser.plan.to_dict()))  # the plan its parallel steps ran
                 received += denoiser.executor.received_bytes  # weights a re-cut brought from the other ranks
         module = denoiser.executor.module
         facts = {"held": sum(t.nbytes for t in [*module.parameters(), *module.buffers()]),
@@ -110,7 +158,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, st
                                     {t.untyped_storage().data_ptr(): t for t in
                                      [*model.parameters(), *model.buffers()] if not t.is_meta}.values()),
                  "loaded": denoiser.program.weights.loaded_bytes if weights is not None else None,
-                 "received": received,
+                 "received": received, "first stage bytes": first_bytes,
                  "refused": None if captured is not None or weights is not None
                  else refusals(denoiser, model, kwargs, LATENT[model_name])}
         denoiser.close()

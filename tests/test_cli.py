@@ -195,7 +195,8 @@ def test_sample_runs_a_saved_model_from_its_files_without_building_its_weights(t
     assert first.startswith(f"UNet2DConditionModel from {tmp_path / 'unet'}: 3 steps in ")
     assert first.endswith("on 2 stage(s) (local); sample [2, 4, 8, 8], finite: True")
     params = sum(p.nbytes for p in model.parameters()) / 1e6
-    assert second.startswith("weights loaded from the files: ") and f"of the model's {params:.1f} MB" in second
+    assert second.startswith("weights loaded from the files: ")
+    assert f"of the model's {params:.1f} MB" in second
 
 
 def test_sample_outside_torchrun_says_how_to_launch_it(tmp_path, capsys):

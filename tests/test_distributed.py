@@ -59,7 +59,7 @@ GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
 SCENARIOS = [("sd_unet", 2, 1, (), False, "model"), ("sd_unet", 3, 1, (), False, "model"),
              ("sd_unet", 3, 1, (), False, "meta"), ("sd3_transformer", 2, 1, (), False, "meta"),
              ("sd_unet", 3, 2, (), False, "model"), ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured"),
-             ("mispriced", 2, 1, (), True, "model")]
+             ("mispriced", 2, 1, (), True, "model"), ("mispriced", 2, 1, (), False, "refill")]
 
 
 def test_distributed_ranks_equal_serial(tmp_path):
@@ -71,7 +71,23 @@ def test_distributed_ranks_equal_serial(tmp_path):
     mp.start_processes(run_scenarios, args=(str(tmp_path), SCENARIOS, STEPS),
                        nprocs=max(scenario[1] for scenario in SCENARIOS), start_method="spawn", join=True)
     for index, scenario in enumerate(SCENARIOS):
-        check_scenario(tmp_path / str(index), *scenario)
+        if scenario[-1] == "refill":
+            check_refill(tmp_path / str(index))
+        else:
+            check_scenario(tmp_path / str(index), *scenario)
+
+
+def check_refill(tmp_path) -> None:
+    """A re-cut after the weights were released: the weights a rank's new stage reads and it
+    released came intact from the other rank, and each keeps only its stage's weights."""
+    errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
+    assert not errors, errors
+    facts = [json.loads((tmp_path / f"facts{rank}.json").read_text()) for rank in range(2)]
+    early, late = facts[0]["stage bytes"]
+    assert late[0] > early[0] and late[1] < early[1]  # the late cut gives rank 0 most of the weights
+    assert [f["held first"] for f in facts] == early and [f["held last"] for f in facts] == late
+    assert facts[0]["received"] == late[0] - early[0] and facts[1]["received"] == 0
+    assert all(f["intact"] for f in facts)
 
 
 def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at: tuple[int, ...],
@@ -97,8 +113,9 @@ def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at
     assert [f["held"] for f in facts] == own
     if source == "model":  # the original model keeps only what the rank's stage reads, and says so
         assert [f["model holds"] for f in facts] == own
-        if rebalance:  # the re-cut moved nodes: a rank got their weights from the other
-            assert sum(f["received"] for f in facts) > 0
+        for f, final in zip(facts, own):  # a rank whose stage grew got the new weights from the other
+            if rebalance and final > f["first stage bytes"]:
+                assert f["received"] > 0, facts
         model_class = "Mispriced" if model_name == "mispriced" else "UNet2DConditionModel"
         for refused in (f["refused"] for f in facts):
             assert refused["call"].startswith(f"WeightsReleasedError: {model_class} had its weights that "
@@ -106,8 +123,8 @@ def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at
             assert "release_weights=False" in refused["call"]
             assert refused["convert"].startswith(f"WeightsReleasedError: {model_class} had its weights")
             assert "cannot be converted" in refused["convert"]
-            assert refused["other shapes"].startswith("WeightsReleasedError: capturing again (the call differs "
-                                                      "from the capture")
+            assert refused["other shapes"].startswith(
+                "WeightsReleasedError: capturing again (the call differs from the capture")
     if source == "meta":  # each rank read its stage's parameters from the files, and no others
         assert [f["loaded"] + f["stage buffers"] for f in facts] == own
         assert all(f["loaded"] > 0 for f in facts)

@@ -106,10 +106,12 @@ def test_weights_that_do_not_fit_are_refused_with_the_cause(saved, tmp_path):
         denoiser(**kwargs)  # the stages are built at the first call: the model holds no weights to warm up
     small = {k: v[..., :1].contiguous() if v.dim() else v for k, v in model.state_dict().items()}
     save_file(small, tmp_path / "small.safetensors")
-    with pytest.raises(WeightsError, match=r"with shape \[.*\], but the model has \[.*\]: the files are another"):
+    with pytest.raises(WeightsError, match=r"with shape \[.*\], but the model has \[.*\]: the files are "
+                                           r"another"):
         asyncfx.partition(empty_copy(model), 2, warmup=1, weights=tmp_path / "small.safetensors")(**kwargs)
     save_file(small, tmp_path / "other.safetensors")
-    with pytest.raises(WeightsError, match=r"holds several weight files \(other.safetensors, small.safetensors\)"):
+    with pytest.raises(WeightsError, match=r"holds several weight files "
+                                           r"\(other.safetensors, small.safetensors\)"):
         WeightFiles(tmp_path)
 
 

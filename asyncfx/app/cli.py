@@ -163,8 +163,9 @@ def _sample(options: argparse.Namespace) -> int:
 
     created = init_process_group(options.executor)
     try:
-        for line in sample_from_directory(options.model, n_devices=options.n_devices, executor=options.executor,
-                                          steps=options.steps, warmup=options.warmup, batch=options.batch,
+        for line in sample_from_directory(options.model, n_devices=options.n_devices,
+                                          executor=options.executor, steps=options.steps,
+                                          warmup=options.warmup, batch=options.batch,
                                           height=options.height, width=options.width):
             print(line)
     finally:

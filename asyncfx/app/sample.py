@@ -55,7 +55,8 @@ def sample_from_directory(path: str, *, n_devices: int, executor: str, steps: in
     denoiser.close()
     where = f"rank {_rank()}: " if executor == "distributed" else ""
     return [f"{where}{model_class.__name__} from {path}: {steps} steps in {seconds:.2f} s on "
-            f"{n_devices} stage(s) ({executor}); sample {list(x.shape)}, finite: {bool(torch.isfinite(x).all())}",
+            f"{n_devices} stage(s) ({executor}); sample {list(x.shape)}, "
+            f"finite: {bool(torch.isfinite(x).all())}",
             f"{where}weights loaded from the files: {loaded / 1e6:.1f} MB of the model's "
             f"{plan.total_param_bytes / 1e6:.1f} MB; peak resident memory {_peak_rss() / 1e9:.2f} GB"]
 
@@ -85,4 +86,10 @@ def _rank() -> int:
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The peak resident memory of this process (Linux: its address space's high-water
+    mark, which a rank spawned by a larger process does not inherit as getrusage's does)."""
+    try:
+        with open("/proc/self/status") as status:
+            return int(next(line.split()[1] for line in status if line.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

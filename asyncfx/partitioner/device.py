@@ -46,14 +46,20 @@ class DeviceSpec:
 GPU_HOST_SECONDS_PER_CALL = 1.1e-3
 
 PRESETS: dict[str, DeviceSpec] = {
-    # CPU worker threads of one process; a boundary "transfer" is a memory copy.
-    # Compute: one x86-64 core with AVX2 FMA peaks at 2 FMA x 8 floats x 2 FLOP x ~3 GHz
-    # = 96 GFLOP/s; about half is sustained by oneDNN/MKL convolutions and GEMMs.
-    # Memory: about 20 GB/s for one core's streaming reads (DDR4/DDR5 servers give each
-    # core a fraction of 100-200 GB/s). Copy: memcpy of a large buffer runs at about
-    # 10 GB/s per core; handing a tensor to another thread costs a few microseconds.
+    # CPU worker threads of one process; a boundary "transfer" is a memory copy. The
+    # compute rates are those of eager PyTorch on one core, fitted to the per-node times
+    # benchmarks/cost_estimate.py measured of SD 2.1's UNet (one thread): large GEMMs and
+    # convolutions sustain about 100 GFLOP/s (AVX-512), while what an operator does per
+    # byte it reads or writes (elementwise and normalisation kernels, and the layout
+    # conversions oneDNN makes of a convolution's activations and weights at every call)
+    # runs at about 2 GB/s, a tenth of a core's streaming bandwidth. With these rates the
+    # default two-stage plan of that UNet measures 1.04 max/mean where the earlier 50
+    # GFLOP/s and 20 GB/s (bytes almost never binding) gave 1.42: convolutions on 2x2
+    # and 4x4 maps and linears over a few tokens are bound by their bytes, not FLOPs.
+    # Copy: memcpy of a large buffer runs at about 10 GB/s per core; handing a tensor to
+    # another thread costs a few microseconds.
     # Host: benchmarks/runtime_overhead.py measured 156-290 us a call in the calling thread.
-    "cpu": DeviceSpec("cpu", flops_per_s=50e9, bytes_per_s=20e9,
+    "cpu": DeviceSpec("cpu", flops_per_s=100e9, bytes_per_s=2e9,
                       link_bytes_per_s=10e9, link_latency_s=5e-6, host_seconds_per_call=0.25e-3),
     # NVIDIA A100 PCIe 40GB joined by PCIe 4.0 x16. Datasheet: 312 TFLOP/s FP16 tensor
     # (dense), 1,555 GB/s HBM2. PCIe 4.0 x16 is 31.5 GB/s raw per direction; peer-to-peer

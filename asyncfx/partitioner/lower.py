@@ -5,6 +5,7 @@ import torch
 
 from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.staged import split
+from asyncfx.passes.meta import VALUE
 from asyncfx.plan import StagePlan
 from asyncfx.program import BoundarySpec, Program, StageSpec, TensorSpec, WeightSource
 
@@ -22,10 +23,20 @@ def lower(captured: Captured, plan: StagePlan, weights: WeightSource | None = No
     staged = split(captured, plan)
     stages = tuple(StageSpec(module, tuple(inputs), tuple(outputs)) for module, inputs, outputs
                    in zip(staged.stages, staged.stage_inputs, staged.stage_outputs))
+    values = {node.name: node.meta.get(VALUE) for node in captured.graph.nodes}
     boundaries = tuple(BoundarySpec(b.name, b.producer, tuple(b.consumers),
-                                    TensorSpec(tuple(b.shape), dtype_named(b.dtype)))
+                                    TensorSpec(tuple(b.shape), dtype_named(b.dtype),
+                                               _strides(values.get(b.name))))
                        for b in plan.boundaries)
     return Program(captured.call, stages, boundaries, plan, weights)
+
+
+def _strides(value: object) -> tuple[int, ...] | None:
+    """The strides a boundary is made with, where they are known and not contiguous."""
+    if not isinstance(value, torch.Tensor) or value.is_contiguous():
+        return None
+    strides = value.stride()
+    return tuple(strides) if all(isinstance(s, int) for s in strides) else None
 
 
 def dtype_named(name: str) -> torch.dtype:

@@ -300,10 +300,11 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         """A call that writes into its arguments runs the original model (see the note on
         filling calls); such calls at another timestep than before are warned about once."""
         if self._without_weights is not None:
+            written = ", ".join(map(repr, call.written_arguments))
             raise WeightsReleasedError(
-                f"this call writes into {', '.join(map(repr, call.written_arguments))}, which only the original "
-                f"{call.model_class} can do, and it {self._without_weights}. Partition a model built with its "
-                "weights, with release_weights=False.")
+                f"this call writes into {written}, which only the original {call.model_class} can do, and "
+                f"it {self._without_weights}. Partition a model built with its weights, with "
+                "release_weights=False.")
         if call.timestep is not None and "filling" not in self._warned:
             t = timestep_value(named[call.timestep])
             before, self._filled_at = self._filled_at, t

@@ -166,7 +166,7 @@ class DistributedExecutor(Executor):
             return  # the previous step was a warm-up step, which delivered synchronously
         self._wait(flight)
         for name, _, version, buffer, _ in flight.receives:
-            store.put(version, {name: buffer})
+            store.put(version, {name: self.program.boundary[name].tensor.laid_out(buffer)})
 
     def _drain(self) -> None:
         """Wait for every stream's messages in flight and store them."""
@@ -208,7 +208,8 @@ class DistributedExecutor(Executor):
                     for reader in readers:
                         self._send(store.get(name, version), reader, name)
                 elif self.rank in readers:
-                    store.put(version, {name: self._recv(name, producer)})
+                    received = self._recv(name, producer)
+                    store.put(version, {name: self.program.boundary[name].tensor.laid_out(received)})
 
     def _readers(self, name: str) -> list[int]:
         return self._reader_ranks[name]

@@ -177,8 +177,8 @@ class SerialExecutor(Executor):
 
     def __init__(self, program: Program, device: torch.device | None = None):
         super().__init__(program)
-        self._modules = [placed(stage.module, device if holds_no_data(stage.module) else None, program.weights)
-                         for stage in program.stages]
+        self._modules = [placed(s.module, device if holds_no_data(s.module) else None, program.weights)
+                         for s in program.stages]
 
     def modules(self) -> list[nn.Module]:
         return list(self._modules)

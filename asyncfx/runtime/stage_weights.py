@@ -6,15 +6,17 @@ is shared with the model; one elsewhere is copied there; the tensors of a model 
 without weights (on the meta device) are loaded from the program's weight source, only
 those the stage reads.
 
-Once the plan is final, the original model's tensors that its stages read and no stage
-of this process holds are released (``release_unheld``): their storage is freed in place, as FSDP frees
-unsharded parameters, so every object that shares them (the capture's graph, the other
-stages' modules) lets go at once and each device or rank keeps only its stages' weights.
-A released tensor keeps its shape and dtype; ``without_data`` tells it from a real one.
+The original model's tensors that its stages read and no stage of this process holds
+are then released (``release_unheld``; when, the denoiser's note on weights says): their
+storage is freed in place, as FSDP frees unsharded parameters, so every object that
+shares them (the capture's graph, the other stages' modules) lets go at once and each
+device or rank keeps only its stages' weights. A released tensor keeps its shape and
+dtype; ``without_data`` tells it from a real one.
 """
 from __future__ import annotations
 
 import copy
+import ctypes
 from typing import Iterable, Iterator
 
 import torch
@@ -101,7 +103,19 @@ def release_unheld(model: nn.Module, read: Iterable[nn.Module], held: Iterable[n
         storage = tensor.untyped_storage()
         freed += storage.nbytes()
         storage.resize_(0)
+    if freed:
+        _return_free_pages()
     return freed
+
+
+def _return_free_pages() -> None:
+    """Hand the heap's free pages back to the system: glibc keeps freed blocks of the
+    sizes weights have in its heap, where they still count as the process's memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # another C library, whose allocator returns memory by itself
+    libc.malloc_trim(0)
 
 
 def _storages(modules: Iterable[nn.Module]) -> set[tuple]:
