@@ -247,10 +247,11 @@ FAMILIES = {f.__name__: f for f in (pixart, wan, cogvideox, ltx_video, hunyuan_v
 @contextlib.contextmanager
 def _serial_and_local(model: Any, warmup: int) -> Iterator[dict[str, asyncfx.AsyncDenoiser]]:
     """``model`` partitioned in two for the serial and the local executor, with every worker
-    and the serial run on one thread, so that the two are bitwise equal."""
+    and the serial run on one thread and the same plan (never re-cut from timings), so that
+    the two are bitwise equal."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    runs = {executor: asyncfx.partition(model, 2, warmup=warmup, executor=executor)
+    runs = {executor: asyncfx.partition(model, 2, warmup=warmup, executor=executor, rebalance=False)
             for executor in ("serial", "local")}
     try:
         yield runs

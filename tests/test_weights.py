@@ -2,6 +2,7 @@
 weights from the model's files; and releasing what no stage of a process holds."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -125,11 +126,10 @@ def test_a_model_without_weights_is_not_converted(saved):
 
 def test_releasing_frees_what_other_stages_read_and_keeps_what_no_stage_reads():
     model, args, kwargs = zoo_example("sd_unet")
-    model = type(model).from_config(model.config).eval()
-    model.load_state_dict(zoo_example("sd_unet")[0].state_dict())
-    spare = torch.nn.Linear(2, 2)  # read by no stage (an adapter switched off)
-    model.spare = spare
-    program = asyncfx.partitioner.lower(c := asyncfx.capture(model, args, kwargs), asyncfx.compile(c, 2))
+    model = copy.deepcopy(model)  # the zoo's model is shared with other tests
+    model.spare = spare = torch.nn.Linear(2, 2)  # read by no stage (an adapter switched off)
+    captured = asyncfx.capture(model, args, kwargs)
+    program = asyncfx.partitioner.lower(captured, asyncfx.compile(captured, 2))
     first, second = (stage.module for stage in program.stages)
     freed = release_unheld(model, [first, second], [first])
     assert freed == sum(t.nbytes for _, t in stage_tensors(second)) - shared_bytes(first, second)
