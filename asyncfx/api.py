@@ -17,6 +17,7 @@ from asyncfx.options import DEFAULT_WARMUP, PartitionOptions
 from asyncfx.partitioner.binding import LatentOption, check_argument_names
 from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.diagnose import check_capturable
+from asyncfx.partitioner.empty_weights import meta_tensor_names
 from asyncfx.partitioner.examples import split_example_inputs
 from asyncfx.partitioner.frontend import PartitionFrontend
 from asyncfx.plan import StagePlan
@@ -99,12 +100,12 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
 def _check_weights(model: nn.Module, weights: WeightSource | None) -> None:
     """A model built without weights needs ``weights``; one with its weights takes none."""
     module = model.graph_module if isinstance(model, Captured) else model
-    empty = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    empty = meta_tensor_names(module)
     if empty and weights is None:
         raise ModelError(f"{type(module).__name__} holds {len(empty)} tensor(s) on the meta device "
-                         f"({empty[0]}, ...): it was built without weights. Pass weights=<the directory it was saved to "
-                         "(save_pretrained) or its .safetensors file>, and each device or rank loads its "
-                         "stages' tensors from there.")
+                         f"({empty[0]}, ...): it was built without weights. Pass weights=<the directory it "
+                         "was saved to (save_pretrained) or its .safetensors file>, and each device or rank "
+                         "loads its stages' tensors from there.")
     if weights is not None and not empty:
         raise ModelError(f"weights= is for a model built without weights (on the meta device), and this "
                          f"{type(module).__name__} holds its own; drop weights=, or build the model with "

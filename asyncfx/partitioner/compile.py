@@ -11,6 +11,7 @@ from asyncfx.errors import PlanError
 from asyncfx.partitioner.binding import LatentOption
 from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
+from asyncfx.partitioner.empty_weights import meta_tensor_names
 from asyncfx.partitioner.cost_model import CostModel, check_cost
 from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.partitioner.examples import as_captured, split_example_inputs
@@ -76,7 +77,7 @@ def compile_with_costs(captured: Captured, n_devices: int, *, example_inputs: An
     started = time.perf_counter()
     flat_inputs = None
     if cost == "measure":
-        if any(t.is_meta for t in [*captured.graph_module.parameters(), *captured.graph_module.buffers()]):
+        if meta_tensor_names(captured.graph_module):
             raise PlanError(f"cost='measure' times the graph's nodes, which needs the weights, and this "
                             f"{captured.model_class} was built without them (on the meta device). Use "
                             "cost='flops' (the default); rebalance=True then corrects the plan from the "

@@ -23,7 +23,7 @@ need stage buffers (``start``). A plan that may be re-cut from measured stage ti
 (see the note on re-cutting) is made two steps earlier where the warm-up has them: the
 stages run one of those steps to warm up and the next to be timed.
 
-Note (re-cutting): every executor times the stages it runs. At the last warm-up step of
+Note (re-cutting): the executors that run stages at once time them. At the last warm-up step of
 every generation the capture's compiled plan (never a plan the user gave) is cut again
 where those times call for it (``rebalance``; ``asyncfx.partitioner.rebalance``): from
 the times of the previous generation's parallel steps, or, in the first generation,

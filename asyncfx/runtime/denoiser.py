@@ -251,7 +251,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         fresh = capture.executor is None
         executor = capture.start(self._launch)
         if fresh or looked:  # the plan may have become final
-            self._release_unheld(capture)
+            self._release_unheld(capture, refilled=fresh)
         if runs.mode is Mode.CACHED:
             outputs = stream.cached.pop(step)
         else:
@@ -281,17 +281,18 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
             self._rebalanced_at[capture.key] = generation
             capture.rebalance()
 
-    def _release_unheld(self, capture: Capture) -> None:
-        """Release the model's weights no executor here holds, once the plan is final or the
-        executor can find them again (see the note on weights)."""
+    def _release_unheld(self, capture: Capture, refilled: bool) -> None:
+        """Release the weights no executor here holds once the plan is final or they can be
+        found again (note on weights); ``refilled``: a new executor may have brought some back."""
         if (not self.release_weights or self._without_weights == BUILT_WITHOUT
                 or capture.lowering.rebalances and not capture.executor.refills_weights):
             return
         captures = self._captures.captures()
         read = [stage.module for c in captures if c.program is not None for stage in c.program.stages]
         held = [module for c in captures if c.executor is not None for module in c.executor.modules()]
-        released_before = self._without_weights == RELEASED  # the new stages may have been refilled
-        if release(self._model, read, held, refuse_calls=not released_before) or released_before:
+        released_before = self._without_weights == RELEASED
+        freed = release(self._model, read, held, refuse_calls=not released_before)
+        if freed or released_before and refilled:
             self._without_weights = RELEASED
             self._captures.refusal = no_new_captures(type(self._model).__name__)
             self._captures.sign_again(self._model)  # what was released or refilled is not an edit
@@ -300,11 +301,10 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         """A call that writes into its arguments runs the original model (see the note on
         filling calls); such calls at another timestep than before are warned about once."""
         if self._without_weights is not None:
-            written = ", ".join(map(repr, call.written_arguments))
             raise WeightsReleasedError(
-                f"this call writes into {written}, which only the original {call.model_class} can do, and "
-                f"it {self._without_weights}. Partition a model built with its weights, with "
-                "release_weights=False.")
+                f"this call writes into {', '.join(map(repr, call.written_arguments))}, which only the "
+                f"original {call.model_class} can do, and it {self._without_weights}. Partition a model "
+                "built with its weights, with release_weights=False.")
         if call.timestep is not None and "filling" not in self._warned:
             t = timestep_value(named[call.timestep])
             before, self._filled_at = self._filled_at, t

@@ -166,7 +166,7 @@ class DistributedExecutor(Executor):
             return  # the previous step was a warm-up step, which delivered synchronously
         self._wait(flight)
         for name, _, version, buffer, _ in flight.receives:
-            store.put(version, {name: self.program.boundary[name].tensor.laid_out(buffer)})
+            store.put(version, {name: self._laid_out(name, buffer)})
 
     def _drain(self) -> None:
         """Wait for every stream's messages in flight and store them."""
@@ -208,8 +208,7 @@ class DistributedExecutor(Executor):
                     for reader in readers:
                         self._send(store.get(name, version), reader, name)
                 elif self.rank in readers:
-                    received = self._recv(name, producer)
-                    store.put(version, {name: self.program.boundary[name].tensor.laid_out(received)})
+                    store.put(version, {name: self._recv(name, producer)})
 
     def _readers(self, name: str) -> list[int]:
         return self._reader_ranks[name]
@@ -225,7 +224,11 @@ class DistributedExecutor(Executor):
         buffer = self._buffer(name)
         self._guard(lambda: dist.recv(buffer, src=peer, group=self.group, tag=self._tags[name]),
                     _receiving(name, peer), peer)
-        return buffer
+        return self._laid_out(name, buffer)
+
+    def _laid_out(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
+        """A received boundary with its producer's strides (``TensorSpec.laid_out``)."""
+        return self.program.boundary[name].tensor.laid_out(buffer)
 
     def _broadcast_outputs(self, plan: StepSchedule, results: dict[int, tuple[torch.Tensor, ...]]) -> None:
         for run in plan.runs:

@@ -1,6 +1,6 @@
 """Executors run a program's stages as the schedule says. ``SerialExecutor`` is the
-reference: one device, one run after another. Every executor times the stages it runs
-(``StageTimes``), which is what re-cutting an unbalanced plan reads."""
+reference: one device, one run after another. The executors that run stages at once
+time them (``StageTimes``), which is what re-cutting an unbalanced plan reads."""
 from __future__ import annotations
 
 import collections
@@ -168,7 +168,8 @@ class SerialExecutor(Executor):
 
     ``device``: where stages without weights of their own are loaded (default: the CPU);
     stages with weights run where those are. Its stages run one after another on one
-    thread, so their balance decides nothing: it gives no times to re-cut a plan from.
+    thread, so their balance decides nothing: it times nothing, and ``measured()`` is
+    None (no re-cut).
 
     Example:
         >>> executor = SerialExecutor(program)
@@ -183,19 +184,12 @@ class SerialExecutor(Executor):
     def modules(self) -> list[nn.Module]:
         return list(self._modules)
 
-    def measured(self) -> MeasuredStages | None:
-        return None
-
     def step(self, plan: StepSchedule, inputs_for: InputsFor,
              store: BoundaryStore) -> dict[int, tuple[torch.Tensor, ...]]:
         results: dict[int, tuple[torch.Tensor, ...]] = {}
         with torch.no_grad():
             for run in plan.runs:
-                module = self._modules[run.stage]
-                args = stage_arguments(self.program, run, inputs_for, store.get)
-                with RunTimer(args[0].device if args else torch.device("cpu")) as timer:
-                    outputs = module(*args)
-                self.times.record(run.stage, timer, parallel=plan.mode is Mode.PARALLEL)
+                outputs = self._modules[run.stage](*stage_arguments(self.program, run, inputs_for, store.get))
                 self.record(run, outputs, store, results)
         if plan.mode is not Mode.CACHED:
             self.finish(plan, store)

@@ -118,15 +118,15 @@ def _return_free_pages() -> None:
     libc.malloc_trim(0)
 
 
-def _storages(modules: Iterable[nn.Module]) -> set[tuple]:
-    return {_storage_key(t) for module in modules for _, t in stage_tensors(module) if not without_data(t)}
+def _storages(modules: Iterable[nn.Module]) -> dict[tuple, int]:
+    """The distinct storages that ``modules`` hold with data, and their bytes."""
+    return {_storage_key(t): t.untyped_storage().nbytes() for module in modules
+            for _, t in stage_tensors(module) if not without_data(t)}
 
 
 def held_bytes(modules: Iterable[nn.Module]) -> int:
     """The bytes of the distinct storages that ``modules`` hold with data."""
-    storages = {_storage_key(t): t.untyped_storage().nbytes() for module in modules
-                for _, t in stage_tensors(module) if not without_data(t)}
-    return sum(storages.values())
+    return sum(_storages(modules).values())
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
