@@ -19,7 +19,7 @@ from asyncfx.program import GraphInput, InputRole, Program
 from asyncfx import zoo  # noqa: F401  (asyncfx.zoo.tiny, asyncfx.zoo.digits)
 from asyncfx.api import ModelError, partition
 from asyncfx.weights import WeightFiles
-from asyncfx.options import DEFAULT_WARMUP, PartitionOptions
+from asyncfx.options import DEFAULT_FORECAST, DEFAULT_WARMUP, PartitionOptions
 from asyncfx.runtime.denoiser import AsyncDenoiser
 
 __version__ = "0.1.0"
@@ -28,6 +28,6 @@ __all__ = ["PRESETS", "ArgumentsError", "AsyncFXError", "BoundaryTensor", "Captu
            "DeviceError", "DeviceSpec", "GenerationWarning", "GraphInput", "InputMismatchError", "InputRole",
            "OutputShapeError", "PartitionOptions", "PlanError", "Profile", "Program", "PythonStateWarning",
            "SchedulerError", "StagePlan", "StagedModel", "ValueClass", "AsyncDenoiser", "DEFAULT_WARMUP",
-           "ModelError", "WeightFiles", "WeightsError", "WeightsReleasedError",
+           "DEFAULT_FORECAST", "ModelError", "WeightFiles", "WeightsError", "WeightsReleasedError",
            "capture", "compile", "compile_profile", "partition", "profile", "register_tensor_container",
            "split"]

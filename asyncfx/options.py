@@ -18,7 +18,7 @@ from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.plan import StagePlan
 from asyncfx.program import WeightSource
 from asyncfx.runtime.cuda_graphs import check_cuda_graphs_option
-from asyncfx.schedule import check_settings, devices_needed
+from asyncfx.schedule import SequentialSteps, check_forecast, check_settings, devices_needed
 from asyncfx.weights import WeightFiles, WeightsError
 
 #: Default warm-up steps, chosen from benchmarks/quality.py on the trained default model:
@@ -26,6 +26,8 @@ from asyncfx.weights import WeightFiles, WeightsError
 #: fidelity nine would (N=4: SSIM 0.865 at W=1, 0.913 at W=3, 0.945 at W=9) for 4-9% of
 #: the ideal speedup at 50 steps; class accuracy stays at the sequential level throughout.
 DEFAULT_WARMUP = 3
+#: Default damping of forecast stale values (``forecast=``; 0: off).
+DEFAULT_FORECAST = 0.0
 EXECUTORS = ("local", "serial", "distributed")
 
 
@@ -47,6 +49,10 @@ class PartitionOptions:
     plan: StagePlan | str | os.PathLike | None = None
     scheduler: Any = None
     time_shift: bool = False
+    forecast: float = DEFAULT_FORECAST
+    cooldown: int = 0
+    refresh: int = 0
+    switch_below: float = 0.0
     cost: str = "flops"
     link: str | DeviceSpec = "cpu"
     latent: LatentOption = None
@@ -69,6 +75,18 @@ class PartitionOptions:
         if isinstance(self.n_devices, bool) or not isinstance(self.n_devices, int) or self.n_devices < 1:
             raise PlanError(f"n_devices must be a positive integer, got {self.n_devices!r}.")
         check_settings(self.n_devices, self.warmup, self.stride)
+        object.__setattr__(self, "forecast", check_forecast(self.forecast))
+        self.sequential  # checks cooldown and refresh
+        if isinstance(self.switch_below, bool) or not isinstance(self.switch_below, (int, float)) or not (
+                0 <= self.switch_below < float("inf")):
+            raise PlanError(f"switch_below must be a number >= 0 (0: off), the relative change of the noise "
+                            f"prediction between steps below which warm-up ends, got {self.switch_below!r}.")
+        if self.cooldown and self.scheduler is None:
+            raise SchedulerError("cooldown runs the last steps of each generation sequentially and needs the "
+                                 "sampler's number of steps: pass scheduler=pipe.scheduler.")
+        if self.forecast and self.time_shift:
+            raise PlanError("time_shift=True computes each stage at the step of the values it reads, so there is "
+                            "nothing to forecast: pass forecast=0 with time_shift=True, or drop time_shift.")
         if self.executor not in EXECUTORS:
             raise PlanError(f"executor={self.executor!r} is not known; use one of {list(EXECUTORS)}.")
         if self.stride == 2 and self.scheduler is None:
@@ -82,6 +100,11 @@ class PartitionOptions:
         if self.plan is not None and self.plan.n_stages != self.n_devices:
             raise PlanError(f"the plan has {self.plan.n_stages} stages but n_devices={self.n_devices}; pass "
                             f"n_devices={self.plan.n_stages} or compile a plan for {self.n_devices}.")
+
+    @property
+    def sequential(self) -> SequentialSteps:
+        """The sequential steps placed after warm-up (``cooldown``, ``refresh``)."""
+        return SequentialSteps(cooldown=self.cooldown, refresh=self.refresh)
 
     @property
     def slots(self) -> int:

@@ -18,9 +18,20 @@ cached eps_{s+1}. A final step without a partner runs as a stride-1 step.
 
 time_shift (paper app. A): after warm-up, each stage computes with the previous
 step's timestep instead of the current one.
+
+Forecasting (``forecast=g``, off at 0): a parallel run reads, instead of the newest
+version B1 of each boundary value, ``B1 + c * (B1 - B2)`` where B2 is the version the
+schedule wrote before B1 (its ``prior``), ``c = g * r`` (its ``lean``) and ``r`` is the
+distance in steps from B1 to the step the run computes for, over the distance from B2
+to B1: the value the producer would send now, extrapolated from its last two. The
+first parallel step (round) after warm-up has one version, the last warm-up step's (the
+stages may not run before it), and reads it as it is. The store then keeps two
+versions (``StepSchedule.keep_from``). ``time_shift`` computes each stage at its inputs'
+own step, so there is nothing to forecast (r = 0).
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 from typing import NamedTuple
@@ -46,6 +57,8 @@ class StageRun(NamedTuple):
     writes: int | None     # version its boundary outputs are kept as (None: not kept)
     gives: int | None      # step whose noise prediction this run returns (last stage)
     slot: int              # device slot: the stage index, or n_stages for stride 2's extra
+    prior: int | None = None  # forecasting: the version before ``reads`` it extrapolates from
+    lean: float = 0.0         # forecasting: it reads B1 + lean * (B1 - B2) (see the module note)
 
 
 class StepSchedule(NamedTuple):
@@ -54,11 +67,15 @@ class StepSchedule(NamedTuple):
     step: int
     mode: Mode
     runs: tuple[StageRun, ...]
+    keep_from: int | None = None  # the oldest boundary version later steps read (None: keep all)
 
 
 def schedule(step: int, n_stages: int, *, warmup: int, stride: int = 1, time_shift: bool = False,
-             total_steps: int | None = None) -> StepSchedule:
-    """The runs of denoising step ``step`` (0-based) for ``n_stages`` stages.
+             total_steps: int | None = None, forecast: float = 0.0,
+             sequential: SequentialSteps | None = None) -> StepSchedule:
+    """The runs of denoising step ``step`` (0-based) for ``n_stages`` stages; ``forecast``
+    is the damping ``g`` of forecast stale values (see the module note; 0: off);
+    ``sequential`` places sequential steps after warm-up (cool-down, refresh).
 
     Example (N=3, warm-up 2: step 5's last stage reads stage 1's step-4 output, which read
     stage 0's step-3 output):
@@ -66,16 +83,121 @@ def schedule(step: int, n_stages: int, *, warmup: int, stride: int = 1, time_shi
         [(0, 5, 4), (1, 5, 4), (2, 5, 4)]
     """
     _check(step, n_stages, warmup, stride, total_steps)
+    steps = _Steps(warmup, stride, total_steps, sequential or SequentialSteps())
+    steps.check()
+    plain = _plain_schedule(step, n_stages, steps, time_shift)
+    written = [r.writes for r in plain.runs if r.writes is not None]
+    if not written:
+        return plain
+    newest = max(written)
+    if not forecast:
+        return plain._replace(keep_from=newest)
+    prior = steps.written_before(newest)
+    runs = plain.runs if plain.mode is not Mode.PARALLEL else tuple(
+        _forecasting(run, steps, forecast) for run in plain.runs)
+    return plain._replace(runs=runs, keep_from=newest if prior is None else prior)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialSteps:
+    """Steps after warm-up that run the stages one after another on fresh values:
+    ``cooldown``, the last steps of a generation (it needs the number of steps: the
+    scheduler's); ``refresh``, one every ``refresh`` steps after warm-up (``refresh - 1``
+    parallel steps, then one sequential), after which the stages read fresh values again.
+
+    Example:
+        >>> [s for s in range(12) if SequentialSteps(cooldown=1, refresh=4).at(s, 2, 12)]
+        [0, 1, 5, 9, 11]
+    """
+
+    cooldown: int = 0
+    refresh: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("cooldown", "refresh"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PlanError(f"{name} must be a whole number of steps >= 0 (0: none), got {value!r}.")
+        if self.refresh == 1:
+            raise PlanError("refresh=1 would run every step sequentially: give refresh >= 2 (one sequential "
+                            "step every `refresh` steps), or 0 for none.")
+
+    def at(self, step: int, warmup: int, total_steps: int | None) -> bool:
+        """Whether ``step`` runs sequentially (warm-up included)."""
+        if step < warmup:
+            return True
+        if self.cooldown and total_steps is not None and step >= total_steps - self.cooldown:
+            return True
+        return bool(self.refresh) and (step - warmup + 1) % self.refresh == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """Which steps of a generation are sequential, and what each writes."""
+
+    warmup: int
+    stride: int
+    total: int | None
+    placed: SequentialSteps
+
+    def check(self) -> None:
+        if self.placed.cooldown and self.total is None:
+            raise PlanError("cooldown places sequential steps at the end of a generation, so the schedule "
+                            "needs its number of steps: pass scheduler=pipe.scheduler to asyncfx.partition().")
+
+    def sequential(self, step: int) -> bool:
+        return self.placed.at(step, self.warmup, self.total)
+
+    def last_sequential(self, step: int) -> int:
+        """The latest sequential step at or before ``step`` (-1: none): the step itself, or
+        the latest refresh, or the last warm-up step (cool-down steps come after it)."""
+        if self.sequential(step):
+            return step
+        refresh, last = self.placed.refresh, self.warmup - 1
+        refreshes = (step - self.warmup + 1) // refresh if refresh else 0
+        return max(last, self.warmup + refreshes * refresh - 1) if refreshes else last
+
+    def round_start(self, step: int) -> bool:
+        """Stride 2: whether parallel ``step`` starts a round (rounds start right after a
+        sequential step and every other step from there)."""
+        return (step - self.last_sequential(step) - 1) % 2 == 0
+
+    def paired(self, step: int) -> bool:
+        """Stride 2: whether the round at ``step`` computes ``step + 1`` too (a parallel
+        step of the generation), else it runs as a stride-1 step."""
+        after = step + 1
+        return not (self.total is not None and after >= self.total) and not self.sequential(after)
+
+    def written(self, version: int) -> bool:
+        """Whether a step writes ``version``: every step its own, except a stride-2 round,
+        which writes its partner's (the step after)."""
+        return not (self.stride == 2 and not self.sequential(version) and self.round_start(version)
+                    and self.paired(version))
+
+    def written_before(self, version: int) -> int | None:
+        """The version written before ``version`` that a forecast may extrapolate from:
+        none before the latest sequential step at or before ``version`` (fresh values
+        after stale ones, or the first warm-up steps, which may run the original model
+        and write none)."""
+        floor = self.last_sequential(version)
+        before = version - 1
+        while before > floor and not self.written(before):
+            before -= 1  # a sequential step writes its own version: the search stops at the floor
+        return before if floor < version and before >= 0 else None
+
+
+def _plain_schedule(step: int, n_stages: int, steps: _Steps, time_shift: bool) -> StepSchedule:
+    """The schedule without forecasting: each run reads the newest version."""
     last = n_stages - 1
-    if step < warmup:
+    if steps.sequential(step):
         return StepSchedule(step, Mode.SEQUENTIAL, tuple(
             StageRun(k, step, step, step, step if k == last else None, k) for k in range(n_stages)))
     shift = 1 if time_shift else 0
-    if stride == 1 or (total_steps is not None and step + 1 >= total_steps and _round_start(step, warmup)):
+    if steps.stride == 1 or steps.round_start(step) and not steps.paired(step):
         return StepSchedule(step, Mode.PARALLEL, tuple(
             StageRun(k, step - shift, step - 1, None if k == last else step,
                      step if k == last else None, k) for k in range(n_stages)))
-    if not _round_start(step, warmup):
+    if not steps.round_start(step):
         return StepSchedule(step, Mode.CACHED, ())
     later = step + 1
     runs = [StageRun(k, later - shift, step - 1, None if k == last else later,
@@ -84,8 +206,25 @@ def schedule(step: int, n_stages: int, *, warmup: int, stride: int = 1, time_shi
     return StepSchedule(step, Mode.PARALLEL, tuple(runs))
 
 
-def _round_start(step: int, warmup: int) -> bool:
-    return (step - warmup) % 2 == 0
+def _forecasting(run: StageRun, steps: _Steps, gain: float) -> StageRun:
+    """A parallel run reading the forecast of its stale values (see the module note)."""
+    prior = steps.written_before(run.reads)
+    if prior is None:
+        return run
+    return run._replace(prior=prior, lean=gain * (run.timestep - run.reads) / (run.reads - prior))
+
+
+def check_forecast(forecast: float) -> float:
+    """``forecast`` as a float: a number from 0 (off) to 1 (undamped extrapolation).
+
+    Example:
+        >>> check_forecast(0.5)
+        0.5
+    """
+    if isinstance(forecast, bool) or not isinstance(forecast, (int, float)) or not 0 <= forecast <= 1:
+        raise PlanError(f"forecast must be a number from 0 (off: stale values are read as they are) to 1 "
+                        f"(extrapolated undamped from their last two versions), got {forecast!r}.")
+    return float(forecast)
 
 
 def devices_needed(n_stages: int, stride: int) -> int:

@@ -1,6 +1,7 @@
 """End-to-end sampling speedup of asyncfx.partition() on CPU workers.
 
     python benchmarks/cpu_speedup.py [--steps 20] [--warmup 2] [--n-devices 2] [--distributed]
+                                     [--forecast G]
 
 A mid-size SD-shaped UNet (64/128/128 channels, latent 2x4x32x32, about 120 ms a step
 on one core) samples 20 DDIM steps. In one run: the original model with 1 intra-op
@@ -9,7 +10,9 @@ each; plan from cost="measure" profiled on one thread). Prints end-to-end times,
 ratios, the fraction of the ideal speedup T / (W + (T - W) / N), and what the simulator
 (``asyncfx simulate``) predicted for the partitioned run from the plan's stage times.
 With --distributed it also runs executor="distributed": N processes (one thread each)
-joined by a gloo process group, boundary tensors sent as they are made.
+joined by a gloo process group, boundary tensors sent as they are made. With
+--forecast G it also times a parallel round (the median call after warm-up) with
+``forecast=G`` against plain reuse, on the same plan, alternating ``--repeats`` times.
 """
 from __future__ import annotations
 
@@ -63,6 +66,24 @@ def timed(denoiser, kwargs: dict, steps: int, repeats: int, threads: int) -> flo
     return statistics.median(samples)
 
 
+def rounds_with_forecast(model, kwargs: dict, plan, options: argparse.Namespace) -> dict[float, list[float]]:
+    """Median round (call after warm-up) of each generation, plain reuse and forecasting
+    alternating, both on ``plan`` (never re-cut)."""
+    denoisers = {g: asyncfx.partition(model, options.n_devices, example_inputs=kwargs, warmup=options.warmup,
+                                      plan=plan, forecast=g) for g in (0.0, options.forecast)}
+    rounds: dict[float, list[float]] = {g: [] for g in denoisers}
+    try:
+        for _ in range(options.repeats + 1):  # the first of each warms caches and allocators
+            for g, denoiser in denoisers.items():
+                calls: list[float] = []
+                sample(denoiser, kwargs, options.steps, calls)
+                rounds[g].append(statistics.median(calls[options.warmup:]))
+    finally:
+        for denoiser in denoisers.values():
+            denoiser.close()
+    return {g: r[1:] for g, r in rounds.items()}
+
+
 def distributed_rank(rank: int, world: int, folder: str, steps: int, warmup: int, repeats: int) -> None:
     """One rank of the distributed run; rank 0 writes the median generation time."""
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'init')}", rank=rank,
@@ -97,6 +118,7 @@ def main() -> None:
     parser.add_argument("--n-devices", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--distributed", action="store_true", help="also run executor='distributed'")
+    parser.add_argument("--forecast", type=float, default=None, help="also time rounds with forecast=G")
     options = parser.parse_args()
     torch.set_grad_enabled(False)
     cores = torch.get_num_threads()
@@ -118,6 +140,8 @@ def main() -> None:
     measured = [s.measured_seconds for s in denoiser.plan.stages]
     predicted = simulate(denoiser.plan, link="cpu", steps=options.steps, warmup=options.warmup)
     denoiser.close()
+    if options.forecast is not None:
+        forecast_rounds = rounds_with_forecast(model, kwargs, denoiser.plan, options)
 
     T, W, N = options.steps, options.warmup, options.n_devices
     ideal = T / (W + (T - W) / N)
@@ -137,6 +161,11 @@ def main() -> None:
     print(f"  simulator: {predicted.total():.2f} s for asyncfx ({predicted.total() / partitioned - 1:+.0%} "
           f"against the measurement), from stage times measured alone and a whole-model step of "
           f"{predicted.sequential_step * 1e3:.1f} ms on one thread")
+    if options.forecast is not None:
+        plain, forecast = (statistics.median(forecast_rounds[g]) for g in (0.0, options.forecast))
+        print(f"  round with forecast={options.forecast:g} {forecast * 1e3:.1f} ms against plain reuse "
+              f"{plain * 1e3:.1f} ms: {forecast / plain - 1:+.1%} (medians of {options.repeats} alternating "
+              "generations, same plan; target at most +2%)")
     if options.distributed:
         distributed = run_distributed(N, options.steps, options.warmup, options.repeats)
         print(f"  asyncfx, {N} gloo ranks   {distributed:7.2f} s: {one_thread / distributed:.2f}x over "

@@ -1,31 +1,40 @@
 """Speed against quality of asynchronous denoising on the default digits model.
 
-    python benchmarks/quality.py [--samples 500] [--steps 50] [--write benchmarks/RESULTS.md]
+    python benchmarks/quality.py [--samples 500] [--steps 50] [--forecasts 0,0.25,0.5]
+                                 [--warmups 1,2,3,2+c1,2+r25] [--write benchmarks/RESULTS.md]
 
-Rows: N in {1, 2, 3, 4} x stride {1, 2} x warm-up {1, 2, 3, 5, 9}; each row generates the
+Rows: N in {1, 2, 3, 4} x stride {1, 2} x sequential steps x forecast damping
+(``partition(forecast=g)``, 0: plain reuse of stale values; default 0 only). Sequential
+steps: ``W`` warm-up steps (default 1, 2, 3, 5, 9), ``W+cC`` with a cool-down of C steps,
+``W+rK`` with a refresh every K steps (``partition(cooldown=, refresh=)``), ``W+sX`` with
+warm-up going on while the noise prediction changes by X or more from one step to the next
+(``partition(switch_below=X)``; the row says how many steps that made). Each row generates the
 same samples (same seeds, 50 DDIM steps, guidance 3) with the serial executor, which
 computes exactly what the parallel executors compute. Columns: PSNR and SSIM against
 the sequential samples, class accuracy, Frechet distance of classifier features to
 real digits, and the speedup over the sequential model on one core: measured on CPU
 workers (one core each) where the slots fit this machine's cores (N * stride <= cores),
-otherwise predicted from the plan's stage costs as T / (W + (T - W) * round / sequential)
-and marked "(pred.)".
+otherwise predicted from the plan's stage costs as T / (S + P * round / sequential), with
+S sequential steps and P parallel rounds, and marked "(pred.)".
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
 
 import asyncfx
+from asyncfx.partitioner.simulate import parallel_rounds
+from asyncfx.schedule import SequentialSteps
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
 from asyncfx.app.sweep import digits_example_inputs
 from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, digits, digits_classifier,
                                       digits_dataset, make_scheduler, sample_digits)
 
-HEADER = ("| N | stride | warm-up | PSNR dB | SSIM | class acc. | Frechet dist. | speedup |\n"
-          "|---|---|---|---|---|---|---|---|")
+HEADER = ("| N | stride | sequential steps | forecast | PSNR dB | SSIM | class acc. | Frechet dist. | speedup |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def generate(denoiser, model, labels, steps, scheduler=None):
@@ -44,27 +53,39 @@ def one_core(function):
         torch.set_num_threads(threads)
 
 
-def speedup(model, labels, n, stride, warmup, steps, sequential_s, plan, cores):
-    """Measured on CPU workers when the slots fit the cores, else predicted."""
+def placement(spec: str) -> dict[str, int]:
+    """``"2+c1"`` -> ``{"warmup": 2, "cooldown": 1, "refresh": 0}`` (see the module note)."""
+    warmup, _, extra = spec.partition("+")
+    kinds = {"c": ("cooldown", int), "r": ("refresh", int), "s": ("switch_below", float)}
+    placed = {"warmup": int(warmup), "cooldown": 0, "refresh": 0, "switch_below": 0.0}
+    if extra:
+        name, kind = kinds[extra[0]]
+        placed[name] = kind(extra[1:])
+    return placed
+
+
+def speedup(model, labels, n, stride, placed, warmup_used, steps, sequential_s, plan, cores, forecast=0.0):
+    """Measured on CPU workers when the slots fit the cores, else predicted; with
+    ``switch_below``, as the warm-up it made (``warmup_used``)."""
     slots = n + (1 if stride == 2 else 0)
     if slots <= cores and n > 1:
         scheduler = make_scheduler()
 
         def run():
-            den = asyncfx.partition(model.unet, n, warmup=warmup, stride=stride, scheduler=scheduler,
-                                    plan=plan, example_inputs=digits_example_inputs(model, labels))
+            den = asyncfx.partition(model.unet, n, stride=stride, scheduler=scheduler, plan=plan,
+                                    forecast=forecast, example_inputs=digits_example_inputs(model, labels),
+                                    **{**placed, "warmup": warmup_used, "switch_below": 0.0})
             try:
                 return generate(den, model, labels, steps, scheduler)[1]
             finally:
                 den.close()
 
         return f"{sequential_s / one_core(run):.2f}x"
-    if n == 1:
-        round_fraction = 1.0 / stride
-    else:
-        stage = [s.estimated_cost for s in plan.stages]
-        round_fraction = max(stage) / sum(stage) / stride
-    predicted = steps / (warmup + (steps - warmup) * round_fraction)
+    stage = [s.estimated_cost for s in plan.stages] if n > 1 else [1.0]
+    placed_steps = SequentialSteps(cooldown=placed["cooldown"], refresh=placed["refresh"])
+    sequential = sum(placed_steps.at(step, warmup_used, steps) for step in range(steps))
+    rounds = parallel_rounds(steps, n, warmup_used, stride, placed_steps)
+    predicted = steps / (sequential + rounds * max(stage) / sum(stage))
     return f"{predicted:.2f}x (pred.)"
 
 
@@ -74,6 +95,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--stages", default="1,2,3,4")
     parser.add_argument("--warmups", default="1,2,3,5,9")
+    parser.add_argument("--strides", default="1,2")
+    parser.add_argument("--forecasts", default="0", help="forecast dampings, comma-separated (0: off)")
     parser.add_argument("--write", help="append the table to this markdown file")
     options = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -93,23 +116,28 @@ def main() -> None:
     captured = asyncfx.capture(model.unet, *digits_example_inputs(model, labels))
     for n in map(int, options.stages.split(",")):
         plan = asyncfx.compile(captured, n) if n > 1 else None
-        for stride in (1, 2):
-            for warmup in map(int, options.warmups.split(",")):
-                if n == 1 and stride == 1 and warmup > 1:
-                    continue  # one stage, stride 1: every warm-up is the sequential model
-                scheduler = make_scheduler()
-                den = asyncfx.partition(model.unet, n, warmup=warmup, stride=stride, scheduler=scheduler,
-                                        plan=plan, executor="serial",
-                                        example_inputs=digits_example_inputs(model, labels))
-                images, _ = generate(den, model, labels, options.steps, scheduler)
-                gain = speedup(model, labels, n, stride, warmup, options.steps, sequential_s, plan, cores)
-                row = (f"| {n} | {stride} | {warmup} | {psnr(images, sequential).mean():.2f} | "
-                       f"{ssim(images, sequential).mean():.4f} | "
-                       f"{class_accuracy(classifier, images, labels):.3f} | "
-                       f"{frechet_distance(classifier.features(images), real_features):.2f} | "
-                       f"{gain} |")
-                print(row, flush=True)
-                lines.append(row)
+        for stride, spec, forecast in itertools.product(
+                map(int, options.strides.split(",")), options.warmups.split(","),
+                map(float, options.forecasts.split(","))):
+            placed = placement(spec)
+            if n == 1 and stride == 1 and (spec != "1" or forecast):
+                continue  # one stage, stride 1: every row is the sequential model
+            scheduler = make_scheduler()
+            den = asyncfx.partition(model.unet, n, stride=stride, scheduler=scheduler, plan=plan,
+                                    executor="serial", forecast=forecast,
+                                    example_inputs=digits_example_inputs(model, labels), **placed)
+            images, _ = generate(den, model, labels, options.steps, scheduler)
+            warmup_used = max(s.warmup for s in den.captures()[0].streams.values())
+            gain = speedup(model, labels, n, stride, placed, warmup_used, options.steps, sequential_s, plan, cores,
+                           forecast)
+            made = f" (W={warmup_used})" if placed["switch_below"] else ""
+            row = (f"| {n} | {stride} | {spec}{made} | {forecast:g} | {psnr(images, sequential).mean():.2f} | "
+                   f"{ssim(images, sequential).mean():.4f} | "
+                   f"{class_accuracy(classifier, images, labels):.3f} | "
+                   f"{frechet_distance(classifier.features(images), real_features):.2f} | "
+                   f"{gain} |")
+            print(row, flush=True)
+            lines.append(row)
     if options.write:
         with open(options.write, "a", encoding="utf-8") as f:
             f.write("\n## Speed against quality on the default model (`python benchmarks/quality.py`)\n\n")

@@ -25,7 +25,7 @@ def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0
 
 
 def serial_result(model_name: str, world: int, stride: int = 1, guided_at=(),
-                  plan: asyncfx.StagePlan | None = None) -> torch.Tensor:
+                  plan: asyncfx.StagePlan | None = None, forecast: float = 0.0) -> torch.Tensor:
     """The serial executor's sample, with the plan given (and the warm-up the worker uses
     with it), else with the compiled one."""
     if model_name == "mispriced":
@@ -38,7 +38,7 @@ def serial_result(model_name: str, world: int, stride: int = 1, guided_at=(),
     try:
         denoiser = asyncfx.partition(model, world - (stride - 1), warmup=2 if plan is None else 3,
                                      executor="serial", stride=stride, plan=plan,
-                                     scheduler=ddim(STEPS) if stride == 2 else None)
+                                     scheduler=ddim(STEPS) if stride == 2 else None, forecast=forecast)
         return sample(denoiser, kwargs, LATENT[model_name], steps=STEPS, guided_at=guided_at)
     finally:
         torch.set_num_threads(threads)
@@ -49,29 +49,32 @@ def serial_result(model_name: str, world: int, stride: int = 1, guided_at=(),
 GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
 
 
-#: ``(model, world, stride, guided_at, rebalance, source)``; the last re-cuts a plan the
+#: ``(model, world, stride, guided_at, rebalance, source, forecast)``; one re-cuts a plan the
 #: FLOP estimate mispriced, from the stage times gathered from every rank, after each rank
 #: released the weights its first stage did not read (the re-cut stages get theirs from
 #: the other rank). ``source``: partition a capture ("captured"), the model itself, whose
 #: weights that other ranks' stages read are released ("model"), or the model built on
 #: the meta device, each rank loading its stage's weights from the files
-#: ``save_pretrained`` wrote ("meta").
-SCENARIOS = [("sd_unet", 2, 1, (), False, "model"), ("sd_unet", 3, 1, (), False, "model"),
-             ("sd_unet", 3, 1, (), False, "meta"), ("sd3_transformer", 2, 1, (), False, "meta"),
-             ("sd_unet", 3, 2, (), False, "model"), ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured"),
-             ("mispriced", 2, 1, (), True, "model"), ("mispriced", 2, 1, (), False, "refill")]
+#: ``save_pretrained`` wrote ("meta"). ``forecast``: the damping of forecast stale values
+#: (0: off), whose two versions of each boundary a rank keeps across its messages.
+SCENARIOS = [("sd_unet", 2, 1, (), False, "model", 0.0), ("sd_unet", 3, 1, (), False, "model", 0.0),
+             ("sd_unet", 3, 1, (), False, "meta", 0.0), ("sd3_transformer", 2, 1, (), False, "meta", 0.0),
+             ("sd_unet", 3, 2, (), False, "model", 0.0), ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured", 0.0),
+             ("mispriced", 2, 1, (), True, "model", 0.0), ("mispriced", 2, 1, (), False, "refill", 0.0),
+             ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured", 0.5), ("sd_unet", 3, 2, (), False, "captured", 0.5),
+             ("sd_unet", 3, 1, (), False, "captured", 0.5)]
 
 
 def test_distributed_ranks_equal_serial(tmp_path):
     """Every scenario on one set of rank processes (spawned once: each interpreter imports
     torch and diffusers and builds the zoo models once), each scenario with a process
     group of its own; each rank's two generations equal the serial executor's."""
-    for model_name in {scenario[0] for scenario in SCENARIOS if scenario[-1] == "meta"}:
+    for model_name in {scenario[0] for scenario in SCENARIOS if scenario[5] == "meta"}:
         zoo_example(model_name)[0].save_pretrained(tmp_path / "weights" / model_name)
     mp.start_processes(run_scenarios, args=(str(tmp_path), SCENARIOS, STEPS),
                        nprocs=max(scenario[1] for scenario in SCENARIOS), start_method="spawn", join=True)
     for index, scenario in enumerate(SCENARIOS):
-        if scenario[-1] == "refill":
+        if scenario[5] == "refill":
             check_refill(tmp_path / str(index))
         else:
             check_scenario(tmp_path / str(index), *scenario)
@@ -91,7 +94,7 @@ def check_refill(tmp_path) -> None:
 
 
 def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at: tuple[int, ...],
-                   rebalance: bool, source: str) -> None:
+                   rebalance: bool, source: str, forecast: float) -> None:
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
     assert not errors, (model_name, world, stride, guided_at, source, errors)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
@@ -101,9 +104,11 @@ def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at
     assert all(c == cuts[0] for c in cuts)  # every rank ran the cuts rank 0 chose (its times are its own)
     if rebalance:  # re-cut in the first generation, from every rank's stage times
         assert any(note.startswith("re-cut 1:") for note in plans[0].notes), plans[0].notes
-        expected = [serial_result(model_name, world, stride, guided_at, plan) for plan in plans]
+        expected = [serial_result(model_name, world, stride, guided_at, plan, forecast) for plan in plans]
     else:
-        expected = [serial_result(model_name, world, stride, guided_at)] * 2
+        expected = [serial_result(model_name, world, stride, guided_at, forecast=forecast)] * 2
+    if forecast:  # forecasting changed the samples
+        assert not torch.equal(expected[0], serial_result(model_name, world, stride, guided_at))
     for samples, _ in results:  # every rank's sampler took the same steps, in both generations
         for got, want in zip(samples, expected):
             torch.testing.assert_close(got, want, rtol=0, atol=0)

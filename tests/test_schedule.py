@@ -64,3 +64,66 @@ def test_single_stage_needs_no_warmup():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         schedule(**kwargs)
+
+
+def table(n, total, **kw):
+    """Each step's mode and, per run, (stage, timestep, reads[, prior]) as the schedule says."""
+    rows = []
+    for step in range(total):
+        plan = schedule(step, n, total_steps=total, **kw)
+        rows.append((str(plan.mode)[0], [(r.stage, r.timestep, r.reads) + ((r.prior,) if r.prior is not None
+                                                                            else ()) for r in plan.runs]))
+    return rows
+
+
+def test_cooldown_runs_the_last_steps_on_fresh_values():
+    from asyncfx.schedule import SequentialSteps
+
+    got = table(2, 6, warmup=2, sequential=SequentialSteps(cooldown=2))
+    assert got == [("s", [(0, 0, 0), (1, 0, 0)]), ("s", [(0, 1, 1), (1, 1, 1)]),
+                   ("p", [(0, 2, 1), (1, 2, 1)]), ("p", [(0, 3, 2), (1, 3, 2)]),
+                   ("s", [(0, 4, 4), (1, 4, 4)]), ("s", [(0, 5, 5), (1, 5, 5)])]
+
+
+def test_refresh_makes_every_kth_step_after_warmup_sequential():
+    from asyncfx.schedule import SequentialSteps
+
+    # N=2, warm-up 1, refresh 3: two parallel steps, then a sequential one; after it the
+    # stages read its fresh version, and a forecast starts over from it
+    got = table(2, 8, warmup=1, sequential=SequentialSteps(refresh=3), forecast=0.5)
+    assert got == [("s", [(0, 0, 0), (1, 0, 0)]),
+                   ("p", [(0, 1, 0), (1, 1, 0)]), ("p", [(0, 2, 1, 0), (1, 2, 1, 0)]),
+                   ("s", [(0, 3, 3), (1, 3, 3)]),
+                   ("p", [(0, 4, 3), (1, 4, 3)]), ("p", [(0, 5, 4, 3), (1, 5, 4, 3)]),
+                   ("s", [(0, 6, 6), (1, 6, 6)]), ("p", [(0, 7, 6), (1, 7, 6)])]
+
+
+def test_stride_two_rounds_start_again_after_each_sequential_step():
+    from asyncfx.schedule import SequentialSteps
+
+    # N=2, warm-up 1, refresh 4 over 10 steps: rounds (1, 2), then step 3 alone (its
+    # partner, step 4, is sequential), rounds (5, 6), 7 alone, step 8 sequential, 9 alone
+    got = table(2, 10, warmup=1, stride=2, sequential=SequentialSteps(refresh=4), forecast=1.0)
+    assert [mode for mode, _ in got] == ["s", "p", "c", "p", "s", "p", "c", "p", "s", "p"]
+    assert got[1][1] == [(0, 2, 0), (1, 2, 0), (1, 1, 0)]
+    assert got[3][1] == [(0, 3, 2, 0), (1, 3, 2, 0)]       # one step ahead of version 2, two after 0
+    assert got[5][1] == [(0, 6, 4), (1, 6, 4), (1, 5, 4)]  # version 4 is fresh: read as it is
+    assert got[7][1] == [(0, 7, 6, 4), (1, 7, 6, 4)]
+    assert schedule(7, 2, warmup=1, stride=2, total_steps=10, forecast=1.0,
+                    sequential=SequentialSteps(refresh=4)).runs[0].lean == 0.5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cooldown=-1), "cooldown must be a whole number of steps >= 0"),
+    (dict(refresh=1.5), "refresh must be a whole number"),
+    (dict(refresh=1), "refresh=1 would run every step sequentially"),
+])
+def test_bad_sequential_steps(kwargs, message):
+    from asyncfx.schedule import SequentialSteps
+
+    with pytest.raises(ValueError, match=message):
+        SequentialSteps(**kwargs)
+    if "cooldown" not in kwargs:
+        return
+    with pytest.raises(ValueError, match="cooldown places sequential steps at the end"):
+        schedule(3, 2, warmup=1, sequential=SequentialSteps(cooldown=2))

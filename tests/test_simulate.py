@@ -117,6 +117,37 @@ def test_node_count_plans_need_measurements():
         simulate(plan)
 
 
+def test_forecasting_charges_each_stage_three_passes_over_what_it_receives(tmp_path, capsys):
+    plain, forecast = (simulate(hand_plan(), link=SLOW, forecast=g) for g in (0.0, 0.5))
+    plan = hand_plan()
+    passes = [3 * plan.bytes_into(k) / SLOW.bytes_per_s for k in range(plan.n_stages)]
+    assert forecast.forecast_seconds == pytest.approx(passes) and passes[1] > 0 and not plain.forecast_seconds
+    assert forecast.stage_seconds == pytest.approx([s + f for s, f in zip(plain.stage_seconds, passes)])
+    assert "(forecasting: " in forecast.summary() and "forecasting" not in plain.summary()
+    assert "keeps two versions of each: as many bytes again per stage" in plan.summary()
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert main(["simulate", str(path), "--forecast", "0.5"]) == 0
+    assert "(forecasting: " in capsys.readouterr().out
+    assert main(["simulate", str(path), "--refresh", "5", "--cooldown", "1"]) == 0
+    assert "cool-down 1, refresh every 5 (" in capsys.readouterr().out
+    assert main(["simulate", str(path), "--forecast", "2"]) == 2
+    assert "forecast must be a number from 0" in capsys.readouterr().err
+
+
+def test_sequential_steps_after_warmup_cost_a_whole_model_step_each():
+    from asyncfx.schedule import SequentialSteps
+
+    base = simulate(hand_plan(), link=SLOW, steps=50, warmup=3)
+    placed = simulate(hand_plan(), link=SLOW, steps=50, warmup=3,
+                      sequential=SequentialSteps(cooldown=2, refresh=10))
+    # refreshes at steps 12, 22, 32, 42; cool-down at 48 and 49
+    assert (base.sequential_count, placed.sequential_count) == (3, 9) and placed.rounds == 41
+    assert placed.total() == pytest.approx(9 * placed.sequential_step + 41 * placed.round_overlapped)
+    assert placed.ideal_speedup < base.ideal_speedup
+    assert "cool-down 2, refresh every 10 (9 sequential steps)" in placed.summary()
+
+
 @pytest.mark.parametrize("kwargs, match", [({"stride": 3}, "stride must be 1 or 2"),
                                            ({"warmup": 0}, "at least 1")])
 def test_bad_schedules(kwargs, match):

@@ -1,13 +1,13 @@
 """The ``asyncfx`` command line.
 
-    asyncfx demo [--n-devices 2] [--warmup W] [--stride 1|2] [--steps 50] [--seed 0]
-                 [--per-class 4] [--out asyncfx_demo.png]
+    asyncfx demo [--n-devices 2] [--warmup W] [--stride 1|2] [--forecast G] [--steps 50]
+                 [--seed 0] [--per-class 4] [--out asyncfx_demo.png]
     asyncfx profile MODEL --out profile.json [--device cpu|cuda:0] [--height H --width W
                     --batch B --dtype float16] [--repeats 5]
     asyncfx compile profile.json --n-devices 4 [--link nvlink|pcie4|cpu] --out plan.json
     asyncfx show plan.json [--profile profile.json] [--plot plan.png]
     asyncfx simulate plan.json [--link nvlink|pcie4|cpu] [--steps 50 --warmup 3 --stride 1]
-                               [--host-ms 1.1]
+                               [--forecast G] [--cooldown C] [--refresh K] [--host-ms 1.1]
     asyncfx sample MODEL_DIR [--n-devices 2] [--executor local|distributed] [--steps 20]
                              [--warmup W] [--height H --width W --batch B]
 
@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--warmup", type=_positive_int, default=None, help="warm-up steps (default: "
                       "asyncfx's default)")
     demo.add_argument("--stride", type=int, choices=(1, 2), default=1)
+    demo.add_argument("--forecast", type=float, default=None, help="damping of forecast stale values, 0 "
+                      "(off) to 1 (default: asyncfx's default)")
     demo.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--per-class", type=_positive_int, default=4, help="samples of each digit")
@@ -110,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--steps", type=_positive_int, default=50)
     simulate.add_argument("--warmup", type=_positive_int, default=3)
     simulate.add_argument("--stride", type=int, choices=(1, 2), default=1)
+    simulate.add_argument("--forecast", type=float, default=0.0, help="damping of forecast stale values, "
+                          "0 (off) to 1: each stage reads and extrapolates two versions of its inputs")
+    simulate.add_argument("--cooldown", type=int, default=0, help="last steps run sequentially too")
+    simulate.add_argument("--refresh", type=int, default=0, help="one sequential step every K after warm-up")
     simulate.add_argument("--host-ms", type=float, default=None,
                           help="the host's time at each call while the devices wait, in ms "
                                "(default: the link preset's)")
@@ -154,7 +160,7 @@ def _demo(options: argparse.Namespace) -> int:
 
     _check_writable(options.out)
     return run_demo(n_devices=options.n_devices, warmup=options.warmup, stride=options.stride,
-                    steps=options.steps, seed=options.seed, per_class=options.per_class,
+                    forecast=options.forecast, steps=options.steps, seed=options.seed, per_class=options.per_class,
                     out=options.out)
 
 
@@ -245,11 +251,13 @@ def _show(options: argparse.Namespace) -> int:
 def _simulate(options: argparse.Namespace) -> int:
     from asyncfx.plan import StagePlan
     from asyncfx.partitioner.simulate import simulate
+    from asyncfx.schedule import SequentialSteps
 
     plan = StagePlan.load(options.plan)
     host = None if options.host_ms is None else options.host_ms / 1e3
     print(simulate(plan, link=options.link, steps=options.steps, warmup=options.warmup,
-                   stride=options.stride, host_seconds=host).summary())
+                   stride=options.stride, host_seconds=host, forecast=options.forecast,
+                   sequential=SequentialSteps(cooldown=options.cooldown, refresh=options.refresh)).summary())
     return 0
 
 

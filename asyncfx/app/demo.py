@@ -15,8 +15,8 @@ from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, IMAGE_SIZE, digits, digi
                                       digits_dataset, make_scheduler, sample_digits)
 
 
-def run_demo(*, n_devices: int = 2, warmup: int | None = None, stride: int = 1, steps: int = 50,
-             seed: int = 0, per_class: int = 4, out: str = "asyncfx_demo.png") -> int:
+def run_demo(*, n_devices: int = 2, warmup: int | None = None, stride: int = 1, forecast: float | None = None,
+             steps: int = 50, seed: int = 0, per_class: int = 4, out: str = "asyncfx_demo.png") -> int:
     """Print plan, latencies, speedup and quality; write the two grids as a PNG.
 
     Example:
@@ -25,6 +25,7 @@ def run_demo(*, n_devices: int = 2, warmup: int | None = None, stride: int = 1, 
     torch.set_grad_enabled(False)
     model, classifier = digits(), digits_classifier()
     warmup = asyncfx.DEFAULT_WARMUP if warmup is None else warmup
+    forecast = asyncfx.DEFAULT_FORECAST if forecast is None else forecast
     labels = torch.arange(10).repeat_interleave(per_class)
     print(f"default model: digits UNet2DConditionModel, "
           f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f}M parameters, "
@@ -33,8 +34,8 @@ def run_demo(*, n_devices: int = 2, warmup: int | None = None, stride: int = 1, 
     sequential, sequential_s = _timed(model.unet, model, labels, steps, seed, None, "sequential")
     scheduler = make_scheduler()
     start = time.perf_counter()
-    denoiser = asyncfx.partition(model.unet, n_devices, warmup=warmup, stride=stride, scheduler=scheduler,
-                                 example_inputs=digits_example_inputs(model, labels))
+    denoiser = asyncfx.partition(model.unet, n_devices, warmup=warmup, stride=stride, forecast=forecast,
+                                 scheduler=scheduler, example_inputs=digits_example_inputs(model, labels))
     compile_s = time.perf_counter() - start
     print(f"\nstage plan (compiled in {compile_s:.1f} s):")
     print(denoiser.plan.summary())

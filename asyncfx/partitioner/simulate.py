@@ -4,7 +4,8 @@ The plan knows each stage's time (measured, or predicted in seconds), the bytes 
 boundary tensor carries and who reads it, and the whole model's time on one device. A
 link model (``DeviceSpec``) prices the transfers. One generation of ``steps`` steps is:
 
-- ``warmup`` sequential steps of the whole model on one device;
+- ``warmup`` sequential steps of the whole model on one device (and those placed after
+  it: cool-down, refresh);
 - ``ceil((steps - warmup) / stride)`` parallel rounds. In a round every stage runs once
   on its own device and sends each boundary tensor it made to each stage that reads it
   (one after another on its copy stream); then the noise prediction is broadcast so
@@ -16,6 +17,9 @@ link model (``DeviceSpec``) prices the transfers. One generation of ``steps`` st
   Each call then leaves the devices waiting for the host for ``host_seconds`` (the
   runtime collects the step's outputs, the sampler steps, the next call is dispatched):
   once per round with stride 1, twice with stride 2.
+- Forecasting (``forecast``): each stage reads two versions of every boundary value it
+  receives and writes their extrapolation, three times its bytes through memory at the
+  device's bandwidth, before it starts.
 
 Stride 2 runs two steps per round on N + 1 devices (AsyncDiff's stride batching).
 """
@@ -28,7 +32,7 @@ from asyncfx.errors import PlanError
 from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.partitioner.lower import dtype_named
 from asyncfx.plan import StagePlan
-from asyncfx.schedule import Mode, check_settings, devices_needed, schedule
+from asyncfx.schedule import Mode, SequentialSteps, check_forecast, check_settings, devices_needed, schedule
 
 
 @dataclasses.dataclass
@@ -50,11 +54,18 @@ class Simulation:
     round_overlapped: float
     round_serial: float
     source: str                     # where the stage times came from
+    forecast_seconds: list[float] = dataclasses.field(default_factory=list)  # per stage, in stage_seconds
+    sequential_steps: SequentialSteps = SequentialSteps()  # placed after warm-up (cool-down, refresh)
 
     @property
     def rounds(self) -> int:
         """Parallel rounds of the generation, as the runtime's schedule makes them."""
-        return parallel_rounds(self.steps, self.n_stages, self.warmup, self.stride)
+        return parallel_rounds(self.steps, self.n_stages, self.warmup, self.stride, self.sequential_steps)
+
+    @property
+    def sequential_count(self) -> int:
+        """Steps of the generation run sequentially: warm-up, cool-down and refreshes."""
+        return sum(self.sequential_steps.at(step, self.warmup, self.steps) for step in range(self.steps))
 
     @property
     def sequential_total(self) -> float:
@@ -63,24 +74,36 @@ class Simulation:
     def total(self, overlap: bool = True) -> float:
         """Seconds for the whole generation (warm-up included)."""
         round_seconds = self.round_overlapped if overlap else self.round_serial
-        return min(self.warmup, self.steps) * self.sequential_step + self.rounds * round_seconds
+        return self.sequential_count * self.sequential_step + self.rounds * round_seconds
 
     def speedup(self, overlap: bool = True) -> float:
         return self.sequential_total / self.total(overlap)
 
     @property
     def ideal_speedup(self) -> float:
-        """T / (W + (T - W) / (N * stride)): perfect balance, free transfers."""
-        warmup = min(self.warmup, self.steps)
-        return self.steps / (warmup + (self.steps - warmup) / (self.n_stages * self.stride))
+        """T / (S + (T - S) / (N * stride)) with S sequential steps: perfect balance, free
+        transfers."""
+        sequential = self.sequential_count
+        return self.steps / (sequential + (self.steps - sequential) / (self.n_stages * self.stride))
+
+    def _placed(self) -> str:
+        """The sequential steps placed after warm-up, as the summary says them."""
+        placed = self.sequential_steps
+        if not (placed.cooldown or placed.refresh):
+            return ""
+        parts = ([f"cool-down {placed.cooldown}"] if placed.cooldown else []) + (
+            [f"refresh every {placed.refresh}"] if placed.refresh else [])
+        return f", {', '.join(parts)} ({self.sequential_count} sequential steps)"
 
     def summary(self) -> str:
         def ms(seconds: float) -> str:
             return f"{seconds * 1e3:.3f} ms"
 
         lines = [f"{self.n_stages} stages on {self.devices} devices over {self.link}, {self.steps} steps, "
-                 f"warm-up {self.warmup}, stride {self.stride} (stage times: {self.source})",
-                 "stage times: " + ", ".join(ms(s) for s in self.stage_seconds),
+                 f"warm-up {self.warmup}, stride {self.stride}{self._placed()} (stage times: {self.source})",
+                 "stage times: " + ", ".join(ms(s) for s in self.stage_seconds)
+                 + (" (forecasting: " + ", ".join(ms(s) for s in self.forecast_seconds) + " of them)"
+                    if self.forecast_seconds else ""),
                  "boundary sends per stage: " + ", ".join(ms(s) for s in self.send_seconds),
                  f"noise-prediction broadcast per round: {ms(self.broadcast_seconds)}; host time per "
                  f"call: {ms(self.host_seconds)}",
@@ -94,10 +117,13 @@ class Simulation:
 
 
 def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: int = 50,
-             warmup: int = 3, stride: int = 1, host_seconds: float | None = None) -> Simulation:
+             warmup: int = 3, stride: int = 1, host_seconds: float | None = None,
+             forecast: float = 0.0, sequential: SequentialSteps | None = None) -> Simulation:
     """Predicted latency of a generation with ``plan`` on N devices joined by ``link``
     (default: the link the plan was compiled for), the host taking ``host_seconds`` at
-    each call (default: the link preset's ``host_seconds_per_call``).
+    each call (default: the link preset's ``host_seconds_per_call``), forecasting stale
+    values with damping ``forecast`` (0: off) as ``partition(forecast=...)`` does, with
+    the ``sequential`` steps placed after warm-up (``partition(cooldown=, refresh=)``).
 
     Example:
         >>> sim = simulate(StagePlan.load("plan.json"), link="pcie4", steps=50, warmup=3)
@@ -106,7 +132,10 @@ def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: in
     _check_schedule(steps, plan.n_stages, warmup, stride)
     spec = device_spec(link if link is not None else plan.link)
     host = spec.host_seconds_per_call if host_seconds is None else _check_host_seconds(host_seconds)
-    stage_seconds, sequential, source = stage_times(plan)
+    stage_seconds, whole_model, source = stage_times(plan)
+    forecasting = [3 * plan.bytes_into(k) / spec.bytes_per_s for k in range(plan.n_stages)
+                   ] if check_forecast(forecast) else []
+    stage_seconds = [s + f for s, f in zip(stage_seconds, forecasting or [0.0] * plan.n_stages)]
     sends = [0.0] * plan.n_stages
     for boundary in plan.boundaries:
         sends[boundary.producer] += len(boundary.consumers) * spec.transfer_seconds(boundary.bytes)
@@ -116,10 +145,10 @@ def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: in
         n_stages=plan.n_stages, devices=devices_needed(plan.n_stages, stride), link=spec.name,
         steps=steps, warmup=warmup, stride=stride, stage_seconds=stage_seconds, send_seconds=sends,
         sends_done=sent,
-        broadcast_seconds=broadcast, host_seconds=host, sequential_step=sequential,
+        broadcast_seconds=broadcast, host_seconds=host, sequential_step=whole_model,
         round_overlapped=max(*stage_seconds, *sent) + broadcast + stride * host,
         round_serial=max(c + s for c, s in zip(stage_seconds, sends)) + broadcast + stride * host,
-        source=source)
+        source=source, forecast_seconds=forecasting, sequential_steps=sequential or SequentialSteps())
 
 
 def sends_done(plan: StagePlan, stage_seconds: list[float], spec: DeviceSpec) -> list[float]:
@@ -173,8 +202,9 @@ def _check_schedule(steps: int, n_stages: int, warmup: int, stride: int) -> None
     check_settings(n_stages, warmup, stride)
 
 
-def parallel_rounds(steps: int, n_stages: int, warmup: int, stride: int) -> int:
+def parallel_rounds(steps: int, n_stages: int, warmup: int, stride: int,
+                    sequential: SequentialSteps | None = None) -> int:
     """How many of a generation's ``steps`` calls run the stages in parallel (a round of
     stride 2 serves two calls), from the schedule every executor follows."""
-    return sum(schedule(step, n_stages, warmup=warmup, stride=stride, total_steps=steps).mode is Mode.PARALLEL
-               for step in range(steps))
+    return sum(schedule(step, n_stages, warmup=warmup, stride=stride, total_steps=steps,
+                        sequential=sequential).mode is Mode.PARALLEL for step in range(steps))

@@ -39,6 +39,7 @@ import logging
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from asyncfx.errors import ArgumentsError, InputMismatchError, WeightsReleasedError
@@ -67,6 +68,25 @@ class Stream:
     store: BoundaryStore = dataclasses.field(default_factory=BoundaryStore)
     cached: dict[int, tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
     times: StreamTimesteps = dataclasses.field(default_factory=StreamTimesteps)
+    warmup: int = 0                       # its warm-up steps (``switch_below`` may add some)
+    prediction: torch.Tensor | None = None  # its latest warm-up step's noise prediction
+
+    def adapt_warmup(self, step: int, prediction: torch.Tensor, switch_below: float) -> None:
+        """After warm-up step ``step``: one more warm-up step if it was the last and the
+        noise prediction still changed by ``switch_below`` or more (relative to the previous
+        step's, in norm) from the previous step (``partition(switch_below=)``)."""
+        previous, self.prediction = self.prediction, prediction.detach()
+        if step != self.warmup - 1 or previous is None or previous.shape != prediction.shape:
+            return
+        previous, current = previous.float(), prediction.detach().float()
+        change = (current - previous).norm() / previous.norm().clamp_min(torch.finfo(torch.float32).tiny)
+        if change.item() >= switch_below:
+            self.warmup += 1
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The first tensor of a model's output (its noise prediction)."""
+    return next(leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor))
 
 
 @dataclasses.dataclass
@@ -86,11 +106,12 @@ class Capture:
     def __post_init__(self) -> None:
         self.call = self.lowering.call
 
-    def stream(self, placement: Placement) -> Stream:
-        """The kept state of the call's stream; a new one where the stream starts (over)."""
+    def stream(self, placement: Placement, warmup: int) -> Stream:
+        """The kept state of the call's stream; a new one, with ``warmup`` steps, where the
+        stream starts (over)."""
         key, step = placement.stream, placement.stream_step
         if step == 0 or key not in self.streams:
-            self.streams[key] = Stream(start=placement.step - step)
+            self.streams[key] = Stream(start=placement.step - step, warmup=warmup)
         return self.streams[key]
 
     def start(self, launch: Launch) -> Executor:

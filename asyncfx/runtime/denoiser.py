@@ -39,8 +39,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-import weakref
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -48,14 +47,15 @@ from torch import nn
 from asyncfx.errors import AsyncFXError, GenerationWarning, WeightsReleasedError
 from asyncfx.integration import NamedCalls, scheduled_timesteps
 from asyncfx.program import CallSpec, Frontend, Program
-from asyncfx.runtime.captures import Capture, CaptureCache, Launch, running_on
+from asyncfx.runtime.captures import Capture, CaptureCache, Launch, first_tensor, running_on
 from asyncfx.runtime.clock import ClockState, CallFacts, Placement, advance, reset
 from asyncfx.runtime.guards import OneCallAtATime, check_call
 from asyncfx.runtime.proxy import ModelProxy
 from asyncfx.runtime.original_model import (BUILT_WITHOUT, RELEASED, no_new_captures, refuse_conversion,
                                             release, why_without_weights, would_change)
 from asyncfx.runtime.timesteps import inputs_for, same_values, timestep_value
-from asyncfx.schedule import Mode, schedule
+from asyncfx.runtime.tokens import Equal, Same
+from asyncfx.schedule import Mode, SequentialSteps, schedule
 from asyncfx.plan import StagePlan
 
 logger = logging.getLogger(__name__)
@@ -80,16 +80,19 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
 
     RUNTIME_STATE = frozenset({"_captures", "_clock", "_calls", "_restarts", "_filled_at", "_warned",
                                "_rebalanced_at", "_without_weights", "call_context"})
-    OWN_ATTRIBUTES = frozenset({"_frontend", "_launch", "n_stages", "warmup", "stride", "time_shift",
-                                "scheduler", "rebuild", "convertible", "release_weights", "training"})
+    OWN_ATTRIBUTES = frozenset({"_frontend", "_launch", "n_stages", "warmup", "stride", "time_shift", "forecast",
+                                "sequential", "switch_below", "scheduler", "rebuild", "convertible",
+                                "release_weights", "training"})
 
     def __init__(self, model: nn.Module, frontend: Frontend, launch: Launch, *, n_stages: int, warmup: int,
                  stride: int = 1, time_shift: bool = False, scheduler: Any = None, rebuild: bool = True,
-                 convertible: bool = True, release_weights: bool = True):
+                 convertible: bool = True, release_weights: bool = True, forecast: float = 0.0,
+                 sequential: SequentialSteps = SequentialSteps(), switch_below: float = 0.0):
         super().__init__(model)
         self._frontend, self._launch = frontend, launch
         self.n_stages, self.warmup, self.stride = n_stages, warmup, stride
-        self.time_shift, self.scheduler = time_shift, scheduler
+        self.time_shift, self.scheduler, self.forecast, self.sequential = time_shift, scheduler, forecast, sequential
+        self.switch_below = switch_below  # warm-up goes on while the prediction changes this much
         self.rebuild = rebuild  # re-capture on new input shapes (not with a user's plan)
         self.convertible = convertible  # .to() may convert the model and re-capture it
         self.release_weights = release_weights  # see the note on weights
@@ -218,32 +221,31 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
 
     def _facts(self, capture: Capture, named: Mapping[str, torch.Tensor]) -> CallFacts:
         call = capture.call
-        conditions = tuple(_Same(named[name]) for name in call.conditions)
+        conditions = tuple(Same(named[name]) for name in call.conditions)
         timesteps = scheduled_timesteps(self.scheduler) if self.scheduler is not None else None
         if call.timestep is None:
             return CallFacts(None, capture.key, self.call_context, conditions,
-                             values=_Equal([named[name] for name in call.conditions]),
-                             schedule=None if timesteps is None else _Same(timesteps))
+                             values=Equal([named[name] for name in call.conditions]),
+                             schedule=None if timesteps is None else Same(timesteps))
         return CallFacts(timestep_value(named[call.timestep]), capture.key, self.call_context, conditions,
-                         schedule=None if timesteps is None else _Same(timesteps))
+                         schedule=None if timesteps is None else Same(timesteps))
 
     def _execute(self, capture: Capture, named: dict[str, torch.Tensor], placement: Placement,
                  args: tuple, kwargs: dict) -> Any:
         call, step = capture.call, placement.stream_step
-        stream = capture.stream(placement)
+        stream = capture.stream(placement, self.warmup)
         timestep = named[call.timestep] if call.timestep is not None else None
-        stream.times.record(step, timestep, self._clock.timestep)
-        total = None
-        if self.stride == 2:
-            scheduled = stream.times.sampler_timesteps(self.scheduler, placement.step - step)
-            total = len(scheduled)
-            stream.times.check(step, scheduled)
-        runs = schedule(step, self.n_stages, warmup=self.warmup, stride=self.stride,
-                        time_shift=self.time_shift, total_steps=total)
+        stream.times.record(step, timestep, self._clock.timestep, named if self.forecast else None)
+        total = (stream.times.total_steps(self.scheduler, placement.step - step, step, check=self.stride == 2)
+                 if self.stride == 2 or self.sequential.cooldown else None)
+        runs = schedule(step, self.n_stages, warmup=stream.warmup, stride=self.stride, time_shift=self.time_shift,
+                        total_steps=total, forecast=self.forecast, sequential=self.sequential)
         stream.step = step + 1
         if capture.executor is None and runs.mode is Mode.SEQUENTIAL and step < self._stages_from(capture):
             output = self._model(*args, **kwargs)  # see the note on lazy compilation (captures.py)
             self._captures.settle(self._model)
+            if self.switch_below:
+                stream.adapt_warmup(step, first_tensor(output), self.switch_below)
             return output
         looked = step == placement.step == self.warmup - 1 and runs.mode is Mode.SEQUENTIAL
         if looked:
@@ -255,10 +257,12 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         if runs.mode is Mode.CACHED:
             outputs = stream.cached.pop(step)
         else:
-            moves = self.stride == 2 or self.time_shift
-            results = executor.step(runs, inputs_for(named, call, stream.times, step, moves), stream.store)
+            given = inputs_for(named, call, stream.times, step, self.stride == 2 or self.time_shift, self.forecast)
+            results = executor.step(runs, given, stream.store)
             outputs = results.pop(step)
             stream.cached = results
+        if self.switch_below and runs.mode is Mode.SEQUENTIAL:
+            stream.adapt_warmup(step, outputs[0], self.switch_below)
         device = named[call.latent].device
         return call.unflatten([o.to(device) if isinstance(o, torch.Tensor) and o.device != device else o
                                for o in outputs])
@@ -331,7 +335,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         logger.debug("generation %d starts at timestep %s (%s): warm-up again", placement.generation,
                      facts.timestep, placement.new_generation)
         previous = before.values
-        if facts.timestep is not None or not isinstance(previous, _Equal) or len(previous) != len(facts.values):
+        if facts.timestep is not None or not isinstance(previous, Equal) or len(previous) != len(facts.values):
             return
         changed = [name for name, a, b in zip(call.conditions, previous.tensors, facts.values.tensors)
                    if not same_values(a, b)]
@@ -362,39 +366,3 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
             "the next step: after a generation that stopped early, one that goes on downwards from where "
             "it stopped (image to image) would read its buffers. Pass scheduler=pipe.scheduler to "
             "asyncfx.partition(), or call reset() between such runs.", GenerationWarning, stacklevel=6)
-
-
-class _Same:
-    """A clock token equal to another for the same live object (held weakly where it can be:
-    a tensor, which a later object could otherwise never reuse the address of)."""
-
-    __slots__ = ("ref",)
-
-    def __init__(self, value: Any):
-        try:
-            self.ref = weakref.ref(value)
-        except TypeError:  # a list of timesteps: held as it is
-            self.ref = lambda: value
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Same) and other.ref() is self.ref() and self.ref() is not None
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-class _Equal:
-    """A clock token equal to another for tensors of equal values (same objects first)."""
-
-    __slots__ = ("tensors",)
-
-    def __init__(self, tensors: Sequence[torch.Tensor]):
-        self.tensors = list(tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, _Equal) and len(other) == len(self)
-                and all(map(same_values, self.tensors, other.tensors)))
-
-    __hash__ = None  # type: ignore[assignment]

@@ -48,18 +48,49 @@ class BoundaryStore:
             del self._versions[old]
 
 
-def stage_arguments(program: Program, run: StageRun, inputs_for: InputsFor, read: Read) -> list[torch.Tensor]:
+def stage_arguments(program: Program, run: StageRun, inputs_for: InputsFor, read: Read, *,
+                    deferred: bool = False) -> list[torch.Tensor | Forecast]:
     """The arguments of one run of a stage, in its inputs' order: graph inputs from the
     call (with the timestep of the run's step), boundary values of the version the
-    schedule says it reads.
+    schedule says it reads, forecast where it says so (``deferred``: as ``Forecast``s,
+    for the thread and stream that compute the run to evaluate with ``resolved``).
 
     Example:
         >>> args = stage_arguments(program, run, inputs_for, store.get)
     """
     inputs = inputs_for(run.timestep)
     graph_inputs = program.graph_inputs
-    return [inputs[name] if name in graph_inputs else read(name, run.reads)
+    args = [inputs[name] if name in graph_inputs else _stale(name, run, read)
             for name in program.stages[run.stage].inputs]
+    return args if deferred else [resolved(arg) for arg in args]
+
+
+class Forecast(NamedTuple):
+    """A stale boundary value read forecast: ``newest + lean * (newest - prior)``."""
+
+    prior: torch.Tensor
+    newest: torch.Tensor
+    lean: float
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Forecast":
+        return Forecast(self.prior.to(device, non_blocking=non_blocking),
+                        self.newest.to(device, non_blocking=non_blocking), self.lean)
+
+
+def resolved(arg: torch.Tensor | Forecast) -> torch.Tensor:
+    """A stage argument's value (a ``Forecast`` evaluated here, on the current stream)."""
+    if isinstance(arg, Forecast):
+        return torch.lerp(arg.prior, arg.newest, 1.0 + arg.lean)
+    return arg
+
+
+def _stale(name: str, run: StageRun, read: Read) -> torch.Tensor | Forecast:
+    """A boundary value as the run reads it: the version it reads, or where it forecasts
+    (``run.prior``) that version and the one before, to extrapolate from."""
+    newest = read(name, run.reads)
+    if run.prior is None or not newest.is_floating_point():
+        return newest
+    return Forecast(read(name, run.prior), newest, run.lean)
 
 
 class MeasuredStages(NamedTuple):
@@ -155,9 +186,8 @@ class Executor:
 
     @staticmethod
     def finish(plan: StepSchedule, store: BoundaryStore) -> None:
-        written = [r.writes for r in plan.runs if r.writes is not None]
-        if written:
-            store.keep_from(max(written))
+        if plan.keep_from is not None:
+            store.keep_from(plan.keep_from)
 
     def close(self) -> None:
         """Release workers and devices (nothing to do for in-process executors)."""

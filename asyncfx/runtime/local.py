@@ -40,7 +40,7 @@ from torch import nn
 from asyncfx.errors import AsyncFXError
 from asyncfx.runtime.cuda_graphs import GraphedStage, check_cuda_graphs_option
 from asyncfx.program import Program
-from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, stage_arguments
+from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, resolved, stage_arguments
 from asyncfx.runtime.hooks import with_send_hooks
 from asyncfx.runtime.stage_weights import placed
 from asyncfx.schedule import Mode, StageRun, StepSchedule
@@ -151,7 +151,7 @@ class LocalExecutor(Executor):
     def _dispatch(self, handed: _Round, run: StageRun, inputs_for: InputsFor, store: BoundaryStore,
                   autocast: Any, threads: int | None) -> None:
         worker = self._workers[run.slot]
-        args = stage_arguments(self.program, run, inputs_for, worker.reader(store))
+        args = stage_arguments(self.program, run, inputs_for, worker.reader(store), deferred=True)
         written = ()
         if worker.device.type == "cuda":
             graph_inputs = self.program.graph_inputs
@@ -296,7 +296,7 @@ class _Worker(threading.Thread):
                 with _autocast(autocast):
                     if compute is None:
                         with torch.no_grad(), RunTimer(self.device) as timer:
-                            outputs, copies = runnable(*[a.to(self.device) for a in args]), {}
+                            outputs, copies = runnable(*[resolved(a.to(self.device)) for a in args]), {}
                     else:
                         outputs, copies, timer = self._compute(runnable, run, args, written, compute, sender)
                 handed.deliver(run, outputs, copies, timer)
@@ -312,7 +312,7 @@ class _Worker(threading.Thread):
         with torch.no_grad(), torch.cuda.device(self.device), torch.cuda.stream(compute):
             for event in written:
                 compute.wait_event(event)
-            args = [a.to(self.device, non_blocking=True) for a in args]
+            args = [resolved(a.to(self.device, non_blocking=True)) for a in args]
             with RunTimer(self.device) as timer:
                 if self.graphed is None:
                     outputs = runnable(*args)

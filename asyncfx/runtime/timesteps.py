@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from asyncfx.errors import SchedulerError
 from asyncfx.integration import scheduler_begin_index, scheduler_steps_taken, scheduler_timesteps
-from asyncfx.program import CallSpec
+from asyncfx.program import CallSpec, InputRole
 from asyncfx.runtime.executor import InputsFor
 
 #: A timestep tensor with more elements than this (one per token) is reduced on its device.
@@ -82,16 +82,21 @@ class StreamTimesteps:
     for stride 2 the scheduler's timesteps from its first call on."""
 
     calls: dict[int, torch.Tensor | None] = dataclasses.field(default_factory=dict)
+    inputs: dict[int, Mapping[str, torch.Tensor]] = dataclasses.field(default_factory=dict)  # by step
     at: float | None = None           # the value of the latest call's timestep
     scheduler_index: int | None = None  # stride 2: its first call's place in the scheduler's timesteps
     scheduled: list[float] | None = None  # stride 2: their values from there on
     line: TimestepMap = dataclasses.field(default_factory=TimestepMap)
 
-    def record(self, step: int, timestep: torch.Tensor | None, value: float | None) -> None:
+    def record(self, step: int, timestep: torch.Tensor | None, value: float | None,
+               inputs: Mapping[str, torch.Tensor] | None = None) -> None:
+        """The call at ``step``: its timestep tensor and value, and its graph inputs (the
+        previous call's latent is what stride 2's forecast latent extrapolates from)."""
         self.calls[step] = timestep
+        self.inputs[step] = inputs or {}
         self.at = value
         for old in [s for s in self.calls if s < step - 1]:
-            del self.calls[old]  # time shift reads one step back, stride 2 none
+            del self.calls[old], self.inputs[old]  # time shift and forecasts read one step back
 
     def sampler_timesteps(self, scheduler: Any, start: int) -> list[float]:
         """The scheduler's distinct timesteps from the stream's first call on (``start``: its
@@ -101,13 +106,21 @@ class StreamTimesteps:
         if self.scheduled is None:
             timesteps = scheduler_timesteps(scheduler)
             if timesteps is None:
-                raise SchedulerError("stride=2 needs the sampler's timesteps: pass scheduler=pipe.scheduler "
-                                     "to asyncfx.partition() (after set_timesteps, its .timesteps list the "
-                                     "steps).")
+                raise SchedulerError("stride=2 and cooldown need the sampler's timesteps: pass "
+                                     "scheduler=pipe.scheduler to asyncfx.partition() (after set_timesteps, "
+                                     "its .timesteps list the steps).")
             distinct, place = _distinct(timesteps.flatten().tolist())
             self.scheduler_index = _scheduler_index(scheduler, place, start)
             self.scheduled = distinct[self.scheduler_index:]
         return self.scheduled
+
+    def total_steps(self, scheduler: Any, start: int, step: int, *, check: bool) -> int:
+        """The stream's steps from its first call on, from the scheduler (stride 2, cool-down),
+        after checking with stride 2 (``check``) that the call at ``step`` follows it."""
+        scheduled = self.sampler_timesteps(scheduler, start)
+        if check:
+            self.check(step, scheduled)
+        return len(scheduled)
 
     def check(self, step: int, timesteps: Sequence[float]) -> None:
         """Stride 2 takes the next step's timestep from the scheduler, so the calls must
@@ -147,21 +160,40 @@ class StreamTimesteps:
 
 
 def inputs_for(named: Mapping[str, torch.Tensor], call: CallSpec, times: StreamTimesteps,
-               step: int, moves: bool) -> InputsFor:
+               step: int, moves: bool, forecast: float = 0.0) -> InputsFor:
     """The graph inputs a run computes with, by the step whose timestep it uses: the
     call's own at ``step``; at another step (``moves``: stride 2, time shift) the timestep
-    moved there, and the conditioning inputs that are the timestep under another name."""
+    moved there, and the conditioning inputs that are the timestep under another name.
+    With ``forecast`` (the schedule's damping ``g``), a later step's latents (stride 2's
+    next step, whose latent the sampler has not made yet) are extrapolated from this
+    call's and the previous call's: ``x + g * (index - step) * (x - x_previous)``."""
     if not moves or call.timestep is None:
         return lambda index: named
     timestep = named[call.timestep]
     copies = [name for name in call.conditions if same_values(named[name], timestep)]
+    ahead = _latents_ahead(named, call, times.inputs.get(step - 1, {}), forecast)
+
+    made: dict[int, Mapping[str, torch.Tensor]] = {}  # by step: every run at a step reads the same
 
     def moved_inputs(index: int) -> Mapping[str, torch.Tensor]:
         if index == step:
             return named
-        moved = times.moved(timestep, index)
-        return {**named, **{name: moved for name in (call.timestep, *copies)}}
+        if index not in made:
+            moved = times.moved(timestep, index)
+            made[index] = {**named, **ahead(index - step), **{name: moved for name in (call.timestep, *copies)}}
+        return made[index]
     return moved_inputs
+
+
+def _latents_ahead(named: Mapping[str, torch.Tensor], call: CallSpec, previous: Mapping[str, torch.Tensor],
+                   forecast: float) -> Callable[[int], dict[str, torch.Tensor]]:
+    """``steps -> {latent: forecast}``: each latent extrapolated ``steps`` steps ahead from
+    the previous call's (none without forecasting, before a previous call, or backwards)."""
+    latents = [i.placeholder for i in call.inputs if i.role is InputRole.LATENT and i.placeholder in previous]
+    if not forecast or not latents:
+        return lambda steps: {}
+    return lambda steps: {} if steps <= 0 else {
+        name: torch.lerp(previous[name], named[name], 1.0 + forecast * steps) for name in latents}
 
 
 def timestep_value(timestep: torch.Tensor) -> float:
