@@ -38,6 +38,12 @@ def test_demo_output_folder_must_exist(capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_demo_refuses_a_bad_forecast_before_sampling(tmp_path, capsys):
+    assert main(["demo", "--forecast", "2", "--out", str(tmp_path / "demo.png")]) == 2
+    err = capsys.readouterr().err
+    assert "forecast must be a number from 0 (off" in err and not (tmp_path / "demo.png").exists()
+
+
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "asyncfx", "--help"], capture_output=True,
                             text=True, timeout=120)

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 import asyncfx
+from asyncfx.schedule import check_forecast
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
 from asyncfx.app.sweep import digits_example_inputs
 from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, IMAGE_SIZE, digits, digits_classifier,
@@ -25,7 +26,7 @@ def run_demo(*, n_devices: int = 2, warmup: int | None = None, stride: int = 1, 
     torch.set_grad_enabled(False)
     model, classifier = digits(), digits_classifier()
     warmup = asyncfx.DEFAULT_WARMUP if warmup is None else warmup
-    forecast = asyncfx.DEFAULT_FORECAST if forecast is None else forecast
+    forecast = check_forecast(asyncfx.DEFAULT_FORECAST if forecast is None else forecast)  # before sampling
     labels = torch.arange(10).repeat_interleave(per_class)
     print(f"default model: digits UNet2DConditionModel, "
           f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f}M parameters, "
