@@ -93,8 +93,10 @@ def schedule(step: int, n_stages: int, *, warmup: int, stride: int = 1, time_shi
     if not forecast:
         return plain._replace(keep_from=newest)
     prior = steps.written_before(newest)
-    runs = plain.runs if plain.mode is not Mode.PARALLEL else tuple(
-        _forecasting(run, steps, forecast) for run in plain.runs)
+    runs = plain.runs
+    if plain.mode is Mode.PARALLEL:  # every run of a parallel step reads the version before it
+        read_prior = steps.written_before(step - 1)
+        runs = tuple(_forecasting(run, read_prior, forecast) for run in runs)
     return plain._replace(runs=runs, keep_from=newest if prior is None else prior)
 
 
@@ -121,6 +123,10 @@ class SequentialSteps:
         if self.refresh == 1:
             raise PlanError("refresh=1 would run every step sequentially: give refresh >= 2 (one sequential "
                             "step every `refresh` steps), or 0 for none.")
+
+    def count(self, warmup: int, total_steps: int) -> int:
+        """How many of a generation's ``total_steps`` run sequentially (warm-up included)."""
+        return sum(self.at(step, warmup, total_steps) for step in range(total_steps))
 
     def at(self, step: int, warmup: int, total_steps: int | None) -> bool:
         """Whether ``step`` runs sequentially (warm-up included)."""
@@ -206,9 +212,9 @@ def _plain_schedule(step: int, n_stages: int, steps: _Steps, time_shift: bool) -
     return StepSchedule(step, Mode.PARALLEL, tuple(runs))
 
 
-def _forecasting(run: StageRun, steps: _Steps, gain: float) -> StageRun:
-    """A parallel run reading the forecast of its stale values (see the module note)."""
-    prior = steps.written_before(run.reads)
+def _forecasting(run: StageRun, prior: int | None, gain: float) -> StageRun:
+    """A parallel run reading the forecast of its stale values from version ``prior`` on
+    (see the module note)."""
     if prior is None:
         return run
     return run._replace(prior=prior, lean=gain * (run.timestep - run.reads) / (run.reads - prior))

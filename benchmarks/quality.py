@@ -85,7 +85,7 @@ def speedup(model, labels, n, stride, placed, warmup_used, steps, sequential_s, 
         return f"{sequential_s() / one_core(run):.2f}x"
     stage = [s.estimated_cost for s in plan.stages] if n > 1 else [1.0]
     placed_steps = SequentialSteps(cooldown=placed["cooldown"], refresh=placed["refresh"])
-    sequential = sum(placed_steps.at(step, warmup_used, steps) for step in range(steps))
+    sequential = placed_steps.count(warmup_used, steps)
     rounds = parallel_rounds(steps, n, warmup_used, stride, placed_steps)
     predicted = steps / (sequential + rounds * max(stage) / sum(stage))
     return f"{predicted:.2f}x (pred.)"

@@ -65,7 +65,7 @@ class Simulation:
     @property
     def sequential_count(self) -> int:
         """Steps of the generation run sequentially: warm-up, cool-down and refreshes."""
-        return sum(self.sequential_steps.at(step, self.warmup, self.steps) for step in range(self.steps))
+        return self.sequential_steps.count(self.warmup, self.steps)
 
     @property
     def sequential_total(self) -> float:

@@ -235,7 +235,8 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         call, step = capture.call, placement.stream_step
         stream = capture.stream(placement, self.warmup)
         timestep = named[call.timestep] if call.timestep is not None else None
-        stream.times.record(step, timestep, self._clock.timestep, named if self.forecast else None)
+        stream.times.record(step, timestep, self._clock.timestep,  # stride 2 forecasts the latent ahead
+                            named if self.forecast and self.stride == 2 else None)
         total = (stream.times.total_steps(self.scheduler, placement.step - step, step, check=self.stride == 2)
                  if self.stride == 2 or self.sequential.cooldown else None)
         runs = schedule(step, self.n_stages, warmup=stream.warmup, stride=self.stride, time_shift=self.time_shift,
