@@ -4,7 +4,8 @@
 - Frechet distance between the classifier's penultimate features of generated and
   real digits (what FID measures);
 - PSNR and SSIM of each asynchronous sample against the sequential sample from the
-  same seed (what LPIPS against the original measures).
+  same seed, and the distance between the two samples' classifier features (what LPIPS
+  against the original measures: a distance in a trained network's feature space).
 
 Images are (B, 1, H, W) tensors in [-1, 1].
 """
@@ -48,6 +49,18 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
         offset = np.eye(len(cov_a)) * 1e-6
         root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
+
+
+def feature_distance(features: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Per-sample distance between feature vectors (N, D) and their references, each scaled
+    to unit length first as LPIPS scales its activations: 0 for equal directions, 2 at most.
+
+    Example:
+        >>> feature_distance(classifier.features(fast), classifier.features(sequential)).mean()
+    """
+    unit = nn.functional.normalize(features.double(), dim=1, eps=1e-12)
+    reference = nn.functional.normalize(references.double(), dim=1, eps=1e-12)
+    return (unit - reference).norm(dim=1)
 
 
 def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:

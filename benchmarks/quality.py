@@ -1,7 +1,8 @@
-"""Speed against quality of asynchronous denoising on the default digits model.
+"""Speed against quality of asynchronous denoising on a digits model (UNet or DiT).
 
-    python benchmarks/quality.py [--samples 500] [--steps 50] [--forecasts 0,0.25,0.5]
-                                 [--warmups 1,2,3,2+c1,2+r25] [--write benchmarks/RESULTS.md]
+    python benchmarks/quality.py [--model unet|dit] [--samples 500] [--steps 50]
+                                 [--forecasts 0,0.25,0.5] [--warmups 1,2,3,2+c1,2+r25]
+                                 [--write benchmarks/RESULTS.md]
 
 Rows: N in {1, 2, 3, 4} x stride {1, 2} x sequential steps x forecast damping
 (``partition(forecast=g)``, 0: plain reuse of stale values; default 0 only). Sequential
@@ -9,13 +10,16 @@ steps: ``W`` warm-up steps (default 1, 2, 3, 5, 9), ``W+cC`` with a cool-down of
 ``W+rK`` with a refresh every K steps (``partition(cooldown=, refresh=)``), ``W+sX`` with
 warm-up going on while the noise prediction changes by X or more from one step to the next
 (``partition(switch_below=X)``; the row says how many steps that made). Each row generates the
-same samples (same seeds, 50 DDIM steps, guidance 3) with the serial executor, which
-computes exactly what the parallel executors compute. Columns: PSNR and SSIM against
+same samples (same seeds, 50 DDIM steps, the model's guidance) with the serial executor,
+which computes exactly what the parallel executors compute. Columns: PSNR and SSIM against
 the sequential samples, class accuracy, Frechet distance of classifier features to
-real digits, and the speedup over the sequential model on one core: measured on CPU
+real digits, the mean per-sample distance of each sample's classifier features to its
+sequential sample's (``asyncfx.quality.feature_distance``, an LPIPS stand-in), and the
+speedup over the sequential model on one core: measured on CPU
 workers (one core each) where the slots fit this machine's cores (N * stride <= cores),
-otherwise predicted from the plan's stage costs as T / (S + P * round / sequential), with
-S sequential steps and P parallel rounds, and marked "(pred.)".
+otherwise (or with ``--predicted``) predicted from the plan's stage costs as
+T / (S + P * round / sequential), with S sequential steps and P parallel rounds, and
+marked "(pred.)".
 """
 from __future__ import annotations
 
@@ -29,13 +33,13 @@ import torch
 import asyncfx
 from asyncfx.partitioner.simulate import parallel_rounds
 from asyncfx.schedule import SequentialSteps
-from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
+from asyncfx.quality import class_accuracy, feature_distance, frechet_distance, psnr, ssim
 from asyncfx.app.sweep import digits_example_inputs
-from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, digits, digits_classifier,
-                                      digits_dataset, make_scheduler, sample_digits)
+from asyncfx.zoo.digits_model import (KINDS, digits, digits_classifier, digits_dataset, make_scheduler,
+                                      sample_digits)
 
-HEADER = ("| N | stride | sequential steps | forecast | PSNR dB | SSIM | class acc. | Frechet dist. | speedup |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| N | stride | sequential steps | forecast | PSNR dB | SSIM | class acc. | Frechet dist. "
+          "| feature dist. | speedup |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def generate(denoiser, model, labels, steps, scheduler=None):
@@ -74,7 +78,7 @@ def speedup(model, labels, n, stride, placed, warmup_used, steps, sequential_s, 
         scheduler = make_scheduler()
 
         def run():
-            den = asyncfx.partition(model.unet, n, stride=stride, scheduler=scheduler, plan=plan,
+            den = asyncfx.partition(model.denoiser, n, stride=stride, scheduler=scheduler, plan=plan,
                                     forecast=forecast, example_inputs=digits_example_inputs(model, labels),
                                     **{**placed, "warmup": warmup_used, "switch_below": 0.0})
             try:
@@ -93,30 +97,38 @@ def speedup(model, labels, n, stride, placed, warmup_used, steps, sequential_s, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=KINDS, default="unet", help="the digits denoiser")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--stages", default="1,2,3,4")
     parser.add_argument("--warmups", default="1,2,3,5,9")
     parser.add_argument("--strides", default="1,2")
     parser.add_argument("--forecasts", default="0", help="forecast dampings, comma-separated (0: off)")
+    parser.add_argument("--predicted", action="store_true",
+                        help="predict every row's speed (no timed runs: the machine may be busy)")
     parser.add_argument("--write", help="append the table to this markdown file")
     options = parser.parse_args()
     torch.set_grad_enabled(False)
-    cores = torch.get_num_threads()
-    model, classifier = digits(), digits_classifier()
+    cores = 1 if options.predicted else torch.get_num_threads()  # one core fits no parallel row
+    model, classifier = digits(kind=options.model), digits_classifier()
     labels = torch.arange(options.samples) % 10
     real, _ = digits_dataset()
     real_features = classifier.features(real)
-    sequential, _ = generate(model.unet, model, labels, options.steps)
-    sequential_s = functools.cache(lambda: one_core(lambda: generate(model.unet, model, labels, options.steps))[1])
+    sequential, _ = generate(model.denoiser, model, labels, options.steps)
+    sequential_features = classifier.features(sequential)
+    sequential_s = functools.cache(
+        lambda: one_core(lambda: generate(model.denoiser, model, labels, options.steps))[1])
     measured = cores >= 2 and "2" in options.stages.split(",") and "1" in options.strides.split(",")
-    timing = f", {sequential_s():.1f} s on one core." if measured else "."  # before the rows measured on workers
-    lines = [f"{options.samples} samples, {options.steps} DDIM steps, guidance {DEFAULT_GUIDANCE}, "
-             f"CPU with {cores} threads, torch {torch.__version__}. Sequential: class accuracy "
+    # timed before the rows measured on workers
+    timing = f", {sequential_s():.1f} s on one core." if measured else "."
+    lines = [f"{type(model.denoiser).__name__}, {options.samples} samples, {options.steps} DDIM steps, "
+             f"guidance {model.guidance}, "
+             f"CPU with {torch.get_num_threads()} threads, torch {torch.__version__}. "
+             "Sequential: class accuracy "
              f"{class_accuracy(classifier, sequential, labels):.3f}, Frechet distance "
              f"{frechet_distance(classifier.features(sequential), real_features):.2f}{timing}", "", HEADER]
     print("\n".join(lines), flush=True)
-    captured = asyncfx.capture(model.unet, *digits_example_inputs(model, labels))
+    captured = asyncfx.capture(model.denoiser, *digits_example_inputs(model, labels))
     for n in map(int, options.stages.split(",")):
         plan = asyncfx.compile(captured, n) if n > 1 else None
         for stride, spec, forecast in itertools.product(
@@ -126,24 +138,26 @@ def main() -> None:
             if n == 1 and stride == 1 and (spec != "1" or forecast):
                 continue  # one stage, stride 1: every row is the sequential model
             scheduler = make_scheduler()
-            den = asyncfx.partition(model.unet, n, stride=stride, scheduler=scheduler, plan=plan,
+            den = asyncfx.partition(model.denoiser, n, stride=stride, scheduler=scheduler, plan=plan,
                                     executor="serial", forecast=forecast,
                                     example_inputs=digits_example_inputs(model, labels), **placed)
             images, _ = generate(den, model, labels, options.steps, scheduler)
             warmup_used = max(s.warmup for s in den.captures()[0].streams.values())
-            gain = speedup(model, labels, n, stride, placed, warmup_used, options.steps, sequential_s, plan, cores,
-                           forecast)
+            gain = speedup(model, labels, n, stride, placed, warmup_used, options.steps, sequential_s, plan,
+                           cores, forecast)
             made = f" (W={warmup_used})" if placed["switch_below"] else ""
-            row = (f"| {n} | {stride} | {spec}{made} | {forecast:g} | {psnr(images, sequential).mean():.2f} | "
-                   f"{ssim(images, sequential).mean():.4f} | "
+            features = classifier.features(images)
+            row = (f"| {n} | {stride} | {spec}{made} | {forecast:g} | "
+                   f"{psnr(images, sequential).mean():.2f} | {ssim(images, sequential).mean():.4f} | "
                    f"{class_accuracy(classifier, images, labels):.3f} | "
-                   f"{frechet_distance(classifier.features(images), real_features):.2f} | "
-                   f"{gain} |")
+                   f"{frechet_distance(features, real_features):.2f} | "
+                   f"{feature_distance(features, sequential_features).mean():.4f} | {gain} |")
             print(row, flush=True)
             lines.append(row)
     if options.write:
         with open(options.write, "a", encoding="utf-8") as f:
-            f.write("\n## Speed against quality on the default model (`python benchmarks/quality.py`)\n\n")
+            f.write(f"\n## Speed against quality on the digits {options.model} "
+                    "(`python benchmarks/quality.py`)\n\n")
             f.write("\n".join(lines) + "\n")
 
 

@@ -12,11 +12,15 @@ import asyncfx
 from asyncfx.app.cli import main
 
 
-def test_demo_samples_the_default_model_and_writes_the_grids(tmp_path, capsys):
+@pytest.mark.parametrize("model, denoiser", [(None, "UNet2DConditionModel"),
+                                             ("dit", "DiTTransformer2DModel")])
+def test_demo_samples_a_digits_model_and_writes_the_grids(tmp_path, capsys, model, denoiser):
     out = tmp_path / "demo.png"
-    assert main(["demo", "--steps", "4", "--warmup", "2", "--per-class", "1", "--out", str(out)]) == 0
+    chosen = ["--model", model] if model else []
+    argv = ["demo", *chosen, "--steps", "4", "--warmup", "2", "--per-class", "1", "--out", str(out)]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "StagePlan for UNet2DConditionModel: 2 stage(s)" in printed
+    assert f"model: digits {denoiser}" in printed and f"StagePlan for {denoiser}: 2 stage(s)" in printed
     assert "speedup" in printed and "class accuracy" in printed and "PSNR" in printed
     from PIL import Image
 
@@ -25,7 +29,8 @@ def test_demo_samples_the_default_model_and_writes_the_grids(tmp_path, capsys):
 
 
 def test_bad_options_are_one_line_usage_errors(capsys):
-    for argv in (["demo", "--n-devices", "0"], ["demo", "--stride", "3"], ["launch"]):
+    for argv in (["demo", "--n-devices", "0"], ["demo", "--stride", "3"], ["demo", "--model", "vit"],
+                 ["launch"]):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2

@@ -1,22 +1,22 @@
-"""The embedded default model: shipped weights, accuracy, and exactness under asyncfx."""
+"""The embedded digits models (UNet and DiT): shipped weights, accuracy, and exactness
+under asyncfx."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import asyncfx
 from asyncfx.quality import class_accuracy
-from asyncfx.zoo.digits_model import (WEIGHTS, digits, digits_classifier, digits_dataset, held_out_split,
-                                      sample_digits)
+from asyncfx.zoo import train_digits
+from asyncfx.zoo.digits_model import (KINDS, WEIGHTS, digits, digits_classifier, digits_dataset,
+                                      held_out_split, sample_digits, weight_files)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return digits()
+@pytest.fixture(scope="module", params=KINDS)
+def model(request):
+    return digits(kind=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,18 @@ def classifier():
 
 def test_shipped_files_are_small_and_load_offline(model, classifier):
     sizes = {name: os.path.getsize(os.path.join(WEIGHTS, name)) for name in os.listdir(WEIGHTS)}
-    assert sizes["digits_unet.safetensors"] <= 5_000_000
-    assert set(sizes) >= {"digits_unet.safetensors", "digits_classifier.safetensors", "digits.json"}
+    tensors, facts = weight_files(model.kind)
+    assert sizes[tensors] <= 5_000_000
+    assert {tensors, facts, "digits_classifier.safetensors"} <= set(sizes)
     assert model.info["seed"] == 0 and model.info["denoiser_steps"] > 0
-    assert not model.unet.training and next(model.unet.parameters()).dtype == torch.float32
+    assert not model.denoiser.training and next(model.denoiser.parameters()).dtype == torch.float32
+    assert type(model.denoiser).__name__ == {"unet": "UNet2DConditionModel", "dit": "DiTTransformer2DModel"}[
+        model.kind]
+
+
+def test_unknown_kind_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="no digits denoiser 'vit': choose one of unet, dit"):
+        digits(kind="vit")
 
 
 def test_classifier_reaches_its_documented_held_out_accuracy(model, classifier):
@@ -42,8 +50,11 @@ def test_classifier_reaches_its_documented_held_out_accuracy(model, classifier):
 
 def test_generated_digits_are_recognised(model, classifier):
     labels = torch.arange(30) % 10
-    images = sample_digits(model.unet, model, labels, steps=50, seed=1)
+    images = sample_digits(model.denoiser, model, labels, steps=50, seed=1)
     assert class_accuracy(classifier, images, labels) >= 0.9
+    if model.kind == "dit":  # measured by the training script on 100 samples at the shipped guidance
+        assert model.info["sequential_accuracy"] >= 0.95
+        assert model.info["accuracy_by_guidance"][str(model.guidance)] == model.info["sequential_accuracy"]
 
 
 def test_async_sample_with_warmup_covering_the_steps_equals_sequential(model):
@@ -51,9 +62,9 @@ def test_async_sample_with_warmup_covering_the_steps_equals_sequential(model):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each local worker
     try:
-        sequential = sample_digits(model.unet, model, labels, steps=10)
+        sequential = sample_digits(model.denoiser, model, labels, steps=10)
         for executor in ("serial", "local"):
-            denoiser = asyncfx.partition(model.unet, 2, warmup=10, executor=executor)
+            denoiser = asyncfx.partition(model.denoiser, 2, warmup=10, executor=executor)
             torch.testing.assert_close(sample_digits(denoiser, model, labels, steps=10), sequential,
                                        rtol=0, atol=0)
             denoiser.close()
@@ -62,12 +73,17 @@ def test_async_sample_with_warmup_covering_the_steps_equals_sequential(model):
 
 
 def test_training_script_writes_loadable_weights(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "asyncfx.zoo.train_digits", "--steps", "3",
-                             "--classifier-epochs", "1", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    trained = digits(str(tmp_path))
-    assert trained.info["denoiser_steps"] == 3
+    quick = ["--steps", "3", "--out", str(tmp_path), "--guidance", "2.0", "--check-per-class", "1"]
+    with pytest.raises(SystemExit, match="digits_classifier.safetensors is missing: train the classifier "
+                                         "first with --model unet"):
+        train_digits.main(["--model", "dit", *quick])
+    assert os.listdir(tmp_path) == []
+    train_digits.main(["--classifier-epochs", "1", *quick])
+    train_digits.main(["--model", "dit", *quick])
+    for kind in KINDS:
+        trained = digits(str(tmp_path), kind=kind)
+        assert trained.info["denoiser_steps"] == 3 and trained.guidance == 2.0
+        assert set(trained.info["accuracy_by_guidance"]) == {"2.0"}
     digits_classifier(str(tmp_path))
 
 

@@ -1,6 +1,7 @@
 """The distributed executor with real gloo process groups, spawned by the test."""
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -27,7 +28,20 @@ def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0
 def serial_result(model_name: str, world: int, stride: int = 1, guided_at=(),
                   plan: asyncfx.StagePlan | None = None, forecast: float = 0.0) -> torch.Tensor:
     """The serial executor's sample, with the plan given (and the warm-up the worker uses
-    with it), else with the compiled one."""
+    with it), else with the compiled one (computed once per setting: scenarios share them)."""
+    if plan is None:
+        return _compiled_serial_result(model_name, world, stride, guided_at, forecast).clone()
+    return _serial_result(model_name, world, stride, guided_at, plan, forecast)
+
+
+@functools.cache
+def _compiled_serial_result(model_name: str, world: int, stride: int, guided_at: tuple[int, ...],
+                            forecast: float) -> torch.Tensor:
+    return _serial_result(model_name, world, stride, guided_at, None, forecast)
+
+
+def _serial_result(model_name: str, world: int, stride: int, guided_at: tuple[int, ...],
+                   plan: asyncfx.StagePlan | None, forecast: float) -> torch.Tensor:
     if model_name == "mispriced":
         model, kwargs = mispriced_example()
     else:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
+from asyncfx.quality import class_accuracy, feature_distance, frechet_distance, psnr, ssim
 
 
 def test_psnr_known_values():
@@ -40,3 +40,10 @@ def test_class_accuracy_counts_argmax_hits():
     classifier = torch.nn.Identity()
     logits = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     assert class_accuracy(classifier, logits, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
+
+
+def test_feature_distance_compares_directions_per_sample():
+    references = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    features = torch.tensor([[5.0, 0.0], [0.0, -1.0], [4.0, -3.0]])  # same, opposite, orthogonal
+    expected = torch.tensor([0.0, 2.0, math.sqrt(2.0)], dtype=torch.float64)
+    torch.testing.assert_close(feature_distance(features, references), expected)

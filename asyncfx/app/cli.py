@@ -1,7 +1,7 @@
 """The ``asyncfx`` command line.
 
-    asyncfx demo [--n-devices 2] [--warmup W] [--stride 1|2] [--forecast G] [--steps 50]
-                 [--seed 0] [--per-class 4] [--out asyncfx_demo.png]
+    asyncfx demo [--model unet|dit] [--n-devices 2] [--warmup W] [--stride 1|2] [--forecast G]
+                 [--steps 50] [--seed 0] [--per-class 4] [--out asyncfx_demo.png]
     asyncfx profile MODEL --out profile.json [--device cpu|cuda:0] [--height H --width W
                     --batch B --dtype float16] [--repeats 5]
     asyncfx compile profile.json --n-devices 4 [--link nvlink|pcie4|cpu] --out plan.json
@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from asyncfx.errors import AsyncFXError
+from asyncfx.zoo.digits_model import KINDS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,9 +49,11 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo", help="generate digits with the default model, sequentially and with asyncfx",
-        description="Load the embedded digits model, show its stage plan, generate the same grid of "
+        description="Load an embedded digits model, show its stage plan, generate the same grid of "
                     "digits sequentially and with asyncfx.partition(), and print both latencies, the "
                     "speedup and the quality metrics; write both grids and their difference as a PNG.")
+    demo.add_argument("--model", choices=KINDS, default="unet", help="the digits denoiser: the UNet "
+                      "(default) or the transformer (DiT)")
     demo.add_argument("--n-devices", type=_positive_int, default=2, help="stages (CPU workers)")
     demo.add_argument("--warmup", type=_positive_int, default=None, help="warm-up steps (default: "
                       "asyncfx's default)")
@@ -159,9 +162,9 @@ def _demo(options: argparse.Namespace) -> int:
     from asyncfx.app.demo import run_demo
 
     _check_writable(options.out)
-    return run_demo(n_devices=options.n_devices, warmup=options.warmup, stride=options.stride,
-                    forecast=options.forecast, steps=options.steps, seed=options.seed, per_class=options.per_class,
-                    out=options.out)
+    return run_demo(model=options.model, n_devices=options.n_devices, warmup=options.warmup,
+                    stride=options.stride, forecast=options.forecast, steps=options.steps, seed=options.seed,
+                    per_class=options.per_class, out=options.out)
 
 
 def _sample(options: argparse.Namespace) -> int:
@@ -182,6 +185,7 @@ def _sample(options: argparse.Namespace) -> int:
     return 0
 
 
+@torch.no_grad()
 def _profile(options: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -194,7 +198,6 @@ def _profile(options: argparse.Namespace) -> int:
         raise AsyncFXError(f"--warmup must be at least 0, got {options.warmup}.")
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise AsyncFXError(f"--device {options.device}: no CUDA device is available here.")
-    torch.set_grad_enabled(False)
     runs = options.warmup + options.repeats
     with tqdm(total=2 + runs, desc="profile", unit="step", file=sys.stderr) as bar:
         bar.set_postfix_str("loading model")

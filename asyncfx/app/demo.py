@@ -1,4 +1,4 @@
-"""The demo: the default digits model, sampled sequentially and with asyncfx.partition()."""
+"""The demo: a digits model, sampled sequentially and with asyncfx.partition()."""
 from __future__ import annotations
 
 import os
@@ -12,35 +12,40 @@ import asyncfx
 from asyncfx.schedule import check_forecast
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
 from asyncfx.app.sweep import digits_example_inputs
-from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, IMAGE_SIZE, digits, digits_classifier,
-                                      digits_dataset, make_scheduler, sample_digits)
+from asyncfx.zoo.digits_model import (IMAGE_SIZE, digits, digits_classifier, digits_dataset,
+                                      make_scheduler, sample_digits)
 
 
-def run_demo(*, n_devices: int = 2, warmup: int | None = None, stride: int = 1, forecast: float | None = None,
-             steps: int = 50, seed: int = 0, per_class: int = 4, out: str = "asyncfx_demo.png") -> int:
+@torch.no_grad()
+def run_demo(*, model: str = "unet", n_devices: int = 2, warmup: int | None = None, stride: int = 1,
+             forecast: float | None = None, steps: int = 50, seed: int = 0, per_class: int = 4,
+             out: str = "asyncfx_demo.png") -> int:
     """Print plan, latencies, speedup and quality; write the two grids as a PNG.
 
+    ``model`` names the denoiser, ``"unet"`` or ``"dit"``.
+
     Example:
-        >>> run_demo(n_devices=2, steps=20, out="demo.png")
+        >>> run_demo(model="dit", n_devices=2, steps=20, out="demo.png")
     """
-    torch.set_grad_enabled(False)
-    model, classifier = digits(), digits_classifier()
     warmup = asyncfx.DEFAULT_WARMUP if warmup is None else warmup
     forecast = check_forecast(asyncfx.DEFAULT_FORECAST if forecast is None else forecast)  # before sampling
+    digits_model, classifier = digits(kind=model), digits_classifier()
     labels = torch.arange(10).repeat_interleave(per_class)
-    print(f"default model: digits UNet2DConditionModel, "
-          f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(labels)} samples, {steps} DDIM steps, guidance {DEFAULT_GUIDANCE}")
+    print(f"model: digits {type(digits_model.denoiser).__name__}, "
+          f"{sum(p.numel() for p in digits_model.denoiser.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(labels)} samples, {steps} DDIM steps, guidance {digits_model.guidance}")
 
-    sequential, sequential_s = _timed(model.unet, model, labels, steps, seed, None, "sequential")
+    sequential, sequential_s = _timed(digits_model.denoiser, digits_model, labels, steps, seed, None,
+                                      "sequential")
     scheduler = make_scheduler()
     start = time.perf_counter()
-    denoiser = asyncfx.partition(model.unet, n_devices, warmup=warmup, stride=stride, forecast=forecast,
-                                 scheduler=scheduler, example_inputs=digits_example_inputs(model, labels))
+    denoiser = asyncfx.partition(digits_model.denoiser, n_devices, warmup=warmup, stride=stride,
+                                 forecast=forecast, scheduler=scheduler,
+                                 example_inputs=digits_example_inputs(digits_model, labels))
     compile_s = time.perf_counter() - start
     print(f"\nstage plan (compiled in {compile_s:.1f} s):")
     print(denoiser.plan.summary())
-    partitioned, partitioned_s = _timed(denoiser, model, labels, steps, seed, scheduler,
+    partitioned, partitioned_s = _timed(denoiser, digits_model, labels, steps, seed, scheduler,
                                         f"asyncfx N={n_devices}")
     denoiser.close()
 

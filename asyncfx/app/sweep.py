@@ -15,7 +15,7 @@ import torch
 import asyncfx
 from asyncfx.partitioner.simulate import simulate
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
-from asyncfx.zoo.digits_model import (DEFAULT_GUIDANCE, IMAGE_SIZE, DigitClassifier, Digits,
+from asyncfx.zoo.digits_model import (IMAGE_SIZE, DigitClassifier, Digits,
                                       make_scheduler, sample_digits)
 
 
@@ -37,7 +37,8 @@ class SweepRow:
 def digits_example_inputs(model: Digits, labels: torch.Tensor) -> tuple[tuple, dict]:
     """One guided denoiser call of the digits model for these labels, as (args, kwargs)."""
     x = torch.zeros(2 * len(labels), 1, IMAGE_SIZE, IMAGE_SIZE)
-    return (x, torch.tensor(999)), {"encoder_hidden_states": model.condition(labels, DEFAULT_GUIDANCE)}
+    with torch.no_grad():
+        return (x, model.timestep(torch.tensor(999), len(x))), model.condition(labels, model.guidance)
 
 
 def speed_quality_sweep(model: Digits, classifier: DigitClassifier, labels: torch.Tensor, *,
@@ -59,9 +60,9 @@ def speed_quality_sweep(model: Digits, classifier: DigitClassifier, labels: torc
 def _sweep(model: Digits, classifier: DigitClassifier, labels: torch.Tensor, stages: Sequence[int],
            strides: Sequence[int], warmups: Sequence[int], steps: int, link: str,
            real_features: torch.Tensor | None, repeats: int) -> list[SweepRow]:
-    sequential = sample_digits(model.unet, model, labels, steps=steps, seed=0)
+    sequential = sample_digits(model.denoiser, model, labels, steps=steps, seed=0)
     inputs = digits_example_inputs(model, labels)
-    captured = asyncfx.capture(model.unet, *inputs)
+    captured = asyncfx.capture(model.denoiser, *inputs)
     profile = asyncfx.profile(captured, inputs, repeats=repeats)
     rows = []
     for n in stages:

@@ -36,7 +36,7 @@ def plot_samples(sequential: torch.Tensor, asynchronous: torch.Tensor, *, rows: 
     difference map; PSNR and SSIM between them in the figure title.
 
     Example:
-        >>> plot_samples(sample_digits(model.unet, ...), sample_digits(partitioned, ...))
+        >>> plot_samples(sample_digits(model.denoiser, ...), sample_digits(partitioned, ...))
     """
     from asyncfx.quality import psnr, ssim
 
