@@ -26,7 +26,13 @@ from asyncfx.weights import WeightFiles, WeightsError
 #: fidelity nine would (N=4: SSIM 0.865 at W=1, 0.913 at W=3, 0.945 at W=9) for 4-9% of
 #: the ideal speedup at 50 steps; class accuracy stays at the sequential level throughout.
 DEFAULT_WARMUP = 3
-#: Default damping of forecast stale values (``forecast=``; 0: off).
+#: Default damping of forecast stale values (``forecast=``; 0: off, AsyncDiff's plain reuse).
+#: Off, from benchmarks/quality.py on both trained digits models: g = 0.5 brings the
+#: UNet's samples 3.8-5.3 dB closer to the sequential ones at every N and stride, but
+#: makes the DiT's diverge with three stages (16.0 dB against 28.8 plain at stride 1), and
+#: even g = 0.25 loses to plain reuse on the DiT with four stages at stride 1. No damping
+#: gains on both models everywhere, and a default must not break a model
+#: (benchmarks/RESULTS.md, "Both digits models").
 DEFAULT_FORECAST = 0.0
 EXECUTORS = ("local", "serial", "distributed")
 

@@ -103,9 +103,9 @@ class Digits:
         return {"encoder_hidden_states": self.prompt(labels)}
 
     def timestep(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        """The timestep argument of one call: one for the batch where the denoiser takes a
-        scalar, one per sample where it takes a vector (the transformer)."""
-        return t if self.prompt is not None else t.expand(batch)
+        """The timestep argument of one call: one for the batch for the UNet, one per sample
+        for the transformer (whose timestep embedding takes a vector)."""
+        return t if self.kind == "unet" else t.expand(batch)
 
 
 def make_unet() -> nn.Module:
