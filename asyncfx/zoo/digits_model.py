@@ -134,6 +134,7 @@ def weight_files(kind: str) -> tuple[str, str]:
 
 
 def check_kind(kind: str) -> str:
+    """``kind`` if a digits denoiser of that kind ships, else a ValueError naming those that do."""
     if kind not in KINDS:
         raise ValueError(f"no digits denoiser {kind!r}: choose one of {', '.join(KINDS)}.")
     return kind
