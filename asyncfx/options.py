@@ -28,11 +28,11 @@ from asyncfx.weights import WeightFiles, WeightsError
 DEFAULT_WARMUP = 3
 #: Default damping of forecast stale values (``forecast=``; 0: off, AsyncDiff's plain reuse).
 #: Off, from benchmarks/quality.py on both trained digits models: g = 0.5 brings the
-#: UNet's samples 3.8-5.3 dB closer to the sequential ones at every N and stride, but
-#: makes the DiT's diverge with three stages (16.0 dB against 28.8 plain at stride 1), and
-#: even g = 0.25 loses to plain reuse on the DiT with four stages at stride 1. No damping
-#: gains on both models everywhere, and a default must not break a model
-#: (benchmarks/RESULTS.md, "Both digits models").
+#: UNet's samples 3.1-5.3 dB closer to the sequential ones at every N, stride and
+#: warm-up, but makes the DiT's diverge with three stages (16.0 dB against 28.8 plain at
+#: stride 1), and even g = 0.25 loses to plain reuse on the DiT with four stages at
+#: stride 1. No damping gains on both models everywhere, and a default must not break a
+#: model (benchmarks/RESULTS.md, "Both digits models").
 DEFAULT_FORECAST = 0.0
 EXECUTORS = ("local", "serial", "distributed")
 
@@ -91,8 +91,9 @@ class PartitionOptions:
             raise SchedulerError("cooldown runs the last steps of each generation sequentially and needs the "
                                  "sampler's number of steps: pass scheduler=pipe.scheduler.")
         if self.forecast and self.time_shift:
-            raise PlanError("time_shift=True computes each stage at the step of the values it reads, so there is "
-                            "nothing to forecast: pass forecast=0 with time_shift=True, or drop time_shift.")
+            raise PlanError("time_shift=True computes each stage at the step of the values it reads, so "
+                            "there is nothing to forecast: pass forecast=0 with time_shift=True, or drop "
+                            "time_shift.")
         if self.executor not in EXECUTORS:
             raise PlanError(f"executor={self.executor!r} is not known; use one of {list(EXECUTORS)}.")
         if self.stride == 2 and self.scheduler is None:
