@@ -143,47 +143,56 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(options.out, exist_ok=True)
     start = time.time()
     images, labels = digits_dataset()
-    if options.model == "unet":
-        classifier, accuracy = train_classifier(images, labels, options.classifier_epochs)
-        print(f"classifier held-out accuracy: {accuracy:.4f}")
-        save_safetensors(classifier.state_dict(), os.path.join(options.out, "digits_classifier.safetensors"))
-    else:
-        classifier = _shipped_classifier(options.out)
-        _, held_out = held_out_split(len(images))
-        with torch.no_grad():
-            accuracy = (classifier(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
+    classifier, accuracy = classifier_for(options.model, images, labels, options.out,
+                                          options.classifier_epochs)
     model, loss = train_denoiser(options.model, images, labels, options.steps)
     scales = GUIDANCE_SCALES if options.guidance is None else (options.guidance,)
     guidance, accuracies = best_guidance(model, classifier, scales, options.check_per_class)
     print(f"sequential class accuracy by guidance scale: {accuracies}; chosen {guidance}")
-    tensors, facts = weight_files(options.model)
-    state = {f"{options.model}.{k}": v.half() for k, v in model.denoiser.state_dict().items()}
-    if model.prompt is not None:
-        state.update({f"prompt.{k}": v.half() for k, v in model.prompt.state_dict().items()})
-    save_safetensors(state, os.path.join(options.out, tensors))
     config = UNET_CONFIG if options.model == "unet" else DIT_CONFIG
     info = {"seed": SEED, "denoiser_steps": options.steps, "batch": 64, "final_loss": round(loss, 5),
             "classifier_accuracy": round(accuracy, 4), "guidance": guidance,
             "sequential_accuracy": accuracies[str(guidance)], "accuracy_by_guidance": accuracies,
             "train_seconds": round(time.time() - start), "torch": torch.__version__,
             f"{options.model}_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}}
-    with open(os.path.join(options.out, facts), "w", encoding="utf-8") as f:
+    save_denoiser(model, info, options.out)
+    print(f"wrote {options.out} in {time.time() - start:.0f} s")
+
+
+def classifier_for(kind: str, images: torch.Tensor, labels: torch.Tensor, folder: str,
+                   epochs: int) -> tuple[DigitClassifier, float]:
+    """The classifier and its held-out accuracy: trained and written with the UNet, read
+    from ``folder`` for the other models."""
+    if kind == "unet":
+        classifier, accuracy = train_classifier(images, labels, epochs)
+        print(f"classifier held-out accuracy: {accuracy:.4f}")
+        save_safetensors(classifier.state_dict(), os.path.join(folder, "digits_classifier.safetensors"))
+        return classifier, accuracy
+    path = os.path.join(folder, "digits_classifier.safetensors")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} is missing: train the classifier first with --model unet --out {folder}.")
+    classifier = digits_classifier(folder)
+    _, held_out = held_out_split(len(images))
+    with torch.no_grad():
+        return classifier, (classifier(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
+
+
+def save_denoiser(model: Digits, info: dict, folder: str) -> None:
+    """Write the denoiser (and its class prompts) in float16 and its facts, as ``digits()`` reads them."""
+    tensors, facts = weight_files(model.kind)
+    state = {f"{model.kind}.{k}": v.half() for k, v in model.denoiser.state_dict().items()}
+    if model.prompt is not None:
+        state.update({f"prompt.{k}": v.half() for k, v in model.prompt.state_dict().items()})
+    save_safetensors(state, os.path.join(folder, tensors))
+    with open(os.path.join(folder, facts), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
         f.write("\n")
-    print(f"wrote {options.out} in {time.time() - start:.0f} s")
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in state.items()}, path)
-
-
-def _shipped_classifier(folder: str) -> DigitClassifier:
-    path = os.path.join(folder, "digits_classifier.safetensors")
-    if not os.path.exists(path):
-        raise SystemExit(f"{path} is missing: train the classifier first with --model unet --out {folder}.")
-    return digits_classifier(folder)
 
 
 if __name__ == "__main__":
