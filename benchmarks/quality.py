@@ -126,7 +126,7 @@ def main() -> None:
              f"CPU with {torch.get_num_threads()} threads, torch {torch.__version__}. "
              "Sequential: class accuracy "
              f"{class_accuracy(classifier, sequential, labels):.3f}, Frechet distance "
-             f"{frechet_distance(classifier.features(sequential), real_features):.2f}{timing}", "", HEADER]
+             f"{frechet_distance(sequential_features, real_features):.2f}{timing}", "", HEADER]
     print("\n".join(lines), flush=True)
     captured = asyncfx.capture(model.denoiser, *digits_example_inputs(model, labels))
     for n in map(int, options.stages.split(",")):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from asyncfx.quality import class_accuracy
 from asyncfx.zoo.digits_model import (DIT_CONFIG, KINDS, NULL_CLASS, WEIGHTS, ClassPrompt, DigitClassifier,
                                       Digits, UNET_CONFIG, SCHEDULE, digits_classifier, digits_dataset,
                                       held_out_split, make_dit, make_scheduler, make_unet, sample_digits,
@@ -50,9 +51,13 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor,
             loss.backward()
             optimiser.step()
     classifier.eval()
-    with torch.no_grad():
-        accuracy = (classifier(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
-    return classifier, accuracy
+    return classifier, held_out_accuracy(classifier, images, labels)
+
+
+def held_out_accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The classifier's accuracy on the digits it was not trained on."""
+    _, held_out = held_out_split(len(images))
+    return class_accuracy(classifier, images[held_out], labels[held_out])
 
 
 def untrained(kind: str) -> Digits:
@@ -115,8 +120,6 @@ def best_guidance(model: Digits, classifier: DigitClassifier, scales: tuple[floa
                   steps: int = 50) -> tuple[float, dict[str, float]]:
     """The guidance scale whose sequential samples the classifier recognises best, and the
     class accuracy at each scale."""
-    from asyncfx.quality import class_accuracy
-
     labels = torch.arange(10).repeat(per_class)
     accuracy = {}
     with torch.no_grad():
@@ -172,9 +175,7 @@ def classifier_for(kind: str, images: torch.Tensor, labels: torch.Tensor, folder
     if not os.path.exists(path):
         raise SystemExit(f"{path} is missing: train the classifier first with --model unet --out {folder}.")
     classifier = digits_classifier(folder)
-    _, held_out = held_out_split(len(images))
-    with torch.no_grad():
-        return classifier, (classifier(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
+    return classifier, held_out_accuracy(classifier, images, labels)
 
 
 def save_denoiser(model: Digits, info: dict, folder: str) -> None:
