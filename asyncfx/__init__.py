@@ -19,7 +19,8 @@ from asyncfx.program import GraphInput, InputRole, Program
 from asyncfx import zoo  # noqa: F401  (asyncfx.zoo.tiny, asyncfx.zoo.digits)
 from asyncfx.api import ModelError, partition
 from asyncfx.weights import WeightFiles
-from asyncfx.options import DEFAULT_FORECAST, DEFAULT_WARMUP, PartitionOptions
+from asyncfx.options import DEFAULT_WARMUP, PartitionOptions
+from asyncfx.schedule import DEFAULT_FORECAST
 from asyncfx.runtime.denoiser import AsyncDenoiser
 
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from asyncfx.errors import AsyncFXError, DeviceError
-from asyncfx.options import DEFAULT_FORECAST, DEFAULT_WARMUP, PartitionOptions
+from asyncfx.options import DEFAULT_WARMUP, PartitionOptions
 from asyncfx.partitioner.binding import LatentOption, check_argument_names
 from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.diagnose import check_capturable
@@ -35,7 +35,7 @@ class ModelError(AsyncFXError, TypeError):
 def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = None,
               devices: Sequence[str | torch.device] | str | None = None, warmup: int = DEFAULT_WARMUP,
               stride: int = 1, executor: str = "local", plan: StagePlan | str | os.PathLike | None = None,
-              scheduler: Any = None, time_shift: bool = False, forecast: float = DEFAULT_FORECAST,
+              scheduler: Any = None, time_shift: bool = False, forecast: float | None = None,
               cooldown: int = 0, refresh: int = 0, switch_below: float = 0.0, cost: str = "flops",
               link: str = "cpu", latent: LatentOption = None, timestep: str | None = None,
               cuda_graphs: bool | None = None, rebalance: bool = True, release_weights: bool | None = None,
@@ -64,16 +64,17 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
     (``release_weights``; default: for a model, not for a Captured, which is made to be
     partitioned again), under torch.distributed from the first stage on, elsewhere once
     the plan is final: the model then answers for its config and attributes but cannot
-    be called, converted or captured again. ``forecast=g`` (0 to 1; 0: off) reads each
-    stale boundary value extrapolated from its last two versions, ``B1 + g * r * (B1 -
-    B2)``, and with stride 2 the latent of the step ahead from the last two latents
-    (docs/runtime.md). ``cooldown=C`` runs the last C steps of each generation
-    sequentially too (with ``scheduler``), ``refresh=K`` one step in every K after warm-up,
-    after which the stages read fresh values again; ``switch_below=c`` goes on with warm-up
-    steps while the noise prediction changes by ``c`` or more (relative) from one step to
-    the next. A model too large for one device is built on
-    the meta device and given ``weights``, its saved directory or ``.safetensors`` file:
-    each device or rank loads only its stages' tensors.
+    be called, converted or captured again. ``forecast=g`` (0 to 1; 0: off, AsyncDiff's
+    plain reuse; default ``DEFAULT_FORECAST``, 0 with ``time_shift``) reads each stale
+    boundary value extrapolated from its last two versions as far as the one before
+    confirms their trend, ``B1 + g * r * trend * (B1 - B2)``, and with stride 2 the
+    latent of the step ahead from the last two latents (docs/runtime.md). ``cooldown=C``
+    runs the last C steps of each generation sequentially too (with ``scheduler``),
+    ``refresh=K`` one step in every K after warm-up, after which the stages read fresh
+    values again; ``switch_below=c`` goes on with warm-up steps while the noise prediction
+    changes by ``c`` or more (relative) from one step to the next. A model too large for
+    one device is built on the meta device and given ``weights``, its saved directory or
+    ``.safetensors`` file: each device or rank loads only its stages' tensors.
     docs/usage.md lists every option.
 
     Example:

@@ -18,7 +18,7 @@ from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.plan import StagePlan
 from asyncfx.program import WeightSource
 from asyncfx.runtime.cuda_graphs import check_cuda_graphs_option
-from asyncfx.schedule import SequentialSteps, check_forecast, check_settings, devices_needed
+from asyncfx.schedule import DEFAULT_FORECAST, SequentialSteps, check_forecast, check_settings, devices_needed
 from asyncfx.weights import WeightFiles, WeightsError
 
 #: Default warm-up steps, chosen from benchmarks/quality.py on the trained default model:
@@ -26,14 +26,6 @@ from asyncfx.weights import WeightFiles, WeightsError
 #: fidelity nine would (N=4: SSIM 0.865 at W=1, 0.913 at W=3, 0.945 at W=9) for 4-9% of
 #: the ideal speedup at 50 steps; class accuracy stays at the sequential level throughout.
 DEFAULT_WARMUP = 3
-#: Default damping of forecast stale values (``forecast=``; 0: off, AsyncDiff's plain reuse).
-#: Off, from benchmarks/quality.py on both trained digits models: g = 0.5 brings the
-#: UNet's samples 3.1-5.3 dB closer to the sequential ones at every N, stride and
-#: warm-up, but makes the DiT's diverge with three stages (16.0 dB against 28.8 plain at
-#: stride 1), and even g = 0.25 loses to plain reuse on the DiT with four stages at
-#: stride 1. No damping gains on both models everywhere, and a default must not break a
-#: model (benchmarks/RESULTS.md, "Both digits models").
-DEFAULT_FORECAST = 0.0
 EXECUTORS = ("local", "serial", "distributed")
 
 
@@ -55,7 +47,7 @@ class PartitionOptions:
     plan: StagePlan | str | os.PathLike | None = None
     scheduler: Any = None
     time_shift: bool = False
-    forecast: float = DEFAULT_FORECAST
+    forecast: float | None = None
     cooldown: int = 0
     refresh: int = 0
     switch_below: float = 0.0
@@ -81,7 +73,8 @@ class PartitionOptions:
         if isinstance(self.n_devices, bool) or not isinstance(self.n_devices, int) or self.n_devices < 1:
             raise PlanError(f"n_devices must be a positive integer, got {self.n_devices!r}.")
         check_settings(self.n_devices, self.warmup, self.stride)
-        object.__setattr__(self, "forecast", check_forecast(self.forecast))
+        object.__setattr__(self, "forecast", check_forecast(self.forecast) if self.forecast is not None
+                           else 0.0 if self.time_shift else DEFAULT_FORECAST)  # nothing to forecast
         self.sequential  # checks cooldown and refresh
         if isinstance(self.switch_below, bool) or not isinstance(self.switch_below, (int, float)) or not (
                 0 <= self.switch_below < float("inf")):

@@ -155,7 +155,8 @@ class StagePlan:
             lines += _table(rows)
             lines.append("bytes into each stage: " + ", ".join(
                 f"{k}: {format_bytes(self.bytes_into(k))}" for k in range(self.n_stages))
-                + " (partition(forecast=...) keeps two versions of each: as many bytes again per stage)")
+                + " (partition(forecast=...) keeps three versions of each: twice as many bytes again "
+                  "per stage)")
         reasons = [f"  cut before stage {s.index}: {s.cut_reason}" for s in self.stages if s.cut_reason]
         if reasons:
             lines += ["why the cuts sit where they do:"] + reasons

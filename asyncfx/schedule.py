@@ -20,14 +20,19 @@ time_shift (paper app. A): after warm-up, each stage computes with the previous
 step's timestep instead of the current one.
 
 Forecasting (``forecast=g``, off at 0): a parallel run reads, instead of the newest
-version B1 of each boundary value, ``B1 + c * (B1 - B2)`` where B2 is the version the
-schedule wrote before B1 (its ``prior``), ``c = g * r`` (its ``lean``) and ``r`` is the
+version B1 of each boundary value, ``B1 + c * trend * (B1 - B2)`` where B2 is the version
+the schedule wrote before B1 (its ``prior``), ``c = g * r`` (its ``lean``) and ``r`` is the
 distance in steps from B1 to the step the run computes for, over the distance from B2
-to B1: the value the producer would send now, extrapolated from its last two. The
-first parallel step (round) after warm-up has one version, the last warm-up step's (the
-stages may not run before it), and reads it as it is. The store then keeps two
-versions (``StepSchedule.keep_from``). ``time_shift`` computes each stage at its inputs'
-own step, so there is nothing to forecast (r = 0).
+to B1: the value the producer would send now, extrapolated from its last two. ``trend``
+(0 to 1, computed from the values by the executor) is how much of the change before,
+from B3 (the version before B2, ``older``) to B2, the latest change continued per step:
+a value that moves on as it did is extrapolated, one that turns back is read as it is,
+so a forecast does not amplify an oscillation (its own error coming back) step by step. Without B3 (the second
+parallel step after warm-up) the trend is 1. The first parallel step (round) after
+warm-up has one version, the last warm-up step's (the stages may not run before it),
+and reads it as it is. The store then keeps three versions (``StepSchedule.keep_from``).
+``time_shift`` computes each stage at its inputs' own step, so there is nothing to
+forecast (r = 0).
 """
 from __future__ import annotations
 
@@ -38,6 +43,14 @@ from typing import NamedTuple
 
 from asyncfx.errors import PlanError
 
+
+#: Default damping of forecast stale values (``forecast=``; 0: off, AsyncDiff's plain reuse).
+#: 0.5, from benchmarks/quality.py on both trained digits models: with the trend (the
+#: module note) it brings the samples closer to the sequential ones than
+#: plain reuse at every N from 2 to 4, stride 1 and 2 and warm-up 1, 3 and 5 (the UNet
+#: by 2.6-5.1 dB of PSNR, the DiT by 1.8-3.5 dB); a larger g loses on the DiT at stride 2
+#: (benchmarks/RESULTS.md, "Forecasting with the trend").
+DEFAULT_FORECAST = 0.5
 
 class Mode(str, enum.Enum):
     SEQUENTIAL = "sequential"   # warm-up: stages in order, fresh values
@@ -59,6 +72,7 @@ class StageRun(NamedTuple):
     slot: int              # device slot: the stage index, or n_stages for stride 2's extra
     prior: int | None = None  # forecasting: the version before ``reads`` it extrapolates from
     lean: float = 0.0         # forecasting: it reads B1 + lean * (B1 - B2) (see the module note)
+    older: int | None = None  # forecasting: the version before ``prior`` (B3), to measure the trend
 
 
 class StepSchedule(NamedTuple):
@@ -92,12 +106,12 @@ def schedule(step: int, n_stages: int, *, warmup: int, stride: int = 1, time_shi
     newest = max(written)
     if not forecast:
         return plain._replace(keep_from=newest)
-    prior = steps.written_before(newest)
+    kept = _versions_before(steps, newest, 2)
     runs = plain.runs
-    if plain.mode is Mode.PARALLEL:  # every run of a parallel step reads the version before it
-        read_prior = steps.written_before(step - 1)
-        runs = tuple(_forecasting(run, read_prior, forecast) for run in runs)
-    return plain._replace(runs=runs, keep_from=newest if prior is None else prior)
+    if plain.mode is Mode.PARALLEL:  # every run of a parallel step reads the versions before it
+        read = _versions_before(steps, step - 1, 2)
+        runs = tuple(_forecasting(run, read, forecast) for run in runs)
+    return plain._replace(runs=runs, keep_from=min(kept, default=newest))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,12 +226,22 @@ def _plain_schedule(step: int, n_stages: int, steps: _Steps, time_shift: bool) -
     return StepSchedule(step, Mode.PARALLEL, tuple(runs))
 
 
-def _forecasting(run: StageRun, prior: int | None, gain: float) -> StageRun:
-    """A parallel run reading the forecast of its stale values from version ``prior`` on
-    (see the module note)."""
-    if prior is None:
+def _versions_before(steps: _Steps, version: int, count: int) -> list[int]:
+    """Up to ``count`` versions a forecast from ``version`` extrapolates from, newest first."""
+    found: list[int] = []
+    while len(found) < count and (version := steps.written_before(version)) is not None:
+        found.append(version)
+    return found
+
+
+def _forecasting(run: StageRun, before: list[int], gain: float) -> StageRun:
+    """A parallel run reading the forecast of its stale values from the versions ``before``
+    the one it reads (see the module note)."""
+    if not before:
         return run
-    return run._replace(prior=prior, lean=gain * (run.timestep - run.reads) / (run.reads - prior))
+    prior, older = before[0], (before[1:] or [None])[0]
+    lean = gain * (run.timestep - run.reads) / (run.reads - prior)
+    return run._replace(prior=prior, lean=lean, older=older)
 
 
 def check_forecast(forecast: float) -> float:

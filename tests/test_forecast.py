@@ -15,34 +15,38 @@ from test_runtime import COEFFICIENTS, Chain
 
 
 def runs(step, n, **kw):
-    """(stage, timestep, reads, prior, lean) of each run, and what the store keeps from."""
+    """(stage, timestep, reads, prior, lean, older) of each run, and what the store keeps from."""
     plan = schedule(step, n, **kw)
-    return [(r.stage, r.timestep, r.reads, r.prior, r.lean) for r in plan.runs], plan.keep_from
+    return [(r.stage, r.timestep, r.reads, r.prior, r.lean, r.older) for r in plan.runs], plan.keep_from
 
 
-def test_forecasting_reads_the_newest_two_versions_with_the_steps_distance():
+def test_forecasting_reads_the_newest_three_versions_with_the_steps_distance():
     # N=2, warm-up 2, stride 1: the first parallel step has one version (the last warm-up
     # step's: the stages may not run before it) and reads it as it is
-    assert runs(1, 2, warmup=2, forecast=0.5) == ([(0, 1, 1, None, 0.0), (1, 1, 1, None, 0.0)], 1)
-    assert runs(2, 2, warmup=2, forecast=0.5) == ([(0, 2, 1, None, 0.0), (1, 2, 1, None, 0.0)], 1)
-    #        stage timestep reads prior lean = g * (timestep - reads) / (reads - prior)
-    assert runs(3, 2, warmup=2, forecast=0.5) == ([(0, 3, 2, 1, 0.5), (1, 3, 2, 1, 0.5)], 2)
-    assert runs(7, 2, warmup=2, forecast=0.5) == ([(0, 7, 6, 5, 0.5), (1, 7, 6, 5, 0.5)], 6)
+    assert runs(1, 2, warmup=2, forecast=0.5) == ([(0, 1, 1, None, 0.0, None), (1, 1, 1, None, 0.0, None)], 1)
+    assert runs(2, 2, warmup=2, forecast=0.5) == ([(0, 2, 1, None, 0.0, None), (1, 2, 1, None, 0.0, None)], 1)
+    #        stage timestep reads prior lean = g * (timestep - reads) / (reads - prior), older
+    assert runs(3, 2, warmup=2, forecast=0.5) == ([(0, 3, 2, 1, 0.5, None), (1, 3, 2, 1, 0.5, None)], 1)
+    assert runs(4, 2, warmup=2, forecast=0.5) == ([(0, 4, 3, 2, 0.5, 1), (1, 4, 3, 2, 0.5, 1)], 2)
+    assert runs(7, 2, warmup=2, forecast=0.5) == ([(0, 7, 6, 5, 0.5, 4), (1, 7, 6, 5, 0.5, 4)], 5)
     # off: the plain schedule, keeping only the newest version
-    assert runs(7, 2, warmup=2) == ([(0, 7, 6, None, 0.0), (1, 7, 6, None, 0.0)], 7)
+    assert runs(7, 2, warmup=2) == ([(0, 7, 6, None, 0.0, None), (1, 7, 6, None, 0.0, None)], 7)
 
 
 def test_stride_two_forecasts_over_the_rounds_versions():
     kw = dict(warmup=2, stride=2, total_steps=9, forecast=1.0)
     # first round (steps 2, 3): one version, read as it is
-    assert runs(2, 2, **kw) == ([(0, 3, 1, None, 0.0), (1, 3, 1, None, 0.0), (1, 2, 1, None, 0.0)], 1)
+    assert runs(2, 2, **kw) == ([(0, 3, 1, None, 0.0, None), (1, 3, 1, None, 0.0, None),
+                                 (1, 2, 1, None, 0.0, None)], 1)
     assert schedule(3, 2, **kw).mode is Mode.CACHED
     # later rounds: versions two steps apart (3 and 1); stages compute the step after the
-    # round's (two ahead of version 3), the extra run the round's own (one ahead)
-    assert runs(4, 2, **kw) == ([(0, 5, 3, 1, 1.0), (1, 5, 3, 1, 1.0), (1, 4, 3, 1, 0.5)], 3)
-    assert runs(6, 2, **kw) == ([(0, 7, 5, 3, 1.0), (1, 7, 5, 3, 1.0), (1, 6, 5, 3, 0.5)], 5)
+    # round's (two ahead of version 3), the extra run the round's own (one ahead); from
+    # the third round on, the version before those measures the trend
+    assert runs(4, 2, **kw) == ([(0, 5, 3, 1, 1.0, None), (1, 5, 3, 1, 1.0, None),
+                                 (1, 4, 3, 1, 0.5, None)], 1)
+    assert runs(6, 2, **kw) == ([(0, 7, 5, 3, 1.0, 1), (1, 7, 5, 3, 1.0, 1), (1, 6, 5, 3, 0.5, 1)], 3)
     # the last step, without a partner, runs as a stride-1 step one step ahead of version 7
-    assert runs(8, 2, **kw)[0] == [(0, 8, 7, 5, 0.5), (1, 8, 7, 5, 0.5)]
+    assert runs(8, 2, **kw)[0] == [(0, 8, 7, 5, 0.5, 3), (1, 8, 7, 5, 0.5, 3)]
 
 
 def chain(executor: str, forecast: float, stride: int = 1, scheduler=None, **settings):
@@ -80,15 +84,16 @@ def test_undamped_forecast_of_values_linear_in_the_step_is_the_fresh_value(execu
 
 
 def test_damped_forecast_reads_the_formula():
-    """g = 0.5, N=3, warm-up 2: from step 3 on, stage k reads B1 + 0.5 * (B1 - B2) of
-    stage k-1's versions s-1 and s-2 (step 2 reads version 1 as it is); the output is
-    what that makes, step by step."""
-    xs = [1000.0 * (s + 1) for s in range(6)]
-    ts = [50.0 - 3 * s for s in range(6)]
+    """g = 0.5, N=3, warm-up 2: step 2 reads version 1 as it is; step 3 reads B1 + 0.5 *
+    (B1 - B2) of stage k-1's versions 2 and 1; from step 4 on the lean is scaled by the
+    trend, how much of the change B3 -> B2 the change B2 -> B1 continued (from 0, turned
+    back, to 1, at least as much); the output is what that makes, step by step."""
+    xs = [1000.0, 2000.0, 3000.0, 5000.0, 9000.0, 8000.0, 8500.0, 8600.0, 8700.0]
+    ts = [50.0 - 3 * s for s in range(len(xs))]
     den = chain("serial", 0.5)
     got = [den(torch.tensor([x], dtype=torch.float64), torch.tensor(t, dtype=torch.float64)).item()
            for x, t in zip(xs, ts)]
-    values = {}  # (stage, version) -> what it wrote
+    values, trends = {}, set()  # (stage, version) -> what it wrote; the trends read
     for s, (x, t) in enumerate(zip(xs, ts)):
         for k, c in enumerate(COEFFICIENTS):
             if k == 0:
@@ -97,9 +102,12 @@ def test_damped_forecast_reads_the_formula():
                 read = values[(k - 1, s if s < 2 else 1)]
             else:
                 b1, b2 = values[(k - 1, s - 1)], values[(k - 1, s - 2)]
-                read = b1 + 0.5 * (b1 - b2)
+                trend = 1.0 if s == 3 else min(max((b1 - b2) / (b2 - values[(k - 1, s - 3)]), 0.0), 1.0)
+                trends.add(round(trend, 3))
+                read = b1 + 0.5 * trend * (b1 - b2)
             values[(k, s)] = read + c * t
-    assert got == pytest.approx([values[(2, s)] for s in range(6)], rel=1e-12)
+    assert got == pytest.approx([values[(2, s)] for s in range(len(xs))], rel=1e-12)
+    assert {0.0, 1.0} < trends and any(0 < trend < 1 for trend in trends)  # every case was read
 
 
 def test_forecasting_workers_equal_serial():
@@ -110,7 +118,8 @@ def test_forecasting_workers_equal_serial():
     try:
         serial = sample(asyncfx.partition(model, 3, warmup=2, executor="serial", forecast=0.5), kwargs,
                         "sample")
-        plain = sample(asyncfx.partition(model, 3, warmup=2, executor="serial"), kwargs, "sample")
+        plain = sample(asyncfx.partition(model, 3, warmup=2, executor="serial", forecast=0.0), kwargs,
+                       "sample")
         den = asyncfx.partition(model, 3, warmup=2, executor="local", forecast=0.5, rebalance=False)
         torch.testing.assert_close(sample(den, kwargs, "sample"), serial, rtol=0, atol=0)
         den.close()
@@ -141,7 +150,7 @@ def test_refresh_and_cooldown_steps_compute_fresh_values_and_the_next_steps_read
     x, t = torch.zeros(1, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     plan = asyncfx.compile(Chain(), 3, example_inputs=(x, t), cost="uniform")
     den = asyncfx.partition(Chain(), 3, example_inputs=(x, t), plan=plan, warmup=2, executor=executor,
-                            refresh=3, cooldown=1,
+                            refresh=3, cooldown=1, forecast=0.0,
                             scheduler=SimpleNamespace(timesteps=torch.tensor(ts, dtype=torch.float64)))
     got = [den(torch.tensor([x], dtype=torch.float64), torch.tensor(t, dtype=torch.float64)).item()
            for x, t in zip(xs, ts)]

@@ -56,7 +56,7 @@ def test_compiled_plans_say_when_each_boundary_is_made():
 
 def test_fast_link_is_compute_bound_and_ideal_formula():
     fast = DeviceSpec("fast", 1e12, 1e11, link_bytes_per_s=1e15, link_latency_s=0.0)
-    sim = simulate(hand_plan(), link=fast, steps=50, warmup=3)
+    sim = simulate(hand_plan(), link=fast, steps=50, warmup=3, forecast=0.0)  # no forecasting passes
     assert sim.round_overlapped == pytest.approx(0.012, rel=1e-6)   # the slowest stage
     assert sim.ideal_speedup == pytest.approx(50 / (3 + 47 / 3))
     assert sim.speedup() == pytest.approx(50 * 0.027 / (3 * 0.027 + 47 * sim.round_overlapped))
@@ -73,10 +73,10 @@ def test_predicted_times_scale_the_whole_model_by_the_measurements():
     plan = hand_plan()
     plan.measured_sequential = None
     plan.stages[0].measured_seconds = 0.020   # stages measured 40 ms against 30 ms predicted
-    sim = simulate(plan)
+    sim = simulate(plan, forecast=0.0)
     assert sim.source == "measured"
     assert sim.sequential_step == pytest.approx(0.028 * 0.040 / 0.030)
-    unmeasured = simulate(hand_plan(measured=False))
+    unmeasured = simulate(hand_plan(measured=False), forecast=0.0)
     assert unmeasured.source == "predicted"
     assert unmeasured.stage_seconds == pytest.approx([0.010, 0.012, 0.008])
 
@@ -117,14 +117,14 @@ def test_node_count_plans_need_measurements():
         simulate(plan)
 
 
-def test_forecasting_charges_each_stage_three_passes_over_what_it_receives(tmp_path, capsys):
+def test_forecasting_charges_each_stage_twelve_passes_over_what_it_receives(tmp_path, capsys):
     plain, forecast = (simulate(hand_plan(), link=SLOW, forecast=g) for g in (0.0, 0.5))
     plan = hand_plan()
-    passes = [3 * plan.bytes_into(k) / SLOW.bytes_per_s for k in range(plan.n_stages)]
+    passes = [12 * plan.bytes_into(k) / SLOW.bytes_per_s for k in range(plan.n_stages)]
     assert forecast.forecast_seconds == pytest.approx(passes) and passes[1] > 0 and not plain.forecast_seconds
     assert forecast.stage_seconds == pytest.approx([s + f for s, f in zip(plain.stage_seconds, passes)])
     assert "(forecasting: " in forecast.summary() and "forecasting" not in plain.summary()
-    assert "keeps two versions of each: as many bytes again per stage" in plan.summary()
+    assert "keeps three versions of each: twice as many bytes again per stage" in plan.summary()
     path = tmp_path / "plan.json"
     plan.save(path)
     assert main(["simulate", str(path), "--forecast", "0.5"]) == 0

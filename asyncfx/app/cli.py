@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from asyncfx.errors import AsyncFXError
+from asyncfx.schedule import DEFAULT_FORECAST
 from asyncfx.zoo.digits_model import KINDS
 
 
@@ -115,8 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--steps", type=_positive_int, default=50)
     simulate.add_argument("--warmup", type=_positive_int, default=3)
     simulate.add_argument("--stride", type=int, choices=(1, 2), default=1)
-    simulate.add_argument("--forecast", type=float, default=0.0, help="damping of forecast stale values, "
-                          "0 (off) to 1: each stage reads and extrapolates two versions of its inputs")
+    simulate.add_argument("--forecast", type=float, default=DEFAULT_FORECAST,
+                          help="damping of forecast stale values, 0 (off) to 1: each stage reads and "
+                          "extrapolates three versions of its inputs (default: asyncfx's default)")
     simulate.add_argument("--cooldown", type=int, default=0, help="last steps run sequentially too")
     simulate.add_argument("--refresh", type=int, default=0, help="one sequential step every K after warm-up")
     simulate.add_argument("--host-ms", type=float, default=None,

@@ -17,9 +17,9 @@ link model (``DeviceSpec``) prices the transfers. One generation of ``steps`` st
   Each call then leaves the devices waiting for the host for ``host_seconds`` (the
   runtime collects the step's outputs, the sampler steps, the next call is dispatched):
   once per round with stride 1, twice with stride 2.
-- Forecasting (``forecast``): each stage reads two versions of every boundary value it
-  receives and writes their extrapolation, three times its bytes through memory at the
-  device's bandwidth, before it starts.
+- Forecasting (``forecast``): each stage reads three versions of every boundary value it
+  receives, measures their trend and writes the extrapolation, ``FORECAST_PASSES`` times
+  its bytes through memory at the device's bandwidth, before it starts.
 
 Stride 2 runs two steps per round on N + 1 devices (AsyncDiff's stride batching).
 """
@@ -32,8 +32,14 @@ from asyncfx.errors import PlanError
 from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.partitioner.lower import dtype_named
 from asyncfx.plan import StagePlan
-from asyncfx.schedule import Mode, SequentialSteps, check_forecast, check_settings, devices_needed, schedule
+from asyncfx.schedule import (DEFAULT_FORECAST, Mode, SequentialSteps, check_forecast, check_settings,
+                              devices_needed, schedule)
 
+
+#: Passes over a boundary value's bytes to forecast it (``executor.resolved``): two
+#: differences of versions (read two, write one each), the trend's two dot products
+#: (read three) and the extrapolation (read two, write one).
+FORECAST_PASSES = 12
 
 @dataclasses.dataclass
 class Simulation:
@@ -118,12 +124,13 @@ class Simulation:
 
 def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: int = 50,
              warmup: int = 3, stride: int = 1, host_seconds: float | None = None,
-             forecast: float = 0.0, sequential: SequentialSteps | None = None) -> Simulation:
+             forecast: float = DEFAULT_FORECAST, sequential: SequentialSteps | None = None) -> Simulation:
     """Predicted latency of a generation with ``plan`` on N devices joined by ``link``
     (default: the link the plan was compiled for), the host taking ``host_seconds`` at
     each call (default: the link preset's ``host_seconds_per_call``), forecasting stale
-    values with damping ``forecast`` (0: off) as ``partition(forecast=...)`` does, with
-    the ``sequential`` steps placed after warm-up (``partition(cooldown=, refresh=)``).
+    values with damping ``forecast`` (0: off; default: ``partition()``'s) as
+    ``partition(forecast=...)`` does, with the ``sequential`` steps placed after warm-up
+    (``partition(cooldown=, refresh=)``).
 
     Example:
         >>> sim = simulate(StagePlan.load("plan.json"), link="pcie4", steps=50, warmup=3)
@@ -133,7 +140,7 @@ def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: in
     spec = device_spec(link if link is not None else plan.link)
     host = spec.host_seconds_per_call if host_seconds is None else _check_host_seconds(host_seconds)
     stage_seconds, whole_model, source = stage_times(plan)
-    forecasting = [3 * plan.bytes_into(k) / spec.bytes_per_s for k in range(plan.n_stages)
+    forecasting = [FORECAST_PASSES * plan.bytes_into(k) / spec.bytes_per_s for k in range(plan.n_stages)
                    ] if check_forecast(forecast) else []
     stage_seconds = [s + f for s, f in zip(stage_seconds, forecasting or [0.0] * plan.n_stages)]
     sends = [0.0] * plan.n_stages

@@ -10,8 +10,9 @@ did (``diagnose``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -40,8 +41,10 @@ class Traced:
     written: list[str]
 
 
-def trace(model: nn.Module, call: BoundCall) -> Traced:
-    """The model traced on the bound example call: torch.export, else symbolic_trace.
+def trace(model: nn.Module, call: BoundCall, *, stack_traces: bool = False) -> Traced:
+    """The model traced on the bound example call: torch.export, else symbolic_trace;
+    ``stack_traces``: export records where in the source each node was made
+    (``node.stack_trace``, about a third of export's time; see ``recording_stack_traces``).
 
     Example:
         >>> trace(unet, bind_call(unet, args, kwargs, None, None)).method
@@ -50,7 +53,8 @@ def trace(model: nn.Module, call: BoundCall) -> Traced:
     args, kwargs, leaves, names, is_tensor = call.args, call.kwargs, call.leaves, call.names, call.is_tensor
     try:
         with (restoring_traced_state(model), watching_argument_writes(model) as written,
-              fake_weights(model, args, kwargs) as (traced_args, traced_kwargs)):
+              fake_weights(model, args, kwargs) as (traced_args, traced_kwargs),
+              recording_stack_traces(stack_traces)):
             graph_module, out_spec = _export(model, traced_args, traced_kwargs, type(model).__name__)
         return Traced(with_meta_weights(graph_module, model), out_spec, "export", written)
     except CaptureError:
@@ -67,6 +71,19 @@ def trace(model: nn.Module, call: BoundCall) -> Traced:
             raise CaptureError(both_failed_message(model, export_error, trace_error)) from export_error
         return Traced(gm, out_spec, "symbolic_trace", [])  # its arguments are tensors
 
+
+
+@contextlib.contextmanager
+def recording_stack_traces(record: bool) -> Iterator[None]:
+    """Tracing inside records (or not) the source line of each node it makes: torch.fx's
+    switch for it (``torch.fx.config.do_not_emit_stack_traces``), set for the trace and put
+    back. A capture reads the lines only to say where an output's size comes from."""
+    before = fx.config.do_not_emit_stack_traces
+    fx.config.do_not_emit_stack_traces = not record
+    try:
+        yield
+    finally:
+        fx.config.do_not_emit_stack_traces = before
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str) -> tuple[fx.GraphModule, pytree.TreeSpec]:
     """export's module of the model, its in-place writes to intermediates made new values;

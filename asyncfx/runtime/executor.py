@@ -66,22 +66,47 @@ def stage_arguments(program: Program, run: StageRun, inputs_for: InputsFor, read
 
 
 class Forecast(NamedTuple):
-    """A stale boundary value read forecast: ``newest + lean * (newest - prior)``."""
+    """A stale boundary value read forecast: ``newest + lean * trend * (newest - prior)``,
+    where ``trend`` (0 to 1) is how much of the change before (``prior - older``, ``spacing``
+    times as many steps) the latest change continued; 1 without ``older``."""
 
     prior: torch.Tensor
     newest: torch.Tensor
     lean: float
+    older: torch.Tensor | None = None
+    spacing: float = 1.0
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Forecast":
-        return Forecast(self.prior.to(device, non_blocking=non_blocking),
-                        self.newest.to(device, non_blocking=non_blocking), self.lean)
+        moved = [None if t is None else t.to(device, non_blocking=non_blocking)
+                 for t in (self.prior, self.newest, self.older)]
+        return Forecast(moved[0], moved[1], self.lean, moved[2], self.spacing)
 
 
 def resolved(arg: torch.Tensor | Forecast) -> torch.Tensor:
     """A stage argument's value (a ``Forecast`` evaluated here, on the current stream)."""
-    if isinstance(arg, Forecast):
+    if not isinstance(arg, Forecast):
+        return arg
+    if arg.older is None:
         return torch.lerp(arg.prior, arg.newest, 1.0 + arg.lean)
-    return arg
+    weight = 1.0 + arg.lean * trend(arg.newest, arg.prior, arg.older, arg.spacing)
+    return torch.lerp(arg.prior, arg.newest, weight.to(arg.newest.dtype))
+
+
+def trend(newest: torch.Tensor, prior: torch.Tensor, older: torch.Tensor, spacing: float) -> torch.Tensor:
+    """How much of the change from ``older`` to ``prior`` the change to ``newest`` continued,
+    per step, from 0 (none, or turned back) to 1 (all: a value moving linearly), as a
+    tensor on their device (no synchronisation): the projection of the latest change on
+    the one before, over ``spacing`` (the latest change's steps over the one before's).
+
+    Example:
+        >>> trend(torch.tensor([3.0]), torch.tensor([2.0]), torch.tensor([1.0]), 1.0)
+        tensor(1.)
+    """
+    exact = torch.promote_types(newest.dtype, torch.float32)
+    latest, before = (newest - prior).flatten().to(exact), (prior - older).flatten().to(exact)
+    size = torch.dot(before, before)
+    ratio = torch.dot(latest, before) / torch.where(size > 0, size, 1.0)
+    return (ratio / spacing).clamp(0.0, 1.0)
 
 
 def _stale(name: str, run: StageRun, read: Read) -> torch.Tensor | Forecast:
@@ -90,7 +115,10 @@ def _stale(name: str, run: StageRun, read: Read) -> torch.Tensor | Forecast:
     newest = read(name, run.reads)
     if run.prior is None or not newest.is_floating_point():
         return newest
-    return Forecast(read(name, run.prior), newest, run.lean)
+    if run.older is None:
+        return Forecast(read(name, run.prior), newest, run.lean)
+    spacing = (run.reads - run.prior) / (run.prior - run.older)
+    return Forecast(read(name, run.prior), newest, run.lean, read(name, run.older), spacing)
 
 
 class MeasuredStages(NamedTuple):
