@@ -128,6 +128,12 @@ def test_forecasting_workers_equal_serial():
     assert not torch.equal(serial, plain)
 
 
+def test_forecasting_is_on_by_default_and_off_with_time_shift():
+    assert asyncfx.PartitionOptions().forecast == asyncfx.DEFAULT_FORECAST == 0.5
+    assert asyncfx.PartitionOptions(time_shift=True).forecast == 0.0  # nothing to forecast
+    assert asyncfx.PartitionOptions(forecast=0).forecast == 0.0      # AsyncDiff's plain reuse
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(forecast=1.5), r"forecast must be a number from 0 \(off: stale values are read as they are\) to 1"),
     (dict(forecast="on"), "forecast must be a number"),
