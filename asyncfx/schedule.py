@@ -47,9 +47,9 @@ from asyncfx.errors import PlanError
 #: Default damping of forecast stale values (``forecast=``; 0: off, AsyncDiff's plain reuse).
 #: 0.5, from benchmarks/quality.py on both trained digits models: with the trend (the
 #: module note) it brings the samples closer to the sequential ones than
-#: plain reuse at every N from 2 to 4, stride 1 and 2 and warm-up 1, 3 and 5 (the UNet
-#: by 2.6-5.1 dB of PSNR, the DiT by 1.8-3.5 dB); a larger g loses on the DiT at stride 2
-#: (benchmarks/RESULTS.md, "Forecasting with the trend").
+#: plain reuse in every setting measured, N from 2 to 4, stride 1 and 2, warm-up 1, 3
+#: and 5: the DiT's by 1.8-3.7 dB of PSNR, the UNet's by 3.2-4.9 dB; g = 1 loses on the
+#: DiT at stride 2 (benchmarks/RESULTS.md, "Forecasting with the trend").
 DEFAULT_FORECAST = 0.5
 
 class Mode(str, enum.Enum):
