@@ -455,12 +455,12 @@ def test_editing_the_model_after_partitioning_takes_effect_at_the_next_generatio
 
 EDITS_BETWEEN_GENERATIONS = {  # what users do to pipe.unet between two images, in this order
     "LoRA re-weighted": lambda unet: unet.set_adapters(["style"], weights=[0.3]),
-    "FreeU": lambda unet: unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),
     "attention processors": lambda unet: unet.set_attn_processor(AttnProcessor()),
     "LoRA disabled": lambda unet: unet.disable_lora(),
     "LoRA enabled": lambda unet: unet.enable_lora(),
     "LoRA fused": lambda unet: unet.fuse_lora(lora_scale=0.7),  # peft writes weight.data
-}
+    "FreeU": lambda unet: unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),  # last: its captures
+}                                                                            # functionalise, the slowest
 
 
 def test_model_edits_between_generations_take_effect():
