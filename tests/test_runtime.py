@@ -453,14 +453,17 @@ def test_editing_the_model_after_partitioning_takes_effect_at_the_next_generatio
     assert torch.equal(den(**kwargs).sample, model(**kwargs).sample)
 
 
-EDITS_BETWEEN_GENERATIONS = {  # what users do to pipe.unet between two images, in this order
+#: What users do to pipe.unet between two images, made in this order; FreeU comes last, as
+#: each capture after it rewrites its in-place writes (``passes.functionalise``), the
+#: slowest kind of capture.
+EDITS_BETWEEN_GENERATIONS = {
     "LoRA re-weighted": lambda unet: unet.set_adapters(["style"], weights=[0.3]),
     "attention processors": lambda unet: unet.set_attn_processor(AttnProcessor()),
     "LoRA disabled": lambda unet: unet.disable_lora(),
     "LoRA enabled": lambda unet: unet.enable_lora(),
     "LoRA fused": lambda unet: unet.fuse_lora(lora_scale=0.7),  # peft writes weight.data
-    "FreeU": lambda unet: unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),  # last: its captures
-}                                                                            # functionalise, the slowest
+    "FreeU": lambda unet: unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),
+}
 
 
 def test_model_edits_between_generations_take_effect():
@@ -479,7 +482,7 @@ def test_model_edits_between_generations_take_effect():
         make(model)
         after = sample(den, kwargs, "sample", steps=4)
         expected = sample(asyncfx.partition(model, 2, warmup=1, executor="serial"), kwargs, "sample", steps=4)
-        torch.testing.assert_close(after, expected, rtol=0, atol=0, msg=edit)  # as if partitioned after it
+        torch.testing.assert_close(after, expected, rtol=0, atol=0, msg=lambda m: f"{edit}: {m}")
         assert not torch.equal(after, before), edit
         before = after
 

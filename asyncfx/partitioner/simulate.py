@@ -41,6 +41,7 @@ from asyncfx.schedule import (DEFAULT_FORECAST, Mode, SequentialSteps, check_for
 #: (read three) and the extrapolation (read two, write one).
 FORECAST_PASSES = 12
 
+
 @dataclasses.dataclass
 class Simulation:
     """Predicted times of one generation, in seconds."""

@@ -72,7 +72,6 @@ def trace(model: nn.Module, call: BoundCall, *, stack_traces: bool = False) -> T
         return Traced(gm, out_spec, "symbolic_trace", [])  # its arguments are tensors
 
 
-
 @contextlib.contextmanager
 def recording_stack_traces(record: bool) -> Iterator[None]:
     """Tracing inside records (or not) the source line of each node it makes: torch.fx's
@@ -84,6 +83,7 @@ def recording_stack_traces(record: bool) -> Iterator[None]:
         yield
     finally:
         fx.config.do_not_emit_stack_traces = before
+
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str) -> tuple[fx.GraphModule, pytree.TreeSpec]:
     """export's module of the model, its in-place writes to intermediates made new values;

@@ -72,7 +72,6 @@ def pin_output_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], model_
     return finish(gm, graph)
 
 
-
 def pins_outputs(gm: fx.GraphModule) -> bool:
     """Whether ``pin_output_shapes`` pinned an output of ``gm``.
 
@@ -81,6 +80,7 @@ def pins_outputs(gm: fx.GraphModule) -> bool:
         False
     """
     return any(node.target is expect_shape for node in gm.graph.nodes)
+
 
 def traced_at(node: fx.Node) -> str:
     """`` at file:line in function: `source``` of the innermost frame export recorded.
