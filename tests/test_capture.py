@@ -559,6 +559,18 @@ def test_an_output_whose_shape_changes_with_values_is_a_clear_error_at_the_call(
     assert "keep the output's shape fixed in the model" in message.lower()
 
 
+def test_captures_record_source_lines_only_where_an_output_is_pinned():
+    """Export's per-node source lines cost a third of a capture; only a graph with a pinned
+    output (above) keeps them, for its error. torch.fx's switch is put back."""
+    graph = zoo_captured("sd_unet").graph
+    assert not any(node.meta.get("stack_trace") for node in graph.nodes)
+    assert any(node.meta.get("nn_module_stack") for node in graph.nodes)  # module paths stay
+    assert torch.fx.config.do_not_emit_stack_traces is False
+    model, x = ReturnsValidTokens(), torch.randn(1, 5, 4)
+    pinned = asyncfx.capture(model, (x, torch.tensor(1.0), torch.tensor([[1, 1, 0, 1, 0]]))).graph
+    assert any("test_capture.py" in (node.meta.get("stack_trace") or "") for node in pinned.nodes)
+
+
 class BranchOnValue(nn.Module):
     def __init__(self):
         super().__init__()
