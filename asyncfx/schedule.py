@@ -27,10 +27,10 @@ to B1: the value the producer would send now, extrapolated from its last two. ``
 (0 to 1, computed from the values by the executor) is how much of the change before,
 from B3 (the version before B2, ``older``) to B2, the latest change continued per step:
 a value that moves on as it did is extrapolated, one that turns back is read as it is,
-so a forecast does not amplify an oscillation (its own error coming back) step by step. Without B3 (the second
-parallel step after warm-up) the trend is 1. The first parallel step (round) after
-warm-up has one version, the last warm-up step's (the stages may not run before it),
-and reads it as it is. The store then keeps three versions (``StepSchedule.keep_from``).
+so a forecast does not amplify an oscillation (its own error coming back) step by
+step. Without B3 (the second parallel step after warm-up) the trend is 1. The first
+parallel step (round) after warm-up has one version, the last warm-up step's (the
+stages may not run before it), and reads it as it is. The store then keeps three versions (``StepSchedule.keep_from``).
 ``time_shift`` computes each stage at its inputs' own step, so there is nothing to
 forecast (r = 0).
 """
@@ -51,6 +51,7 @@ from asyncfx.errors import PlanError
 #: and 5: the DiT's by 1.8-3.7 dB of PSNR, the UNet's by 3.2-4.9 dB; g = 1 loses on the
 #: DiT at stride 2 (benchmarks/RESULTS.md, "Forecasting with the trend").
 DEFAULT_FORECAST = 0.5
+
 
 class Mode(str, enum.Enum):
     SEQUENTIAL = "sequential"   # warm-up: stages in order, fresh values
@@ -239,7 +240,7 @@ def _forecasting(run: StageRun, before: list[int], gain: float) -> StageRun:
     the one it reads (see the module note)."""
     if not before:
         return run
-    prior, older = before[0], (before[1:] or [None])[0]
+    prior, older = before[0], before[1] if len(before) > 1 else None
     lean = gain * (run.timestep - run.reads) / (run.reads - prior)
     return run._replace(prior=prior, lean=lean, older=older)
 

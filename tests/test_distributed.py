@@ -74,7 +74,8 @@ GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
 #: across its messages.
 SCENARIOS = [("sd_unet", 2, 1, (), False, "model", 0.5), ("sd_unet", 3, 1, (), False, "model", 0.0),
              ("sd_unet", 3, 1, (), False, "meta", 0.5), ("sd3_transformer", 2, 1, (), False, "meta", 0.5),
-             ("sd_unet", 3, 2, (), False, "model", 0.5), ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured", 0.5),
+             ("sd_unet", 3, 2, (), False, "model", 0.5),
+             ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured", 0.5),
              ("mispriced", 2, 1, (), True, "model", 0.0), ("mispriced", 2, 1, (), False, "refill", 0.0)]
 
 

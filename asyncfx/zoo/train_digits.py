@@ -166,12 +166,12 @@ def classifier_for(kind: str, images: torch.Tensor, labels: torch.Tensor, folder
                    epochs: int) -> tuple[DigitClassifier, float]:
     """The classifier and its held-out accuracy: trained and written with the UNet, read
     from ``folder`` for the other models."""
+    path = os.path.join(folder, "digits_classifier.safetensors")
     if kind == "unet":
         classifier, accuracy = train_classifier(images, labels, epochs)
         print(f"classifier held-out accuracy: {accuracy:.4f}")
-        save_safetensors(classifier.state_dict(), os.path.join(folder, "digits_classifier.safetensors"))
+        save_safetensors(classifier.state_dict(), path)
         return classifier, accuracy
-    path = os.path.join(folder, "digits_classifier.safetensors")
     if not os.path.exists(path):
         raise SystemExit(f"{path} is missing: train the classifier first with --model unet --out {folder}.")
     classifier = digits_classifier(folder)
