@@ -32,7 +32,7 @@ class ModelError(AsyncFXError, TypeError):
     """partition() was given something other than a denoiser module."""
 
 
-def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = None,
+def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None, example_inputs: Any = None,
               devices: Sequence[str | torch.device] | str | None = None, warmup: int = DEFAULT_WARMUP,
               stride: int = 1, executor: str = "local", plan: StagePlan | str | os.PathLike | None = None,
               scheduler: Any = None, time_shift: bool = False, forecast: float | None = None,
@@ -45,7 +45,11 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
     The result is called exactly like ``model``. The first ``warmup`` steps of every
     generation run the stages one after another (exactly the original model); after
     that all stages start each step at once, reading each other's outputs from the
-    previous step. ``stride=2`` computes two steps per round on ``n_devices + 1``
+    previous step. ``layout="GxN"`` splits the batch (a classifier-free-guidance pair) over
+    G groups of devices, each running the same N stages on its share: exact, for a model
+    that computes its samples separately (proven from its graph); ``layout=None`` takes the
+    layout predicted fastest for the call's batch, the fewest stages among those within 5%
+    of it (stages only with stride 2 or under torch.distributed). ``stride=2`` computes two steps per round on ``n_devices + 1``
     devices and needs ``scheduler`` (its ``timesteps``). ``example_inputs=None`` captures
     the model from its first call. ``plan`` is a StagePlan or a path to one.
     ``devices=None`` means ``cuda:0..`` when there are enough GPUs, else CPU workers.
@@ -84,7 +88,7 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
     _check_model(model)
     if not isinstance(model, Captured):
         check_argument_names(model, latent=latent, timestep=timestep)
-    options = PartitionOptions(n_devices=n_devices, devices=devices, warmup=warmup, stride=stride,
+    options = PartitionOptions(n_devices=n_devices, layout=layout, devices=devices, warmup=warmup, stride=stride,
                                executor=executor, plan=plan, scheduler=scheduler, time_shift=time_shift,
                                forecast=forecast, cooldown=cooldown, refresh=refresh, switch_below=switch_below,
                                cost=cost, link=link, latent=latent, timestep=timestep,
@@ -92,15 +96,16 @@ def partition(model: nn.Module, n_devices: int = 2, *, example_inputs: Any = Non
                                release_weights=release_weights, weights=weights)
     _check_weights(model, options.weights)
     launch = launcher(options.executor, options.devices, options.slots, options.cuda_graphs)
-    frontend = PartitionFrontend(n_stages=options.n_devices, cost=options.cost, link=options.link,
+    frontend = PartitionFrontend(n_devices=options.n_devices, layout=options.layout, warmup=options.warmup,
+                                 cost=options.cost, link=options.link,
                                  latent=options.latent, timestep=options.timestep, plan=options.plan,
                                  rebalance=options.rebalance, weights=options.weights,
                                  rank_zero_decides=options.executor == "distributed")
     release = options.release_weights
-    denoiser = AsyncDenoiser(model, frontend, launch, n_stages=options.n_devices, warmup=options.warmup,
+    denoiser = AsyncDenoiser(model, frontend, launch, n_devices=options.n_devices, warmup=options.warmup,
                              stride=options.stride, time_shift=options.time_shift, forecast=options.forecast,
                              sequential=options.sequential, switch_below=options.switch_below,
-                             scheduler=options.scheduler, rebuild=options.plan is None,
+                             scheduler=options.scheduler, rebuild=options.plan is None, layout=options.layout,
                              convertible=not isinstance(model, Captured),
                              release_weights=not isinstance(model, Captured) if release is None else release)
     if example_inputs is not None:

@@ -16,7 +16,7 @@ from asyncfx.partitioner.binding import LatentOption
 from asyncfx.partitioner.cost_model import check_cost
 from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.plan import StagePlan
-from asyncfx.program import WeightSource
+from asyncfx.program import Layout, WeightSource
 from asyncfx.runtime.cuda_graphs import check_cuda_graphs_option
 from asyncfx.schedule import DEFAULT_FORECAST, SequentialSteps, check_forecast, check_settings, devices_needed
 from asyncfx.weights import WeightFiles, WeightsError
@@ -40,6 +40,7 @@ class PartitionOptions:
     """
 
     n_devices: int = 2
+    layout: str | Layout | None = None
     devices: Sequence[str | torch.device] | str | None = None
     warmup: int = DEFAULT_WARMUP
     stride: int = 1
@@ -73,6 +74,7 @@ class PartitionOptions:
         if isinstance(self.n_devices, bool) or not isinstance(self.n_devices, int) or self.n_devices < 1:
             raise PlanError(f"n_devices must be a positive integer, got {self.n_devices!r}.")
         check_settings(self.n_devices, self.warmup, self.stride)
+        object.__setattr__(self, "layout", self._checked_layout())
         object.__setattr__(self, "forecast", check_forecast(self.forecast) if self.forecast is not None
                            else 0.0 if self.time_shift else DEFAULT_FORECAST)  # nothing to forecast
         self.sequential  # checks cooldown and refresh
@@ -97,9 +99,35 @@ class PartitionOptions:
         check_cuda_graphs_option(self.cuda_graphs)
         if isinstance(self.plan, (str, os.PathLike)):
             object.__setattr__(self, "plan", StagePlan.load(self.plan))
-        if self.plan is not None and self.plan.n_stages != self.n_devices:
-            raise PlanError(f"the plan has {self.plan.n_stages} stages but n_devices={self.n_devices}; pass "
-                            f"n_devices={self.plan.n_stages} or compile a plan for {self.n_devices}.")
+        if self.plan is not None:
+            self._check_plan_layout()
+
+    def _checked_layout(self) -> Layout | None:
+        """``layout`` as a Layout, checked against the devices (None: chosen at capture;
+        with stride 2, stages only)."""
+        layout = self.layout
+        if layout is None:
+            return Layout(1, self.n_devices) if self.stride == 2 or self.executor == "distributed" else None
+        if not isinstance(layout, Layout):
+            try:
+                layout = Layout.parse(layout)
+            except ValueError as exc:
+                raise PlanError(f"layout={self.layout!r}: {exc}.") from None
+        if layout.devices != self.n_devices:
+            raise PlanError(f"layout {layout} runs {layout.groups} batch group(s) of {layout.stages} stage(s), "
+                            f"{layout.devices} devices, but n_devices={self.n_devices}; pass "
+                            f"n_devices={layout.devices} or a layout whose G x N is {self.n_devices}.")
+        return layout
+
+    def _check_plan_layout(self) -> None:
+        planned = Layout(self.plan.groups, self.plan.n_stages)
+        if planned.devices != self.n_devices:
+            raise PlanError(f"the plan has {self.plan.n_stages} stages in {self.plan.groups} batch group(s) "
+                            f"(layout {planned}) but n_devices={self.n_devices}; pass n_devices="
+                            f"{planned.devices} or compile a plan for {self.n_devices}.")
+        if self.layout is not None and self.layout != planned:
+            raise PlanError(f"the plan is laid out {planned} but layout={str(self.layout)!r}; drop layout= "
+                            "(the plan's is used) or compile a plan for that layout.")
 
     @property
     def sequential(self) -> SequentialSteps:
@@ -108,5 +136,9 @@ class PartitionOptions:
 
     @property
     def slots(self) -> int:
-        """Device slots the schedule uses: one per stage, plus one for stride 2."""
-        return devices_needed(self.n_devices, self.stride)
+        """Device slots the schedule uses: one per stage of each batch group, plus one a
+        group for stride 2 (a layout chosen at capture uses ``n_devices``)."""
+        layout = self.layout or (Layout(self.plan.groups, self.plan.n_stages) if self.plan is not None else None)
+        if layout is None:
+            return self.n_devices
+        return layout.groups * devices_needed(layout.stages, self.stride)

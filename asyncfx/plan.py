@@ -83,12 +83,18 @@ class StagePlan:
     sequential_cost: float = 0.0   # predicted time of the whole model on one device, cost unit
     measured_sequential: float | None = None  # the whole model timed on one device, seconds
     devices: list[str] | None = None
+    groups: int = 1                # batch groups, each running every stage on its share of the batch
     notes: list[str] = dataclasses.field(default_factory=list)
     version: int = PLAN_VERSION
 
     @property
     def n_stages(self) -> int:
         return len(self.stages)
+
+    @property
+    def layout(self) -> str:
+        """``"GxN"``: G batch groups, each running the N stages (costs are per group)."""
+        return f"{self.groups}x{self.n_stages}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, **dataclasses.asdict(self)}
@@ -117,7 +123,8 @@ class StagePlan:
     def summary(self) -> str:
         """A readable table of stages and boundary tensors."""
         total_cost = sum(s.estimated_cost for s in self.stages) or 1.0
-        lines = [f"StagePlan for {self.model_class}: {self.n_stages} stage(s), cost={self.cost} "
+        layout = (f"layout {self.layout}: {self.groups} batch groups of " if self.groups > 1 else "")
+        lines = [f"StagePlan for {self.model_class}: {layout}{self.n_stages} stage(s), cost={self.cost} "
                  f"({self.cost_unit}), link={self.link}, graph {self.fingerprint}",
                  "inputs: " + ", ".join(f"{i.name} ({i.role}, {_tensor_type(i.dtype, i.shape)})"
                                         for i in self.inputs)]

@@ -142,6 +142,65 @@ class BoundarySpec:
     tensor: TensorSpec
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a model's devices are laid out: ``groups`` batch groups, each running the same
+    chain of ``stages`` stages on its share of the batch. Written ``"GxN"``.
+
+    Example:
+        >>> Layout.parse("2x2"), Layout(1, 4).devices
+        (Layout(groups=2, stages=2), 4)
+    """
+
+    groups: int
+    stages: int
+
+    def __str__(self) -> str:
+        return f"{self.groups}x{self.stages}"
+
+    @property
+    def devices(self) -> int:
+        return self.groups * self.stages
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        """``"GxN"`` (G batch groups x N stages) as a Layout; ValueError for anything else."""
+        groups, x, stages = str(text).strip().lower().partition("x")
+        if not x or not groups.isdigit() or not stages.isdigit() or int(groups) < 1 or int(stages) < 1:
+            raise ValueError(f"a layout is written 'GxN', G batch groups times N stages, e.g. '2x2' or "
+                             f"'1x4', got {text!r}")
+        return cls(int(groups), int(stages))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSplit:
+    """How a call's batch splits over the groups: the graph inputs whose first dimension is
+    the batch (``batched``) go to the groups in equal consecutive parts; the others go
+    whole to each. The outputs are the groups' outputs joined along their first dimension.
+
+    Example:
+        >>> split = BatchSplit(2, frozenset({"sample"}))
+        >>> split.part("sample", torch.zeros(4, 3), 1).shape
+        torch.Size([2, 3])
+    """
+
+    groups: int = 1
+    batched: frozenset[str] = frozenset()
+
+    def part(self, name: str, value: torch.Tensor, group: int) -> torch.Tensor:
+        if self.groups == 1 or name not in self.batched:
+            return value
+        size = value.shape[0] // self.groups
+        return value.narrow(0, group * size, size)
+
+    def joined(self, parts: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
+        """The outputs of the whole batch from each group's (in group order)."""
+        if len(parts) == 1:
+            return tuple(parts[0])
+        return tuple(torch.cat([p[i] for p in parts]) if isinstance(parts[0][i], torch.Tensor) else parts[0][i]
+                     for i in range(len(parts[0])))
+
+
 class WeightSource(Protocol):
     """Where the tensors of a model built without weights come from (its files,
     ``asyncfx.weights.WeightFiles``): ``load`` reads the tensors ``wanted`` names (tensors
@@ -167,10 +226,15 @@ class Program:
     boundaries: tuple[BoundarySpec, ...]
     plan: StagePlan
     weights: WeightSource | None = None  # where stage tensors without data are loaded from
+    split: BatchSplit = BatchSplit()      # the batch groups, each running every stage
 
     @property
     def n_stages(self) -> int:
         return len(self.stages)
+
+    @property
+    def n_groups(self) -> int:
+        return self.split.groups
 
     @functools.cached_property
     def graph_inputs(self) -> frozenset[str]:
@@ -188,12 +252,16 @@ class Program:
 
 
 class Lowering(Protocol):
-    """A captured call, not lowered yet: its ``call`` spec binds calls now, ``lower()``
-    compiles (unless a plan was given) and makes the program. Where the plan was compiled
-    (``rebalances``), ``rebalanced()`` gives the program of a better one for the measured
-    seconds of each stage (``parallel``: measured all at once), or None to keep it."""
+    """A captured call, not lowered yet: its ``call`` spec binds calls now, its ``layout``
+    is decided, ``lower()`` compiles (unless a plan was given) and makes the program. Where
+    the plan was compiled (``rebalances``), ``rebalanced()`` gives the program of a better
+    one for the measured seconds of each stage (``parallel``: measured all at once), or
+    None to keep it."""
 
     call: CallSpec
+
+    @property
+    def layout(self) -> Layout: ...
 
     @property
     def rebalances(self) -> bool: ...

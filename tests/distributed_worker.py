@@ -103,15 +103,14 @@ def refill(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def run_scenarios(rank: int, out_root: str, scenarios: list[tuple], steps: int) -> None:
     """One process for many scenarios ``(model_name, world, stride, guided_at, rebalance, source,
-    forecast)``,
-    each with a process group of its own (ranks beyond a scenario's world skip it), so that
+    forecast, groups)``, each with a process group of its own (ranks beyond a scenario's world skip it), so that
     the interpreters, imports and zoo models are made once; results go to ``out_root/<i>``.
     ``source``: "captured" partitions a capture made once per model, "model" the model
     itself (whose weights other ranks' stages read are then released), "meta" the model
     built without weights, loading each rank's from ``out_root/weights/<model>``; "refill"
     moves weights between ranks (``refill``)."""
     captures: dict[str, asyncfx.Captured] = {}  # each model captured once by this rank
-    for index, (model_name, world, stride, guided_at, rebalance, source, forecast) in enumerate(scenarios):
+    for index, (model_name, world, stride, guided_at, rebalance, source, forecast, groups) in enumerate(scenarios):
         if rank < world:
             out_dir = os.path.join(out_root, str(index))
             os.makedirs(out_dir, exist_ok=True)
@@ -123,14 +122,14 @@ def run_scenarios(rank: int, out_root: str, scenarios: list[tuple], steps: int) 
                 continue
             run(rank, world, os.path.join(out_root, f"init{index}"), out_dir, model_name, steps,
                 stride=stride, guided_at=guided_at, captured=captures.get(model_name) if source == "captured"
-                else None, rebalance=rebalance, forecast=forecast,
+                else None, rebalance=rebalance, forecast=forecast, groups=groups,
                 weights=os.path.join(out_root, "weights", model_name) if source == "meta" else None)
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, steps: int,
         dying_rank: int | None = None, timeout_s: float = 60.0, stride: int = 1,
         guided_at: tuple[int, ...] = (), captured: asyncfx.Captured | None = None,
-        rebalance: bool = False, weights: str | None = None, forecast: float = 0.0) -> None:
+        rebalance: bool = False, weights: str | None = None, forecast: float = 0.0, groups: int = 1) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     torch.set_num_threads(1)
@@ -138,8 +137,10 @@ def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, st
         model, kwargs = example(model_name)
         if weights is not None:
             model = empty_copy(model)
-        denoiser = asyncfx.partition(captured or model, world - (stride - 1), warmup=3 if rebalance else 2,
-                                     executor="distributed", stride=stride, rebalance=rebalance,
+        stages = world // groups - (stride - 1)
+        denoiser = asyncfx.partition(captured or model, groups * stages, layout=f"{groups}x{stages}",
+                                     warmup=3 if rebalance else 2, executor="distributed", stride=stride,
+                                     rebalance=rebalance,
                                      scheduler=ddim(steps) if stride == 2 else None, weights=weights,
                                      forecast=forecast)
         caller = _ExitAt(denoiser, 4 if rank == dying_rank else None)
@@ -148,7 +149,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, st
             if rebalance:  # the stages are built at step 0: the bytes of the rank's first stage
                 caller(**kwargs)
                 denoiser.reset()
-                first_bytes = denoiser.plan.stages[min(rank, denoiser.plan.n_stages - 1)].param_bytes
+                first_bytes = denoiser.plan.stages[min(rank % (world // groups), stages - 1)].param_bytes
             for _ in range(2):
                 results.append(sample(caller, kwargs, LATENT[model_name], steps=steps, guided_at=guided_at))
                 plans.append(json.dumps(denoiser.plan.to_dict()))  # the plan its parallel steps ran

@@ -6,7 +6,7 @@ import torch
 from torch import fx
 
 import asyncfx
-from asyncfx.partitioner.cost_graph import module_path
+from asyncfx.passes.meta import module_path
 from asyncfx.passes import classify
 from asyncfx.passes.meta import VALUE_CLASS, ValueClass
 from conftest import zoo_captured

@@ -64,7 +64,7 @@ def test_async_sample_with_warmup_covering_the_steps_equals_sequential(model):
     try:
         sequential = sample_digits(model.denoiser, model, labels, steps=10)
         for executor in ("serial", "local"):
-            denoiser = asyncfx.partition(model.denoiser, 2, warmup=10, executor=executor)
+            denoiser = asyncfx.partition(model.denoiser, 2, layout="1x2", warmup=10, executor=executor)
             torch.testing.assert_close(sample_digits(denoiser, model, labels, steps=10), sequential,
                                        rtol=0, atol=0)
             denoiser.close()

@@ -26,32 +26,34 @@ def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0
 
 
 def serial_result(model_name: str, world: int, stride: int = 1, guided_at=(),
-                  plan: asyncfx.StagePlan | None = None, forecast: float = 0.0) -> torch.Tensor:
+                  plan: asyncfx.StagePlan | None = None, forecast: float = 0.0, groups: int = 1) -> torch.Tensor:
     """The serial executor's sample, with the plan given (and the warm-up the worker uses
-    with it), else with the compiled one (computed once per setting: scenarios share them)."""
+    with it), else with the compiled one (computed once per setting: scenarios share them);
+    ``groups``: batch groups of ``world / groups`` ranks each."""
     if plan is None:
-        return _compiled_serial_result(model_name, world, stride, guided_at, forecast).clone()
-    return _serial_result(model_name, world, stride, guided_at, plan, forecast)
+        return _compiled_serial_result(model_name, world, stride, guided_at, forecast, groups).clone()
+    return _serial_result(model_name, world, stride, guided_at, plan, forecast, groups)
 
 
 @functools.cache
 def _compiled_serial_result(model_name: str, world: int, stride: int, guided_at: tuple[int, ...],
-                            forecast: float) -> torch.Tensor:
-    return _serial_result(model_name, world, stride, guided_at, None, forecast)
+                            forecast: float, groups: int) -> torch.Tensor:
+    return _serial_result(model_name, world, stride, guided_at, None, forecast, groups)
 
 
 def _serial_result(model_name: str, world: int, stride: int, guided_at: tuple[int, ...],
-                   plan: asyncfx.StagePlan | None, forecast: float) -> torch.Tensor:
+                   plan: asyncfx.StagePlan | None, forecast: float, groups: int) -> torch.Tensor:
     if model_name == "mispriced":
         model, kwargs = mispriced_example()
     else:
-        _, _, kwargs = zoo_example(model_name)
-        model = zoo_captured(model_name)
+        whole, _, kwargs = zoo_example(model_name)
+        model = zoo_captured(model_name) if groups == 1 else whole  # groups capture the model again
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    stages = world // groups - (stride - 1)
     try:
-        denoiser = asyncfx.partition(model, world - (stride - 1), warmup=2 if plan is None else 3,
-                                     executor="serial", stride=stride, plan=plan,
+        denoiser = asyncfx.partition(model, groups * stages, layout=f"{groups}x{stages}",
+                                     warmup=2 if plan is None else 3, executor="serial", stride=stride, plan=plan,
                                      scheduler=ddim(STEPS) if stride == 2 else None, forecast=forecast)
         return sample(denoiser, kwargs, LATENT[model_name], steps=STEPS, guided_at=guided_at)
     finally:
@@ -71,12 +73,13 @@ GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
 #: the meta device, each rank loading its stage's weights from the files
 #: ``save_pretrained`` wrote ("meta"). ``forecast``: the damping of forecast stale values
 #: (0: off, AsyncDiff's plain reuse), whose three versions of each boundary a rank keeps
-#: across its messages.
-SCENARIOS = [("sd_unet", 2, 1, (), False, "model", 0.5), ("sd_unet", 3, 1, (), False, "model", 0.0),
-             ("sd_unet", 3, 1, (), False, "meta", 0.5), ("sd3_transformer", 2, 1, (), False, "meta", 0.5),
-             ("sd_unet", 3, 2, (), False, "model", 0.5),
-             ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured", 0.5),
-             ("mispriced", 2, 1, (), True, "model", 0.0), ("mispriced", 2, 1, (), False, "refill", 0.0)]
+#: across its messages. ``groups``: batch groups of ``world / groups`` ranks, each running the
+#: stages on its half of the classifier-free-guidance batch.
+SCENARIOS = [("sd_unet", 2, 1, (), False, "model", 0.5, 1), ("sd_unet", 3, 1, (), False, "model", 0.0, 1),
+             ("sd_unet", 3, 1, (), False, "meta", 0.5, 1), ("sd3_transformer", 4, 1, (), False, "meta", 0.5, 2),
+             ("sd_unet", 3, 2, (), False, "model", 0.5, 1), ("sd_unet", 4, 1, (), False, "model", 0.5, 2),
+             ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured", 0.5, 1),
+             ("mispriced", 2, 1, (), True, "model", 0.0, 1), ("mispriced", 2, 1, (), False, "refill", 0.0, 1)]
 
 
 def test_distributed_ranks_equal_serial(tmp_path):
@@ -108,7 +111,7 @@ def check_refill(tmp_path) -> None:
 
 
 def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at: tuple[int, ...],
-                   rebalance: bool, source: str, forecast: float) -> None:
+                   rebalance: bool, source: str, forecast: float, groups: int) -> None:
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
     assert not errors, (model_name, world, stride, guided_at, source, errors)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
@@ -118,17 +121,19 @@ def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at
     assert all(c == cuts[0] for c in cuts)  # every rank ran the cuts rank 0 chose (its times are its own)
     if rebalance:  # re-cut in the first generation, from every rank's stage times
         assert any(note.startswith("re-cut 1:") for note in plans[0].notes), plans[0].notes
-        expected = [serial_result(model_name, world, stride, guided_at, plan, forecast) for plan in plans]
+        expected = [serial_result(model_name, world, stride, guided_at, plan, forecast, groups) for plan in plans]
     else:
-        expected = [serial_result(model_name, world, stride, guided_at, forecast=forecast)] * 2
+        expected = [serial_result(model_name, world, stride, guided_at, forecast=forecast, groups=groups)] * 2
     if forecast:  # forecasting changed the samples
-        assert not torch.equal(expected[0], serial_result(model_name, world, stride, guided_at))
+        assert not torch.equal(expected[0], serial_result(model_name, world, stride, guided_at, groups=groups))
+    assert all(plan.groups == groups for plan in plans)
     for samples, _ in results:  # every rank's sampler took the same steps, in both generations
         for got, want in zip(samples, expected):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     facts = [json.loads((tmp_path / f"facts{rank}.json").read_text()) for rank in range(world)]
-    stages = world - (stride - 1)  # stride 2: the extra rank holds the last stage too
-    own = [plans[-1].stages[min(rank, stages - 1)].param_bytes for rank in range(world)]
+    slots = world // groups  # each group's ranks hold the same stages
+    stages = slots - (stride - 1)  # stride 2: the extra rank holds the last stage too
+    own = [plans[-1].stages[min(rank % slots, stages - 1)].param_bytes for rank in range(world)]
     assert [f["held"] for f in facts] == own
     if source == "model":  # the original model keeps only what the rank's stage reads, and says so
         assert [f["model holds"] for f in facts] == own

@@ -60,7 +60,7 @@ def test_the_serial_executor_needs_no_device_per_stage_on_a_one_gpu_machine(monk
     model, _, kwargs = zoo_example("sd_unet")
     with pytest.raises(DeviceError, match="2 devices are needed and this machine has 1 CUDA device"):
         asyncfx.partition(model, 2)
-    den = asyncfx.partition(model, 2, warmup=2, executor="serial", example_inputs=((), kwargs))
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=2, executor="serial", example_inputs=((), kwargs))
     with torch.no_grad():
         torch.testing.assert_close(den(**kwargs).sample, model(**kwargs).sample, rtol=0, atol=0)
 

@@ -364,12 +364,12 @@ class NoiseLevelChain(nn.Module):
 def test_a_timestep_under_another_name_is_warned_about_and_can_be_named():
     x, cond = torch.zeros(2, 4), torch.zeros(2, 4)
     noise = [torch.full((2,), s) for s in (80.0, 40.0, 20.0, 10.0, 5.0)]
-    unnamed = asyncfx.partition(NoiseLevelChain(), 2, warmup=1, executor="serial")
+    unnamed = asyncfx.partition(NoiseLevelChain(), 2, layout="1x2", warmup=1, executor="serial")
     with pytest.warns(UserWarning, match=r"input 'noise' of NoiseLevelChain changed at each of the last 3 "
                                          r"calls.*no speedup.*pass timestep='noise' to asyncfx.partition"):
         for level in noise:  # each call is a new generation: run as the original model
             assert torch.equal(unnamed(x, level, cond), NoiseLevelChain()(x, level, cond))
-    named = asyncfx.partition(NoiseLevelChain(), 2, warmup=1, executor="serial", timestep="noise")
+    named = asyncfx.partition(NoiseLevelChain(), 2, layout="1x2", warmup=1, executor="serial", timestep="noise")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = [named(x, level, cond)[0, 0].item() for level in noise]
@@ -378,7 +378,7 @@ def test_a_timestep_under_another_name_is_warned_about_and_can_be_named():
 
 def test_conditioning_that_changes_at_every_call_is_not_taken_for_a_timestep():
     model = Untimed()  # one-step generations, each with its own prompt: no warning
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(5):
@@ -388,7 +388,7 @@ def test_conditioning_that_changes_at_every_call_is_not_taken_for_a_timestep():
 
 def test_timesteps_that_count_up_are_one_generation_until_they_move_back():
     model, _, kwargs = zoo_example("sd_unet")  # Lumina's pipelines pass 1 - t / 1000
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     for generation in range(2):
         for step, t in enumerate((0.1, 0.3, 0.5, 0.7)):
             call = {**kwargs, "timestep": torch.tensor(t)}
@@ -405,7 +405,7 @@ def test_one_step_generations_do_not_pile_up_streams():
 
 def test_an_edit_between_one_step_generations_takes_effect_at_the_next_image():
     model, kwargs = own_sd_unet()
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     for image in range(4):  # SD-Turbo: one call at t=999 per image, the stages run it
         if image == 2:
             model.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
@@ -434,7 +434,7 @@ class LowRank(nn.Module):
 def test_editing_the_model_after_partitioning_takes_effect_at_the_next_generation(caplog):
     caplog.set_level(logging.INFO, logger="asyncfx")
     model, kwargs = own_sd_unet()
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     sample(den, kwargs, "sample", steps=3)
     captured = den.interface
     sample(den, kwargs, "sample", steps=3)
@@ -476,12 +476,12 @@ def test_model_edits_between_generations_take_effect():
     torch.manual_seed(0)
     model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False),
                       adapter_name="style")
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     before = sample(den, kwargs, "sample", steps=4)
     for edit, make in EDITS_BETWEEN_GENERATIONS.items():
         make(model)
         after = sample(den, kwargs, "sample", steps=4)
-        expected = sample(asyncfx.partition(model, 2, warmup=1, executor="serial"), kwargs, "sample", steps=4)
+        expected = sample(asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial"), kwargs, "sample", steps=4)
         torch.testing.assert_close(after, expected, rtol=0, atol=0, msg=lambda m: f"{edit}: {m}")
         assert not torch.equal(after, before), edit
         before = after
@@ -489,7 +489,7 @@ def test_model_edits_between_generations_take_effect():
 
 def test_inputs_that_want_gradients_are_refused_before_anything_runs():
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     wants_grad = {**kwargs, "sample": kwargs["sample"].clone().requires_grad_()}
     with torch.enable_grad(), pytest.raises(asyncfx.AsyncFXError, match=r"requires grad, but the stages run "
                                             r"without autograd.*torch.no_grad\(\).*\.original_model"):
@@ -504,7 +504,7 @@ def test_offloading_hooks_put_on_the_denoiser_are_refused_at_its_call():
     from accelerate.hooks import remove_hook_from_module
 
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     offloaded, _ = cpu_offload_with_hook(den, execution_device="cpu")  # what enable_model_cpu_offload() does
     with pytest.raises(asyncfx.AsyncFXError, match=r"wrapped by accelerate's CpuOffload.*remove_all_hooks"):
         offloaded(**kwargs)
@@ -518,7 +518,7 @@ def test_layer_hooks_added_after_the_capture_are_refused_at_the_next_call():
     from diffusers.hooks import HookRegistry, LayerSkipConfig, apply_layer_skip
 
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     den(**kwargs)  # captured
     blocks = "mid_block.attentions.0.transformer_blocks"
     apply_layer_skip(den, LayerSkipConfig(indices=[0], fqn=blocks, skip_attention=True, skip_ff=True))
@@ -528,7 +528,7 @@ def test_layer_hooks_added_after_the_capture_are_refused_at_the_next_call():
         den(**later)
     assert den._clock.step == 0  # refused before the call counted
     HookRegistry.check_if_exists_or_initialize(den).remove_hook("layer_skip_hook", recurse=True)
-    reference = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    reference = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     reference(**kwargs)
     torch.testing.assert_close(den(**later).sample, reference(**later).sample, rtol=0, atol=0)
 
@@ -537,7 +537,7 @@ def test_step_caching_is_refused_at_partition_and_when_enabled_later():
     from diffusers import FirstBlockCacheConfig
 
     model, _, kwargs = tiny.flux_transformer()
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     sample(den, kwargs, "hidden_states", steps=2)
     model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
     refused = r"transformer_blocks.0 has diffusers' 'fbc_leader_block_hook' hook.*model.disable_cache\(\)"
@@ -553,8 +553,8 @@ def test_alternating_captures_each_keep_their_generation_going():
     model, _, kwargs = zoo_example("sd_unet")  # SD3's skip-layer guidance: an extra batch-1 call
     single = {**kwargs, "sample": kwargs["sample"][:1],
               "encoder_hidden_states": kwargs["encoder_hidden_states"][:1]}
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
-    alone = [asyncfx.partition(model, 2, warmup=1, executor="serial") for _ in range(2)]
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
+    alone = [asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial") for _ in range(2)]
     captures = set()
     for step, t in enumerate((900, 800, 700, 600)):
         for kind, call in enumerate((kwargs, single)):
@@ -593,7 +593,7 @@ class FillsItsArgument(nn.Module):
 def test_calls_that_fill_an_argument_at_every_step_run_the_model_and_are_warned_about():
     asyncfx.register_tensor_container(_Notes)
     model, x = FillsItsArgument().eval(), torch.randn(2, 4)
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     notes, expected = _Notes(), _Notes()
     with torch.no_grad():
         for step, t in enumerate((900.0, 800.0, 700.0)):
@@ -616,7 +616,7 @@ def test_a_capture_not_called_at_the_previous_step_warms_up_again():
     model, _, kwargs = zoo_example("sd_unet")  # e.g. guidance switched off for a few steps
     single = {**kwargs, "sample": kwargs["sample"][:1],
               "encoder_hidden_states": kwargs["encoder_hidden_states"][:1]}
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     calls = (kwargs, kwargs, single, kwargs, kwargs)
     for step, (t, call) in enumerate(zip((900, 800, 700, 600, 500), calls)):
         call = {**call, "timestep": torch.tensor(t)}
@@ -641,7 +641,7 @@ def test_stride_two_follows_the_scheduler_for_a_capture_that_starts_mid_generati
 
 def test_shape_change_mid_generation_recaptures(caplog):
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     for t in (900, 800, 700):
         den(**{**kwargs, "timestep": torch.tensor(t)})
     bigger = {**kwargs, "sample": torch.randn(2, 4, 16, 16), "timestep": torch.tensor(600)}
@@ -653,8 +653,8 @@ def test_shape_change_mid_generation_recaptures(caplog):
 
 def test_a_call_with_missing_arguments_is_an_error_that_keeps_the_generation():
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
-    untouched = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
+    untouched = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     calls = [{**kwargs, "timestep": torch.tensor(t)} for t in (900, 800, 700)]
     torch.testing.assert_close(den(**calls[0]).sample, untouched(**calls[0]).sample, rtol=0, atol=0)
     interface, executor = den.interface, den.executor
@@ -686,8 +686,8 @@ def test_a_recapture_that_fails_keeps_the_current_build():
 
 def test_closing_stops_the_workers_and_the_next_call_starts_new_ones_from_the_same_plan():
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=1)
-    reference = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1)
+    reference = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     calls = [{**kwargs, "timestep": torch.tensor(t)} for t in (900, 800, 700, 600)]
     got = [den(**call).sample for call in calls[:2]]
     closed, plan = den.executor, den.plan
@@ -816,11 +816,13 @@ class PositionalWrapper(nn.Module):
 
 def test_attributes_come_from_the_original_model():
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=3, rebalance=False)  # stages built at the last warm-up step
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=3, rebalance=False)  # built at the last warm-up step
     assert den.config is model.config and den.dtype == model.dtype and den.device == model.device
     assert den.plan is None and den.interface is None  # captured lazily
-    assert repr(den) == ("AsyncDenoiser(UNet2DConditionModel, n_stages=2, warmup=3, stride=1: "
+    assert repr(den) == ("AsyncDenoiser(UNet2DConditionModel, n_devices=2, layout=1x2, warmup=3, stride=1: "
                          "not captured yet (at the first call))")
+    assert repr(asyncfx.partition(model, 2)).startswith(
+        "AsyncDenoiser(UNet2DConditionModel, n_devices=2, layout chosen at the first call, warmup=3")
     out = den(**kwargs)
     assert repr(den).endswith(": captured; stages built at the last warm-up step)")
     assert type(out) is type(model(**kwargs))
@@ -836,7 +838,7 @@ def test_attributes_come_from_the_original_model():
 
 def test_attributes_set_through_the_denoiser_are_the_models():
     model, kwargs = own_sd_unet()
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     sample(den, kwargs, "sample", steps=2)
     before = model(**kwargs).sample
     den.conv_act = nn.Identity()  # an attribute the model has (unload_ip_adapter() sets encoder_hid_proj)
@@ -851,7 +853,7 @@ def test_attributes_set_through_the_denoiser_are_the_models():
 
 def test_modules_parameters_and_mode_are_the_original_models():
     model = copy.deepcopy(zoo_example("sd_unet")[0])
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     assert [(n, id(m)) for n, m in den.named_modules()] == [(n, id(m)) for n, m in model.named_modules()]
     assert [id(p) for p in den.parameters()] == [id(p) for p in model.parameters()]
     assert [id(m) for m in den.children()] == [id(m) for m in model.children()]
@@ -869,7 +871,7 @@ def test_modules_parameters_and_mode_are_the_original_models():
 
 def test_weights_loaded_through_the_denoiser_are_the_models_at_the_next_generation():
     model, kwargs = own_sd_unet()
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     sample(den, kwargs, "sample", steps=3)
     new_weights = {key: value * 1.5 if value.is_floating_point() else value
                    for key, value in den.state_dict().items()}
@@ -883,7 +885,7 @@ def test_weights_loaded_through_the_denoiser_are_the_models_at_the_next_generati
 def test_a_deep_copy_is_a_denoiser_of_a_copy_of_the_model_built_anew():
     model, kwargs = own_sd_unet()
     scheduler = ddim(3)
-    den = asyncfx.partition(model, 2, warmup=1, stride=2, scheduler=scheduler)  # local: worker threads
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, stride=2, scheduler=scheduler)  # local: worker threads
     sample(den, kwargs, "sample", steps=3)
     calls = []
     den.register_forward_hook(lambda *_: calls.append(1))
@@ -905,7 +907,7 @@ def test_a_deep_copy_is_a_denoiser_of_a_copy_of_the_model_built_anew():
 
 def test_converting_the_denoiser_converts_the_model_and_captures_it_again():
     model, kwargs = own_sd_unet()
-    den = asyncfx.partition(model, 2, warmup=1, executor="serial")
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     sample(den, kwargs, "sample", steps=3)
     executor = den.executor
     assert den.to("cpu") is den and den.executor is executor  # nothing to convert: stages kept
@@ -919,7 +921,7 @@ def test_converting_the_denoiser_converts_the_model_and_captures_it_again():
     got = sample(den, double, "sample", steps=4)
     assert got.dtype == torch.float64
     assert {b.dtype for b in den.plan.boundaries} == {"torch.float64"}
-    fresh = asyncfx.partition(copy.deepcopy(model), 2, warmup=1, executor="serial")
+    fresh = asyncfx.partition(copy.deepcopy(model), 2, layout="1x2", warmup=1, executor="serial")
     torch.testing.assert_close(got, sample(fresh, double, "sample", steps=4), rtol=0, atol=0)
 
 

@@ -42,7 +42,7 @@ def test_a_model_built_without_weights_samples_as_the_model_with_them(name, save
     expected = sample(asyncfx.partition(zoo_captured(name), 2, warmup=1, rebalance=False), kwargs,
                       LATENT[name], steps=4)
     empty = empty_copy(model)
-    denoiser = asyncfx.partition(empty, 2, warmup=1, weights=saved / name, rebalance=False)
+    denoiser = asyncfx.partition(empty, 2, layout="1x2", warmup=1, weights=saved / name, rebalance=False)
     got = sample(denoiser, kwargs, LATENT[name], steps=4)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     # each stage read the parameters it computes with from the files, and nothing else
@@ -68,8 +68,8 @@ def test_the_serial_executor_loads_a_model_without_weights_where_it_is_told(save
     model, _, kwargs = zoo_example("sd_unet")
     expected = sample(asyncfx.partition(zoo_captured("sd_unet"), 2, warmup=1, executor="serial"),
                       kwargs, "sample", steps=3)
-    denoiser = asyncfx.partition(empty_copy(model), 2, warmup=1, executor="serial", devices=["cpu", "cpu"],
-                                 weights=saved / "sd_unet")
+    denoiser = asyncfx.partition(empty_copy(model), 2, layout="1x2", warmup=1, executor="serial",
+                                 devices=["cpu", "cpu"], weights=saved / "sd_unet")
     torch.testing.assert_close(sample(denoiser, kwargs, "sample", steps=3), expected, rtol=0, atol=0)
 
 

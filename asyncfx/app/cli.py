@@ -1,10 +1,10 @@
 """The ``asyncfx`` command line.
 
-    asyncfx demo [--model unet|dit] [--n-devices 2] [--warmup W] [--stride 1|2] [--forecast G]
-                 [--steps 50] [--seed 0] [--per-class 4] [--out asyncfx_demo.png]
+    asyncfx demo [--model unet|dit] [--n-devices 2] [--layout GxN] [--warmup W] [--stride 1|2]
+                 [--forecast G] [--steps 50] [--seed 0] [--per-class 4] [--out asyncfx_demo.png]
     asyncfx profile MODEL --out profile.json [--device cpu|cuda:0] [--height H --width W
                     --batch B --dtype float16] [--repeats 5]
-    asyncfx compile profile.json --n-devices 4 [--link nvlink|pcie4|cpu] --out plan.json
+    asyncfx compile profile.json (--n-devices 4 | --layout GxN) [--link nvlink|pcie4|cpu] --out plan.json
     asyncfx show plan.json [--profile profile.json] [--plot plan.png]
     asyncfx simulate plan.json [--link nvlink|pcie4|cpu] [--steps 50 --warmup 3 --stride 1]
                                [--forecast G] [--cooldown C] [--refresh K] [--host-ms 1.1]
@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                     "speedup and the quality metrics; write both grids and their difference as a PNG.")
     demo.add_argument("--model", choices=KINDS, default="unet", help="the digits denoiser: the UNet "
                       "(default) or the transformer (DiT)")
-    demo.add_argument("--n-devices", type=_positive_int, default=2, help="stages (CPU workers)")
+    demo.add_argument("--n-devices", type=_positive_int, default=2, help="CPU workers")
+    demo.add_argument("--layout", help="G batch groups x N stages, e.g. 1x2 (default: the fastest predicted "
+                      "for the classifier-free-guidance batch)")
     demo.add_argument("--warmup", type=_positive_int, default=None, help="warm-up steps (default: "
                       "asyncfx's default)")
     demo.add_argument("--stride", type=int, choices=(1, 2), default=1)
@@ -89,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     compile_ = commands.add_parser("compile", help="cut a profiled model into stages; write a plan",
                                    description="Search the cuts of a profiled model.")
     compile_.add_argument("profile", help="profile JSON from `asyncfx profile`")
-    compile_.add_argument("--n-devices", type=_positive_int, required=True)
+    compile_.add_argument("--n-devices", type=_positive_int, help="stages (or give --layout)")
+    compile_.add_argument("--layout", help="G batch groups x N stages, e.g. 2x2: N stages of the profiled call, "
+                          "which is then one group's (profile it at the group's batch)")
     compile_.add_argument("--link", choices=sorted(PRESETS), default="cpu",
                           help="link between devices, prices boundary transfers")
     compile_.add_argument("--out", required=True, help="plan JSON to write")
@@ -164,7 +168,7 @@ def _demo(options: argparse.Namespace) -> int:
     from asyncfx.app.demo import run_demo
 
     _check_writable(options.out)
-    return run_demo(model=options.model, n_devices=options.n_devices, warmup=options.warmup,
+    return run_demo(model=options.model, n_devices=options.n_devices, layout=options.layout, warmup=options.warmup,
                     stride=options.stride, forecast=options.forecast, steps=options.steps, seed=options.seed,
                     per_class=options.per_class, out=options.out)
 
@@ -227,11 +231,34 @@ def _compile(options: argparse.Namespace) -> int:
     from asyncfx.partitioner.profile import Profile
 
     _check_writable(options.out)
-    plan = compile_profile(Profile.load(options.profile), options.n_devices, link=options.link)
+    layout = _layout(options.layout, options.n_devices)
+    plan = compile_profile(Profile.load(options.profile), layout.stages, link=options.link)
+    if layout.groups > 1:
+        plan.groups = layout.groups
+        plan.notes.append(f"layout {layout}: the profiled call is one group's; partition() splits each call's "
+                          f"batch over {layout.groups} groups")
     plan.save(options.out)
     print(plan.summary())
     print(f"wrote {options.out}")
     return 0
+
+
+def _layout(text: str | None, n_devices: int | None):
+    """``--layout`` and ``--n-devices`` as one Layout (``--n-devices N`` alone: ``1xN``)."""
+    from asyncfx.program import Layout
+
+    if text is None:
+        if n_devices is None:
+            raise AsyncFXError("give --n-devices N (stages) or --layout GxN (batch groups x stages).")
+        return Layout(1, n_devices)
+    try:
+        layout = Layout.parse(text)
+    except ValueError as exc:
+        raise AsyncFXError(f"--layout: {exc}.") from None
+    if n_devices is not None and n_devices != layout.devices:
+        raise AsyncFXError(f"--layout {layout} uses {layout.devices} devices but --n-devices is {n_devices}; "
+                           "give one of them.")
+    return layout
 
 
 def _show(options: argparse.Namespace) -> int:

@@ -17,12 +17,13 @@ from asyncfx.zoo.digits_model import (IMAGE_SIZE, digits, digits_classifier, dig
 
 
 @torch.no_grad()
-def run_demo(*, model: str = "unet", n_devices: int = 2, warmup: int | None = None, stride: int = 1,
-             forecast: float | None = None, steps: int = 50, seed: int = 0, per_class: int = 4,
+def run_demo(*, model: str = "unet", n_devices: int = 2, layout: str | None = None, warmup: int | None = None,
+             stride: int = 1, forecast: float | None = None, steps: int = 50, seed: int = 0, per_class: int = 4,
              out: str = "asyncfx_demo.png") -> int:
     """Print plan, latencies, speedup and quality; write the two grids as a PNG.
 
-    ``model`` names the denoiser, ``"unet"`` or ``"dit"``.
+    ``model`` names the denoiser, ``"unet"`` or ``"dit"``; ``layout`` is partition()'s
+    (None: chosen for the classifier-free-guidance batch).
 
     Example:
         >>> run_demo(model="dit", n_devices=2, steps=20, out="demo.png")
@@ -39,19 +40,21 @@ def run_demo(*, model: str = "unet", n_devices: int = 2, warmup: int | None = No
                                       "sequential")
     scheduler = make_scheduler()
     start = time.perf_counter()
-    denoiser = asyncfx.partition(digits_model.denoiser, n_devices, warmup=warmup, stride=stride,
+    denoiser = asyncfx.partition(digits_model.denoiser, n_devices, layout=layout, warmup=warmup, stride=stride,
                                  forecast=forecast, scheduler=scheduler,
                                  example_inputs=digits_example_inputs(digits_model, labels))
     compile_s = time.perf_counter() - start
     print(f"\nstage plan (compiled in {compile_s:.1f} s):")
     print(denoiser.plan.summary())
+    laid_out = denoiser.layout
     partitioned, partitioned_s = _timed(denoiser, digits_model, labels, steps, seed, scheduler,
-                                        f"asyncfx N={n_devices}")
+                                        f"asyncfx {laid_out}")
     denoiser.close()
 
     real, real_labels = digits_dataset()
-    slots = n_devices + (1 if stride == 2 else 0)
-    ideal = steps / (warmup + (steps - warmup) / n_devices / stride) if n_devices > 1 else 1.0
+    groups, stages = laid_out.groups, laid_out.stages
+    slots = groups * (stages + (1 if stride == 2 else 0))
+    ideal = steps / (warmup / groups + (steps - warmup) / (groups * stages * stride)) if stages > 1 else groups
     print(f"\nlatency: sequential {sequential_s:.2f} s (all {torch.get_num_threads()} threads), "
           f"asyncfx {partitioned_s:.2f} s on {slots} CPU workers: speedup "
           f"{sequential_s / partitioned_s:.2f}x (ideal on {slots} separate devices {ideal:.2f}x; "

@@ -17,7 +17,8 @@ from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.cuts import COMPUTE_OPS, cut_positions, latent_order
 from asyncfx.plan import PlanInput
 from asyncfx.passes.estimate_cost import estimate_cost, tensor_bytes
-from asyncfx.passes.meta import BYTES, FLOPS, MEASURED_SECONDS, VALUE, VALUE_CLASS, ValueClass, size_bound
+from asyncfx.passes.meta import (BYTES, FLOPS, MEASURED_SECONDS, VALUE, VALUE_CLASS, ValueClass, module_path,
+                                 size_bound)
 from asyncfx.passes.split import non_latent_ancestors
 
 
@@ -140,11 +141,3 @@ def _attr(root: nn.Module, path: str) -> Any:
     for part in path.split("."):
         value = getattr(value, part)
     return value
-
-
-def module_path(node: fx.Node) -> str:
-    """The path of the module a node came from (``down_blocks.2.resnets.0``), "" for top level."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        return list(stack.values())[-1][0]
-    return str(node.target) if node.op == "call_module" else ""

@@ -1,7 +1,8 @@
 """The compiler as the runtime sees it (``asyncfx.program.Frontend``): ``partition()``'s
-denoiser captures through it at a model's first call, lowers at the last warm-up step
-(compiling a plan unless one was given), and re-cuts a compiled plan from the stage
-times the runtime measured (``rebalance.py``)."""
+denoiser captures through it at a model's first call, which also settles the layout
+(batch groups x stages, ``layouts.py``: given, or the fastest predicted, which compiles
+then), lowers at the last warm-up step (compiling a plan unless one was given or made),
+and re-cuts a compiled plan from the stage times the runtime measured (``rebalance.py``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,26 +15,35 @@ from asyncfx.partitioner.capture import capture
 from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.compile import Compiled, compile_with_costs
 from asyncfx.partitioner.device import DeviceSpec
+from asyncfx.errors import PlanError
+from asyncfx.partitioner.layouts import (NOMINAL_STEPS, LayoutOption, candidate_layouts, check_layout,
+                                         choose_layout, group_example, predicted_generation, same_computation,
+                                         separability)
 from asyncfx.partitioner.lower import lower
 from asyncfx.partitioner.rebalance import Rebalancer
+from asyncfx.passes.batch import Separability
 from asyncfx.plan import StagePlan
-from asyncfx.program import CallSpec, Program, WeightSource
+from asyncfx.program import BatchSplit, CallSpec, Layout, Program, WeightSource
 
 
 @dataclasses.dataclass(frozen=True)
 class PartitionFrontend:
-    """Captures with ``latent``/``timestep``, compiles ``n_stages`` stages with ``cost`` and
-    ``link`` (or takes ``plan``, which is never re-cut). ``rebalance``: re-cut compiled
-    plans from measured stage times. ``rank_zero_decides``: under torch.distributed, rank
-    0 compiles and re-cuts, and every rank takes its plan (measured costs differ per rank).
-    ``weights``: where the stages of a model built without weights load them from.
+    """Captures with ``latent``/``timestep``, lays ``n_devices`` out as ``layout`` (None: the
+    fastest predicted for the call's batch, with ``warmup`` warm-up steps), compiles its
+    stages with ``cost`` and ``link`` (or takes ``plan``, which is never re-cut).
+    ``rebalance``: re-cut compiled plans from measured stage times. ``rank_zero_decides``:
+    under torch.distributed, rank 0 compiles and re-cuts, and every rank takes its plan
+    (measured costs differ per rank); the layout is then stages only. ``weights``: where
+    the stages of a model built without weights load them from.
 
     Example:
-        >>> frontend = PartitionFrontend(n_stages=2)
+        >>> frontend = PartitionFrontend(n_devices=4, layout=Layout(2, 2))
         >>> program = frontend.capture(model, args, kwargs).lower()
     """
 
-    n_stages: int
+    n_devices: int
+    layout: Layout | None = None
+    warmup: int = 3
     cost: str = "flops"
     link: str | DeviceSpec = "cpu"
     latent: LatentOption = None
@@ -44,15 +54,62 @@ class PartitionFrontend:
     weights: WeightSource | None = None
 
     def capture(self, model: nn.Module, args: tuple, kwargs: dict) -> CapturedCall:
-        captured = model if isinstance(model, Captured) else capture(
-            model, args, kwargs, latent=self.latent, timestep=self.timestep)
-        return CapturedCall(self, captured, (args, kwargs))
+        """Capture the call, and settle its layout: the one given (or the plan's), else the
+        fastest predicted among those the batch allows."""
+        whole = model if isinstance(model, Captured) else self._capture(model, args, kwargs)
+        wanted = self.layout or (Layout(self.plan.groups, self.plan.n_stages) if self.plan is not None else None)
+        found = separability(whole) if wanted is None or wanted.groups > 1 else None
+        if wanted is not None:
+            if found is not None:
+                check_layout(wanted, found, whole.model_class)
+            return self._laid_out(model, whole, found, wanted, (args, kwargs))
+        options = [] if self.rank_zero_decides else candidate_layouts(self.n_devices, found)
+        if len(options) <= 1 or isinstance(model, Captured):  # stages only: compiled when lowered
+            return self._laid_out(model, whole, found, Layout(1, self.n_devices), (args, kwargs))
+        return self._choose(model, whole, found, options, (args, kwargs))
 
-    def compile(self, captured: Captured, example: tuple[tuple, dict]) -> Compiled | StagePlan:
+    def _capture(self, model: nn.Module, args: tuple, kwargs: dict) -> Captured:
+        return capture(model, args, kwargs, latent=self.latent, timestep=self.timestep)
+
+    def _laid_out(self, model: nn.Module, whole: Captured, found: Separability | None, layout: Layout,
+                  example: tuple[tuple, dict], compiled: Compiled | None = None, why: str = "") -> CapturedCall:
+        if layout.groups == 1:
+            return CapturedCall(self, whole, example, layout=layout, compiled=compiled, why=why)
+        if isinstance(model, Captured):
+            raise PlanError(f"layout {layout} captures the model again at a batch of "
+                            f"{found.batch // layout.groups}, and a Captured is specialised to its batch; "
+                            "partition the model itself, or use a layout with one group.")
+        batched = frozenset(found.inputs)
+        call = whole.call
+        part_example = group_example(call.flatten, call.names, batched, layout.groups, *example)
+        part = self._capture(model, *part_example)
+        differs = same_computation(whole, part)
+        if differs is not None:
+            raise PlanError(f"layout {layout} cannot split the batch: {differs}. Use layout='1x"
+                            f"{layout.devices}'.")
+        return CapturedCall(self, whole, part_example, layout=layout, part=part,
+                            split=BatchSplit(layout.groups, batched), compiled=compiled, why=why)
+
+    def _choose(self, model: nn.Module, whole: Captured, found: Separability, layouts: list[Layout],
+                example: tuple[tuple, dict]) -> CapturedCall:
+        """Compile every candidate layout and keep the fastest predicted (``layouts.py``)."""
+        calls, options = [], []
+        for layout in layouts:
+            call = self._laid_out(model, whole, found, layout, example)
+            call.compiled = self.compile(call.staged_from, call.example, layout.stages)
+            plan = call.compiled.plan if isinstance(call.compiled, Compiled) else call.compiled
+            calls.append(call)
+            options.append(LayoutOption(layout, plan, predicted_generation(plan, self.warmup)))
+        chosen, why = choose_layout(options, options[0].plan.sequential_cost * NOMINAL_STEPS)
+        call = calls[options.index(chosen)]
+        call.why = why
+        return call
+
+    def compile(self, captured: Captured, example: tuple[tuple, dict], n_stages: int) -> Compiled | StagePlan:
         """The given plan, or one compiled (with its cost model, where this rank compiled it)."""
         if self.plan is not None:
             return self.plan
-        made = self.decide(lambda: compile_with_costs(captured, self.n_stages, cost=self.cost, link=self.link,
+        made = self.decide(lambda: compile_with_costs(captured, n_stages, cost=self.cost, link=self.link,
                                                       example_inputs=example))
         return made if isinstance(made, Compiled) else made.plan
 
@@ -83,12 +140,19 @@ class Recut(NamedTuple):
 
 @dataclasses.dataclass
 class CapturedCall:
-    """A capture for the runtime (``asyncfx.program.Lowering``): its call spec, the
-    program made from it on demand, and the re-cutting of a compiled plan."""
+    """A capture for the runtime (``asyncfx.program.Lowering``): its call spec and layout,
+    the program made from it on demand, and the re-cutting of a compiled plan. With batch
+    groups the stages are cut from ``part``, the capture at one group's batch, and
+    ``example`` is one group's share of the call."""
 
     frontend: PartitionFrontend
     captured: Captured
     example: tuple[tuple, dict]
+    layout: Layout = Layout(1, 1)
+    part: Captured | None = None
+    split: BatchSplit = BatchSplit()
+    compiled: Compiled | StagePlan | None = None  # made while choosing the layout
+    why: str = ""                                 # why this layout (when it was chosen)
     rebalancer: Rebalancer | None = None
     final: bool = False  # re-cutting is over
 
@@ -96,13 +160,26 @@ class CapturedCall:
     def call(self) -> CallSpec:
         return self.captured.call
 
+    @property
+    def staged_from(self) -> Captured:
+        """The capture the stages are cut from: one group's."""
+        return self.part or self.captured
+
     def lower(self) -> Program:
-        compiled = self.frontend.compile(self.captured, self.example)
+        compiled = self.compiled or self.frontend.compile(self.staged_from, self.example, self.layout.stages)
+        self.compiled = None
         if isinstance(compiled, Compiled):
             if self.frontend.rebalance:
                 self.rebalancer = Rebalancer(compiled.model, compiled.plan)
             compiled = compiled.plan
-        return lower(self.captured, compiled, self.frontend.weights)
+        return self._lowered(compiled)
+
+    def _lowered(self, plan: StagePlan) -> Program:
+        if plan.groups != self.layout.groups:
+            plan.groups = self.layout.groups
+        if self.why and self.why not in plan.notes:
+            plan.notes.append(self.why)
+        return lower(self.staged_from, plan, self.frontend.weights, self.split)
 
     @property
     def rebalances(self) -> bool:
@@ -121,4 +198,4 @@ class CapturedCall:
             return Recut(rebalancer.observe(seconds, parallel), rebalancer.finished)
 
         plan, self.final = self.frontend.decide(observe)
-        return None if plan is None else lower(self.captured, plan, self.frontend.weights)
+        return None if plan is None else self._lowered(plan)

@@ -7,13 +7,15 @@ from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.staged import split
 from asyncfx.passes.meta import VALUE
 from asyncfx.plan import StagePlan
-from asyncfx.program import BoundarySpec, Program, StageSpec, TensorSpec, WeightSource
+from asyncfx.program import BatchSplit, BoundarySpec, Program, StageSpec, TensorSpec, WeightSource
 
 
-def lower(captured: Captured, plan: StagePlan, weights: WeightSource | None = None) -> Program:
+def lower(captured: Captured, plan: StagePlan, weights: WeightSource | None = None,
+          groups: BatchSplit = BatchSplit()) -> Program:
     """The program of ``plan``'s stages of ``captured``: stage modules, boundary and output
     specs, and how calls bind (refused with a PlanError when the plan is for another graph);
-    ``weights``: where stages of a model built without weights load theirs from.
+    ``weights``: where stages of a model built without weights load theirs from; ``groups``:
+    the batch groups, each running every stage (``captured`` is then one group's).
 
     Example:
         >>> program = lower(captured, asyncfx.compile(captured, 2))
@@ -28,7 +30,7 @@ def lower(captured: Captured, plan: StagePlan, weights: WeightSource | None = No
                                     TensorSpec(tuple(b.shape), dtype_named(b.dtype),
                                                _strides(values.get(b.name))))
                        for b in plan.boundaries)
-    return Program(captured.call, stages, boundaries, plan, weights)
+    return Program(captured.call, stages, boundaries, plan, weights, groups)
 
 
 def _strides(value: object) -> tuple[int, ...] | None:

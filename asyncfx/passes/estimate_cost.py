@@ -7,9 +7,10 @@ mask's selection) is counted at its bound, as if the whole mask were selected.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -36,9 +37,21 @@ def estimate_cost(gm: fx.GraphModule) -> int:
     with fake_mode:
         inputs = [_fake_like(node.meta[VALUE]) for node in gm.graph.nodes if node.op == "placeholder"]
     device = inputs[0].device if inputs else torch.device("cpu")
-    with fake_mode, counter, torch.no_grad():
+    with fake_mode, counter, torch.no_grad(), _no_cast_cache():
         _CostInterpreter(gm, counter, device).run(*inputs)
     return counter.get_total_flops()
+
+
+@contextlib.contextmanager
+def _no_cast_cache() -> Iterator[None]:
+    """Autocast keeps the copies it casts weights to until its region ends: under a
+    caller's autocast, fake copies made here would be what the model computes with next."""
+    cached = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(cached)
 
 
 class _CostInterpreter(fx.Interpreter):

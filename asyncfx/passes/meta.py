@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import torch
+from torch import fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 #: fx node kinds that compute something (the others are inputs, weights and the output).
@@ -41,6 +42,14 @@ def has_data_dependent_size(value: Any) -> bool:
     """
     # only tensors and symbolic numbers have sizes (torch 2.11 raises on a string)
     return isinstance(value, SYMBOLIC_VALUES) and bool(free_unbacked_symbols(value))
+
+
+def module_path(node: fx.Node) -> str:
+    """The path of the module a node came from (``down_blocks.2.resnets.0``), "" for top level."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0]
+    return str(node.target) if node.op == "call_module" else ""
 
 
 def size_bound(size: int | torch.SymInt) -> int:

@@ -46,7 +46,7 @@ from torch import nn
 
 from asyncfx.errors import AsyncFXError, GenerationWarning, WeightsReleasedError
 from asyncfx.integration import NamedCalls, scheduled_timesteps
-from asyncfx.program import CallSpec, Frontend, Program
+from asyncfx.program import CallSpec, Frontend, Layout, Program
 from asyncfx.runtime.captures import Capture, CaptureCache, Launch, first_tensor, running_on
 from asyncfx.runtime.clock import ClockState, CallFacts, Placement, advance, reset
 from asyncfx.runtime.guards import OneCallAtATime, check_call
@@ -80,17 +80,19 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
 
     RUNTIME_STATE = frozenset({"_captures", "_clock", "_calls", "_restarts", "_filled_at", "_warned",
                                "_rebalanced_at", "_without_weights", "call_context"})
-    OWN_ATTRIBUTES = frozenset({"_frontend", "_launch", "n_stages", "warmup", "stride", "time_shift", "forecast",
+    OWN_ATTRIBUTES = frozenset({"_frontend", "_launch", "n_devices", "given_layout", "warmup", "stride", "time_shift", "forecast",
                                 "sequential", "switch_below", "scheduler", "rebuild", "convertible",
                                 "release_weights", "training"})
 
-    def __init__(self, model: nn.Module, frontend: Frontend, launch: Launch, *, n_stages: int, warmup: int,
+    def __init__(self, model: nn.Module, frontend: Frontend, launch: Launch, *, n_devices: int, warmup: int,
                  stride: int = 1, time_shift: bool = False, scheduler: Any = None, rebuild: bool = True,
                  convertible: bool = True, release_weights: bool = True, forecast: float = 0.0,
-                 sequential: SequentialSteps = SequentialSteps(), switch_below: float = 0.0):
+                 sequential: SequentialSteps = SequentialSteps(), switch_below: float = 0.0,
+                 layout: Layout | None = None):
         super().__init__(model)
         self._frontend, self._launch = frontend, launch
-        self.n_stages, self.warmup, self.stride = n_stages, warmup, stride
+        self.n_devices, self.warmup, self.stride = n_devices, warmup, stride
+        self.given_layout = layout  # None: chosen at the first call
         self.time_shift, self.scheduler, self.forecast, self.sequential = time_shift, scheduler, forecast, sequential
         self.switch_below = switch_below  # warm-up goes on while the prediction changes this much
         self.rebuild = rebuild  # re-capture on new input shapes (not with a user's plan)
@@ -117,6 +119,19 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         """How calls bind to the current capture (None before the first call)."""
         current = self._captures.current
         return None if current is None else current.call
+
+    @property
+    def layout(self) -> Layout | None:
+        """Batch groups x stages of the current capture, or as given (None: chosen at the
+        first call, not made yet)."""
+        current = self._captures.current
+        return self.given_layout if current is None else current.lowering.layout
+
+    @property
+    def n_stages(self) -> int | None:
+        """The stages of each batch group (None until the layout is chosen)."""
+        layout = self.layout
+        return None if layout is None else layout.stages
 
     @property
     def program(self) -> Program | None:
@@ -151,7 +166,8 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
                      f"captured; stages built at warm-up step {step} (timed before the last, to re-cut)")
         else:
             state = f"running on {running_on(self.executor)}"
-        return (f"{type(self._model).__name__}, n_stages={self.n_stages}, warmup={self.warmup}, "
+        layout = f"layout={self.layout}" if self.layout is not None else "layout chosen at the first call"
+        return (f"{type(self._model).__name__}, n_devices={self.n_devices}, {layout}, warmup={self.warmup}, "
                 f"stride={self.stride}: {state}")
 
     # -- lifetime -------------------------------------------------------------------------
@@ -239,7 +255,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
                             named if self.forecast and self.stride == 2 else None)
         total = (stream.times.total_steps(self.scheduler, placement.step - step, step, check=self.stride == 2)
                  if self.stride == 2 or self.sequential.cooldown else None)
-        runs = schedule(step, self.n_stages, warmup=stream.warmup, stride=self.stride, time_shift=self.time_shift,
+        runs = schedule(step, capture.lowering.layout.stages, warmup=stream.warmup, stride=self.stride, time_shift=self.time_shift,
                         total_steps=total, forecast=self.forecast, sequential=self.sequential)
         stream.step = step + 1
         if capture.executor is None and runs.mode is Mode.SEQUENTIAL and step < self._stages_from(capture):
@@ -270,8 +286,8 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
 
     def _stages_from(self, capture: Capture) -> int:
         """The first warm-up step the stages run at (see the notes on lazy compilation and
-        on weights)."""
-        if self._without_weights is not None:
+        on weights): the first where batch groups split the warm-up steps too."""
+        if self._without_weights is not None or capture.lowering.layout.groups > 1:
             return 0
         last = self.warmup - 1
         if capture.program is None and capture.lowering.rebalances and last >= TIMED_WARMUP_STEPS:

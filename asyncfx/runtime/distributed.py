@@ -3,7 +3,10 @@
 Every rank runs the same sampling script; rank k computes only the runs of slot k and
 holds only that stage. Boundary tensors go point to point, each only to the ranks that
 read it; the last stage's output is broadcast so that every rank's sampler takes the
-same step. The caller creates the process group (gloo on CPU, NCCL on GPUs); its
+same step. With batch groups (``Program.split``) ranks ``g * S .. g * S + S - 1`` are
+group g's S slots: they compute on the group's share of the batch and exchange
+boundaries among themselves only; every group's output is broadcast, and every rank
+joins them into the whole batch's. The caller creates the process group (gloo on CPU, NCCL on GPUs); its
 timeout turns a dead peer into an error on the ranks that wait for it.
 
 Protocol (both sides derive it from the schedule, so sends and receives always pair):
@@ -33,7 +36,8 @@ from torch import nn
 
 from asyncfx.errors import AsyncFXError
 from asyncfx.program import Program
-from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, MeasuredStages, stage_arguments
+from asyncfx.runtime.executor import (BoundaryStore, Executor, InputsFor, MeasuredStages, group_inputs,
+                                      stage_arguments)
 from asyncfx.runtime.hooks import with_send_hooks
 from asyncfx.runtime.peer_weights import fill_from_peers
 from asyncfx.runtime.stage_weights import placed
@@ -70,7 +74,9 @@ class DistributedExecutor(Executor):
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.device = torch.device(device)
-        self.slot = self.rank
+        self.slots_per_group = self.world // program.n_groups
+        self.batch_group, self.slot = divmod(self.rank, self.slots_per_group)
+        self.first_rank = self.batch_group * self.slots_per_group  # this group's slot 0
         super().__init__(program)
         stage = program.stage_in_slot(self.slot)
         self.received_bytes = 0  # of weights released here earlier, from the ranks that hold them
@@ -79,7 +85,7 @@ class DistributedExecutor(Executor):
         self.module = placed(stage.module, self.device, program.weights)  # the only stage this rank runs
         self._hooked = with_send_hooks(self.module, stage.outputs, self._produced)
         self._tags = {name: i for i, name in enumerate(sorted(program.boundary))}
-        self._reader_ranks = {name: [slot for slot in range(self.world)
+        self._reader_ranks = {name: [self.first_rank + slot for slot in range(self.slots_per_group)
                                      if name in self.program.stage_in_slot(slot).inputs]
                               for name in program.boundary}
         self._in_flight: dict[BoundaryStore, _InFlight] = {}
@@ -90,6 +96,7 @@ class DistributedExecutor(Executor):
         results: dict[int, tuple[torch.Tensor, ...]] = {}
         if plan.mode is Mode.CACHED:
             return results
+        inputs_for = group_inputs(self.program.split, inputs_for, self.batch_group)
         mine = [r for r in plan.runs if r.slot == self.slot]
         if plan.mode is Mode.PARALLEL:
             self._deliver(store)
@@ -148,15 +155,16 @@ class DistributedExecutor(Executor):
         """Non-blocking receives of what this step's runs write and this rank reads."""
         flight = _InFlight()
         for run in runs:
-            if run.writes is None or run.slot == self.rank:
+            producer = self.first_rank + run.slot
+            if run.writes is None or producer == self.rank:
                 continue
             for name in self.program.stages[run.stage].outputs:
                 if self.rank in self._readers(name):
                     buffer = self._buffer(name)
-                    work = self._guard(lambda: dist.irecv(buffer, src=run.slot, group=self.group,
+                    work = self._guard(lambda: dist.irecv(buffer, src=producer, group=self.group,
                                                           tag=self._tags[name]),
-                                       _receiving(name, run.slot), run.slot)
-                    flight.receives.append((name, run.slot, run.writes, buffer, work))
+                                       _receiving(name, producer), producer)
+                    flight.receives.append((name, producer, run.writes, buffer, work))
         return flight
 
     def _deliver(self, store: BoundaryStore) -> None:
@@ -201,7 +209,7 @@ class DistributedExecutor(Executor):
         for run in runs:
             if run.writes is None:
                 continue
-            producer = run.slot
+            producer = self.first_rank + run.slot
             for name in self.program.stages[run.stage].outputs:
                 readers = self._readers(name)
                 if producer == self.rank:
@@ -231,21 +239,27 @@ class DistributedExecutor(Executor):
         return self.program.boundary[name].tensor.laid_out(buffer)
 
     def _broadcast_outputs(self, plan: StepSchedule, results: dict[int, tuple[torch.Tensor, ...]]) -> None:
+        """Every group's noise prediction to every rank, joined into the whole batch's."""
         for run in plan.runs:
             if run.gives is None:
                 continue
-            if run.slot == self.rank:
-                tensors = [t.contiguous() for t in results[run.gives]]
-            else:
-                tensors = [spec.empty(self.device) for spec in self.program.call.outputs]
-            for tensor in tensors:
-                try:
-                    dist.broadcast(tensor, src=run.slot, group=self.group)
-                except RuntimeError as exc:
-                    raise PeerError(f"rank {self.rank}: the noise prediction of step {run.gives} from "
-                                    f"rank {run.slot} did not arrive ({_one_line(exc)}); did rank "
-                                    f"{run.slot} exit or hang?") from exc
-            results[run.gives] = tuple(tensors)
+            parts = [self._broadcast_from(group * self.slots_per_group + run.slot, run.gives, results)
+                     for group in range(self.program.n_groups)]
+            results[run.gives] = self.program.split.joined(parts)
+
+    def _broadcast_from(self, source: int, step: int, results: dict[int, tuple[torch.Tensor, ...]]
+                        ) -> list[torch.Tensor]:
+        if source == self.rank:
+            tensors = [t.contiguous() for t in results[step]]
+        else:
+            tensors = [spec.empty(self.device) for spec in self.program.call.outputs]
+        for tensor in tensors:
+            try:
+                dist.broadcast(tensor, src=source, group=self.group)
+            except RuntimeError as exc:
+                raise PeerError(f"rank {self.rank}: the noise prediction of step {step} from rank {source} "
+                                f"did not arrive ({_one_line(exc)}); did rank {source} exit or hang?") from exc
+        return tensors
 
 
 def require_process_group() -> None:

@@ -9,7 +9,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from asyncfx.program import Program, StageSpec
+from asyncfx.program import BatchSplit, Program, StageSpec
 from asyncfx.runtime.stage_weights import holds_no_data, placed
 from asyncfx.schedule import Mode, StageRun, StepSchedule
 from asyncfx.timing import RunTimer
@@ -27,6 +27,12 @@ class BoundaryStore:
 
     def __init__(self) -> None:
         self._versions: dict[int, dict[str, torch.Tensor]] = {}
+        self._groups: dict[int, BoundaryStore] = {}
+
+    def group(self, group: int) -> "BoundaryStore":
+        """The values of batch group ``group`` (each group runs every stage on its share of
+        the batch and reads only its own); group 0's are this store's own."""
+        return self if group == 0 else self._groups.setdefault(group, BoundaryStore())
 
     def get(self, name: str, version: int) -> torch.Tensor:
         try:
@@ -46,6 +52,23 @@ class BoundaryStore:
         """Forget versions older than ``version``."""
         for old in [v for v in self._versions if v < version]:
             del self._versions[old]
+        for store in self._groups.values():
+            store.keep_from(version)
+
+
+def group_inputs(split: BatchSplit, inputs_for: InputsFor, group: int) -> InputsFor:
+    """``inputs_for`` of batch group ``group``: its share of each batched graph input."""
+    if split.groups == 1:
+        return inputs_for
+    return lambda timestep: {name: split.part(name, value, group) for name, value in inputs_for(timestep).items()}
+
+
+def joined_results(split: BatchSplit, per_group: Sequence[dict[int, tuple[torch.Tensor, ...]]]
+                   ) -> dict[int, tuple[torch.Tensor, ...]]:
+    """The outputs of the whole batch by step, from each group's."""
+    if len(per_group) == 1:
+        return per_group[0]
+    return {step: split.joined([results[step] for results in per_group]) for step in per_group[0]}
 
 
 def stage_arguments(program: Program, run: StageRun, inputs_for: InputsFor, read: Read, *,
@@ -222,7 +245,8 @@ class Executor:
 
 
 class SerialExecutor(Executor):
-    """Every run on the calling thread, in schedule order: the reference semantics.
+    """Every run on the calling thread, in schedule order (batch group after batch group):
+    the reference semantics.
 
     ``device``: where stages without weights of their own are loaded (default: the CPU);
     stages with weights run where those are. Its stages run one after another on one
@@ -244,11 +268,16 @@ class SerialExecutor(Executor):
 
     def step(self, plan: StepSchedule, inputs_for: InputsFor,
              store: BoundaryStore) -> dict[int, tuple[torch.Tensor, ...]]:
-        results: dict[int, tuple[torch.Tensor, ...]] = {}
+        split = self.program.split
+        per_group: list[dict[int, tuple[torch.Tensor, ...]]] = []
         with torch.no_grad():
-            for run in plan.runs:
-                outputs = self._modules[run.stage](*stage_arguments(self.program, run, inputs_for, store.get))
-                self.record(run, outputs, store, results)
+            for group in range(split.groups):
+                results: dict[int, tuple[torch.Tensor, ...]] = {}
+                inputs, own = group_inputs(split, inputs_for, group), store.group(group)
+                for run in plan.runs:
+                    outputs = self._modules[run.stage](*stage_arguments(self.program, run, inputs, own.get))
+                    self.record(run, outputs, own, results)
+                per_group.append(results)
         if plan.mode is not Mode.CACHED:
             self.finish(plan, store)
-        return results
+        return joined_results(split, per_group)

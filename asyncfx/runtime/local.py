@@ -1,5 +1,9 @@
 """LocalExecutor: one process, one worker thread per device slot.
 
+With batch groups (``Program.split``) the slots are the groups' in turn: group g's stage
+k runs in slot ``g * S + k`` (S slots a group) on its share of the batch, with its own
+boundary values; all groups' runs of a round are handed out at once.
+
 Each slot holds its own copy of its stage (on its device) and computes on its own
 thread; on CUDA also on its own stream, with each boundary output copied to the other
 devices that read it, on a copy stream, the moment the stage makes it (see the note on
@@ -39,8 +43,9 @@ from torch import nn
 
 from asyncfx.errors import AsyncFXError
 from asyncfx.runtime.cuda_graphs import GraphedStage, check_cuda_graphs_option
-from asyncfx.program import Program
-from asyncfx.runtime.executor import BoundaryStore, Executor, InputsFor, resolved, stage_arguments
+from asyncfx.program import Program, StageSpec
+from asyncfx.runtime.executor import (BoundaryStore, Executor, InputsFor, group_inputs, joined_results, resolved,
+                                      stage_arguments)
 from asyncfx.runtime.hooks import with_send_hooks
 from asyncfx.runtime.stage_weights import placed
 from asyncfx.schedule import Mode, StageRun, StepSchedule
@@ -49,7 +54,8 @@ from asyncfx.timing import RunTimer
 
 class LocalExecutor(Executor):
     """Stages on ``devices`` (one per slot: stage k on slot k, stride 2's extra last-stage
-    run on slot N), each driven by its own thread. On CUDA a stage's stream first waits
+    run on slot N; with batch groups, each group's slots in turn), each driven by its own
+    thread. On CUDA a stage's stream first waits
     for the caller's current stream, which wrote its inputs (the sampler's step).
     ``streams`` optionally gives each slot the CUDA stream to compute on (SM partitions);
     ``cuda_graphs`` (default: on for CUDA slots) replays each stage as a CUDA graph after
@@ -65,9 +71,11 @@ class LocalExecutor(Executor):
                  streams: Sequence[Any] | None = None, cuda_graphs: bool | None = None):
         super().__init__(program)
         self.devices = [torch.device(d) for d in devices]
-        if len(self.devices) < program.n_stages:
-            raise ValueError(f"{program.n_stages} stages need at least {program.n_stages} devices, "
-                             f"got {len(self.devices)}.")
+        groups = program.n_groups
+        if len(self.devices) < program.n_stages * groups or len(self.devices) % groups:
+            raise ValueError(f"{program.n_stages} stages in {groups} batch group(s) need a multiple of "
+                             f"{groups} devices, at least {program.n_stages * groups}, got {len(self.devices)}.")
+        self.slots_per_group = len(self.devices) // groups
         streams = list(streams) if streams is not None else [None] * len(self.devices)
         if len(streams) != len(self.devices):
             raise ValueError(f"streams lists {len(streams)} streams for {len(self.devices)} slots.")
@@ -76,24 +84,33 @@ class LocalExecutor(Executor):
         self._all_threads = torch.get_num_threads()
         threads = threads or max(1, self._all_threads // max(cpu_slots, 1))
         capture_lock = threading.Lock()  # workers capture their graphs one at a time
-        consumers = self._consumer_devices()
+        consumers = [self._consumer_devices(group) for group in range(groups)]
         self._workers = [_Worker(slot, self._slot_module(slot), device, threads,
-                                 destinations=_destinations(self.stage(slot).outputs, consumers, device),
+                                 destinations=_destinations(self.stage(slot).outputs,
+                                                            consumers[slot // self.slots_per_group], device),
                                  stream=streams[slot], cuda_graph=use_graphs and device.type == "cuda",
-                                 capture_lock=capture_lock,
-                                 name=f"stage {min(slot, program.n_stages - 1)} (slot {slot})")
+                                 capture_lock=capture_lock, name=self._slot_name(slot))
                          for slot, device in enumerate(self.devices)]
         for worker in self._workers:
             worker.start()
         # workers hold their stages (weights, graphs): stop them when the executor goes away
         self._stop = weakref.finalize(self, _stop_workers, list(self._workers))
 
+    def stage(self, slot: int) -> StageSpec:
+        return self.program.stage_in_slot(slot % self.slots_per_group)
+
+    def _slot_name(self, slot: int) -> str:
+        group, own = divmod(slot, self.slots_per_group)
+        name = f"stage {min(own, self.program.n_stages - 1)} (slot {slot})"
+        return name if self.program.n_groups == 1 else f"{name} of batch group {group}"
+
     def _slot_module(self, slot: int) -> nn.Module:
         return placed(self.stage(slot).module, self.devices[slot], self.program.weights)
 
-    def _consumer_devices(self) -> dict[str, set[torch.device]]:
+    def _consumer_devices(self, group: int) -> dict[str, set[torch.device]]:
         consumers: dict[str, set[torch.device]] = {}
-        for slot, device in enumerate(self.devices):
+        first = group * self.slots_per_group
+        for slot, device in enumerate(self.devices[first:first + self.slots_per_group], start=first):
             for name in self.stage(slot).inputs:
                 if name not in self.program.graph_inputs:
                     consumers.setdefault(name, set()).add(device)
@@ -115,49 +132,55 @@ class LocalExecutor(Executor):
         if not self._stop.alive:
             raise AsyncFXError("this local executor was closed and its workers have stopped; make a new "
                                "one (an AsyncDenoiser does so by itself at its next call).")
-        results: dict[int, tuple[torch.Tensor, ...]] = {}
+        groups = range(self.program.n_groups)
+        results: list[dict[int, tuple[torch.Tensor, ...]]] = [{} for _ in groups]
         autocast = _caller_autocast()
-        if plan.mode is Mode.SEQUENTIAL:
+        if plan.mode is Mode.SEQUENTIAL:  # one stage at a time, its groups at once
             for run in plan.runs:
-                self._run_round([run], inputs_for, store, results, autocast, self._all_threads)
+                self._run_round([(g, run) for g in groups], inputs_for, store, results, autocast,
+                                max(1, self._all_threads // len(groups)))
         elif plan.runs:
-            self._run_round(plan.runs, inputs_for, store, results, autocast, None)
+            self._run_round([(g, run) for g in groups for run in plan.runs], inputs_for, store, results,
+                            autocast, None)
         if plan.mode is not Mode.CACHED:
             self.finish(plan, store)
-        return results
+        return joined_results(self.program.split, results)
 
-    def _run_round(self, runs: Sequence[StageRun], inputs_for: InputsFor, store: BoundaryStore,
-                   results: dict[int, tuple[torch.Tensor, ...]], autocast: Any, threads: int | None) -> None:
-        """Hand ``runs`` to their workers at once, wait for all of them (or the first error)
-        and keep what they made."""
+    def _run_round(self, runs: Sequence[tuple[int, StageRun]], inputs_for: InputsFor, store: BoundaryStore,
+                   results: list[dict[int, tuple[torch.Tensor, ...]]], autocast: Any, threads: int | None) -> None:
+        """Hand ``runs`` (batch group, run) to their workers at once, wait for all of them
+        (or the first error) and keep what they made."""
         handed = _Round(len(runs))
-        for run in runs:
-            self._dispatch(handed, run, inputs_for, store, autocast, threads)
+        for group, run in runs:
+            self._dispatch(handed, group, run, inputs_for, store, autocast, threads)
         handed.wait()
         if handed.error is not None:
-            run, error = handed.error
+            (group, run), error = handed.error
             step = run.gives if run.gives is not None else run.writes
-            error.add_note(f"raised in stage {run.stage} on {self._workers[run.slot].device} "
+            worker = self._workers[group * self.slots_per_group + run.slot]
+            error.add_note(f"raised in {worker.stage_name} on {worker.device} "
                            f"(asyncfx local executor, step {step}); "
                            "call reset() on the denoiser before sampling again.")
             raise error
-        for run in runs:
-            outputs, copies, timer = handed.made[run]
+        for group, run in runs:
+            outputs, copies, timer = handed.made[group, run]
+            own = store.group(group)
             self.times.record(run.stage, timer, parallel=threads is None)
-            self.record(run, outputs, store, results)
+            self.record(run, outputs, own, results[group])
             if run.writes is not None and copies:
-                store.put(run.writes, copies)
+                own.put(run.writes, copies)
 
-    def _dispatch(self, handed: _Round, run: StageRun, inputs_for: InputsFor, store: BoundaryStore,
+    def _dispatch(self, handed: _Round, group: int, run: StageRun, inputs_for: InputsFor, store: BoundaryStore,
                   autocast: Any, threads: int | None) -> None:
-        worker = self._workers[run.slot]
-        args = stage_arguments(self.program, run, inputs_for, worker.reader(store), deferred=True)
+        worker = self._workers[group * self.slots_per_group + run.slot]
+        inputs = group_inputs(self.program.split, inputs_for, group)
+        args = stage_arguments(self.program, run, inputs, worker.reader(store.group(group)), deferred=True)
         written = ()
         if worker.device.type == "cuda":
             graph_inputs = self.program.graph_inputs
             written = _recorded_on_current_streams(
                 [arg for arg, name in zip(args, self.program.stages[run.stage].inputs) if name in graph_inputs])
-        worker.tasks.put((handed, run, args, written, threads, autocast))
+        worker.tasks.put((handed, (group, run), args, written, threads, autocast))
 
     def close(self) -> None:
         self._stop()
@@ -179,20 +202,20 @@ class _Round:
     Runs of a round the caller gave up on (after an error) deliver into it unread."""
 
     def __init__(self, runs: int):
-        self.made: dict[StageRun, tuple[Any, dict[str, torch.Tensor], RunTimer | None]] = {}
-        self.error: tuple[StageRun, BaseException] | None = None
+        self.made: dict[tuple[int, StageRun], tuple[Any, dict[str, torch.Tensor], RunTimer | None]] = {}
+        self.error: tuple[tuple[int, StageRun], BaseException] | None = None
         self._left, self._woken = runs, False
         self._lock = threading.Lock()
         self._done = threading.Lock()
         self._done.acquire()
 
-    def deliver(self, run: StageRun, outputs: Any, copies: dict[str, torch.Tensor],
+    def deliver(self, key: tuple[int, StageRun], outputs: Any, copies: dict[str, torch.Tensor],
                 timer: RunTimer | None = None, error: BaseException | None = None) -> None:
         with self._lock:
             if error is None:
-                self.made[run] = (outputs, copies, timer)
+                self.made[key] = (outputs, copies, timer)
             elif self.error is None:
-                self.error = (run, error)
+                self.error = (key, error)
             self._left -= 1
             wake = not self._woken and (self._left == 0 or self.error is not None)
             self._woken |= wake
@@ -252,7 +275,7 @@ def _autocast(regions: Sequence[tuple[str, torch.dtype]]) -> contextlib.ExitStac
 
 
 class _Worker(threading.Thread):
-    """One slot: takes ``(round, run, args, written events, threads, autocast)`` from
+    """One slot: takes ``(round, (group, run), args, written events, threads, autocast)`` from
     ``tasks``, computes the run on ``device`` and delivers what it made to its round.
     ``destinations`` names the boundary outputs to copy to other devices (CUDA only: CPU
     slots share memory)."""
@@ -289,7 +312,8 @@ class _Worker(threading.Thread):
             task = self.tasks.get()
             if task is None:
                 return
-            handed, run, args, written, threads, autocast = task
+            handed, key, args, written, threads, autocast = task
+            run = key[1]
             if not cuda and torch.get_num_threads() != (threads or self.threads):
                 torch.set_num_threads(threads or self.threads)
             try:
@@ -299,9 +323,9 @@ class _Worker(threading.Thread):
                             outputs, copies = runnable(*[resolved(a.to(self.device)) for a in args]), {}
                     else:
                         outputs, copies, timer = self._compute(runnable, run, args, written, compute, sender)
-                handed.deliver(run, outputs, copies, timer)
+                handed.deliver(key, outputs, copies, timer)
             except BaseException as exc:  # reported to the caller, which re-raises it
-                handed.deliver(run, None, {}, error=exc)
+                handed.deliver(key, None, {}, error=exc)
 
     def _compute(self, runnable: nn.Module, run: StageRun, args: list[torch.Tensor], written: Sequence[Any],
                  compute: Any, sender: _Sender) -> tuple[Any, dict[str, torch.Tensor], RunTimer | None]:
