@@ -15,7 +15,7 @@ from asyncfx.partitioner import (PRESETS, Captured, DeviceSpec, Profile, StagedM
                                  compile_profile, profile, register_tensor_container, split)
 from asyncfx.passes.meta import ValueClass
 from asyncfx.plan import BoundaryTensor, StagePlan
-from asyncfx.program import GraphInput, InputRole, Program
+from asyncfx.program import GraphInput, InputRole, Layout, Program
 from asyncfx import zoo  # noqa: F401  (asyncfx.zoo.tiny, asyncfx.zoo.digits)
 from asyncfx.api import ModelError, partition
 from asyncfx.weights import WeightFiles
@@ -27,7 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = ["PRESETS", "ArgumentsError", "AsyncFXError", "BoundaryTensor", "CaptureError", "Captured",
            "DeviceError", "DeviceSpec", "GenerationWarning", "GraphInput", "InputMismatchError", "InputRole",
-           "OutputShapeError", "PartitionOptions", "PlanError", "Profile", "Program", "PythonStateWarning",
+           "Layout", "OutputShapeError", "PartitionOptions", "PlanError", "Profile", "Program",
+           "PythonStateWarning",
            "SchedulerError", "StagePlan", "StagedModel", "ValueClass", "AsyncDenoiser", "DEFAULT_WARMUP",
            "DEFAULT_FORECAST", "ModelError", "WeightFiles", "WeightsError", "WeightsReleasedError",
            "capture", "compile", "compile_profile", "partition", "profile", "register_tensor_container",

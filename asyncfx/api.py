@@ -49,8 +49,9 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
     G groups of devices, each running the same N stages on its share: exact, for a model
     that computes its samples separately (proven from its graph); ``layout=None`` takes the
     layout predicted fastest for the call's batch, the fewest stages among those within 5%
-    of it (stages only with stride 2 or under torch.distributed). ``stride=2`` computes two steps per round on ``n_devices + 1``
-    devices and needs ``scheduler`` (its ``timesteps``). ``example_inputs=None`` captures
+    of it (stages only with stride 2 or under torch.distributed). ``stride=2`` computes
+    two steps per round on ``n_devices + 1`` devices and needs ``scheduler`` (its
+    ``timesteps``). ``example_inputs=None`` captures
     the model from its first call. ``plan`` is a StagePlan or a path to one.
     ``devices=None`` means ``cuda:0..`` when there are enough GPUs, else CPU workers.
     ``devices="sm-partitions:N"`` emulates N devices on one GPU: its SMs split into N
@@ -88,8 +89,9 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
     _check_model(model)
     if not isinstance(model, Captured):
         check_argument_names(model, latent=latent, timestep=timestep)
-    options = PartitionOptions(n_devices=n_devices, layout=layout, devices=devices, warmup=warmup, stride=stride,
-                               executor=executor, plan=plan, scheduler=scheduler, time_shift=time_shift,
+    options = PartitionOptions(n_devices=n_devices, layout=layout, devices=devices, warmup=warmup,
+                               stride=stride, executor=executor, plan=plan, scheduler=scheduler,
+                               time_shift=time_shift,
                                forecast=forecast, cooldown=cooldown, refresh=refresh, switch_below=switch_below,
                                cost=cost, link=link, latent=latent, timestep=timestep,
                                cuda_graphs=cuda_graphs, rebalance=rebalance,

@@ -16,7 +16,7 @@ from asyncfx.partitioner.binding import LatentOption
 from asyncfx.partitioner.cost_model import check_cost
 from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.plan import StagePlan
-from asyncfx.program import Layout, WeightSource
+from asyncfx.program import Layout, WeightSource, planned_layout
 from asyncfx.runtime.cuda_graphs import check_cuda_graphs_option
 from asyncfx.schedule import DEFAULT_FORECAST, SequentialSteps, check_forecast, check_settings, devices_needed
 from asyncfx.weights import WeightFiles, WeightsError
@@ -114,13 +114,13 @@ class PartitionOptions:
             except ValueError as exc:
                 raise PlanError(f"layout={self.layout!r}: {exc}.") from None
         if layout.devices != self.n_devices:
-            raise PlanError(f"layout {layout} runs {layout.groups} batch group(s) of {layout.stages} stage(s), "
-                            f"{layout.devices} devices, but n_devices={self.n_devices}; pass "
+            raise PlanError(f"layout {layout} runs {layout.groups} batch group(s) of {layout.stages} "
+                            f"stage(s), {layout.devices} devices, but n_devices={self.n_devices}; pass "
                             f"n_devices={layout.devices} or a layout whose G x N is {self.n_devices}.")
         return layout
 
     def _check_plan_layout(self) -> None:
-        planned = Layout(self.plan.groups, self.plan.n_stages)
+        planned = planned_layout(self.plan)
         if planned.devices != self.n_devices:
             raise PlanError(f"the plan has {self.plan.n_stages} stages in {self.plan.groups} batch group(s) "
                             f"(layout {planned}) but n_devices={self.n_devices}; pass n_devices="
@@ -138,7 +138,7 @@ class PartitionOptions:
     def slots(self) -> int:
         """Device slots the schedule uses: one per stage of each batch group, plus one a
         group for stride 2 (a layout chosen at capture uses ``n_devices``)."""
-        layout = self.layout or (Layout(self.plan.groups, self.plan.n_stages) if self.plan is not None else None)
+        layout = self.layout or (planned_layout(self.plan) if self.plan is not None else None)
         if layout is None:
             return self.n_devices
         return layout.groups * devices_needed(layout.stages, self.stride)

@@ -84,6 +84,7 @@ class StagePlan:
     measured_sequential: float | None = None  # the whole model timed on one device, seconds
     devices: list[str] | None = None
     groups: int = 1                # batch groups, each running every stage on its share of the batch
+    whole_batch_cost: float = 0.0  # predicted time of the whole batch on one device (groups only), cost unit
     notes: list[str] = dataclasses.field(default_factory=list)
     version: int = PLAN_VERSION
 
@@ -142,6 +143,9 @@ class StagePlan:
         lines += _table(rows)
         lines.append(f"predicted round (slowest stage or late transfer): "
                      f"{self.format_cost(self.predicted_round)}")
+        if self.whole_batch_cost:
+            lines.append(f"whole batch on one device: predicted {self.format_cost(self.whole_batch_cost)} "
+                         f"(the rest of this table is one group's)")
         if self.sequential_cost:
             lines.append(f"whole model on one device: predicted {self.format_cost(self.sequential_cost)}"
                          + (f", measured {self.measured_sequential * 1e3:.3f} ms"

@@ -172,6 +172,11 @@ class Layout:
         return cls(int(groups), int(stages))
 
 
+def planned_layout(plan: StagePlan) -> Layout:
+    """The layout a plan was compiled for."""
+    return Layout(plan.groups, plan.n_stages)
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchSplit:
     """How a call's batch splits over the groups: the graph inputs whose first dimension is
@@ -197,8 +202,8 @@ class BatchSplit:
         """The outputs of the whole batch from each group's (in group order)."""
         if len(parts) == 1:
             return tuple(parts[0])
-        return tuple(torch.cat([p[i] for p in parts]) if isinstance(parts[0][i], torch.Tensor) else parts[0][i]
-                     for i in range(len(parts[0])))
+        return tuple(torch.cat([p[i] for p in parts]) if isinstance(parts[0][i], torch.Tensor)
+                     else parts[0][i] for i in range(len(parts[0])))
 
 
 class WeightSource(Protocol):

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--model unet|dit] [--samples 500] [--steps 50]
                                  [--forecasts 0,0.25,0.5] [--warmups 1,2,3,2+c1,2+r25]
-                                 [--write benchmarks/RESULTS.md]
+                                 [--layouts 1x4,2x2,4x1] [--write benchmarks/RESULTS.md]
 
 Rows: N in {1, 2, 3, 4} x stride {1, 2} x sequential steps x forecast damping
 (``partition(forecast=g)``, 0: plain reuse of stale values; default 0 only). Sequential
@@ -19,7 +19,11 @@ speedup over the sequential model on one core: measured on CPU
 workers (one core each) where the slots fit this machine's cores (N * stride <= cores),
 otherwise (or with ``--predicted``) predicted from the plan's stage costs as
 T / (S + P * round / sequential), with S sequential steps and P parallel rounds, and
-marked "(pred.)".
+marked "(pred.)". With ``--layouts`` the rows are layouts of batch groups x stages
+(``partition(layout=)``; the guidance batch, conditional then unconditional halves, split
+over the groups) instead of stage counts, stride 1, their speed predicted as the compiler
+predicts it when it chooses a layout (``partitioner.layouts.predicted_generation``, at
+``--steps``) over the whole model's predicted time on one device.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import time
 import torch
 
 import asyncfx
+from asyncfx.partitioner.layouts import predicted_generation
 from asyncfx.partitioner.simulate import parallel_rounds
 from asyncfx.schedule import SequentialSteps
 from asyncfx.quality import class_accuracy, feature_distance, frechet_distance, psnr, ssim
@@ -95,6 +100,29 @@ def speedup(model, labels, n, stride, placed, warmup_used, steps, sequential_s, 
     return f"{predicted:.2f}x (pred.)"
 
 
+def layout_rows(options, model, labels, captured, sequential, classifier, real_features) -> list[str]:
+    """A row for each layout x warm-up x forecast (stride 1), speed predicted."""
+    rows, whole = [], asyncfx.compile(captured, 1).sequential_cost * options.steps
+    for layout, spec, forecast in itertools.product(options.layouts.split(","), options.warmups.split(","),
+                                                    map(float, options.forecasts.split(","))):
+        placed = placement(spec)
+        devices = asyncfx.Layout.parse(layout).devices
+        den = asyncfx.partition(model.denoiser, devices, layout=layout, executor="serial", forecast=forecast,
+                                rebalance=False, example_inputs=digits_example_inputs(model, labels),
+                                **placed)
+        images, _ = generate(den, model, labels, options.steps)
+        predicted = whole / predicted_generation(den.plan, placed["warmup"], options.steps)
+        features = classifier.features(images)
+        row = (f"| {layout} | 1 | {spec} | {forecast:g} | {psnr(images, sequential).mean():.2f} | "
+               f"{ssim(images, sequential).mean():.4f} | {class_accuracy(classifier, images, labels):.3f} | "
+               f"{frechet_distance(features, real_features):.2f} | "
+               f"{feature_distance(features, classifier.features(sequential)).mean():.4f} | "
+               f"{predicted:.2f}x (pred.) |")
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=KINDS, default="unet", help="the digits denoiser")
@@ -106,6 +134,7 @@ def main() -> None:
     parser.add_argument("--forecasts", default="0", help="forecast dampings, comma-separated (0: off)")
     parser.add_argument("--predicted", action="store_true",
                         help="predict every row's speed (no timed runs: the machine may be busy)")
+    parser.add_argument("--layouts", help="rows of layouts GxN, comma-separated, instead of --stages")
     parser.add_argument("--write", help="append the table to this markdown file")
     options = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -129,7 +158,9 @@ def main() -> None:
              f"{frechet_distance(sequential_features, real_features):.2f}{timing}", "", HEADER]
     print("\n".join(lines), flush=True)
     captured = asyncfx.capture(model.denoiser, *digits_example_inputs(model, labels))
-    for n in map(int, options.stages.split(",")):
+    if options.layouts:
+        lines += layout_rows(options, model, labels, captured, sequential, classifier, real_features)
+    for n in ([] if options.layouts else map(int, options.stages.split(","))):
         plan = asyncfx.compile(captured, n) if n > 1 else None
         for stride, spec, forecast in itertools.product(
                 map(int, options.strides.split(",")), options.warmups.split(","),

@@ -103,14 +103,16 @@ def refill(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def run_scenarios(rank: int, out_root: str, scenarios: list[tuple], steps: int) -> None:
     """One process for many scenarios ``(model_name, world, stride, guided_at, rebalance, source,
-    forecast, groups)``, each with a process group of its own (ranks beyond a scenario's world skip it), so that
-    the interpreters, imports and zoo models are made once; results go to ``out_root/<i>``.
+    forecast, groups)``, each with a process group of its own (ranks beyond a scenario's
+    world skip it), so that the interpreters, imports and zoo models are made once; results
+    go to ``out_root/<i>``.
     ``source``: "captured" partitions a capture made once per model, "model" the model
     itself (whose weights other ranks' stages read are then released), "meta" the model
     built without weights, loading each rank's from ``out_root/weights/<model>``; "refill"
     moves weights between ranks (``refill``)."""
     captures: dict[str, asyncfx.Captured] = {}  # each model captured once by this rank
-    for index, (model_name, world, stride, guided_at, rebalance, source, forecast, groups) in enumerate(scenarios):
+    for index, scenario in enumerate(scenarios):
+        model_name, world, stride, guided_at, rebalance, source, forecast, groups = scenario
         if rank < world:
             out_dir = os.path.join(out_root, str(index))
             os.makedirs(out_dir, exist_ok=True)

@@ -130,5 +130,6 @@ def test_bad_layouts_are_refused_with_the_fix(layout, message):
 
 def test_a_batch_that_does_not_divide_into_the_groups_is_refused():
     model, args = FramesInBatch().eval(), video_inputs()
-    with pytest.raises(PlanError, match=r"layout 4x1 splits the batch over 4 groups, but the call's batch is 2"):
+    with pytest.raises(PlanError, match=r"layout 4x1 splits the batch over 4 groups, but the call's batch "
+                                        r"is 2"):
         asyncfx.partition(model, 4, layout="4x1", example_inputs=args)

@@ -46,7 +46,8 @@ def test_two_groups_of_one_stage_give_each_sample_the_numbers_of_its_own_batch()
     with torch.no_grad():
         got = sample_run(denoiser, kwargs)
         for t, output in zip(TIMESTEPS, got):
-            own = torch.cat([model(**{**half, "timestep": torch.tensor(t)}).sample for half in halves(kwargs)])
+            own = torch.cat([model(**{**half, "timestep": torch.tensor(t)}).sample
+                             for half in halves(kwargs)])
             torch.testing.assert_close(output, own, rtol=0, atol=0)
             whole = model(**{**kwargs, "timestep": torch.tensor(t)}).sample
             torch.testing.assert_close(output, whole)  # kernels sum otherwise by batch size, by 1e-6
@@ -81,23 +82,11 @@ def test_two_groups_of_two_stages_equal_the_two_stage_run_of_each_half_in_every_
         torch.testing.assert_close(grouped, torch.cat([first, second]), rtol=0, atol=0)
 
 
-def test_the_layout_is_chosen_from_the_predicted_speed_and_the_plan_says_why():
-    model, _, kwargs = zoo_example("sd_unet")
-    denoiser = asyncfx.partition(model, 4, warmup=2, rebalance=False)
-    with torch.no_grad():
-        sample_run(denoiser, kwargs)
-    assert denoiser.layout in (Layout(1, 4), Layout(2, 2))
-    why = next(note for note in denoiser.plan.notes if note.startswith("layout "))
-    assert why.startswith(f"layout {denoiser.layout} chosen: predicted speedup over one device at 50 steps")
-    assert "1x4" in why and "2x2" in why
-    assert f"{denoiser.layout}" in repr(denoiser)
-    denoiser.close()
-
-
 def xl_pipeline() -> tuple[StableDiffusionXLPipeline, dict]:
     unet, _, _ = tiny.sdxl_unet()
     pipe = StableDiffusionXLPipeline(vae=tiny.vae(), text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                     tokenizer_2=None, unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+                                     tokenizer_2=None, unet=unet,
+                                     scheduler=DDIMScheduler(num_train_timesteps=1000))
     generator = torch.Generator().manual_seed(2)
     return pipe, dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
                       negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator),
@@ -115,14 +104,34 @@ def sd_pipeline() -> tuple:
 def test_pipelines_on_four_workers_pick_a_layout_and_equal_the_serial_executor(make):
     pipe, kwargs = make()
     unet = pipe.unet
-    results = {}
-    for executor in ("local", "serial"):
-        layout = None if executor == "local" else str(results["layout"])
+    images, layout = {}, None
+    for executor in ("local", "serial"):  # the serial reference with the layout the local run chose
         pipe.unet = asyncfx.partition(unet, n_devices=4, layout=layout, executor=executor, warmup=2,
                                       rebalance=False)
-        out = pipe(num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
-        results[executor], results["layout"] = np.asarray(out.images), pipe.unet.layout
-        assert any(note.startswith(f"layout {pipe.unet.layout}") for note in pipe.unet.plan.notes) or (
-            executor == "serial")
+        out = pipe(num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np",
+                   **kwargs)
+        images[executor] = np.asarray(out.images)
+        if layout is None:  # chosen from the predicted speed of each candidate, and the plan says why
+            layout = str(pipe.unet.layout)
+            why = next(note for note in pipe.unet.plan.notes if note.startswith("layout "))
+            assert why.startswith(f"layout {layout} chosen: predicted speedup over one device at 50 steps")
+            assert "1x4" in why and "2x2" in why and layout in repr(pipe.unet)
+        assert str(pipe.unet.layout) == layout
         pipe.unet.close()
-    np.testing.assert_array_equal(results["local"], results["serial"])
+    np.testing.assert_array_equal(images["local"], images["serial"])
+
+
+def test_stride_two_runs_in_every_group_on_three_slots_each():
+    from tests.conftest import ddim, sample
+
+    model, _, kwargs = zoo_example("sd_unet")
+    latents = {}
+    for executor in ("serial", "local"):
+        denoiser = asyncfx.partition(model, 4, layout="2x2", stride=2, scheduler=ddim(8), warmup=2,
+                                     executor=executor, rebalance=False)
+        with torch.no_grad():
+            latents[executor] = sample(denoiser, kwargs, "sample", steps=8)
+        if executor == "local":
+            assert len(denoiser.executor.devices) == 6  # two groups of two stages and stride 2's extra slot
+        denoiser.close()
+    torch.testing.assert_close(latents["local"], latents["serial"], rtol=0, atol=0)

@@ -143,7 +143,16 @@ def test_mismatched_files_give_one_line(tmp_path, monkeypatch, capsys):
     assert "is not an asyncfx profile" in capsys.readouterr().err
     assert run_cli("compile", "profile.json", "--n-devices", "999", "--out", "x.json") == 2
     assert "n_devices=999 is more than" in capsys.readouterr().err
+    assert run_cli("compile", "profile.json", "--layout", "2x2", "--n-devices", "3", "--out", "x.json") == 2
+    assert "--layout 2x2 uses 4 devices but --n-devices is 3" in capsys.readouterr().err
+    assert run_cli("compile", "profile.json", "--layout", "2by2", "--out", "x.json") == 2
+    assert "a layout is written 'GxN'" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+    assert run_cli("compile", "profile.json", "--layout", "2x2", "--out", "grouped.json") == 0
+    grouped = asyncfx.StagePlan.load(tmp_path / "grouped.json")
+    assert (grouped.layout, grouped.n_stages, grouped.groups) == ("2x2", 2, 2)
+    assert "layout 2x2: the profiled call is one group's" in grouped.notes[-1]
+    assert "layout 2x2: 2 batch groups of 2 stage(s)" in capsys.readouterr().out
 
 
 class NoiseLevelDenoiser(torch.nn.Module):

@@ -26,7 +26,8 @@ def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0
 
 
 def serial_result(model_name: str, world: int, stride: int = 1, guided_at=(),
-                  plan: asyncfx.StagePlan | None = None, forecast: float = 0.0, groups: int = 1) -> torch.Tensor:
+                  plan: asyncfx.StagePlan | None = None, forecast: float = 0.0,
+                  groups: int = 1) -> torch.Tensor:
     """The serial executor's sample, with the plan given (and the warm-up the worker uses
     with it), else with the compiled one (computed once per setting: scenarios share them);
     ``groups``: batch groups of ``world / groups`` ranks each."""
@@ -53,8 +54,9 @@ def _serial_result(model_name: str, world: int, stride: int, guided_at: tuple[in
     stages = world // groups - (stride - 1)
     try:
         denoiser = asyncfx.partition(model, groups * stages, layout=f"{groups}x{stages}",
-                                     warmup=2 if plan is None else 3, executor="serial", stride=stride, plan=plan,
-                                     scheduler=ddim(STEPS) if stride == 2 else None, forecast=forecast)
+                                     warmup=2 if plan is None else 3, executor="serial", stride=stride,
+                                     plan=plan, scheduler=ddim(STEPS) if stride == 2 else None,
+                                     forecast=forecast)
         return sample(denoiser, kwargs, LATENT[model_name], steps=STEPS, guided_at=guided_at)
     finally:
         torch.set_num_threads(threads)
@@ -76,7 +78,8 @@ GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
 #: across its messages. ``groups``: batch groups of ``world / groups`` ranks, each running the
 #: stages on its half of the classifier-free-guidance batch.
 SCENARIOS = [("sd_unet", 2, 1, (), False, "model", 0.5, 1), ("sd_unet", 3, 1, (), False, "model", 0.0, 1),
-             ("sd_unet", 3, 1, (), False, "meta", 0.5, 1), ("sd3_transformer", 4, 1, (), False, "meta", 0.5, 2),
+             ("sd_unet", 3, 1, (), False, "meta", 0.5, 1),
+             ("sd3_transformer", 4, 1, (), False, "meta", 0.5, 2),
              ("sd_unet", 3, 2, (), False, "model", 0.5, 1), ("sd_unet", 4, 1, (), False, "model", 0.5, 2),
              ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured", 0.5, 1),
              ("mispriced", 2, 1, (), True, "model", 0.0, 1), ("mispriced", 2, 1, (), False, "refill", 0.0, 1)]
@@ -121,11 +124,13 @@ def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at
     assert all(c == cuts[0] for c in cuts)  # every rank ran the cuts rank 0 chose (its times are its own)
     if rebalance:  # re-cut in the first generation, from every rank's stage times
         assert any(note.startswith("re-cut 1:") for note in plans[0].notes), plans[0].notes
-        expected = [serial_result(model_name, world, stride, guided_at, plan, forecast, groups) for plan in plans]
+        expected = [serial_result(model_name, world, stride, guided_at, plan, forecast, groups)
+                    for plan in plans]
     else:
         expected = [serial_result(model_name, world, stride, guided_at, forecast=forecast, groups=groups)] * 2
     if forecast:  # forecasting changed the samples
-        assert not torch.equal(expected[0], serial_result(model_name, world, stride, guided_at, groups=groups))
+        plain = serial_result(model_name, world, stride, guided_at, groups=groups)
+        assert not torch.equal(expected[0], plain)
     assert all(plan.groups == groups for plan in plans)
     for samples, _ in results:  # every rank's sampler took the same steps, in both generations
         for got, want in zip(samples, expected):

@@ -134,7 +134,8 @@ class Gate(nn.Module):
 
 def test_a_second_thread_calling_while_a_call_is_under_way_is_refused_at_once():
     # not re-cut: its stages would be built at step 0 to be timed, and the second call runs the model
-    den, x = asyncfx.partition(Gate(), 2, layout="1x2", warmup=3, devices=["cpu", "cpu"], rebalance=False), torch.ones(2)
+    den = asyncfx.partition(Gate(), 2, layout="1x2", warmup=3, devices=["cpu", "cpu"], rebalance=False)
+    x = torch.ones(2)
     torch.testing.assert_close(den(x, torch.tensor(5.0)), (x + 5) * 2)  # captured; warm-up runs the model
     GATE["closed"] = True
     try:

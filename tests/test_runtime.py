@@ -369,7 +369,8 @@ def test_a_timestep_under_another_name_is_warned_about_and_can_be_named():
                                          r"calls.*no speedup.*pass timestep='noise' to asyncfx.partition"):
         for level in noise:  # each call is a new generation: run as the original model
             assert torch.equal(unnamed(x, level, cond), NoiseLevelChain()(x, level, cond))
-    named = asyncfx.partition(NoiseLevelChain(), 2, layout="1x2", warmup=1, executor="serial", timestep="noise")
+    named = asyncfx.partition(NoiseLevelChain(), 2, layout="1x2", warmup=1, executor="serial",
+                              timestep="noise")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = [named(x, level, cond)[0, 0].item() for level in noise]
@@ -481,7 +482,8 @@ def test_model_edits_between_generations_take_effect():
     for edit, make in EDITS_BETWEEN_GENERATIONS.items():
         make(model)
         after = sample(den, kwargs, "sample", steps=4)
-        expected = sample(asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial"), kwargs, "sample", steps=4)
+        expected = sample(asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial"), kwargs,
+                          "sample", steps=4)
         torch.testing.assert_close(after, expected, rtol=0, atol=0, msg=lambda m: f"{edit}: {m}")
         assert not torch.equal(after, before), edit
         before = after
@@ -816,7 +818,7 @@ class PositionalWrapper(nn.Module):
 
 def test_attributes_come_from_the_original_model():
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, layout="1x2", warmup=3, rebalance=False)  # built at the last warm-up step
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=3, rebalance=False)  # built at the last warm-up
     assert den.config is model.config and den.dtype == model.dtype and den.device == model.device
     assert den.plan is None and den.interface is None  # captured lazily
     assert repr(den) == ("AsyncDenoiser(UNet2DConditionModel, n_devices=2, layout=1x2, warmup=3, stride=1: "
@@ -885,7 +887,7 @@ def test_weights_loaded_through_the_denoiser_are_the_models_at_the_next_generati
 def test_a_deep_copy_is_a_denoiser_of_a_copy_of_the_model_built_anew():
     model, kwargs = own_sd_unet()
     scheduler = ddim(3)
-    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, stride=2, scheduler=scheduler)  # local: worker threads
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, stride=2, scheduler=scheduler)  # worker threads
     sample(den, kwargs, "sample", steps=3)
     calls = []
     den.register_forward_hook(lambda *_: calls.append(1))

@@ -31,6 +31,21 @@ def test_round_times_with_and_without_overlap():
     assert sim.speedup(False) < sim.speedup(True) < sim.ideal_speedup
 
 
+def test_batch_groups_run_at_once_against_the_whole_batch_on_one_device():
+    plan = hand_plan()
+    plan.groups, plan.whole_batch_cost = 2, 1.5 * plan.sequential_cost  # half a batch: 2/3 of the time
+    sim = simulate(plan, link=SLOW, steps=50, warmup=3)
+    alone = simulate(hand_plan(), link=SLOW, steps=50, warmup=3)
+    assert sim.devices == 2 * alone.devices and sim.groups == 2
+    assert sim.broadcast_seconds == pytest.approx(2 * alone.broadcast_seconds)  # each group's share
+    assert sim.sequential_total == pytest.approx(50 * 1.5 * alone.sequential_step)
+    assert sim.total(True) == pytest.approx(3 * alone.sequential_step + 47 * sim.round_overlapped)
+    assert sim.ideal_speedup == pytest.approx(2 * 50 / (3 + 47 / 3))  # three stages in each group
+    assert "3 stages in each of 2 batch groups on 6 devices" in sim.summary()
+    plan.whole_batch_cost = 0.0  # unknown: priced as the groups one after another
+    assert simulate(plan, link=SLOW).sequential_total == pytest.approx(2 * alone.sequential_total)
+
+
 def test_a_tensor_made_at_its_stages_end_is_sent_after_it():
     plan = hand_plan()
     for boundary in plan.boundaries:

@@ -92,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                                    description="Search the cuts of a profiled model.")
     compile_.add_argument("profile", help="profile JSON from `asyncfx profile`")
     compile_.add_argument("--n-devices", type=_positive_int, help="stages (or give --layout)")
-    compile_.add_argument("--layout", help="G batch groups x N stages, e.g. 2x2: N stages of the profiled call, "
-                          "which is then one group's (profile it at the group's batch)")
+    compile_.add_argument("--layout", help="G batch groups x N stages, e.g. 2x2: N stages of the profiled "
+                          "call, which is then one group's (profile it at the group's batch)")
     compile_.add_argument("--link", choices=sorted(PRESETS), default="cpu",
                           help="link between devices, prices boundary transfers")
     compile_.add_argument("--out", required=True, help="plan JSON to write")
@@ -168,9 +168,9 @@ def _demo(options: argparse.Namespace) -> int:
     from asyncfx.app.demo import run_demo
 
     _check_writable(options.out)
-    return run_demo(model=options.model, n_devices=options.n_devices, layout=options.layout, warmup=options.warmup,
-                    stride=options.stride, forecast=options.forecast, steps=options.steps, seed=options.seed,
-                    per_class=options.per_class, out=options.out)
+    return run_demo(model=options.model, n_devices=options.n_devices, layout=options.layout,
+                    warmup=options.warmup, stride=options.stride, forecast=options.forecast,
+                    steps=options.steps, seed=options.seed, per_class=options.per_class, out=options.out)
 
 
 def _sample(options: argparse.Namespace) -> int:
@@ -235,8 +235,8 @@ def _compile(options: argparse.Namespace) -> int:
     plan = compile_profile(Profile.load(options.profile), layout.stages, link=options.link)
     if layout.groups > 1:
         plan.groups = layout.groups
-        plan.notes.append(f"layout {layout}: the profiled call is one group's; partition() splits each call's "
-                          f"batch over {layout.groups} groups")
+        plan.notes.append(f"layout {layout}: the profiled call is one group's; partition() splits each "
+                          f"call's batch over {layout.groups} groups")
     plan.save(options.out)
     print(plan.summary())
     print(f"wrote {options.out}")

@@ -17,9 +17,9 @@ from asyncfx.zoo.digits_model import (IMAGE_SIZE, digits, digits_classifier, dig
 
 
 @torch.no_grad()
-def run_demo(*, model: str = "unet", n_devices: int = 2, layout: str | None = None, warmup: int | None = None,
-             stride: int = 1, forecast: float | None = None, steps: int = 50, seed: int = 0, per_class: int = 4,
-             out: str = "asyncfx_demo.png") -> int:
+def run_demo(*, model: str = "unet", n_devices: int = 2, layout: str | None = None,
+             warmup: int | None = None, stride: int = 1, forecast: float | None = None, steps: int = 50,
+             seed: int = 0, per_class: int = 4, out: str = "asyncfx_demo.png") -> int:
     """Print plan, latencies, speedup and quality; write the two grids as a PNG.
 
     ``model`` names the denoiser, ``"unet"`` or ``"dit"``; ``layout`` is partition()'s
@@ -40,8 +40,8 @@ def run_demo(*, model: str = "unet", n_devices: int = 2, layout: str | None = No
                                       "sequential")
     scheduler = make_scheduler()
     start = time.perf_counter()
-    denoiser = asyncfx.partition(digits_model.denoiser, n_devices, layout=layout, warmup=warmup, stride=stride,
-                                 forecast=forecast, scheduler=scheduler,
+    denoiser = asyncfx.partition(digits_model.denoiser, n_devices, layout=layout, warmup=warmup,
+                                 stride=stride, forecast=forecast, scheduler=scheduler,
                                  example_inputs=digits_example_inputs(digits_model, labels))
     compile_s = time.perf_counter() - start
     print(f"\nstage plan (compiled in {compile_s:.1f} s):")
@@ -54,7 +54,8 @@ def run_demo(*, model: str = "unet", n_devices: int = 2, layout: str | None = No
     real, real_labels = digits_dataset()
     groups, stages = laid_out.groups, laid_out.stages
     slots = groups * (stages + (1 if stride == 2 else 0))
-    ideal = steps / (warmup / groups + (steps - warmup) / (groups * stages * stride)) if stages > 1 else groups
+    ideal = (steps / (warmup / groups + (steps - warmup) / (groups * stages * stride)) if stages > 1
+             else float(groups))
     print(f"\nlatency: sequential {sequential_s:.2f} s (all {torch.get_num_threads()} threads), "
           f"asyncfx {partitioned_s:.2f} s on {slots} CPU workers: speedup "
           f"{sequential_s / partitioned_s:.2f}x (ideal on {slots} separate devices {ideal:.2f}x; "

@@ -76,6 +76,10 @@ class CostModel:
                             "profile the model first (asyncfx.profile) or use cost='flops'.")
         return node.measured_seconds
 
+    def sequential(self) -> float:
+        """The whole model on one device: every node once."""
+        return float(self.own.sum() + sum(self.side.values()))
+
     def transfer_seconds(self, nbytes: float) -> float:
         return 0.0 if self.cost == "uniform" else self.device.transfer_seconds(nbytes)
 

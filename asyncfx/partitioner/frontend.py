@@ -18,12 +18,12 @@ from asyncfx.partitioner.device import DeviceSpec
 from asyncfx.errors import PlanError
 from asyncfx.partitioner.layouts import (NOMINAL_STEPS, LayoutOption, candidate_layouts, check_layout,
                                          choose_layout, group_example, predicted_generation, same_computation,
-                                         separability)
+                                         separability, whole_batch_cost)
 from asyncfx.partitioner.lower import lower
 from asyncfx.partitioner.rebalance import Rebalancer
 from asyncfx.passes.batch import Separability
 from asyncfx.plan import StagePlan
-from asyncfx.program import BatchSplit, CallSpec, Layout, Program, WeightSource
+from asyncfx.program import BatchSplit, CallSpec, Layout, Program, WeightSource, planned_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ class PartitionFrontend:
         """Capture the call, and settle its layout: the one given (or the plan's), else the
         fastest predicted among those the batch allows."""
         whole = model if isinstance(model, Captured) else self._capture(model, args, kwargs)
-        wanted = self.layout or (Layout(self.plan.groups, self.plan.n_stages) if self.plan is not None else None)
+        wanted = self.layout or (planned_layout(self.plan) if self.plan is not None else None)
         found = separability(whole) if wanted is None or wanted.groups > 1 else None
         if wanted is not None:
             if found is not None:
@@ -72,9 +72,9 @@ class PartitionFrontend:
         return capture(model, args, kwargs, latent=self.latent, timestep=self.timestep)
 
     def _laid_out(self, model: nn.Module, whole: Captured, found: Separability | None, layout: Layout,
-                  example: tuple[tuple, dict], compiled: Compiled | None = None, why: str = "") -> CapturedCall:
+                  example: tuple[tuple, dict]) -> CapturedCall:
         if layout.groups == 1:
-            return CapturedCall(self, whole, example, layout=layout, compiled=compiled, why=why)
+            return CapturedCall(self, whole, example, layout=layout)
         if isinstance(model, Captured):
             raise PlanError(f"layout {layout} captures the model again at a batch of "
                             f"{found.batch // layout.groups}, and a Captured is specialised to its batch; "
@@ -88,7 +88,7 @@ class PartitionFrontend:
             raise PlanError(f"layout {layout} cannot split the batch: {differs}. Use layout='1x"
                             f"{layout.devices}'.")
         return CapturedCall(self, whole, part_example, layout=layout, part=part,
-                            split=BatchSplit(layout.groups, batched), compiled=compiled, why=why)
+                            split=BatchSplit(layout.groups, batched))
 
     def _choose(self, model: nn.Module, whole: Captured, found: Separability, layouts: list[Layout],
                 example: tuple[tuple, dict]) -> CapturedCall:
@@ -103,6 +103,7 @@ class PartitionFrontend:
         chosen, why = choose_layout(options, options[0].plan.sequential_cost * NOMINAL_STEPS)
         call = calls[options.index(chosen)]
         call.why = why
+        call.whole_over_group = options[0].plan.sequential_cost / chosen.plan.sequential_cost
         return call
 
     def compile(self, captured: Captured, example: tuple[tuple, dict], n_stages: int) -> Compiled | StagePlan:
@@ -153,6 +154,7 @@ class CapturedCall:
     split: BatchSplit = BatchSplit()
     compiled: Compiled | StagePlan | None = None  # made while choosing the layout
     why: str = ""                                 # why this layout (when it was chosen)
+    whole_over_group: float | None = None         # the whole batch's predicted time over one group's
     rebalancer: Rebalancer | None = None
     final: bool = False  # re-cutting is over
 
@@ -177,6 +179,11 @@ class CapturedCall:
     def _lowered(self, plan: StagePlan) -> Program:
         if plan.groups != self.layout.groups:
             plan.groups = self.layout.groups
+        if plan.groups > 1 and not plan.whole_batch_cost and plan.cost != "measure":
+            if self.whole_over_group is None:  # a re-cut rescales the group's costs: keep the ratio
+                whole = whole_batch_cost(self.captured, plan.cost, plan.link)
+                self.whole_over_group = whole / plan.sequential_cost
+            plan.whole_batch_cost = self.whole_over_group * plan.sequential_cost
         if self.why and self.why not in plan.notes:
             plan.notes.append(self.why)
         return lower(self.staged_from, plan, self.frontend.weights, self.split)

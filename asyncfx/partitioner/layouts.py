@@ -19,6 +19,9 @@ import torch.utils._pytree as pytree
 
 from asyncfx.errors import PlanError
 from asyncfx.partitioner.captured import Captured
+from asyncfx.partitioner.cost_graph import build_cost_graph
+from asyncfx.partitioner.cost_model import CostModel
+from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.passes.batch import Separability, batch_separability
 from asyncfx.plan import StagePlan
 from asyncfx.program import InputRole, Layout
@@ -91,6 +94,14 @@ class LayoutOption:
 
     def describe(self, sequential: float) -> str:
         return f"{self.layout} {sequential / self.seconds:.2f}x"
+
+
+def whole_batch_cost(captured: Captured, cost: str, link: str | DeviceSpec) -> float:
+    """The whole batch's predicted time on one device (the cost model of ``cost``; 0 for
+    ``"measure"``, which would time it)."""
+    if cost == "measure":
+        return 0.0
+    return CostModel(build_cost_graph(captured), device_spec(link), cost).sequential()
 
 
 def predicted_generation(plan: StagePlan, warmup: int, steps: int = NOMINAL_STEPS) -> float:

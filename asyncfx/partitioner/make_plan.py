@@ -68,4 +68,4 @@ def plan_from_cuts(model: CostModel, cuts: Sequence[Cut]) -> StagePlan:
                      cost=model.cost, cost_unit=model.unit,
                      total_param_bytes=sum(graph.weights[w] for w in all_weights),
                      link=model.device.name, predicted_round=prediction.round,
-                     sequential_cost=float(model.own.sum() + sum(model.side.values())))
+                     sequential_cost=model.sequential())

@@ -22,6 +22,12 @@ link model (``DeviceSpec``) prices the transfers. One generation of ``steps`` st
   its bytes through memory at the device's bandwidth, before it starts.
 
 Stride 2 runs two steps per round on N + 1 devices (AsyncDiff's stride batching).
+
+With batch groups (a plan laid out ``GxN``) the plan's times are one group's, and G
+groups run at once on their own devices, warm-up steps included; every group's share of
+the noise prediction is broadcast. The baseline is the whole batch on one device: the
+plan's ``whole_batch_cost`` (scaled like the group's where stages were measured), or,
+without it, G times the group's step, which overstates it.
 """
 from __future__ import annotations
 
@@ -63,6 +69,8 @@ class Simulation:
     source: str                     # where the stage times came from
     forecast_seconds: list[float] = dataclasses.field(default_factory=list)  # per stage, in stage_seconds
     sequential_steps: SequentialSteps = SequentialSteps()  # placed after warm-up (cool-down, refresh)
+    groups: int = 1                 # batch groups, each on its own devices
+    whole_step: float | None = None  # the whole batch on one device (None: the sequential step)
 
     @property
     def rounds(self) -> int:
@@ -76,7 +84,8 @@ class Simulation:
 
     @property
     def sequential_total(self) -> float:
-        return self.steps * self.sequential_step
+        """The whole batch, every step on one device."""
+        return self.steps * (self.sequential_step if self.whole_step is None else self.whole_step)
 
     def total(self, overlap: bool = True) -> float:
         """Seconds for the whole generation (warm-up included)."""
@@ -88,10 +97,11 @@ class Simulation:
 
     @property
     def ideal_speedup(self) -> float:
-        """T / (S + (T - S) / (N * stride)) with S sequential steps: perfect balance, free
-        transfers."""
+        """T / ((S + (T - S) / (N * stride)) / G) with S sequential steps: perfect balance,
+        free transfers, a group's share of the batch taking its share of the time."""
         sequential = self.sequential_count
-        return self.steps / (sequential + (self.steps - sequential) / (self.n_stages * self.stride))
+        parallel = (self.steps - sequential) / (self.n_stages * self.stride)
+        return self.groups * self.steps / (sequential + parallel)
 
     def _placed(self) -> str:
         """The sequential steps placed after warm-up, as the summary says them."""
@@ -106,8 +116,10 @@ class Simulation:
         def ms(seconds: float) -> str:
             return f"{seconds * 1e3:.3f} ms"
 
-        lines = [f"{self.n_stages} stages on {self.devices} devices over {self.link}, {self.steps} steps, "
-                 f"warm-up {self.warmup}, stride {self.stride}{self._placed()} (stage times: {self.source})",
+        groups = f" in each of {self.groups} batch groups" if self.groups > 1 else ""
+        lines = [f"{self.n_stages} stages{groups} on {self.devices} devices over {self.link}, "
+                 f"{self.steps} steps, warm-up {self.warmup}, stride {self.stride}{self._placed()} "
+                 f"(stage times: {self.source})",
                  "stage times: " + ", ".join(ms(s) for s in self.stage_seconds)
                  + (" (forecasting: " + ", ".join(ms(s) for s in self.forecast_seconds) + " of them)"
                     if self.forecast_seconds else ""),
@@ -147,16 +159,25 @@ def simulate(plan: StagePlan, *, link: str | DeviceSpec | None = None, steps: in
     sends = [0.0] * plan.n_stages
     for boundary in plan.boundaries:
         sends[boundary.producer] += len(boundary.consumers) * spec.transfer_seconds(boundary.bytes)
-    broadcast = spec.transfer_seconds(_latent_bytes(plan)) if plan.n_stages > 1 else 0.0
+    several = plan.n_stages > 1 or plan.groups > 1
+    broadcast = plan.groups * spec.transfer_seconds(_latent_bytes(plan)) if several else 0.0
     sent = sends_done(plan, stage_seconds, spec)
     return Simulation(
-        n_stages=plan.n_stages, devices=devices_needed(plan.n_stages, stride), link=spec.name,
+        n_stages=plan.n_stages, devices=plan.groups * devices_needed(plan.n_stages, stride), link=spec.name,
         steps=steps, warmup=warmup, stride=stride, stage_seconds=stage_seconds, send_seconds=sends,
         sends_done=sent,
         broadcast_seconds=broadcast, host_seconds=host, sequential_step=whole_model,
         round_overlapped=max(*stage_seconds, *sent) + broadcast + stride * host,
         round_serial=max(c + s for c, s in zip(stage_seconds, sends)) + broadcast + stride * host,
-        source=source, forecast_seconds=forecasting, sequential_steps=sequential or SequentialSteps())
+        source=source, forecast_seconds=forecasting, sequential_steps=sequential or SequentialSteps(),
+        groups=plan.groups, whole_step=_whole_step(plan, whole_model) if plan.groups > 1 else None)
+
+
+def _whole_step(plan: StagePlan, group_step: float) -> float:
+    """The whole batch on one device, from the group's step (see the module note)."""
+    if not plan.whole_batch_cost:
+        return plan.groups * group_step
+    return plan.whole_batch_cost * group_step / plan.sequential_cost if plan.sequential_cost else 0.0
 
 
 def sends_done(plan: StagePlan, stage_seconds: list[float], spec: DeviceSpec) -> list[float]:

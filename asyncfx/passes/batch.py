@@ -141,7 +141,8 @@ def _check_outputs(node: fx.Node, axes: dict[fx.Node, Any], values: Mapping[fx.N
 
 
 def _is_random(node: fx.Node) -> bool:
-    return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
 def _op_name(node: fx.Node) -> str:

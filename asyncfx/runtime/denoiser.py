@@ -80,9 +80,9 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
 
     RUNTIME_STATE = frozenset({"_captures", "_clock", "_calls", "_restarts", "_filled_at", "_warned",
                                "_rebalanced_at", "_without_weights", "call_context"})
-    OWN_ATTRIBUTES = frozenset({"_frontend", "_launch", "n_devices", "given_layout", "warmup", "stride", "time_shift", "forecast",
-                                "sequential", "switch_below", "scheduler", "rebuild", "convertible",
-                                "release_weights", "training"})
+    OWN_ATTRIBUTES = frozenset({"_frontend", "_launch", "n_devices", "given_layout", "warmup", "stride",
+                                "time_shift", "forecast", "sequential", "switch_below", "scheduler",
+                                "rebuild", "convertible", "release_weights", "training"})
 
     def __init__(self, model: nn.Module, frontend: Frontend, launch: Launch, *, n_devices: int, warmup: int,
                  stride: int = 1, time_shift: bool = False, scheduler: Any = None, rebuild: bool = True,
@@ -255,8 +255,9 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
                             named if self.forecast and self.stride == 2 else None)
         total = (stream.times.total_steps(self.scheduler, placement.step - step, step, check=self.stride == 2)
                  if self.stride == 2 or self.sequential.cooldown else None)
-        runs = schedule(step, capture.lowering.layout.stages, warmup=stream.warmup, stride=self.stride, time_shift=self.time_shift,
-                        total_steps=total, forecast=self.forecast, sequential=self.sequential)
+        runs = schedule(step, capture.lowering.layout.stages, warmup=stream.warmup, stride=self.stride,
+                        time_shift=self.time_shift, total_steps=total, forecast=self.forecast,
+                        sequential=self.sequential)
         stream.step = step + 1
         if capture.executor is None and runs.mode is Mode.SEQUENTIAL and step < self._stages_from(capture):
             output = self._model(*args, **kwargs)  # see the note on lazy compilation (captures.py)

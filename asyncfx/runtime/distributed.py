@@ -257,8 +257,9 @@ class DistributedExecutor(Executor):
             try:
                 dist.broadcast(tensor, src=source, group=self.group)
             except RuntimeError as exc:
-                raise PeerError(f"rank {self.rank}: the noise prediction of step {step} from rank {source} "
-                                f"did not arrive ({_one_line(exc)}); did rank {source} exit or hang?") from exc
+                raise PeerError(f"rank {self.rank}: the noise prediction of step {step} from rank "
+                                f"{source} did not arrive ({_one_line(exc)}); did rank {source} exit or "
+                                "hang?") from exc
         return tensors
 
 

@@ -60,7 +60,8 @@ def group_inputs(split: BatchSplit, inputs_for: InputsFor, group: int) -> Inputs
     """``inputs_for`` of batch group ``group``: its share of each batched graph input."""
     if split.groups == 1:
         return inputs_for
-    return lambda timestep: {name: split.part(name, value, group) for name, value in inputs_for(timestep).items()}
+    return lambda timestep: {name: split.part(name, value, group)
+                             for name, value in inputs_for(timestep).items()}
 
 
 def joined_results(split: BatchSplit, per_group: Sequence[dict[int, tuple[torch.Tensor, ...]]]

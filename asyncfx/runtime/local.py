@@ -44,8 +44,8 @@ from torch import nn
 from asyncfx.errors import AsyncFXError
 from asyncfx.runtime.cuda_graphs import GraphedStage, check_cuda_graphs_option
 from asyncfx.program import Program, StageSpec
-from asyncfx.runtime.executor import (BoundaryStore, Executor, InputsFor, group_inputs, joined_results, resolved,
-                                      stage_arguments)
+from asyncfx.runtime.executor import (BoundaryStore, Executor, InputsFor, group_inputs, joined_results,
+                                      resolved, stage_arguments)
 from asyncfx.runtime.hooks import with_send_hooks
 from asyncfx.runtime.stage_weights import placed
 from asyncfx.schedule import Mode, StageRun, StepSchedule
@@ -74,7 +74,8 @@ class LocalExecutor(Executor):
         groups = program.n_groups
         if len(self.devices) < program.n_stages * groups or len(self.devices) % groups:
             raise ValueError(f"{program.n_stages} stages in {groups} batch group(s) need a multiple of "
-                             f"{groups} devices, at least {program.n_stages * groups}, got {len(self.devices)}.")
+                             f"{groups} devices, at least {program.n_stages * groups}, got "
+                             f"{len(self.devices)}.")
         self.slots_per_group = len(self.devices) // groups
         streams = list(streams) if streams is not None else [None] * len(self.devices)
         if len(streams) != len(self.devices):
@@ -147,7 +148,8 @@ class LocalExecutor(Executor):
         return joined_results(self.program.split, results)
 
     def _run_round(self, runs: Sequence[tuple[int, StageRun]], inputs_for: InputsFor, store: BoundaryStore,
-                   results: list[dict[int, tuple[torch.Tensor, ...]]], autocast: Any, threads: int | None) -> None:
+                   results: list[dict[int, tuple[torch.Tensor, ...]]], autocast: Any,
+                   threads: int | None) -> None:
         """Hand ``runs`` (batch group, run) to their workers at once, wait for all of them
         (or the first error) and keep what they made."""
         handed = _Round(len(runs))
@@ -170,8 +172,8 @@ class LocalExecutor(Executor):
             if run.writes is not None and copies:
                 own.put(run.writes, copies)
 
-    def _dispatch(self, handed: _Round, group: int, run: StageRun, inputs_for: InputsFor, store: BoundaryStore,
-                  autocast: Any, threads: int | None) -> None:
+    def _dispatch(self, handed: _Round, group: int, run: StageRun, inputs_for: InputsFor,
+                  store: BoundaryStore, autocast: Any, threads: int | None) -> None:
         worker = self._workers[group * self.slots_per_group + run.slot]
         inputs = group_inputs(self.program.split, inputs_for, group)
         args = stage_arguments(self.program, run, inputs, worker.reader(store.group(group)), deferred=True)
