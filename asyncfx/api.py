@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from asyncfx.errors import AsyncFXError, DeviceError
+from asyncfx.errors import AsyncFXError, DeviceError, PlanError
 from asyncfx.options import DEFAULT_WARMUP, PartitionOptions
 from asyncfx.partitioner.binding import LatentOption, check_argument_names
 from asyncfx.partitioner.captured import Captured
@@ -21,7 +21,7 @@ from asyncfx.partitioner.empty_weights import meta_tensor_names
 from asyncfx.partitioner.examples import split_example_inputs
 from asyncfx.partitioner.frontend import PartitionFrontend
 from asyncfx.plan import StagePlan
-from asyncfx.program import WeightSource
+from asyncfx.program import Layout, WeightSource
 from asyncfx.runtime.denoiser import AsyncDenoiser
 from asyncfx.runtime.launch import launcher
 
@@ -97,6 +97,7 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
                                cuda_graphs=cuda_graphs, rebalance=rebalance,
                                release_weights=release_weights, weights=weights)
     _check_weights(model, options.weights)
+    _check_layout(model, options.known_layout)
     launch = launcher(options.executor, options.devices, options.slots, options.cuda_graphs)
     frontend = PartitionFrontend(n_devices=options.n_devices, layout=options.layout, warmup=options.warmup,
                                  cost=options.cost, link=options.link,
@@ -107,12 +108,20 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
     denoiser = AsyncDenoiser(model, frontend, launch, n_devices=options.n_devices, warmup=options.warmup,
                              stride=options.stride, time_shift=options.time_shift, forecast=options.forecast,
                              sequential=options.sequential, switch_below=options.switch_below,
-                             scheduler=options.scheduler, rebuild=options.plan is None, layout=options.layout,
-                             convertible=not isinstance(model, Captured),
+                             scheduler=options.scheduler, rebuild=options.plan is None,
+                             layout=options.known_layout, convertible=not isinstance(model, Captured),
                              release_weights=not isinstance(model, Captured) if release is None else release)
     if example_inputs is not None:
         denoiser.build(*split_example_inputs(example_inputs))
     return denoiser
+
+
+def _check_layout(model: nn.Module, layout: Layout | None) -> None:
+    """Batch groups capture the model again at a group's batch, which a Captured cannot be."""
+    if isinstance(model, Captured) and layout is not None and layout.groups > 1:
+        raise PlanError(f"layout {layout} splits the batch over {layout.groups} groups, which captures the "
+                        "model again at a group's batch, and a Captured is specialised to the batch it was "
+                        f"captured with; partition the model itself, or use layout='1x{layout.devices}'.")
 
 
 def _check_weights(model: nn.Module, weights: WeightSource | None) -> None:

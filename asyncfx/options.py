@@ -135,10 +135,15 @@ class PartitionOptions:
         return SequentialSteps(cooldown=self.cooldown, refresh=self.refresh)
 
     @property
+    def known_layout(self) -> Layout | None:
+        """The layout given, or the plan's (None: chosen at the first call)."""
+        return self.layout or (planned_layout(self.plan) if self.plan is not None else None)
+
+    @property
     def slots(self) -> int:
         """Device slots the schedule uses: one per stage of each batch group, plus one a
         group for stride 2 (a layout chosen at capture uses ``n_devices``)."""
-        layout = self.layout or (planned_layout(self.plan) if self.plan is not None else None)
+        layout = self.known_layout
         if layout is None:
             return self.n_devices
         return layout.groups * devices_needed(layout.stages, self.stride)

@@ -128,6 +128,12 @@ def test_bad_layouts_are_refused_with_the_fix(layout, message):
         asyncfx.partition(nn.Linear(2, 2), 3, layout=layout)
 
 
+def test_a_capture_cannot_be_split_into_batch_groups():
+    with pytest.raises(PlanError, match=r"layout 2x2 splits the batch over 2 groups, which captures the "
+                                        r"model again .* partition the model itself, or use layout='1x4'"):
+        asyncfx.partition(zoo_captured("sd_unet"), 4, layout="2x2")
+
+
 def test_a_batch_that_does_not_divide_into_the_groups_is_refused():
     model, args = FramesInBatch().eval(), video_inputs()
     with pytest.raises(PlanError, match=r"layout 4x1 splits the batch over 4 groups, but the call's batch "

@@ -229,6 +229,21 @@ def test_timeline_draws_warmup_chains_and_parallel_rounds(stride, devices):
         viz.plot_timeline(sim, rounds=0)
 
 
+def test_timeline_draws_each_batch_group_on_its_own_devices():
+    from asyncfx.partitioner.simulate import simulate
+
+    plan = hand_plan()
+    plan.groups = 2
+    sim = simulate(plan, steps=10, warmup=2)
+    ax = viz.plot_timeline(sim, rounds=2)
+    assert len(_gids(ax, "warmup:")) == 2 * 3 * 2  # every stage of both groups, groups at once
+    warm = {p.get_gid(): p.get_x() for p in ax.patches if (p.get_gid() or "").startswith("warmup:")}
+    assert warm["warmup:1:1"] == pytest.approx(warm["warmup:1:4"])  # stage 1 of each group together
+    assert len(_gids(ax, "round:")) == 2 * 6 and len(_gids(ax, "send:")) == 2 * 2 * 2
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"group {k // 3} device {k}" for k in range(6)]
+    assert "3 stages in each of 2 batch groups" in ax.get_title()
+
+
 def test_save_plan_views_draws_what_the_plan_can_show(tmp_path, sd):
     _, profile, plan, _ = sd
     path = tmp_path / "plan.png"

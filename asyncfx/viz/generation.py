@@ -51,7 +51,8 @@ def plot_timeline(sim: Simulation, *, rounds: int = 3, ax: Axes | None = None) -
     parallel rounds where every stage starts at once, each stage's boundary sends on its
     copy stream (hatched, ending when its last send arrives: tensors leave as they are
     made) and the noise-prediction broadcast closing the round. With
-    stride 2 the extra device runs the last stage for the round's second step.
+    stride 2 the extra device runs the last stage for the round's second step. With batch
+    groups each group's devices run the same chain at the same times, on its share.
 
     Example:
         >>> plot_timeline(simulate(plan, link="pcie4", steps=50, warmup=3), rounds=4)
@@ -61,12 +62,14 @@ def plot_timeline(sim: Simulation, *, rounds: int = 3, ax: Axes | None = None) -
     ax = axes(ax, figsize=(12, 0.8 + 0.7 * sim.devices))
     colors = stage_colors(sim.n_stages)
     chain = sum(sim.stage_seconds) or 1.0
+    slots = sim.devices // sim.groups
     t = 0.0
     for step in range(min(sim.warmup, sim.steps)):  # scaled so a step lasts the whole model's time
         for k, seconds in enumerate(sim.stage_seconds):
             width = seconds * sim.sequential_step / chain
-            ax.barh(k, width * 1e3, left=t * 1e3, color=colors[k], edgecolor="white",
-                    gid=f"warmup:{step}:{k}")
+            for device in range(k, sim.devices, slots):  # stage k of every group
+                ax.barh(device, width * 1e3, left=t * 1e3, color=colors[k], edgecolor="white",
+                        gid=f"warmup:{step}:{device}")
             t += width
     ax.axvline(t * 1e3, color="black", lw=1)
     ax.annotate("warm-up ", (t * 1e3, 0.02), xycoords=("data", "axes fraction"), ha="right", va="bottom",
@@ -75,13 +78,15 @@ def plot_timeline(sim: Simulation, *, rounds: int = 3, ax: Axes | None = None) -
         _draw_round(ax, sim, r, t, colors)
         t += sim.round_overlapped
         ax.axvline(t * 1e3, color="black", lw=0.5, ls=":")
-    ax.set_yticks(range(sim.devices), [f"device {k}" for k in range(sim.devices)])
+    ax.set_yticks(range(sim.devices), [f"device {k}" if sim.groups == 1 else f"group {k // slots} device {k}"
+                                       for k in range(sim.devices)])
     ax.invert_yaxis()
     ax.set_xlabel("ms from the start of the generation")
     ax.legend(handles=legend_patches({f"stage {k}": c for k, c in enumerate(colors)}),
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    ax.set_title(f"{sim.n_stages} stages, stride {sim.stride}, over {sim.link}: warm-up, then rounds of "
-                 f"{sim.round_overlapped * 1e3:.2f} ms ({sim.speedup():.2f}x predicted)")
+    groups = f" in each of {sim.groups} batch groups" if sim.groups > 1 else ""
+    ax.set_title(f"{sim.n_stages} stages{groups}, stride {sim.stride}, over {sim.link}: warm-up, then "
+                 f"rounds of {sim.round_overlapped * 1e3:.2f} ms ({sim.speedup():.2f}x predicted)")
     return ax
 
 
@@ -89,10 +94,11 @@ def _draw_round(ax: Axes, sim: Simulation, index: int, start: float, colors: lis
     lanes = list(enumerate(sim.stage_seconds))
     if sim.stride == 2:  # the extra device computes the last stage of the round's second step
         lanes.append((sim.n_stages - 1, sim.stage_seconds[-1]))
+    lanes = lanes * sim.groups  # every group's devices in turn
     for device, (stage, seconds) in enumerate(lanes):
         ax.barh(device, seconds * 1e3, left=start * 1e3, color=colors[stage], edgecolor="white",
                 gid=f"round:{index}:{device}")
-        send = sim.send_seconds[stage] if device < sim.n_stages else 0.0
+        send = sim.send_seconds[stage] if device % (len(lanes) // sim.groups) < sim.n_stages else 0.0
         if send > 0:
             left = start + sim.sends_done[stage] - send
             ax.barh(device + 0.3, send * 1e3, left=left * 1e3, height=0.25, color="none",
