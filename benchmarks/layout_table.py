@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.utils._pytree as pytree
 
 import asyncfx
 from asyncfx.partitioner.cost_graph import build_cost_graph
@@ -59,10 +60,9 @@ def cost_graphs(builder):
     """The cost graphs of the whole batch of 2 and of one group's batch of 1."""
     with torch.device("meta"):
         model, args, kwargs = builder()
-    kwargs = {k: torch.zeros(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) and v.is_meta else v
-              for k, v in kwargs.items()}  # shapes are all the estimate reads
-    half = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 2 else v
-            for k, v in kwargs.items()}
+    kwargs = pytree.tree_map_only(  # shapes are all the estimate reads
+        torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t, kwargs)
+    half = pytree.tree_map_only(torch.Tensor, lambda t: t[:1] if t.dim() and t.shape[0] == 2 else t, kwargs)
     return [build_cost_graph(asyncfx.capture(model, args, call)) for call in (kwargs, half)]
 
 

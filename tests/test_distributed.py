@@ -77,10 +77,10 @@ GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
 #: (0: off, AsyncDiff's plain reuse), whose three versions of each boundary a rank keeps
 #: across its messages. ``groups``: batch groups of ``world / groups`` ranks, each running the
 #: stages on its half of the classifier-free-guidance batch.
-SCENARIOS = [("sd_unet", 2, 1, (), False, "model", 0.5, 1), ("sd_unet", 3, 1, (), False, "model", 0.0, 1),
+SCENARIOS = [("sd_unet", 4, 1, (), False, "model", 0.5, 2), ("sd_unet", 3, 1, (), False, "model", 0.0, 1),
              ("sd_unet", 3, 1, (), False, "meta", 0.5, 1),
              ("sd3_transformer", 4, 1, (), False, "meta", 0.5, 2),
-             ("sd_unet", 3, 2, (), False, "model", 0.5, 1), ("sd_unet", 4, 1, (), False, "model", 0.5, 2),
+             ("sd_unet", 3, 2, (), False, "model", 0.5, 1),
              ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured", 0.5, 1),
              ("mispriced", 2, 1, (), True, "model", 0.0, 1), ("mispriced", 2, 1, (), False, "refill", 0.0, 1)]
 

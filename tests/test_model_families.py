@@ -251,7 +251,8 @@ def _serial_and_local(model: Any, warmup: int) -> Iterator[dict[str, asyncfx.Asy
     the two are bitwise equal."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    runs = {executor: asyncfx.partition(model, 2, warmup=warmup, executor=executor, rebalance=False)
+    runs = {executor: asyncfx.partition(model, 2, layout="1x2", warmup=warmup, executor=executor,
+                                       rebalance=False)
             for executor in ("serial", "local")}
     try:
         yield runs

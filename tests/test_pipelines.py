@@ -55,9 +55,9 @@ def check_drop_in(pipe, attribute: str, **kwargs) -> asyncfx.AsyncDenoiser:
     model = getattr(pipe, attribute)
     with one_thread():
         original = images(pipe, **kwargs)
-        setattr(pipe, attribute, asyncfx.partition(model, 2, warmup=2, executor="serial"))
+        setattr(pipe, attribute, asyncfx.partition(model, 2, layout="1x2", warmup=2, executor="serial"))
         serial = images(pipe, **kwargs)
-        async_denoiser = asyncfx.partition(model, 2, warmup=2)
+        async_denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=2)
         setattr(pipe, attribute, async_denoiser)
         local = images(pipe, **kwargs)
     async_denoiser.close()
@@ -176,11 +176,11 @@ def test_stable_diffusion_ip_adapter_pipeline():
     den = check_drop_in(pipe, "unet", **inputs)
     assert "added_cond_kwargs_image_embeds_0_" in den.interface.names
     with one_thread():
-        pipe.unet = asyncfx.partition(unet, 2, warmup=2, executor="serial")
+        pipe.unet = asyncfx.partition(unet, 2, layout="1x2", warmup=2, executor="serial")
         full_scale = images(pipe, **inputs)
         pipe.set_ip_adapter_scale(0.3)
         reused = images(pipe, **inputs)
-        pipe.unet = asyncfx.partition(unet, 2, warmup=2, executor="serial")
+        pipe.unet = asyncfx.partition(unet, 2, layout="1x2", warmup=2, executor="serial")
         np.testing.assert_array_equal(reused, images(pipe, **inputs))
     assert not np.array_equal(reused, full_scale)
 
@@ -215,7 +215,7 @@ def test_pipeline_lora_calls_reach_the_partitioned_model():
     lora = lora_state_dict(unet)
     reference = sd_pipeline(copy.deepcopy(unet))
     pipe = sd_pipeline(unet)
-    pipe.unet = asyncfx.partition(unet, 2, warmup=2, executor="serial")
+    pipe.unet = asyncfx.partition(unet, 2, layout="1x2", warmup=2, executor="serial")
     generator = torch.Generator().manual_seed(1)
     embeds = dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
                   negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
@@ -232,7 +232,8 @@ def test_pipeline_lora_calls_reach_the_partitioned_model():
             if name == "re-weighted":
                 assert pipe.get_list_adapters() == {"unet": ["style"]}
                 after = images(pipe, **embeds)  # captured again: as if partitioned after the calls
-                fresh = sd_pipeline(asyncfx.partition(copy.deepcopy(unet), 2, warmup=2, executor="serial"))
+                fresh = sd_pipeline(asyncfx.partition(copy.deepcopy(unet), 2, layout="1x2", warmup=2,
+                                                      executor="serial"))
                 np.testing.assert_array_equal(after, images(fresh, **embeds))
     assert not np.array_equal(after, before)
 
@@ -240,7 +241,7 @@ def test_pipeline_lora_calls_reach_the_partitioned_model():
 def test_save_pretrained_saves_the_partitioned_model(tmp_path):
     unet, _, _ = tiny.sd_unet()
     pipe = sd_pipeline(unet)
-    pipe.unet = asyncfx.partition(unet, 2, warmup=2, executor="serial")
+    pipe.unet = asyncfx.partition(unet, 2, layout="1x2", warmup=2, executor="serial")
     assert isinstance(pipe.unet, UNet2DConditionModel) and type(pipe.unet) is asyncfx.AsyncDenoiser
     assert pipe.config.unet == ("diffusers", "UNet2DConditionModel")
     pipe.save_pretrained(tmp_path)
@@ -257,7 +258,7 @@ def test_from_pipe_carries_a_partitioned_denoiser_passed_by_name():
     name, the denoiser is taken over as it is."""
     unet, _, _ = tiny.sd_unet()
     pipe = sd_pipeline(unet)
-    pipe.unet = asyncfx.partition(unet, 2, warmup=2, executor="serial")
+    pipe.unet = asyncfx.partition(unet, 2, layout="1x2", warmup=2, executor="serial")
     pag = StableDiffusionPAGPipeline.from_pipe(pipe, unet=pipe.unet)
     assert pag.unet is pipe.unet
 
@@ -269,7 +270,7 @@ def test_pipe_to_converts_a_partitioned_denoiser():
               "negative_prompt_embeds": torch.randn(1, 4, 8, generator=generator, dtype=torch.float64)}
     with one_thread():
         expected = images(sd_pipeline(copy.deepcopy(unet)).to(torch.float64), **embeds)
-        pipe = sd_pipeline(asyncfx.partition(unet, 2, warmup=STEPS, executor="serial"))
+        pipe = sd_pipeline(asyncfx.partition(unet, 2, layout="1x2", warmup=STEPS, executor="serial"))
         pipe.to(torch.float64)  # after partition(): the denoiser follows, as the model would
         assert pipe.unet.dtype == torch.float64
         got = images(pipe, **embeds)
@@ -388,7 +389,8 @@ def test_z_image_pipeline_with_a_list_of_latents_and_timesteps_that_count_up():
     with one_thread():
         pipe.transformer = copy.deepcopy(transformer)
         expected = images(pipe, **inputs)
-        pipe.transformer = asyncfx.partition(copy.deepcopy(transformer), 2, warmup=STEPS, executor="serial")
+        pipe.transformer = asyncfx.partition(copy.deepcopy(transformer), 2, layout="1x2", warmup=STEPS,
+                                                 executor="serial")
         np.testing.assert_array_equal(images(pipe, **inputs), expected)  # the model runs after its capture
         runs = {}
         for executor in ("serial", "local"):

@@ -251,15 +251,16 @@ def test_local_workers_equal_serial(name, latent):
     torch.set_num_threads(1)  # every worker and the serial run on one thread: bitwise equal
     try:
         for n in (2, 3):
-            serial = sample(asyncfx.partition(model, n, warmup=2, executor="serial"), kwargs, latent)
-            den = asyncfx.partition(model, n, warmup=2, executor="local")
+            serial = sample(asyncfx.partition(model, n, layout=f"1x{n}", warmup=2, executor="serial"), kwargs,
+                            latent)
+            den = asyncfx.partition(model, n, layout=f"1x{n}", warmup=2, executor="local")
             torch.testing.assert_close(sample(den, kwargs, latent), serial, rtol=0, atol=0)
             den.close()
     finally:
         torch.set_num_threads(threads)
     # with the machine's threads the summation order differs: equal to float32 rounding
-    den = asyncfx.partition(model, 2, warmup=2, executor="local")
-    serial = sample(asyncfx.partition(model, 2, warmup=2, executor="serial"), kwargs, latent)
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=2, executor="local")
+    serial = sample(asyncfx.partition(model, 2, layout="1x2", warmup=2, executor="serial"), kwargs, latent)
     torch.testing.assert_close(sample(den, kwargs, latent), serial, rtol=1e-4, atol=1e-4)
     den.close()
 
@@ -271,10 +272,10 @@ def test_workers_compute_under_the_callers_autocast():
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):  # thread-local: workers do not inherit it
             expected = sample(model, kwargs, "sample", steps=4)
-            warm = sample(asyncfx.partition(model, 2, warmup=4), kwargs, "sample", steps=4)
-            reference = asyncfx.partition(model, 2, warmup=2, executor="serial")
+            warm = sample(asyncfx.partition(model, 2, layout="1x2", warmup=4), kwargs, "sample", steps=4)
+            reference = asyncfx.partition(model, 2, layout="1x2", warmup=2, executor="serial")
             serial = sample(reference, kwargs, "sample", steps=4)
-            local = sample(asyncfx.partition(model, 2, warmup=2), kwargs, "sample", steps=4)
+            local = sample(asyncfx.partition(model, 2, layout="1x2", warmup=2), kwargs, "sample", steps=4)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(warm, expected, rtol=0, atol=0)  # warm-up only: the original run
