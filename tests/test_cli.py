@@ -153,6 +153,10 @@ def test_mismatched_files_give_one_line(tmp_path, monkeypatch, capsys):
     assert (grouped.layout, grouped.n_stages, grouped.groups) == ("2x2", 2, 2)
     assert "layout 2x2: the profiled call is one group's" in grouped.notes[-1]
     assert "layout 2x2: 2 batch groups of 2 stage(s)" in capsys.readouterr().out
+    assert run_cli("simulate", "grouped.json", "--link", "nvlink") == 0
+    simulated = capsys.readouterr().out
+    assert "2 stages in each of 2 batch groups on 4 devices" in simulated
+    assert "layout 2x2: the profiled call is one group's" in simulated
 
 
 class NoiseLevelDenoiser(torch.nn.Module):

@@ -290,6 +290,9 @@ def _simulate(options: argparse.Namespace) -> int:
     print(simulate(plan, link=options.link, steps=options.steps, warmup=options.warmup,
                    stride=options.stride, host_seconds=host, forecast=options.forecast,
                    sequential=SequentialSteps(cooldown=options.cooldown, refresh=options.refresh)).summary())
+    for note in plan.notes:  # why the plan is laid out as it is
+        if note.startswith("layout "):
+            print(note)
     return 0
 
 

@@ -177,8 +177,14 @@ class CapturedCall:
         return self._lowered(compiled)
 
     def _lowered(self, plan: StagePlan) -> Program:
-        if plan.groups != self.layout.groups:
-            plan.groups = self.layout.groups
+        if plan is not self.frontend.plan:  # the compiler's plan (never the user's) records the layout
+            self._record_layout(plan)
+        return lower(self.staged_from, plan, self.frontend.weights, self.split)
+
+    def _record_layout(self, plan: StagePlan) -> None:
+        """Write the layout into a plan compiled for it: its groups, the whole batch's cost
+        and why it was chosen."""
+        plan.groups = self.layout.groups
         if plan.groups > 1 and not plan.whole_batch_cost and plan.cost != "measure":
             if self.whole_over_group is None:  # a re-cut rescales the group's costs: keep the ratio
                 whole = whole_batch_cost(self.captured, plan.cost, plan.link)
@@ -186,7 +192,6 @@ class CapturedCall:
             plan.whole_batch_cost = self.whole_over_group * plan.sequential_cost
         if self.why and self.why not in plan.notes:
             plan.notes.append(self.why)
-        return lower(self.staged_from, plan, self.frontend.weights, self.split)
 
     @property
     def rebalances(self) -> bool:

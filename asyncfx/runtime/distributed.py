@@ -6,8 +6,8 @@ read it; the last stage's output is broadcast so that every rank's sampler takes
 same step. With batch groups (``Program.split``) ranks ``g * S .. g * S + S - 1`` are
 group g's S slots: they compute on the group's share of the batch and exchange
 boundaries among themselves only; every group's output is broadcast, and every rank
-joins them into the whole batch's. The caller creates the process group (gloo on CPU, NCCL on GPUs); its
-timeout turns a dead peer into an error on the ranks that wait for it.
+joins them into the whole batch's. The caller creates the process group (gloo on CPU,
+NCCL on GPUs); its timeout turns a dead peer into an error on the ranks that wait for it.
 
 Protocol (both sides derive it from the schedule, so sends and receives always pair):
 - a warm-up step sends each boundary right after it is computed, and its readers
