@@ -139,3 +139,12 @@ def test_a_batch_that_does_not_divide_into_the_groups_is_refused():
     with pytest.raises(PlanError, match=r"layout 4x1 splits the batch over 4 groups, but the call's batch "
                                         r"is 2"):
         asyncfx.partition(model, 4, layout="4x1", example_inputs=args)
+
+
+def test_calls_of_one_sample_each_leave_nothing_to_split():
+    """A pipeline that makes its conditional and unconditional calls apart gains nothing
+    from batch groups, and the choice sees that from the call's batch."""
+    model, (x, t) = FramesInBatch().eval(), video_inputs()
+    denoiser = asyncfx.partition(model, 2, example_inputs=(x[:1], t[:1]), rebalance=False)
+    assert denoiser.layout == Layout(1, 2) and not any(n.startswith("layout ") for n in denoiser.plan.notes)
+    denoiser.close()
