@@ -107,10 +107,10 @@ def test_image_to_image_after_an_interrupted_text_to_image_run_is_a_fresh_run(ho
 
     unet, _, _ = zoo_example("sd_unet")
     fresh_pipe = StableDiffusionImg2ImgPipeline(**sd_pipeline(unet).components)
-    fresh_pipe.unet = asyncfx.partition(unet, 2, warmup=1, executor="serial")
+    fresh_pipe.unet = asyncfx.partition(unet, 2, layout="1x2", warmup=1, executor="serial")
     expected = _image_to_image(fresh_pipe)
     pipe = sd_pipeline(unet)
-    pipe.unet = asyncfx.partition(unet, 2, warmup=1, executor="serial")
+    pipe.unet = asyncfx.partition(unet, 2, layout="1x2", warmup=1, executor="serial")
     _text_to_image(pipe, how)
     pipe._interrupt = False
     np.testing.assert_array_equal(_image_to_image(StableDiffusionImg2ImgPipeline(**pipe.components)), expected)
@@ -156,7 +156,7 @@ def test_a_second_thread_calling_while_a_call_is_under_way_is_refused_at_once():
 def test_a_denoiser_shared_by_a_thread_pool_never_hangs():
     """Calls from many threads at once each finish or are refused; none waits for good."""
     model, _, kwargs = zoo_example("sd_unet")
-    den = asyncfx.partition(model, 2, warmup=1, devices=["cpu", "cpu"])
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, devices=["cpu", "cpu"])
     outcomes = []
 
     def call(t: int) -> None:
