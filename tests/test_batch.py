@@ -148,3 +148,30 @@ def test_calls_of_one_sample_each_leave_nothing_to_split():
     denoiser = asyncfx.partition(model, 2, example_inputs=(x[:1], t[:1]), rebalance=False)
     assert denoiser.layout == Layout(1, 2) and not any(n.startswith("layout ") for n in denoiser.plan.notes)
     denoiser.close()
+
+
+class Ops(nn.Module):
+    """One op on a latent ``x`` of shape (2, 3, 4) and its timestep ``t`` of shape (2,)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.op(x * t[:, None, None])
+
+
+@pytest.mark.parametrize("op, failure", [
+    (lambda x: torch.einsum("bij,bkj->bik", x, x), None),                    # per-sample attention scores
+    (lambda x: torch.bmm(x, x.transpose(1, 2)).softmax(-1), None),
+    (lambda x: x.flatten(1).unflatten(1, (3, 4)), None),
+    (lambda x: torch.einsum("bij,cij->bc", x, x)[:, :1, None].expand(2, 3, 4), "contracts over the batch"),
+    (lambda x: x.softmax(0), "over the batch dimension"),
+    (lambda x: torch.cat([x[:1], x[1:]]), "takes part of the batch"),
+    (lambda x: x.flip(0), "has no batch rule"),
+    (lambda x: x.reshape(3, 2, 4), "splits the batch over several dimensions"),
+])
+def test_each_op_moves_the_batch_by_its_rule_or_is_refused(op, failure):
+    captured = asyncfx.capture(Ops(op), (torch.randn(2, 3, 4), torch.tensor([1.0, 2.0])), {})
+    found = separability(captured)
+    assert found.failure is None if failure is None else failure in found.failure, found.failure
