@@ -175,3 +175,23 @@ def test_each_op_moves_the_batch_by_its_rule_or_is_refused(op, failure):
     captured = asyncfx.capture(Ops(op), (torch.randn(2, 3, 4), torch.tensor([1.0, 2.0])), {})
     found = separability(captured)
     assert found.failure is None if failure is None else failure in found.failure, found.failure
+
+
+class SingleSampleShortcut(nn.Module):
+    """Takes another path for a batch of one: separable, but not the same graph at a
+    group's batch."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return x * t[:, None, None] * 2
+        return (x + x) * t[:, None, None]
+
+
+def test_a_model_that_runs_other_ops_at_a_groups_batch_is_left_on_stages():
+    model, args = SingleSampleShortcut(), (torch.randn(2, 3, 4), torch.tensor([1.0, 2.0]))
+    with pytest.raises(PlanError, match=r"layout 2x1 cannot split the batch: at the group's batch "
+                                        r"SingleSampleShortcut runs other ops than at the whole batch"):
+        asyncfx.partition(model, 2, layout="2x1", example_inputs=args)
+    denoiser = asyncfx.partition(model, 2, example_inputs=args, rebalance=False, executor="serial")
+    assert denoiser.layout == Layout(1, 2)
+    assert "layout 2x1 left out: layout 2x1 cannot split the batch" in denoiser.plan.notes[-1]

@@ -15,7 +15,7 @@ from asyncfx.partitioner.capture import capture
 from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.compile import Compiled, compile_with_costs
 from asyncfx.partitioner.device import DeviceSpec
-from asyncfx.errors import PlanError
+from asyncfx.errors import CaptureError, PlanError
 from asyncfx.partitioner.layouts import (NOMINAL_STEPS, LayoutOption, candidate_layouts, check_layout,
                                          choose_layout, group_example, predicted_generation, same_computation,
                                          separability, whole_batch_cost)
@@ -92,17 +92,23 @@ class PartitionFrontend:
 
     def _choose(self, model: nn.Module, whole: Captured, found: Separability, layouts: list[Layout],
                 example: tuple[tuple, dict]) -> CapturedCall:
-        """Compile every candidate layout and keep the fastest predicted (``layouts.py``)."""
-        calls, options = [], []
+        """Compile every candidate layout and keep the fastest predicted (``layouts.py``); a
+        layout whose group's batch cannot be captured, or captures other ops, is left out,
+        and the plan says why."""
+        calls, options, left_out = [], [], []
         for layout in layouts:
-            call = self._laid_out(model, whole, found, layout, example)
+            try:
+                call = self._laid_out(model, whole, found, layout, example)
+            except (CaptureError, PlanError) as refused:  # the model at a group's batch
+                left_out.append(f"layout {layout} left out: {refused}")
+                continue
             call.compiled = self.compile(call.staged_from, call.example, layout.stages)
             plan = call.compiled.plan if isinstance(call.compiled, Compiled) else call.compiled
             calls.append(call)
             options.append(LayoutOption(layout, plan, predicted_generation(plan, self.warmup)))
         chosen, why = choose_layout(options, options[0].plan.sequential_cost * NOMINAL_STEPS)
         call = calls[options.index(chosen)]
-        call.why = why
+        call.why = "; ".join([why, *left_out])
         call.whole_over_group = options[0].plan.sequential_cost / chosen.plan.sequential_cost
         return call
 
