@@ -99,8 +99,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
     _check_weights(model, options.weights)
     _check_layout(model, options.known_layout)
     launch = launcher(options.executor, options.devices, options.slots, options.cuda_graphs)
-    frontend = PartitionFrontend(n_devices=options.n_devices, layout=options.layout, warmup=options.warmup,
-                                 cost=options.cost, link=options.link,
+    frontend = PartitionFrontend(n_devices=options.n_devices, layout=options.known_layout,
+                                 warmup=options.warmup, cost=options.cost, link=options.link,
                                  latent=options.latent, timestep=options.timestep, plan=options.plan,
                                  rebalance=options.rebalance, weights=options.weights,
                                  rank_zero_decides=options.executor == "distributed")

@@ -23,13 +23,14 @@ from asyncfx.partitioner.lower import lower
 from asyncfx.partitioner.rebalance import Rebalancer
 from asyncfx.passes.batch import Separability
 from asyncfx.plan import StagePlan
-from asyncfx.program import BatchSplit, CallSpec, Layout, Program, WeightSource, planned_layout
+from asyncfx.program import BatchSplit, CallSpec, Layout, Program, WeightSource
 
 
 @dataclasses.dataclass(frozen=True)
 class PartitionFrontend:
-    """Captures with ``latent``/``timestep``, lays ``n_devices`` out as ``layout`` (None: the
-    fastest predicted for the call's batch, with ``warmup`` warm-up steps), compiles its
+    """Captures with ``latent``/``timestep``, lays ``n_devices`` out as ``layout`` (the given
+    plan's, if any; None: the fastest predicted for the call's batch, with ``warmup``
+    warm-up steps; a ``Captured`` model is never split into groups), compiles its
     stages with ``cost`` and ``link`` (or takes ``plan``, which is never re-cut).
     ``rebalance``: re-cut compiled plans from measured stage times. ``rank_zero_decides``:
     under torch.distributed, rank 0 compiles and re-cuts, and every rank takes its plan
@@ -54,10 +55,10 @@ class PartitionFrontend:
     weights: WeightSource | None = None
 
     def capture(self, model: nn.Module, args: tuple, kwargs: dict) -> CapturedCall:
-        """Capture the call, and settle its layout: the one given (or the plan's), else the
-        fastest predicted among those the batch allows."""
+        """Capture the call, and settle its layout: the one given, else the fastest predicted
+        among those the batch allows."""
         whole = model if isinstance(model, Captured) else self._capture(model, args, kwargs)
-        wanted = self.layout or (planned_layout(self.plan) if self.plan is not None else None)
+        wanted = self.layout
         found = separability(whole) if wanted is None or wanted.groups > 1 else None
         if wanted is not None:
             if found is not None:
@@ -75,10 +76,6 @@ class PartitionFrontend:
                   example: tuple[tuple, dict]) -> CapturedCall:
         if layout.groups == 1:
             return CapturedCall(self, whole, example, layout=layout)
-        if isinstance(model, Captured):
-            raise PlanError(f"layout {layout} captures the model again at a batch of "
-                            f"{found.batch // layout.groups}, and a Captured is specialised to its batch; "
-                            "partition the model itself, or use a layout with one group.")
         batched = frozenset(found.inputs)
         call = whole.call
         part_example = group_example(call.flatten, call.names, batched, layout.groups, *example)

@@ -5,8 +5,9 @@ The latent's first dimension is the batch, and so is the first dimension of ever
 input of that size (the conditioning and timestep of a classifier-free-guidance batch).
 Each op moves the axis by its rule (``batch_rules.py``); an op that may mix samples, one
 without a rule, or an output without the batch as its first dimension makes the graph
-not separable, and the proof names that node and its module. A separable graph run on
-any split of its batch gives each sample exactly the numbers it gives it whole.
+not separable, and the proof names that node and its module. A separable graph computes
+each sample from that sample alone, on any split of its batch (to the last bits kernels
+sum otherwise at another batch size).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import fx
 
 from asyncfx.passes.batch_axes import NOTHING, Mixes, Operands, Sample, Shared
 from asyncfx.passes.batch_rules import rule_for
-from asyncfx.passes.meta import COMPUTE_OPS, VALUE, has_data_dependent_size, module_path
+from asyncfx.passes.meta import COMPUTE_OPS, VALUE, draws_random_numbers, has_data_dependent_size, module_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ def batch_separability(graph: fx.Graph, latents: list[str]) -> Separability:
 
     Example:
         >>> batch_separability(gm.graph, ["x"]).failure
-        "node 'mean' (module 'norm') reduces over the batch dimension"
+        "node 'mean' (aten.mean.dim, module 'norm') reduces over the batch dimension"
     """
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     shapes = [tuple(placeholders[name].meta[VALUE].shape) for name in latents]
@@ -100,7 +101,7 @@ def _axis_of(node: fx.Node, axes: dict[fx.Node, Any], values: Mapping[fx.Node, A
         held = axes.get(node.args[0], NOTHING)
         return held[node.args[1]] if isinstance(held, tuple) else held
     if all(not isinstance(a, Sample) and not isinstance(a, tuple) for a in inputs):
-        if not _is_random(node):
+        if not draws_random_numbers(node.target):
             return _shared_result(node, axes, values)
     if has_data_dependent_size(values.get(node)):
         raise _Refuted(_at(node, "has a size computed from the values of batched tensors"))
@@ -138,11 +139,6 @@ def _check_outputs(node: fx.Node, axes: dict[fx.Node, Any], values: Mapping[fx.N
                  else "nowhere: it is the same for every sample but not one copy per sample")
         raise _Refuted(_at(output, f"is output {index}, whose batch lies {where}, not one sample per "
                                    "entry of the first dimension"))
-
-
-def _is_random(node: fx.Node) -> bool:
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
 def _op_name(node: fx.Node) -> str:

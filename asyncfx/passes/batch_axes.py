@@ -52,11 +52,6 @@ class Shared:
         """The periods of dimensions that stay (``where(dim)``: the new dim, or None)."""
         return Shared.of({where(d): p for d, p in self.periods if where(d) is not None})
 
-    def constant(self) -> "Shared":
-        """Only the dimensions it is constant along (an op that reorders within them)."""
-        return Shared(tuple((d, p) for d, p in self.periods if p == 1))
-
-
 Axis = Sample | Shared
 NOTHING = Shared()
 

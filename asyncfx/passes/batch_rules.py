@@ -10,6 +10,7 @@ import torch
 from asyncfx.passes.batch_axes import (NOTHING, Axis, Mixes, Operands, Sample, Shared, broadcast, dim_of,
                                        expanded, filled, first_argument, made, permuted, pointwise,
                                        repeated, repeated_each, reshaped, transposed)
+from asyncfx.passes.meta import draws_random_numbers
 
 Rule = Callable[[Operands], "Axis | tuple"]
 
@@ -289,6 +290,6 @@ def rule_for(target: object) -> Rule | None:
     rule = RULES.get(target.overloadpacket.__name__)
     if rule is None and torch.Tag.pointwise in target.tags:
         return pointwise
-    if rule is None and torch.Tag.nondeterministic_seeded in target.tags:
+    if rule is None and draws_random_numbers(target):
         raise Mixes("it draws random numbers, which a split batch draws differently")
     return rule

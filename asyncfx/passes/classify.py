@@ -4,10 +4,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Mapping
 
-import torch
 from torch import fx
 
-from asyncfx.passes.meta import VALUE_CLASS, ValueClass
+from asyncfx.passes.meta import VALUE_CLASS, ValueClass, draws_random_numbers
 
 
 def classify(graph: fx.Graph, placeholder_classes: Mapping[str, ValueClass]) -> Counter:
@@ -34,7 +33,7 @@ def classify(graph: fx.Graph, placeholder_classes: Mapping[str, ValueClass]) -> 
                 raise ValueError(f"classify: placeholder {node.name!r} has no class; give every "
                                  f"graph input a class (got {sorted(placeholder_classes)}).")
             value_class = placeholder_classes[node.name]
-        elif _is_random(node):
+        elif node.op == "call_function" and draws_random_numbers(node.target):
             value_class = ValueClass.LATENT
         else:
             value_class = max((n.meta[VALUE_CLASS] for n in node.all_input_nodes),
@@ -42,8 +41,3 @@ def classify(graph: fx.Graph, placeholder_classes: Mapping[str, ValueClass]) -> 
         node.meta[VALUE_CLASS] = value_class
         counts[value_class] += 1
     return counts
-
-
-def _is_random(node: fx.Node) -> bool:
-    tags = getattr(node.target, "tags", ())
-    return node.op == "call_function" and torch.Tag.nondeterministic_seeded in tags

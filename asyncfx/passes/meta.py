@@ -44,6 +44,16 @@ def has_data_dependent_size(value: Any) -> bool:
     return isinstance(value, SYMBOLIC_VALUES) and bool(free_unbacked_symbols(value))
 
 
+def draws_random_numbers(target: Any) -> bool:
+    """Whether an op draws new numbers at every call (tagged ``nondeterministic_seeded``).
+
+    Example:
+        >>> draws_random_numbers(torch.ops.aten.randn.default)
+        True
+    """
+    return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
+
+
 def module_path(node: fx.Node) -> str:
     """The path of the module a node came from (``down_blocks.2.resnets.0``), "" for top level."""
     stack = node.meta.get("nn_module_stack")
