@@ -637,8 +637,32 @@ def test_inputs_the_model_rejects_get_input_advice():
         asyncfx.capture(model, (), {**kwargs, "timestep": torch.tensor(500.0)})  # 0-d, needs 1-d
     message = str(info.value)
     assert "Timesteps should be a 1d-array" in message and "embeddings.py" in message
-    assert "Check that the example inputs are what the model expects" in message
+    assert "cannot run on this call's arguments" in message and "timestep float32[]" in message
     assert "branches on a tensor's value" not in message
+
+
+def _bad_sd_calls() -> dict[str, tuple[dict, str]]:
+    """Calls of the tiny SD UNet that do not fit it, and what the error must quote."""
+    _, _, kwargs = zoo_example("sd_unet")
+    sample, text = kwargs["sample"], kwargs["encoder_hidden_states"]
+    return {"dtype": ({"sample": sample.double()}, "sample float64[2, 4, 8, 8]"),
+            "channels": ({"sample": sample[:, :3]}, "expected input[2, 3, 8, 8] to have 4 channels"),
+            "batches": ({"sample": torch.cat([sample, sample[:1]])}, "sample float32[3, 4, 8, 8]"),
+            "3-D latent": ({"sample": sample[0]}, "sample float32[4, 8, 8]"),
+            "empty batch": ({"sample": sample[:0], "encoder_hidden_states": text[:0]},
+                            "encoder_hidden_states float32[0, 4, 8]")}
+
+
+@pytest.mark.parametrize("case", list(_bad_sd_calls()))
+def test_a_call_the_model_refuses_is_one_line_naming_the_arguments_without_the_fallbacks_noise(case):
+    model, _, kwargs = zoo_example("sd_unet")
+    changed, quoted = _bad_sd_calls()[case]
+    with pytest.raises(asyncfx.CaptureError) as info:
+        asyncfx.capture(model, (), {**kwargs, **changed})
+    message = str(info.value)
+    assert message.startswith("UNet2DConditionModel cannot run on this call's arguments")
+    assert quoted in message and "timestep int64[]" in message
+    assert "\n" not in message and "symbolic_trace" not in message and "Proxy" not in message
 
 
 class _Keys:

@@ -7,13 +7,17 @@ import os
 import re
 import traceback
 import warnings
+from typing import Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch._dynamo.eval_frame import OptimizedModule
 
 from asyncfx.errors import CaptureError
 from asyncfx.integration import check_no_forward_wrappers, check_no_step_cache
+from asyncfx.partitioner.empty_weights import fake_weights
+from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.program import GraphInput, InputRole
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -86,6 +90,32 @@ def both_failed_message(model: nn.Module, export_error: Exception, trace_error: 
             f"{type(export_error).__name__}: {summary(export_error)}; the torch.fx.symbolic_trace "
             f"fallback failed too{_at(trace_error)} with {type(trace_error).__name__}: "
             f"{summary(trace_error)}. " + advice)
+
+
+def check_call_runs(model: nn.Module, args: tuple, kwargs: dict,
+                    tensors: Sequence[tuple[str, InputRole, torch.Tensor]]) -> None:
+    """Where tracing failed: refuse, in one line, a call the model's own forward refuses (a
+    wrong dtype, channel count or batch size), which no tracer could capture and whose
+    trace errors would bury the cause. The model runs once on copies of the arguments,
+    with no gradients, its Python state put back (``traced_state``) and fake tensors for
+    weights it was built without; its forward hooks run."""
+    copies = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
+    try:
+        with (torch.no_grad(), restoring_traced_state(model, warn=False),
+              fake_weights(model, *copies) as (eager_args, eager_kwargs)):
+            model(*eager_args, **eager_kwargs)
+    except CaptureError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of the model's own code
+        raise CaptureError(_call_failed_message(model, error, tensors)) from error
+
+
+def _call_failed_message(model: nn.Module, error: Exception,
+                         tensors: Sequence[tuple[str, InputRole, torch.Tensor]]) -> str:
+    given = ", ".join(f"{name} {str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for name, _, t in tensors)
+    return (f"{type(model).__name__} cannot run on this call's arguments: its forward fails{_at(error)} "
+            f"with {type(error).__name__}: {summary(error)}. The call gives {given}; pass the shapes and "
+            "dtypes the model takes (the latent's channels, one batch size for every argument).")
 
 
 def _at(error: BaseException) -> str:

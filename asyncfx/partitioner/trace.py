@@ -22,7 +22,7 @@ from asyncfx.errors import CaptureError
 from asyncfx.partitioner.binding import BoundCall, top_level_name
 from asyncfx.partitioner.containers import (unregistered_input_error, unregistered_output_error,
                                             watching_argument_writes)
-from asyncfx.partitioner.diagnose import both_failed_message, summary
+from asyncfx.partitioner.diagnose import both_failed_message, check_call_runs, summary
 from asyncfx.partitioner.empty_weights import fake_weights, with_meta_weights
 from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.functionalise import functionalise, in_place_ops
@@ -64,6 +64,7 @@ def trace(model: nn.Module, call: BoundCall, *, stack_traces: bool = False) -> T
                         or unregistered_input_error(export_error, leaves, names, type(model).__name__))
         if object_error is not None:  # symbolic_trace cannot take or return such an object either
             raise object_error from export_error
+        check_call_runs(model, args, kwargs, call.tensors)  # else the call, not tracing, is at fault
         try:
             with restoring_traced_state(model):
                 gm, out_spec = _symbolic_trace(model, leaves, names, is_tensor)

@@ -65,10 +65,11 @@ class Namespace:
 
 
 @contextlib.contextmanager
-def restoring_traced_state(model: nn.Module) -> Iterator[None]:
+def restoring_traced_state(model: nn.Module, *, warn: bool = True) -> Iterator[None]:
     """Run a trace of ``model``, then put back the Python state it changed (traced values
     in the modules' attributes, anything in the objects they hold), and warn
-    (``PythonStateWarning``) about changes other than traced values and first settings.
+    (``PythonStateWarning``; ``warn=False``: silently, for a run that is not the trace)
+    about changes other than traced values and first settings.
 
     Example:
         >>> with restoring_traced_state(model):
@@ -88,7 +89,8 @@ def restoring_traced_state(model: nn.Module) -> Iterator[None]:
         found = [change for space in saved for change in changes(space)]
         _restore_objects(saved)
         _clear_caches_filled_since(caches, misses)
-    _warn_about_changes(type(model).__name__, list(dict.fromkeys(at_return + found)))
+    if warn:
+        _warn_about_changes(type(model).__name__, list(dict.fromkeys(at_return + found)))
 
 
 def _method_caches(model: nn.Module) -> list[Any]:
