@@ -13,6 +13,7 @@ from typing import Any
 
 from asyncfx.errors import PlanError
 from asyncfx.artifact import load_json, save_json
+from asyncfx.schema import SchemaError, from_json
 
 PLAN_FORMAT = "asyncfx.StagePlan"
 PLAN_VERSION = 1
@@ -101,16 +102,40 @@ class StagePlan:
         return {"format": PLAN_FORMAT, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StagePlan":
-        fields = {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, data: dict[str, Any], source: str = "stage plan") -> "StagePlan":
+        """The plan in ``data`` (a plan's JSON), checked against the plan's fields and for
+        stages and boundaries that fit together; a PlanError names what is wrong."""
         try:
-            values = {k: v for k, v in data.items() if k in fields}
-            values["inputs"] = [PlanInput(**i) for i in values["inputs"]]
-            values["stages"] = [StageInfo(**s) for s in values["stages"]]
-            values["boundaries"] = [BoundaryTensor(**b) for b in values["boundaries"]]
-            return cls(**values)
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"stage plan is malformed ({exc}); compile it again.") from exc
+            plan = from_json(cls, data)
+        except SchemaError as exc:
+            raise PlanError(f"{source} is malformed: {exc}; compile it again.") from None
+        problem = plan.inconsistency()
+        if problem:
+            raise PlanError(f"{source} is malformed: {problem}; compile it again.")
+        return plan
+
+    def inconsistency(self) -> str:
+        """What makes the stages and boundaries not fit together ("" when they do)."""
+        if not self.stages:
+            return "it has no stages"
+        if self.groups < 1:
+            return f"groups is {self.groups}, not a positive number of batch groups"
+        seen: set[str] = set()
+        for k, stage in enumerate(self.stages):
+            if stage.index != k:
+                return f"stages[{k}] has index {stage.index}"
+            if not stage.nodes:
+                return f"stages[{k}] has no nodes"
+            twice = seen.intersection(stage.nodes)
+            if twice:
+                return f"node {sorted(twice)[0]!r} is in two stages"
+            seen.update(stage.nodes)
+        for b in self.boundaries:
+            if not 0 <= b.producer < self.n_stages or not b.consumers or not all(
+                    b.producer < c < self.n_stages for c in b.consumers):
+                return (f"boundary {b.name!r} is made by stage {b.producer} for stages {b.consumers}, "
+                        f"which {self.n_stages} stages cannot hold")
+        return ""
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON (atomically: a failed write leaves no partial file)."""
@@ -119,7 +144,8 @@ class StagePlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StagePlan":
         return cls.from_dict(load_json(path, "stage plan", PLAN_FORMAT, PLAN_VERSION,
-                                       "make one with asyncfx.compile() or `asyncfx compile`."))
+                                       "make one with asyncfx.compile() or `asyncfx compile`."),
+                             f"stage plan {os.fspath(path)!r}")
 
     def summary(self) -> str:
         """A readable table of stages and boundary tensors."""

@@ -228,7 +228,7 @@ def test_plan_for_another_graph_is_refused():
 def test_tampered_plan_is_refused(tmp_path):
     plan = asyncfx.compile(zoo_captured("sd_unet"), 2)
     plan.stages[0].nodes, plan.stages[1].nodes = plan.stages[1].nodes, plan.stages[0].nodes
-    with pytest.raises(asyncfx.PlanError, match="do not list the graph's latent nodes in order"):
+    with pytest.raises(asyncfx.PlanError, match="do not list the graph's .* latent nodes in order"):
         asyncfx.split(zoo_captured("sd_unet"), plan)
     not_a_plan = tmp_path / "other.json"
     not_a_plan.write_text(json.dumps({"hello": 1}))

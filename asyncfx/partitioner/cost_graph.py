@@ -59,14 +59,6 @@ class CostGraph:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CostGraph":
-        values = dict(data)
-        values["inputs"] = [PlanInput(**i) for i in values["inputs"]]
-        values["nodes"] = [CostNode(**n) for n in values["nodes"]]
-        values["side_nodes"] = [CostNode(**n) for n in values["side_nodes"]]
-        return cls(**values)
-
     def stage_weights(self, names: Sequence[str]) -> set[str]:
         return {w for name in names for w in self.holds.get(name, ())}
 

@@ -20,6 +20,7 @@ from asyncfx.partitioner.layouts import (NOMINAL_STEPS, LayoutOption, candidate_
                                          choose_layout, group_example, predicted_generation, same_computation,
                                          separability, whole_batch_cost)
 from asyncfx.partitioner.lower import lower
+from asyncfx.partitioner.staged import check_plan
 from asyncfx.partitioner.rebalance import Rebalancer
 from asyncfx.passes.batch import Separability
 from asyncfx.plan import StagePlan
@@ -63,7 +64,10 @@ class PartitionFrontend:
         if wanted is not None:
             if found is not None:
                 check_layout(wanted, found, whole.model_class)
-            return self._laid_out(model, whole, found, wanted, (args, kwargs))
+            call = self._laid_out(model, whole, found, wanted, (args, kwargs))
+            if self.plan is not None:  # now, not when the stages are built after warm-up
+                check_plan(call.staged_from, self.plan)
+            return call
         options = [] if self.rank_zero_decides else candidate_layouts(self.n_devices, found)
         if len(options) <= 1 or isinstance(model, Captured):  # stages only: compiled when lowered
             return self._laid_out(model, whole, found, Layout(1, self.n_devices), (args, kwargs))

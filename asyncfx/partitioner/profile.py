@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from asyncfx.artifact import load_json, save_json
+from asyncfx.schema import SchemaError, from_json
 from asyncfx.errors import PlanError
 from asyncfx.partitioner.binding import LatentOption
 from asyncfx.partitioner.captured import Captured
@@ -55,12 +56,9 @@ class Profile:
         data = load_json(path, "profile", PROFILE_FORMAT, PROFILE_VERSION,
                          "make one with `asyncfx profile` or asyncfx.profile().")
         try:
-            fields = {f.name for f in dataclasses.fields(cls)}
-            values = {k: v for k, v in data.items() if k in fields}
-            values["graph"] = CostGraph.from_dict(values["graph"])
-            return cls(**values)
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"profile {os.fspath(path)!r} is malformed ({exc}); profile again.") from exc
+            return from_json(cls, data)
+        except SchemaError as exc:
+            raise PlanError(f"profile {os.fspath(path)!r} is malformed: {exc}; profile again.") from None
 
 
 def profile(model_or_captured: nn.Module, example_inputs: Any, *, warmup: int = 2, repeats: int = 5,

@@ -66,22 +66,44 @@ def split(captured: Captured, plan: StagePlan) -> StagedModel:
     if not isinstance(captured, Captured):
         raise PlanError(f"split() needs a Captured (from asyncfx.capture), got "
                         f"{type(captured).__name__}.")
+    check_plan(captured, plan)
+    return StagedModel(split_stages(captured.graph_module, _assignment(captured.graph, plan)),
+                       captured.interface, plan)
+
+
+def check_plan(captured: Captured, plan: StagePlan) -> None:
+    """Raise PlanError unless ``plan`` was compiled for this graph: the same fingerprint
+    (model, input shapes and dtypes, input roles, torch version) and the graph's latent
+    nodes listed in order (a hand-edited plan may have moved or renamed one).
+
+    Example:
+        >>> check_plan(asyncfx.capture(model, args, kwargs), asyncfx.StagePlan.load("plan.json"))
+    """
     if plan.fingerprint != captured.fingerprint:
         raise PlanError(
             f"the plan was compiled for another graph (plan fingerprint {plan.fingerprint}, "
-            f"{plan.model_class}; this graph {captured.fingerprint}, {captured.model_class}): "
-            "the model, its input shapes or dtypes, which inputs are the latent and the timestep "
+            f"{plan.model_class}, inputs {_inputs(plan)}; this graph {captured.fingerprint}, "
+            f"{captured.model_class}, inputs {', '.join(i.describe() for i in captured.inputs)}): the "
+            "model, its input shapes or dtypes, which inputs are the latent and the timestep "
             "(latent=, timestep=), or the torch version differ. Compile a new plan for this model "
             "and inputs with asyncfx.compile().")
-    return StagedModel(split_stages(captured.graph_module, _assignment(captured.graph, plan)),
-                       captured.interface, plan)
+    _assignment(captured.graph, plan)
+
+
+def _inputs(plan: StagePlan) -> str:
+    return ", ".join(f"{i.name} ({i.role}, {i.dtype.removeprefix('torch.')}{i.shape})" for i in plan.inputs)
 
 
 def _assignment(graph: fx.Graph, plan: StagePlan) -> list[list[fx.Node]]:
     order = latent_order(graph)
     names = [name for stage in plan.stages for name in stage.nodes]
-    if names != [n.name for n in order]:
-        raise PlanError("the plan's stages do not list the graph's latent nodes in order; "
-                        "compile the plan again with asyncfx.compile().")
+    expected = [n.name for n in order]
+    if names != expected:
+        at = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), min(len(names), len(expected)))
+        listed = repr(names[at]) if at < len(names) else "nothing more"
+        wanted = repr(expected[at]) if at < len(expected) else "no node"
+        raise PlanError(f"the plan's stages do not list the graph's {len(expected)} latent nodes in order: "
+                        f"at position {at} they list {listed} where the graph has {wanted} (a plan edited by "
+                        "hand, or made for another model); compile the plan again with asyncfx.compile().")
     by_name = {n.name: n for n in order}
     return [[by_name[name] for name in stage.nodes] for stage in plan.stages]

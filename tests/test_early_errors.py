@@ -1,0 +1,104 @@
+"""Bad inputs are caught early, each with one clear line: plans that do not fit the model
+or their schema, options, output paths, and what the command line prints."""
+from __future__ import annotations
+
+import functools
+import json
+import re
+
+import pytest
+
+import asyncfx
+from asyncfx.app.cli import main
+from conftest import zoo_captured, zoo_example
+
+
+@functools.lru_cache(maxsize=None)
+def sd_plan(batch: int = 2) -> asyncfx.StagePlan:
+    """A 3-stage plan of the tiny SD UNet at ``batch`` (dicts made from it are edited)."""
+    if batch == 2:
+        return asyncfx.compile(zoo_captured("sd_unet"), 3)
+    model, _, kwargs = zoo_example("sd_unet")
+    _, _, smaller = asyncfx.zoo.tiny.sd_unet(batch=batch)
+    return asyncfx.compile(model, 3, example_inputs=((), smaller))
+
+
+def _edited(edit) -> asyncfx.StagePlan:
+    data = sd_plan().to_dict()
+    edit(data)
+    return asyncfx.StagePlan.from_dict(data)
+
+
+def _drop_last_stage(data: dict) -> None:
+    data["stages"].pop()
+    data["boundaries"] = [b for b in data["boundaries"] if b["producer"] < 2]
+    for b in data["boundaries"]:
+        b["consumers"] = [c for c in b["consumers"] if c < 2]
+    data["boundaries"] = [b for b in data["boundaries"] if b["consumers"]]
+
+
+PLANS_FOR_ANOTHER_GRAPH = {
+    "another batch size": (lambda: sd_plan(1), "compiled for another graph"),
+    "a node renamed": (lambda: _edited(lambda d: d["stages"][1]["nodes"].__setitem__(0, "renamed")),
+                       "they list 'renamed' where the graph has"),
+    "nodes reordered": (lambda: _edited(lambda d: d["stages"][1]["nodes"].reverse()), "in order: at position"),
+    "a stage removed": (lambda: _edited(_drop_last_stage), "they list nothing more where the graph has"),
+    "fingerprint changed": (lambda: _edited(lambda d: d.__setitem__("fingerprint", "0" * 16)),
+                            "plan fingerprint 0000000000000000"),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANS_FOR_ANOTHER_GRAPH))
+@pytest.mark.parametrize("given_inputs", [False, True], ids=["first call", "partition"])
+def test_a_plan_for_another_graph_is_refused_at_the_capture(case, given_inputs):
+    """At the first call (the capture), before any step ran, or at partition() itself
+    when it is given example inputs."""
+    model, _, kwargs = zoo_example("sd_unet")
+    make, quoted = PLANS_FOR_ANOTHER_GRAPH[case]
+    plan = make()
+    example = ((), kwargs) if given_inputs else None
+    with pytest.raises(asyncfx.PlanError, match=quoted):
+        denoiser = asyncfx.partition(model, plan.n_stages, plan=plan, executor="serial",
+                                     example_inputs=example, release_weights=False)
+        assert not given_inputs
+        denoiser(**kwargs)
+
+
+MALFORMED_PLANS = {
+    "nodes a number": (lambda d: d["stages"][0].__setitem__("nodes", 5),
+                       "stages[0].nodes must be a list of strings, got 5"),
+    "cost a word": (lambda d: d["stages"][0].__setitem__("estimated_cost", "fast"),
+                    "stages[0].estimated_cost must be a number, got 'fast'"),
+    "a field missing": (lambda d: d["boundaries"][0].pop("shape"), "boundaries[0].shape is missing"),
+    "stages an object": (lambda d: d.__setitem__("stages", {}), "stages must be a list of objects"),
+    "no groups": (lambda d: d.__setitem__("groups", 0), "groups is 0, not a positive number"),
+    "a stage twice": (lambda d: d["stages"][1]["nodes"].append(d["stages"][0]["nodes"][0]), "node 'conv2d' is in two stages"),
+    "a producer out of range": (lambda d: d["boundaries"][0].__setitem__("producer", 7), "boundary 'conv2d' is made by stage 7"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_PLANS))
+def test_a_malformed_plan_file_is_one_line_when_loaded(tmp_path, capsys, case):
+    edit, quoted = MALFORMED_PLANS[case]
+    data = sd_plan().to_dict()
+    edit(data)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    for command in ("show", "simulate"):
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"asyncfx: error: stage plan '{path}' is malformed: {quoted}") and "\n" not in err
+    model, _, _ = zoo_example("sd_unet")
+    with pytest.raises(asyncfx.PlanError, match="is malformed: " + re.escape(quoted)):
+        asyncfx.partition(model, 3, plan=path)
+
+
+def test_a_malformed_profile_is_one_line_when_loaded(tmp_path, capsys):
+    profile_path, plan_path = tmp_path / "profile.json", tmp_path / "plan.json"
+    data = {"format": "asyncfx.Profile", "version": 1, "graph": {"fingerprint": 3}, "device": "cpu",
+            "threads": 1, "warmup": 0, "repeats": 1}
+    profile_path.write_text(json.dumps(data))
+    assert main(["compile", str(profile_path), "--n-devices", "2", "--out", str(plan_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is malformed: graph.fingerprint must be a string, got 3; profile again." in err
+    assert not plan_path.exists()
