@@ -62,8 +62,9 @@ class PartitionOptions:
     weights: str | os.PathLike | WeightSource | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rebalance, bool):
-            raise PlanError(f"rebalance must be True or False, got {self.rebalance!r}.")
+        for flag in ("rebalance", "time_shift"):
+            if not isinstance(getattr(self, flag), bool):
+                raise PlanError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
         if self.release_weights is not None and not isinstance(self.release_weights, bool):
             raise PlanError(f"release_weights must be True, False or None, got {self.release_weights!r}.")
         if isinstance(self.weights, (str, os.PathLike)):

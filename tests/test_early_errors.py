@@ -10,6 +10,7 @@ import pytest
 
 import asyncfx
 from asyncfx.app.cli import main
+from asyncfx.partitioner.layouts import max_stage_count
 from conftest import zoo_captured, zoo_example
 
 
@@ -102,3 +103,31 @@ def test_a_malformed_profile_is_one_line_when_loaded(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "is malformed: graph.fingerprint must be a string, got 3; profile again." in err
     assert not plan_path.exists()
+
+
+BAD_OPTIONS = {
+    "an mps device": ({"devices": ["mps", "mps"]}, asyncfx.DeviceError, "not on 'mps' ones"),
+    "a meta device": ({"devices": ["meta", "meta"]}, asyncfx.DeviceError, "'meta', which holds no data"),
+    "more devices than slots": ({"devices": ["cpu"] * 4}, asyncfx.DeviceError,
+                                "2 devices are needed .* devices lists 4; list 2, or pass n_devices=4"),
+    "time_shift a word": ({"time_shift": "yes", "forecast": 0}, asyncfx.PlanError,
+                          "time_shift must be True or False, got 'yes'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_options_are_refused_by_partition_itself(case):
+    model, _, _ = zoo_example("sd_unet")
+    options, error, quoted = BAD_OPTIONS[case]
+    with pytest.raises(error, match=quoted):
+        asyncfx.partition(model, 2, **options)
+
+
+@pytest.mark.parametrize("layout", [None, "1x1000000"])
+def test_more_devices_than_the_model_has_stages_is_refused_at_the_capture(layout):
+    model, _, kwargs = zoo_example("sd_unet")
+    limit = max_stage_count(zoo_captured("sd_unet"))
+    stages = 500000 if layout is None else 1000000  # the auto layout's fewest stages: 2 groups
+    with pytest.raises(asyncfx.PlanError, match=f"need {stages} stages, more than the {limit} "
+                                                f"UNet2DConditionModel can be cut into"):
+        asyncfx.partition(model, 10 ** 6, layout=layout, example_inputs=((), kwargs))

@@ -774,7 +774,7 @@ def test_errors_for_devices_stride_and_options():
             asyncfx.partition(model, 2, devices=["cuda:0", "cuda:1"])
     with pytest.raises(SchedulerError, match="stride=2 .* pass scheduler=pipe.scheduler"):
         asyncfx.partition(model, 2, stride=2)
-    with pytest.raises(DeviceError, match="3 devices are needed .* devices lists 2"):
+    with pytest.raises(DeviceError, match="3 devices are needed .* devices lists 2; list 3"):
         asyncfx.partition(model, 2, stride=2, scheduler=DDIMScheduler(), devices=["cpu", "cpu"])
     with pytest.raises(asyncfx.PlanError, match="warmup must be an integer >= 1"):
         asyncfx.partition(model, 2, warmup=0)

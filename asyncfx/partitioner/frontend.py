@@ -17,8 +17,9 @@ from asyncfx.partitioner.compile import Compiled, compile_with_costs
 from asyncfx.partitioner.device import DeviceSpec
 from asyncfx.errors import CaptureError, PlanError
 from asyncfx.partitioner.layouts import (NOMINAL_STEPS, LayoutOption, candidate_layouts, check_layout,
-                                         choose_layout, group_example, predicted_generation, same_computation,
-                                         separability, whole_batch_cost)
+                                         check_stage_count, choose_layout, group_example, max_stage_count,
+                                         predicted_generation, same_computation, separability,
+                                         whole_batch_cost)
 from asyncfx.partitioner.lower import lower
 from asyncfx.partitioner.staged import check_plan
 from asyncfx.partitioner.rebalance import Rebalancer
@@ -59,19 +60,24 @@ class PartitionFrontend:
         """Capture the call, and settle its layout: the one given, else the fastest predicted
         among those the batch allows."""
         whole = model if isinstance(model, Captured) else self._capture(model, args, kwargs)
-        wanted = self.layout
+        wanted, limit = self.layout, max_stage_count(whole)
         found = separability(whole) if wanted is None or wanted.groups > 1 else None
         if wanted is not None:
+            check_stage_count(wanted, limit, whole.model_class)
             if found is not None:
                 check_layout(wanted, found, whole.model_class)
             call = self._laid_out(model, whole, found, wanted, (args, kwargs))
             if self.plan is not None:  # now, not when the stages are built after warm-up
                 check_plan(call.staged_from, self.plan)
             return call
-        options = [] if self.rank_zero_decides else candidate_layouts(self.n_devices, found)
-        if len(options) <= 1 or isinstance(model, Captured):  # stages only: compiled when lowered
-            return self._laid_out(model, whole, found, Layout(1, self.n_devices), (args, kwargs))
-        return self._choose(model, whole, found, options, (args, kwargs))
+        stages_only = isinstance(model, Captured) or self.rank_zero_decides  # a Captured has one batch
+        options = [Layout(1, self.n_devices)] if stages_only else candidate_layouts(self.n_devices, found)
+        fitting = [layout for layout in options if layout.stages <= limit]
+        if not fitting:
+            check_stage_count(min(options, key=lambda layout: layout.stages), limit, whole.model_class)
+        if len(fitting) == 1:  # compiled when lowered
+            return self._laid_out(model, whole, found, fitting[0], (args, kwargs))
+        return self._choose(model, whole, found, fitting, (args, kwargs))
 
     def _capture(self, model: nn.Module, args: tuple, kwargs: dict) -> Captured:
         return capture(model, args, kwargs, latent=self.latent, timestep=self.timestep)

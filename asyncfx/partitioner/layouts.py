@@ -21,6 +21,7 @@ from asyncfx.errors import PlanError
 from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.cost_graph import build_cost_graph
 from asyncfx.partitioner.cost_model import CostModel
+from asyncfx.partitioner.cuts import cut_positions, latent_order
 from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.passes.batch import Separability, batch_separability
 from asyncfx.plan import StagePlan
@@ -57,6 +58,20 @@ def candidate_layouts(n_devices: int, found: Separability) -> list[Layout]:
     """Every ``G x N`` with ``G * N = n_devices`` whose G splits the batch (G=1 always)."""
     groups = [g for g in range(1, n_devices + 1) if n_devices % g == 0 and (g == 1 or found.splits_into(g))]
     return [Layout(g, n_devices // g) for g in groups]
+
+
+def max_stage_count(captured: Captured) -> int:
+    """How many stages the captured graph can be cut into: one more than its cut positions."""
+    return len(cut_positions(latent_order(captured.graph))) + 1
+
+
+def check_stage_count(layout: Layout, max_stages: int, model_class: str) -> None:
+    """Raise PlanError when the layout has more stages than the model can be cut into."""
+    if layout.stages > max_stages:
+        groups = f" in {layout.groups} batch groups" if layout.groups > 1 else ""
+        raise PlanError(f"{layout.devices} devices{groups} need {layout.stages} stages, more than the "
+                        f"{max_stages} {model_class} can be cut into at this input size (it has "
+                        f"{max_stages - 1} places to cut); use at most {max_stages} devices a group.")
 
 
 def group_example(call_flatten: Callable[[tuple, dict], list[torch.Tensor]], names: Sequence[str],

@@ -105,10 +105,30 @@ def resolve_devices(devices: Sequence[str | torch.device] | str | None, needed: 
         except (RuntimeError, TypeError) as exc:
             raise DeviceError(f"devices lists {device!r}, which is not a torch device ({exc}); use 'cpu' "
                               "or 'cuda:N'.") from exc
-    if len(resolved) < needed:
-        raise DeviceError(f"{needed} devices are needed (stages plus stride 2's extra device) but "
-                          f"devices lists {len(resolved)}.")
+    if len(resolved) != needed:
+        raise DeviceError(f"{needed} devices are needed (one per stage of each batch group, plus one a "
+                          f"group for stride 2) but devices lists {len(resolved)}; list {needed}, or pass "
+                          f"n_devices={len(resolved)} to use them all.")
+    for device in resolved:
+        check_device_type(device)
     missing = [str(d) for d in resolved if d.type == "cuda" and (d.index or 0) >= available]
     if missing:
         raise DeviceError(f"asked for {', '.join(missing)} but {found}.")
-    return resolved[:needed]
+    return resolved
+
+
+#: The device types whose slots asyncfx runs stages on.
+STAGE_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device_type(device: torch.device) -> None:
+    """Refuse a device no stage can run on: one without data (meta), or of a type the
+    executors do not drive (their threads, CUDA streams and events are CPU and CUDA ones)."""
+    if device.type == "meta":
+        raise DeviceError("devices lists 'meta', which holds no data, so no stage can compute there; list "
+                          "'cpu' or 'cuda:N' devices (a model built on the meta device takes weights=<its "
+                          "files> instead).")
+    if device.type not in STAGE_DEVICE_TYPES:
+        raise DeviceError(f"devices lists {str(device)!r}: asyncfx runs stages on 'cpu' and 'cuda:N' devices "
+                          f"(threads, CUDA streams and events), not on {device.type!r} ones; list cpu or cuda "
+                          "devices.")
