@@ -9,7 +9,7 @@ or step by step:
     staged = asyncfx.split(captured, plan)              # one GraphModule per stage
 """
 from asyncfx.errors import (ArgumentsError, AsyncFXError, CaptureError, DeviceError, GenerationWarning,
-                            InputMismatchError, OutputShapeError, PlanError, PythonStateWarning,
+                            InputMismatchError, OutputError, OutputShapeError, PlanError, PythonStateWarning,
                             SchedulerError, WeightsError, WeightsReleasedError)
 from asyncfx.partitioner import (PRESETS, Captured, DeviceSpec, Profile, StagedModel, capture, compile,
                                  compile_profile, profile, register_tensor_container, split)
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = ["PRESETS", "ArgumentsError", "AsyncFXError", "BoundaryTensor", "CaptureError", "Captured",
            "DeviceError", "DeviceSpec", "GenerationWarning", "GraphInput", "InputMismatchError", "InputRole",
-           "Layout", "OutputShapeError", "PartitionOptions", "PlanError", "Profile", "Program",
+           "Layout", "OutputError", "OutputShapeError", "PartitionOptions", "PlanError", "Profile", "Program",
            "PythonStateWarning",
            "SchedulerError", "StagePlan", "StagedModel", "ValueClass", "AsyncDenoiser", "DEFAULT_WARMUP",
            "DEFAULT_FORECAST", "ModelError", "WeightFiles", "WeightsError", "WeightsReleasedError",

@@ -6,19 +6,14 @@ import os
 from typing import Any
 
 from asyncfx.errors import PlanError
+from asyncfx.outputs import writing
 
 
 def save_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON atomically: a failed write leaves no partial file."""
-    tmp = f"{os.fspath(path)}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with writing(path, "JSON file") as temporary, open(temporary, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
 
 
 def load_json(path: str | os.PathLike, kind: str, format_name: str, version: int,

@@ -14,6 +14,10 @@ class PlanError(AsyncFXError, ValueError):
     """A stage plan cannot be made, or does not fit the graph it is applied to."""
 
 
+class OutputError(AsyncFXError, OSError):
+    """An output file (a plan, a profile, a figure) cannot be written where it was asked for."""
+
+
 class InputMismatchError(AsyncFXError, ValueError):
     """A call's inputs differ from the inputs the graph was captured with."""
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 
 import pytest
+import torch
 
 import asyncfx
 from asyncfx.app.cli import main
@@ -131,3 +133,74 @@ def test_more_devices_than_the_model_has_stages_is_refused_at_the_capture(layout
     with pytest.raises(asyncfx.PlanError, match=f"need {stages} stages, more than the {limit} "
                                                 f"UNet2DConditionModel can be cut into"):
         asyncfx.partition(model, 10 ** 6, layout=layout, example_inputs=((), kwargs))
+
+
+def _unwritable_folder(tmp_path) -> str:
+    """A folder that takes no new files, even for root: a read-only file system."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs a read-only file system (procfs)")
+    return "/proc/self"
+
+
+OUTPUTS = {
+    "profile": lambda out: ["profile", "asyncfx.zoo.tiny:sd_unet", "--out", out],
+    "compile": lambda out: ["compile", "profile.json", "--n-devices", "2", "--out", out],
+    "show --plot": lambda out: ["show", "plan.json", "--plot", out],
+    "demo": lambda out: ["demo", "--out", out],
+}
+
+
+@pytest.mark.parametrize("command", list(OUTPUTS))
+@pytest.mark.parametrize("where", ["a folder", "a missing folder", "an unwritable folder"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch, capsys, command,
+                                                                      where):
+    """Checked before anything runs: the profile and plan these commands would read do
+    not even exist, and the demo would sample for minutes."""
+    monkeypatch.chdir(tmp_path)
+    suffix = ".json" if command in ("profile", "compile") else ".png"
+    out = {"a folder": str(tmp_path), "a missing folder": str(tmp_path / "missing" / f"out{suffix}"),
+           "an unwritable folder": os.path.join(_unwritable_folder(tmp_path), f"out{suffix}")}[where]
+    assert main(OUTPUTS[command](out)) == 2
+    err = capsys.readouterr().err.strip()
+    reason = {"a folder": "it is a folder", "a missing folder": "does not exist",
+              "an unwritable folder": "does not take new files"}[where]
+    assert err.startswith(f"asyncfx: error: cannot write the ") and f"{out!r}: " in err and reason in err
+    assert "\n" not in err and ".tmp" not in err
+
+
+@pytest.mark.parametrize("command", ["show --plot", "demo"])
+@pytest.mark.parametrize("name", ["plan.txt", "plan"])
+def test_an_image_suffix_that_names_no_format_is_refused(tmp_path, monkeypatch, capsys, command, name):
+    monkeypatch.chdir(tmp_path)
+    assert main(OUTPUTS[command](name)) == 2
+    err = capsys.readouterr().err
+    assert "names no format it can be written in; use one of" in err and ".jpg" in err
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("name, magic", [("plan.pdf", b"%PDF"), ("plan.jpg", b"\xff\xd8\xff"),
+                                         ("plan.svg", b"<?xml"), ("plan.png", b"\x89PNG")])
+def test_show_writes_the_format_its_suffix_names(tmp_path, capsys, name, magic):
+    pytest.importorskip("matplotlib")
+    plan_path = tmp_path / "plan.json"
+    sd_plan().save(plan_path)
+    assert main(["show", str(plan_path), "--plot", str(tmp_path / name)]) == 0
+    assert (tmp_path / name).read_bytes().startswith(magic)
+    assert sorted(os.listdir(tmp_path)) == sorted(["plan.json", name])  # no temporary file left
+
+
+def test_the_demo_grids_are_written_in_the_format_their_suffix_names(tmp_path):
+    from asyncfx.app.demo import save_grids
+
+    images = torch.zeros(10, 1, 16, 16)
+    for name, magic in (("demo.jpg", b"\xff\xd8\xff"), ("demo.png", b"\x89PNG")):
+        save_grids(str(tmp_path / name), images, images, per_class=1)
+        assert (tmp_path / name).read_bytes().startswith(magic)
+
+
+def test_a_failed_save_names_the_path_given_and_leaves_nothing(tmp_path):
+    folder = tmp_path / "plan.json"
+    folder.mkdir()
+    with pytest.raises(asyncfx.OutputError, match=f"cannot write the JSON file '{folder}': Is a directory"):
+        sd_plan().save(folder)
+    assert os.listdir(tmp_path) == ["plan.json"] and not os.listdir(folder)

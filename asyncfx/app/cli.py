@@ -17,7 +17,6 @@ model directory. Errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
@@ -165,9 +164,9 @@ def _positive_int(text: str) -> int:
 
 
 def _demo(options: argparse.Namespace) -> int:
-    from asyncfx.app.demo import run_demo
+    from asyncfx.app.demo import image_suffixes, run_demo
 
-    _check_writable(options.out)
+    _check_writable(options.out, image_suffixes(), "image")
     return run_demo(model=options.model, n_devices=options.n_devices, layout=options.layout,
                     warmup=options.warmup, stride=options.stride, forecast=options.forecast,
                     steps=options.steps, seed=options.seed, per_class=options.per_class, out=options.out)
@@ -268,7 +267,9 @@ def _show(options: argparse.Namespace) -> int:
     if options.profile and not options.plot:
         raise AsyncFXError("--profile only adds a view to --plot; pass --plot plan.png as well.")
     if options.plot:
-        _check_writable(options.plot)
+        from asyncfx.viz.plan_views import figure_suffixes
+
+        _check_writable(options.plot, figure_suffixes(), "figure")
     plan = StagePlan.load(options.plan)
     profile = Profile.load(options.profile) if options.profile else None
     print(plan.summary())
@@ -296,10 +297,11 @@ def _simulate(options: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise AsyncFXError(f"cannot write {path!r}: folder {folder!r} does not exist.")
+def _check_writable(path: str, suffixes: set[str] | None = None, what: str = "JSON file") -> None:
+    """Before the work: ``path`` can be written, with a suffix among ``suffixes``."""
+    from asyncfx.outputs import check_output
+
+    check_output(path, suffixes, what)
 
 
 if __name__ == "__main__":

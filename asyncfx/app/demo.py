@@ -1,7 +1,6 @@
 """The demo: a digits model, sampled sequentially and with asyncfx.partition()."""
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 import asyncfx
+from asyncfx.outputs import writing
 from asyncfx.schedule import check_forecast
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
 from asyncfx.app.sweep import digits_example_inputs
@@ -80,6 +80,13 @@ def _timed(denoiser, model, labels, steps, seed, scheduler, name) -> tuple[torch
         return images, time.perf_counter() - start
 
 
+def image_suffixes() -> set[str]:
+    """The file suffixes an image can be written as (Pillow's formats), e.g. ``.jpg``."""
+    from PIL import Image
+
+    return {suffix for suffix, name in Image.registered_extensions().items() if name in Image.SAVE}
+
+
 def save_grids(path: str, left: torch.Tensor, right: torch.Tensor, per_class: int) -> None:
     """Write the two sample grids (a row per digit) and their difference side by side."""
     from PIL import Image
@@ -90,6 +97,5 @@ def save_grids(path: str, left: torch.Tensor, right: torch.Tensor, per_class: in
     grids = [tile_images(images, rows=10) for images in (left, right, difference_images(right, left))]
     canvas = np.concatenate([grids[0], gap, grids[1], gap, grids[2]], axis=1)
     image = Image.fromarray(canvas).resize((canvas.shape[1] * 4, canvas.shape[0] * 4), Image.NEAREST)
-    tmp = f"{path}.tmp.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    with writing(path, "image") as temporary:
+        image.save(temporary)  # in the format path's suffix names

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from asyncfx.errors import AsyncFXError, PlanError
+from asyncfx.outputs import check_output, writing
 from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
 from asyncfx.partitioner.device import DeviceSpec, device_spec
@@ -192,16 +193,16 @@ def plot_stage_times(plans: Mapping[str, StagePlan], *, ax: Axes | None = None) 
 # --- all views of a plan in one file ---------------------------------------------------
 
 def save_plan_views(plan: StagePlan, path: str, *, profile: Profile | None = None) -> list[str]:
-    """Draw what a plan alone (and its profile, if given) can show into one PNG: per-node
-    cost with the cuts (with a profile), bytes crossing each cut (2+ stages), stage times
-    (when measured). Returns the names of the views drawn. Written atomically.
+    """Draw what a plan alone (and its profile, if given) can show into one figure, in the
+    format ``path``'s suffix names (``figure_suffixes()``): per-node cost with the cuts
+    (with a profile), bytes crossing each cut (2+ stages), stage times (when measured).
+    Returns the names of the views drawn. Written atomically.
 
     Example:
         >>> save_plan_views(StagePlan.load("plan.json"), "plan.png", profile=Profile.load("profile.json"))
         ['node costs', 'cut bytes', 'stage times']
     """
-    import os
-
+    check_output(path, figure_suffixes(), "figure")
     views = []
     if profile is not None:
         matching_graph(profile, plan)
@@ -221,9 +222,16 @@ def save_plan_views(plan: StagePlan, path: str, *, profile: Profile | None = Non
     for ax, (_, draw) in zip(axes, views):
         draw(ax)
     figure.tight_layout()
-    temporary = f"{path}.tmp.png"
-    figure.savefig(temporary, dpi=100)
-    os.replace(temporary, path)
+    with writing(path, "figure") as temporary:
+        figure.savefig(temporary, dpi=100)  # in the format path's suffix names
     return [name for name, _ in views]
+
+
+def figure_suffixes() -> set[str]:
+    """The file suffixes a figure can be saved as (matplotlib's formats), e.g. ``.pdf``."""
+    require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return {f".{suffix}" for suffix in FigureCanvasBase.get_supported_filetypes()}
 
 
