@@ -110,7 +110,7 @@ def distributed_rank(rank: int, folder: str, options: argparse.Namespace, run: s
     """One rank of one distributed run, in a fresh process (its memory and peak are the
     run's own); writes ``<label>.<rank>.json``."""
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'init.' + label)}", rank=rank,
-                            world_size=2, timeout=datetime.timedelta(seconds=1800))
+                            world_size=2, timeout=datetime.timedelta(seconds=1200))
     try:
         torch.set_grad_enabled(False)
         torch.set_num_threads(1)

@@ -2,10 +2,12 @@
 or their schema, options, output paths, and what the command line prints."""
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -204,3 +206,25 @@ def test_a_failed_save_names_the_path_given_and_leaves_nothing(tmp_path):
     with pytest.raises(asyncfx.OutputError, match=f"cannot write the JSON file '{folder}': Is a directory"):
         sd_plan().save(folder)
     assert os.listdir(tmp_path) == ["plan.json"] and not os.listdir(folder)
+
+
+@pytest.mark.parametrize("timeout", [None, datetime.timedelta(seconds=120)])
+def test_a_process_group_with_torchs_default_timeout_is_warned_about(tmp_path, timeout):
+    """A frozen rank keeps the others waiting until the timeout: 30 minutes by default."""
+    import torch.distributed as dist
+
+    model, _, _ = zoo_example("sd_unet")
+    given = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1, **given)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            asyncfx.partition(model, 1, warmup=1, executor="distributed")
+        said = [str(w.message) for w in caught if "timeout" in str(w.message)]
+        if timeout is None:
+            assert len(said) == 1 and "torch's default (0:30:00)" in said[0]
+            assert "init_process_group(..., timeout=datetime.timedelta(seconds=...))" in said[0]
+        else:
+            assert not said
+    finally:
+        dist.destroy_process_group()

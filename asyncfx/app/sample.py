@@ -11,6 +11,7 @@ how lean, the model runs.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import resource
 import time
@@ -61,6 +62,11 @@ def sample_from_directory(path: str, *, n_devices: int, executor: str, steps: in
             f"{plan.total_param_bytes / 1e6:.1f} MB; peak resident memory {_peak_rss() / 1e9:.2f} GB"]
 
 
+#: How long a rank waits for another before failing: rank 0 compiling the plan at the first
+#: call of a large model on CPUs takes minutes, and a frozen rank is found within this.
+RANK_TIMEOUT = datetime.timedelta(minutes=10)
+
+
 def init_process_group(executor: str) -> bool:
     """Under torchrun with ``--executor distributed``: create the process group (NCCL on
     GPUs, gloo on CPUs); whether this process created it."""
@@ -71,7 +77,7 @@ def init_process_group(executor: str) -> bool:
     if "WORLD_SIZE" not in os.environ:
         raise ModelSpecError("--executor distributed runs one process per stage: launch the command with "
                              "torchrun --nproc-per-node N -m asyncfx sample ...")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=RANK_TIMEOUT)
     return True
 
 

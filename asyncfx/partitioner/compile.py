@@ -83,8 +83,10 @@ def compile_with_costs(captured: Captured, n_devices: int, *, example_inputs: An
                             "cost='flops' (the default); rebalance=True then corrects the plan from the "
                             "stage times measured while sampling.")
         if example_inputs is None:
-            raise PlanError("cost='measure' times the model on real inputs: pass example_inputs "
-                            "(and optionally a Profile from asyncfx.profile()).")
+            raise PlanError("cost='measure' times the model on real inputs, and a Captured keeps its graph, "
+                            "not the tensors it was captured from (they may be large, or change): pass "
+                            "example_inputs=(args, kwargs), the call it was captured with (and optionally "
+                            "a Profile from asyncfx.profile()).")
         args, kwargs = split_example_inputs(example_inputs)
         flat_inputs = captured.interface.flatten(args, kwargs)
         if profile is None:

@@ -28,11 +28,14 @@ sends its peers posted before they joined the previous broadcast.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
 
 from asyncfx.errors import AsyncFXError
 from asyncfx.program import Program
@@ -264,11 +267,34 @@ class DistributedExecutor(Executor):
 
 
 def require_process_group() -> None:
-    """Raise unless the caller has created a torch.distributed process group."""
+    """Raise unless the caller has created a torch.distributed process group; warn when its
+    timeout is torch's default (``warn_about_default_timeout``)."""
     if not dist.is_available() or not dist.is_initialized():
         raise AsyncFXError("executor='distributed' needs a torch.distributed process group: call "
                            "dist.init_process_group(...) in every rank first (run the script under "
                            "torchrun); asyncfx never creates one itself.")
+    warn_about_default_timeout(group_timeout())
+
+
+def group_timeout() -> datetime.timedelta | None:
+    """The default process group's timeout, where its backend tells (None: it does not)."""
+    for device in ("cpu", "cuda"):
+        try:
+            return dist.group.WORLD._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError):  # no backend for the device, or no options
+            continue
+    return None
+
+
+def warn_about_default_timeout(timeout: datetime.timedelta | None) -> None:
+    """A rank that freezes (rather than dies: that is seen at once) leaves every other rank
+    waiting for it until the group's timeout, 30 minutes by torch's default for gloo."""
+    if timeout is not None and timeout in (default_pg_timeout, default_pg_nccl_timeout):
+        warnings.warn(f"the process group's timeout is torch's default ({timeout}): a rank that stops "
+                      "answering leaves the other ranks waiting that long before they fail with PeerError. "
+                      "Pass dist.init_process_group(..., timeout=datetime.timedelta(seconds=...)), a few "
+                      "times the longest wait between ranks (rank 0 compiling the plan at the first "
+                      "call included).", stacklevel=4)
 
 
 def _sending(name: str, peer: int) -> str:
