@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import re
+import threading
 import warnings
 
 import pytest
@@ -228,3 +229,43 @@ def test_a_process_group_with_torchs_default_timeout_is_warned_about(tmp_path, t
             assert not said
     finally:
         dist.destroy_process_group()
+
+
+def test_cpu_workers_leave_the_callers_threads_and_other_threads_within_rounding():
+    """The limit docs/usage.md states: a worker's thread count is its own, except MKL's,
+    which is process-wide, so another thread's results stay within float rounding."""
+    model, _, kwargs = zoo_example("sd_unet")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            alone = model(**kwargs).sample
+            denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=1, release_weights=False)
+            stop, failures = threading.Event(), []
+
+            def generation() -> None:
+                for t in (900, 800, 700, 600):  # warm-up and parallel steps: the switches
+                    denoiser(**{**kwargs, "timestep": torch.tensor(t)})
+
+            def sample() -> None:
+                try:
+                    while not stop.is_set():
+                        generation()
+                except BaseException as exc:  # noqa: BLE001 - reported by the test
+                    failures.append(exc)
+
+            generation()  # captured and built here: capturing is no thing to do beside a call
+
+            worker = threading.Thread(target=sample)
+            worker.start()
+            try:
+                beside = [model(**kwargs).sample for _ in range(10)]
+            finally:
+                stop.set()
+                worker.join()
+            denoiser.close()
+        assert not failures and torch.get_num_threads() == 2
+        for result in beside:
+            torch.testing.assert_close(result, alone, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)

@@ -11,10 +11,18 @@ sending). Values are versioned (``BoundaryStore``), so a step writes new buffers
 the stages of the same step read the previous version: double buffering by
 construction. On CPU the workers are threads that share memory; K workers on C cores
 get C/K intra-op threads each, so they do not oversubscribe the cores, except during
-warm-up steps, when one stage runs at a time and may use all C. On CUDA each stage
+warm-up steps, when one stage runs at a time and may use all C (see the note on threads). On CUDA each stage
 replays as a CUDA graph once warmed up (``cuda_graphs``, see ``cuda_graphs.py``), and a
 slot may be given its own stream, e.g. one SM partition of a GPU (``green.py``). Workers
 compute under the caller's autocast, which is thread-local state they would not inherit.
+
+Note (threads): a worker sets its count with ``torch.set_num_threads`` in its own thread;
+OpenMP's count is per thread, so the caller's and other threads' stay as they were, but
+the same call sets MKL's, which is process-wide: a computation elsewhere in the process
+while CPU workers switch may run its matrix products on another count of threads, and
+differ from a run alone by float rounding (about 1e-6), never by more. Pin
+``torch.set_num_threads`` once and call the model from one thread where bitwise
+reproducibility across threads matters.
 
 Note (hand-off): the caller hands a round's runs to their workers through C queues and
 wakes once, when the last run delivered (or one failed): a ``_Round`` latch, rather than
