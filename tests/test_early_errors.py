@@ -269,3 +269,24 @@ def test_cpu_workers_leave_the_callers_threads_and_other_threads_within_rounding
             torch.testing.assert_close(result, alone, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["profile"], ["compile"], ["show"], ["simulate"], ["sample"]])
+def test_help_shows_plain_text_and_every_default(capsys, command):
+    import argparse
+
+    from asyncfx.app.cli import _parser
+
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "`" not in shown
+    parser = _parser()
+    if command:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command[0]]
+    options = shown.split(" options: ", 1)[1]
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            entry = options.split(f" {action.option_strings[-1]} ", 1)[1].split(" --", 1)[0]
+            assert "(default: " in entry, action.option_strings

@@ -27,6 +27,11 @@ from asyncfx.schedule import DEFAULT_FORECAST
 from asyncfx.zoo.digits_model import KINDS
 
 
+DESCRIPTION = ("Run a diffusion model's denoiser over several devices with asyncfx, and profile, compile, "
+               "show and simulate its stage plans. MODEL is package.module:function returning (model, args, "
+               "kwargs), or a local diffusers model directory. Errors print one line and exit with status 2.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     options = parser.parse_args(argv)
@@ -44,7 +49,7 @@ def _one_line(exc: BaseException) -> str:
 def _parser() -> argparse.ArgumentParser:
     from asyncfx.partitioner.device import PRESETS
 
-    parser = _OneLineErrors(prog="asyncfx", description=__doc__.splitlines()[0])
+    parser = _OneLineErrors(prog="asyncfx", description=DESCRIPTION)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -53,17 +58,17 @@ def _parser() -> argparse.ArgumentParser:
                     "digits sequentially and with asyncfx.partition(), and print both latencies, the "
                     "speedup and the quality metrics; write both grids and their difference as a PNG.")
     demo.add_argument("--model", choices=KINDS, default="unet", help="the digits denoiser: the UNet "
-                      "(default) or the transformer (DiT)")
+                      "or the transformer (DiT)")
     demo.add_argument("--n-devices", type=_positive_int, default=2, help="CPU workers")
     demo.add_argument("--layout", help="G batch groups x N stages, e.g. 1x2 (default: the fastest predicted "
                       "for the classifier-free-guidance batch)")
     demo.add_argument("--warmup", type=_positive_int, default=None, help="warm-up steps (default: "
                       "asyncfx's default)")
-    demo.add_argument("--stride", type=int, choices=(1, 2), default=1)
+    demo.add_argument("--stride", type=int, choices=(1, 2), default=1, help="steps a round (2: n + 1 workers)")
     demo.add_argument("--forecast", type=float, default=None, help="damping of forecast stale values, 0 "
                       "(off) to 1 (default: asyncfx's default)")
     demo.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     demo.add_argument("--per-class", type=_positive_int, default=4, help="samples of each digit")
     demo.add_argument("--out", default="asyncfx_demo.png", help="PNG to write")
     demo.set_defaults(run=_demo)
@@ -73,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("model", metavar="MODEL",
                          help="package.module:function or a diffusers model directory")
     profile.add_argument("--out", required=True, help="profile JSON to write")
-    profile.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    profile.add_argument("--device", default="cpu", help="cpu or cuda:N")
     profile.add_argument("--height", type=_positive_int, help="latent height")
     profile.add_argument("--width", type=_positive_int, help="latent width")
     profile.add_argument("--batch", type=_positive_int, help="batch size (2 for CFG)")
@@ -89,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="cut a profiled model into stages; write a plan",
                                    description="Search the cuts of a profiled model.")
-    compile_.add_argument("profile", help="profile JSON from `asyncfx profile`")
+    compile_.add_argument("profile", help="profile JSON from 'asyncfx profile'")
     compile_.add_argument("--n-devices", type=_positive_int, help="stages (or give --layout)")
     compile_.add_argument("--layout", help="G batch groups x N stages, e.g. 2x2: N stages of the profiled "
                           "call, which is then one group's (profile it at the group's batch)")
@@ -103,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                                            "crossing each cut, the stage times (when measured) and, "
                                            "given the profile it was compiled from, the per-node cost "
                                            "with the cuts (needs matplotlib).")
-    show.add_argument("plan", help="plan JSON from `asyncfx compile`")
+    show.add_argument("plan", help="plan JSON from 'asyncfx compile'")
     show.add_argument("--profile", help="profile JSON the plan was compiled from (per-node cost view)")
     show.add_argument("--plot", help="PNG to write the views to")
     show.set_defaults(run=_show)
@@ -113,12 +118,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Predict the end-to-end latency and speedup of a generation on N real devices "
                     "from the plan's stage times, boundary bytes and a link model, with and without "
                     "overlapping transfers.")
-    simulate.add_argument("plan", help="plan JSON from `asyncfx compile`")
+    simulate.add_argument("plan", help="plan JSON from 'asyncfx compile'")
     simulate.add_argument("--link", choices=sorted(PRESETS), default=None,
                           help="link between devices (default: the plan's)")
-    simulate.add_argument("--steps", type=_positive_int, default=50)
-    simulate.add_argument("--warmup", type=_positive_int, default=3)
-    simulate.add_argument("--stride", type=int, choices=(1, 2), default=1)
+    simulate.add_argument("--steps", type=_positive_int, default=50, help="steps of the generation")
+    simulate.add_argument("--warmup", type=_positive_int, default=3, help="warm-up steps")
+    simulate.add_argument("--stride", type=int, choices=(1, 2), default=1, help="steps a round")
     simulate.add_argument("--forecast", type=float, default=DEFAULT_FORECAST,
                           help="damping of forecast stale values, 0 (off) to 1: each stage reads and "
                           "extrapolates three versions of its inputs (default: asyncfx's default)")
@@ -136,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
                     "runs across several. Under torchrun, --executor distributed runs one stage a rank.")
     sample.add_argument("model", metavar="MODEL_DIR", help="a diffusers model directory (save_pretrained)")
     sample.add_argument("--n-devices", type=_positive_int, default=2, help="stages")
-    sample.add_argument("--executor", choices=("local", "distributed"), default="local")
+    sample.add_argument("--executor", choices=("local", "distributed"), default="local",
+                        help="threads in this process, or one rank a stage under torchrun")
     sample.add_argument("--steps", type=_positive_int, default=20, help="DDIM steps")
     sample.add_argument("--warmup", type=_positive_int, default=None, help="warm-up steps")
     sample.add_argument("--batch", type=_positive_int, default=2, help="batch size (2 for CFG)")
@@ -146,8 +152,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _WithDefaults(argparse.HelpFormatter):
+    """Help that ends each option with its default, where it has one and does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == argparse.SUPPRESS or "default" in text
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 class _OneLineErrors(argparse.ArgumentParser):
-    """Usage errors in one line, like every other asyncfx error."""
+    """Usage errors in one line, like every other asyncfx error; help shows the defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _WithDefaults)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"asyncfx: error: {message} (see asyncfx --help)\n")
