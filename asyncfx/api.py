@@ -24,6 +24,7 @@ from asyncfx.plan import StagePlan
 from asyncfx.program import Layout, WeightSource
 from asyncfx.runtime.denoiser import AsyncDenoiser
 from asyncfx.runtime.launch import launcher
+from asyncfx.runtime.progress import Progress
 
 __all__ = ["DeviceError", "ModelError", "partition"]
 
@@ -39,7 +40,7 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
               cooldown: int = 0, refresh: int = 0, switch_below: float = 0.0, cost: str = "flops",
               link: str = "cpu", latent: LatentOption = None, timestep: str | None = None,
               cuda_graphs: bool | None = None, rebalance: bool = True, release_weights: bool | None = None,
-              weights: str | os.PathLike | WeightSource | None = None) -> AsyncDenoiser:
+              weights: str | os.PathLike | WeightSource | None = None, progress: bool = True) -> AsyncDenoiser:
     """Wrap ``model`` so that its stages run concurrently on ``n_devices`` devices.
 
     The result is called exactly like ``model``. The first ``warmup`` steps of every
@@ -80,6 +81,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
     changes by ``c`` or more (relative) from one step to the next. A model too large for
     one device is built on the meta device and given ``weights``, its saved directory or
     ``.safetensors`` file: each device or rank loads only its stages' tensors.
+    ``progress`` prints a line on stderr for each slow piece of work at the first calls
+    (capturing, building the stages; under torch.distributed, rank 0's).
     docs/usage.md lists every option.
 
     Example:
@@ -95,7 +98,7 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
                                forecast=forecast, cooldown=cooldown, refresh=refresh, switch_below=switch_below,
                                cost=cost, link=link, latent=latent, timestep=timestep,
                                cuda_graphs=cuda_graphs, rebalance=rebalance,
-                               release_weights=release_weights, weights=weights)
+                               release_weights=release_weights, weights=weights, progress=progress)
     _check_weights(model, options.weights)
     _check_layout(model, options.known_layout)
     launch = launcher(options.executor, options.devices, options.slots, options.cuda_graphs)
@@ -110,10 +113,20 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
                              sequential=options.sequential, switch_below=options.switch_below,
                              scheduler=options.scheduler, rebuild=options.plan is None,
                              layout=options.known_layout, convertible=not isinstance(model, Captured),
-                             release_weights=not isinstance(model, Captured) if release is None else release)
+                             release_weights=not isinstance(model, Captured) if release is None else release,
+                             progress=Progress(options.progress and _reports(options.executor)))
     if example_inputs is not None:
         denoiser.build(*split_example_inputs(example_inputs))
     return denoiser
+
+
+def _reports(executor: str) -> bool:
+    """Whether this process prints progress: under torch.distributed only rank 0 does."""
+    if executor != "distributed":
+        return True
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0
 
 
 def _check_layout(model: nn.Module, layout: Layout | None) -> None:

@@ -60,9 +60,10 @@ class PartitionOptions:
     rebalance: bool = True
     release_weights: bool | None = None
     weights: str | os.PathLike | WeightSource | None = None
+    progress: bool = True
 
     def __post_init__(self) -> None:
-        for flag in ("rebalance", "time_shift"):
+        for flag in ("rebalance", "time_shift", "progress"):
             if not isinstance(getattr(self, flag), bool):
                 raise PlanError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
         if self.release_weights is not None and not isinstance(self.release_weights, bool):

@@ -290,3 +290,21 @@ def test_help_shows_plain_text_and_every_default(capsys, command):
         if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
             entry = options.split(f" {action.option_strings[-1]} ", 1)[1].split(" --", 1)[0]
             assert "(default: " in entry, action.option_strings
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_first_calls_say_what_takes_seconds(capsys, progress):
+    model, _, kwargs = zoo_example("sd_unet")
+    denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=1, release_weights=False, progress=progress)
+    capsys.readouterr()
+    for t in (900, 800):  # captured at the first call, its stages built at the second
+        denoiser(**{**kwargs, "timestep": torch.tensor(t)})
+    denoiser.close()
+    err = capsys.readouterr().err
+    if not progress:
+        assert err == ""
+        return
+    lines = err.strip().splitlines()
+    assert re.fullmatch(r"asyncfx: capturing UNet2DConditionModel \(torch.export\) and laying it out \.\.\. "
+                        r"\d+\.\d s", lines[0])
+    assert re.fullmatch(r"asyncfx: building the stages of UNet2DConditionModel \.\.\. \d+\.\d s", lines[1])

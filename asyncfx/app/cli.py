@@ -226,7 +226,7 @@ def _profile(options: argparse.Namespace) -> int:
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise AsyncFXError(f"--device {options.device}: no CUDA device is available here.")
     runs = options.warmup + options.repeats
-    with tqdm(total=2 + runs, desc="profile", unit="step", file=sys.stderr) as bar:
+    with tqdm(total=3 + runs, desc="profile", unit="step", file=sys.stderr) as bar:
         bar.set_postfix_str("loading model")
         model, args, kwargs = load_model(options.model, batch=options.batch, height=options.height,
                                          width=options.width, dtype=options.dtype,
@@ -238,7 +238,9 @@ def _profile(options: argparse.Namespace) -> int:
         bar.set_postfix_str("timing nodes")
         result = profile_captured(captured, captured.interface.flatten(args, kwargs),
                                   warmup=options.warmup, repeats=options.repeats,
-                                  model=options.model, on_run=bar.update)
+                                  model=options.model, on_run=bar.update,
+                                  on_cost_graph=lambda: bar.set_postfix_str("building the cost graph"))
+        bar.update()
     result.save(options.out)
     seconds = sum(v for v in result.node_seconds().values() if v is not None)
     print(f"profiled {len(result.graph.nodes)} latent and {len(result.graph.side_nodes)} step/static "

@@ -76,9 +76,13 @@ def profile(model_or_captured: nn.Module, example_inputs: Any, *, warmup: int = 
 
 
 def profile_captured(captured: Captured, flat_inputs: Sequence[torch.Tensor], *, warmup: int = 2,
-                     repeats: int = 5, model: str | None = None,
-                     on_run: Callable[[], None] | None = None) -> Profile:
+                     repeats: int = 5, model: str | None = None, on_run: Callable[[], None] | None = None,
+                     on_cost_graph: Callable[[], None] | None = None) -> Profile:
+    """The profile of a capture timed on ``flat_inputs``; ``on_run`` is called after each run,
+    ``on_cost_graph`` before the cost graph is built (seconds for a large model)."""
     profile_nodes(captured.graph_module, flat_inputs, warmup=warmup, repeats=repeats, on_run=on_run)
+    if on_cost_graph is not None:
+        on_cost_graph()
     device = str(timing_device(flat_inputs))
     return Profile(graph=build_cost_graph(captured), device=device, threads=torch.get_num_threads(),
                    warmup=warmup, repeats=repeats, model=model)

@@ -47,6 +47,7 @@ from asyncfx.program import CallSpec, Frontend, Lowering, Program
 from asyncfx.runtime.clock import Placement, StreamKey
 from asyncfx.runtime.executor import BoundaryStore, Executor
 from asyncfx.runtime.model_state import state_signature
+from asyncfx.runtime.progress import Progress
 from asyncfx.runtime.timesteps import StreamTimesteps
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Capture:
     program: Program | None = None
     executor: Executor | None = None
     streams: dict[StreamKey, Stream] = dataclasses.field(default_factory=dict)
+    progress: Progress = Progress(enabled=False)  # says when building the stages takes a while
     call: CallSpec = dataclasses.field(init=False)  # the lowering's, read at every call
 
     def __post_init__(self) -> None:
@@ -117,9 +119,10 @@ class Capture:
     def start(self, launch: Launch) -> Executor:
         """The executor, made now if there is none (lowering first where needed)."""
         if self.executor is None:
-            if self.program is None:
-                self.program = self.lowering.lower()
-            self.executor = launch(self.program)
+            with self.progress.working(f"building the stages of {self.call.model_class}"):
+                if self.program is None:
+                    self.program = self.lowering.lower()
+                self.executor = launch(self.program)
             logger.info("running %d stage(s) of %s on %s", self.program.n_stages, self.call.model_class,
                         running_on(self.executor))
         return self.executor
@@ -155,8 +158,8 @@ class CaptureCache:
         >>> capture, flat = cache.bind(model, args, kwargs)   # captures at the first call
     """
 
-    def __init__(self, frontend: Frontend, *, rebuild: bool, signed: bool):
-        self.frontend = frontend
+    def __init__(self, frontend: Frontend, *, rebuild: bool, signed: bool, progress: Progress = Progress(False)):
+        self.frontend, self.progress = frontend, progress
         self.rebuild = rebuild  # new shapes are captured anew (not with a user's plan)
         self.signed = signed    # edits are looked for (not for a graph given as the model)
         self.current: Capture | None = None
@@ -194,12 +197,13 @@ class CaptureCache:
         if self.refusal is not None:
             raise WeightsReleasedError(f"capturing again ({reason}) is not possible: {self.refusal}")
         logger.info("capturing %s: %s", type(model).__name__, reason)
-        lowering = self.frontend.capture(model, args, kwargs)
+        with self.progress.working(f"capturing {type(model).__name__} (torch.export) and laying it out"):
+            lowering = self.frontend.capture(model, args, kwargs)
         if keep_current and self.current is not None:
             self._keep_spare(self.current)
         else:
             self.close_all()
-        self.current = Capture(next(self._keys), lowering,
+        self.current = Capture(next(self._keys), lowering, progress=self.progress,
                                signature=state_signature(model) if self.signed else None,
                                module_dicts=[module.__dict__ for module in model.modules()])
         return self.current

@@ -50,6 +50,7 @@ from asyncfx.program import CallSpec, Frontend, Layout, Program
 from asyncfx.runtime.captures import Capture, CaptureCache, Launch, first_tensor, running_on
 from asyncfx.runtime.clock import ClockState, CallFacts, Placement, advance, reset
 from asyncfx.runtime.guards import OneCallAtATime, check_call
+from asyncfx.runtime.progress import Progress
 from asyncfx.runtime.proxy import ModelProxy
 from asyncfx.runtime.original_model import (BUILT_WITHOUT, RELEASED, no_new_captures, refuse_conversion,
                                             release, why_without_weights, would_change)
@@ -82,13 +83,13 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
                                "_rebalanced_at", "_without_weights", "call_context"})
     OWN_ATTRIBUTES = frozenset({"_frontend", "_launch", "n_devices", "given_layout", "warmup", "stride",
                                 "time_shift", "forecast", "sequential", "switch_below", "scheduler",
-                                "rebuild", "convertible", "release_weights", "training"})
+                                "rebuild", "convertible", "release_weights", "progress", "training"})
 
     def __init__(self, model: nn.Module, frontend: Frontend, launch: Launch, *, n_devices: int, warmup: int,
                  stride: int = 1, time_shift: bool = False, scheduler: Any = None, rebuild: bool = True,
                  convertible: bool = True, release_weights: bool = True, forecast: float = 0.0,
                  sequential: SequentialSteps = SequentialSteps(), switch_below: float = 0.0,
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, progress: Progress = Progress(enabled=False)):
         super().__init__(model)
         self._frontend, self._launch = frontend, launch
         self.n_devices, self.warmup, self.stride = n_devices, warmup, stride
@@ -98,11 +99,13 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         self.rebuild = rebuild  # re-capture on new input shapes (not with a user's plan)
         self.convertible = convertible  # .to() may convert the model and re-capture it
         self.release_weights = release_weights  # see the note on weights
+        self.progress = progress  # a line on stderr for each slow piece of work
         self.start_runtime_state()
 
     def start_runtime_state(self) -> None:
         """Nothing captured, no generation (the attributes named in RUNTIME_STATE)."""
-        self._captures = CaptureCache(self._frontend, rebuild=self.rebuild, signed=self.convertible)
+        self._captures = CaptureCache(self._frontend, rebuild=self.rebuild, signed=self.convertible,
+                                      progress=self.progress)
         self._clock = ClockState()
         self._calls = OneCallAtATime()
         self._restarts = 0  # calls in a row that restarted because a timestep-like input changed
