@@ -308,3 +308,16 @@ def test_the_first_calls_say_what_takes_seconds(capsys, progress):
     assert re.fullmatch(r"asyncfx: capturing UNet2DConditionModel \(torch.export\) and laying it out \.\.\. "
                         r"\d+\.\d s", lines[0])
     assert re.fullmatch(r"asyncfx: building the stages of UNet2DConditionModel \.\.\. \d+\.\d s", lines[1])
+
+
+def test_simulate_says_which_kind_of_estimate_its_stage_times_are_and_how_far_to_trust_them():
+    from asyncfx.partitioner.simulate import simulate
+
+    model, _, kwargs = zoo_example("sd_unet")
+    profiled = asyncfx.compile_profile(asyncfx.profile(zoo_captured("sd_unet"), ((), kwargs), repeats=1), 3)
+    said = {"flops": simulate(sd_plan()).summary(), "profile": simulate(profiled).summary()}
+    assert "stage times (estimated from FLOPs): " in said["flops"]
+    assert "how far to trust it: FLOPs and bytes priced by the cpu roofline, nothing measured" in said["flops"]
+    assert "stage times (predicted from measured node times): " in said["profile"]
+    assert "how far to trust it: node times measured one by one and summed" in said["profile"]
+    assert "predicted" not in said["flops"] and "FLOPs" not in said["profile"]

@@ -92,7 +92,7 @@ def test_predicted_times_scale_the_whole_model_by_the_measurements():
     assert sim.source == "measured"
     assert sim.sequential_step == pytest.approx(0.028 * 0.040 / 0.030)
     unmeasured = simulate(hand_plan(measured=False), forecast=0.0)
-    assert unmeasured.source == "predicted"
+    assert unmeasured.source == "predicted from measured node times"  # the hand plan's cost is "measure"
     assert unmeasured.stage_seconds == pytest.approx([0.010, 0.012, 0.008])
 
 

@@ -118,9 +118,8 @@ class Simulation:
 
         groups = f" in each of {self.groups} batch groups" if self.groups > 1 else ""
         lines = [f"{self.n_stages} stages{groups} on {self.devices} devices over {self.link}, "
-                 f"{self.steps} steps, warm-up {self.warmup}, stride {self.stride}{self._placed()} "
-                 f"(stage times: {self.source})",
-                 "stage times: " + ", ".join(ms(s) for s in self.stage_seconds)
+                 f"{self.steps} steps, warm-up {self.warmup}, stride {self.stride}{self._placed()}",
+                 f"stage times ({self.source}): " + ", ".join(ms(s) for s in self.stage_seconds)
                  + (" (forecasting: " + ", ".join(ms(s) for s in self.forecast_seconds) + " of them)"
                     if self.forecast_seconds else ""),
                  "boundary sends per stage: " + ", ".join(ms(s) for s in self.send_seconds),
@@ -131,7 +130,8 @@ class Simulation:
                  f"generation: sequential {self.sequential_total:.3f} s; asyncfx "
                  f"{self.total(True):.3f} s overlapped ({self.speedup(True):.2f}x), "
                  f"{self.total(False):.3f} s without overlap ({self.speedup(False):.2f}x); "
-                 f"ideal {self.ideal_speedup:.2f}x ({self.speedup(True) / self.ideal_speedup:.0%} of it)"]
+                 f"ideal {self.ideal_speedup:.2f}x ({self.speedup(True) / self.ideal_speedup:.0%} of it)",
+                 f"how far to trust it: {trust(self.source, self.link)}"]
         return "\n".join(lines)
 
 
@@ -207,7 +207,22 @@ def stage_times(plan: StagePlan) -> tuple[list[float], float, str]:
         raise PlanError(f"the plan's stage costs are in {plan.cost_unit}, not seconds, and it has no "
                         "measured stage times; compile with cost='flops' or cost='measure', or fill "
                         "the times with asyncfx.partitioner.refine.measure_stages().")
-    return [s.estimated_cost for s in plan.stages], plan.sequential_cost, "predicted"
+    kind = "predicted from measured node times" if plan.cost == "measure" else "estimated from FLOPs"
+    return [s.estimated_cost for s in plan.stages], plan.sequential_cost, kind
+
+
+def trust(source: str, link: str) -> str:
+    """How far stage times of this ``source`` (``stage_times``) can be trusted, from what
+    benchmarks/partition_quality.py and benchmarks/cost_estimate.py measured."""
+    if source == "measured":
+        return "the stage modules were timed as a whole: only the transfers and the host are modelled"
+    if source.startswith("predicted"):
+        return ("node times measured one by one and summed: stages within 2-6% of their measured times on "
+                "a UNet of real size, up to 60% off on millisecond-sized models; compile with cost='measure' "
+                "to time whole stages")
+    return (f"FLOPs and bytes priced by the {link} roofline, nothing measured: a node's time can be 2-8x off, "
+            "so the speedup is a guide, not a figure; profile the model (asyncfx profile) and compile from "
+            "the profile to trust it")
 
 
 def _latent_bytes(plan: StagePlan) -> int:
