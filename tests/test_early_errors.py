@@ -321,3 +321,44 @@ def test_simulate_says_which_kind_of_estimate_its_stage_times_are_and_how_far_to
     assert "stage times (predicted from measured node times): " in said["profile"]
     assert "how far to trust it: node times measured one by one and summed" in said["profile"]
     assert "predicted" not in said["flops"] and "FLOPs" not in said["profile"]
+
+
+@functools.lru_cache(maxsize=None)
+def sd_profile() -> asyncfx.Profile:
+    _, _, kwargs = zoo_example("sd_unet")
+    return asyncfx.profile(zoo_captured("sd_unet"), ((), kwargs), repeats=1, warmup=0)
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("n_stages", [3, 7])
+def test_plan_views_labels_keep_clear_of_lines_and_each_other_and_show_each_stages_total(n_stages):
+    """Looked at as a person would, by bounding boxes: cut labels beside (not on) their
+    dashed lines, tensor labels inside their bar segments and apart, a total per stage."""
+    pytest.importorskip("matplotlib")
+    from asyncfx.viz.plan_views import labelled_segment, plan_views, plan_views_figure
+
+    plan = asyncfx.compile_profile(sd_profile(), n_stages)
+    figure = plan_views_figure(plan_views(plan, sd_profile()))
+    figure.draw_without_rendering()
+    costs, cut_bytes = figure.axes[:2]
+    cut_x = [costs.transData.transform((line.get_xdata()[0], 0))[0] for line in costs.lines
+             if line.get_gid() == "cut"]
+    labels = [t for t in costs.texts if (t.get_gid() or "").startswith("cut-label:")]
+    assert len(labels) == len(cut_x) == n_stages - 1
+    for label, x in zip(labels, cut_x):
+        box = label.get_window_extent()
+        assert box.x1 < x and x - box.x1 < 10  # beside its line, left of it
+    totals = [t for t in costs.texts if (t.get_gid() or "").startswith("stage-total:")]
+    assert len(totals) == n_stages and "slowest/mean" in costs.get_title()
+    boxes = [t.get_window_extent() for t in totals]
+    assert not any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    shown = [t for t in cut_bytes.texts if (t.get_gid() or "").startswith("tensor-label:") and t.get_visible()]
+    assert shown  # the large tensors are named
+    for text in shown:
+        box, segment = text.get_window_extent(), labelled_segment(cut_bytes, text).get_window_extent()
+        assert segment.x0 <= box.x0 and box.x1 <= segment.x1
+    boxes = [t.get_window_extent() for t in shown]
+    assert not any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

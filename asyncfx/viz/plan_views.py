@@ -3,7 +3,7 @@ times, and all of them in one file."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from asyncfx.viz.style import MAIN_PATH_COLOR, SKIP_COLOR, axes, legend_patches,
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 # --- cost along the graph ---------------------------------------------------------------
 
@@ -59,13 +60,15 @@ def plot_node_costs(source: Captured | Profile | CostGraph, plan: StagePlan, *,
     if all(m is not None for m in measured):
         ax.plot(x, np.array(measured) * 1e3, drawstyle="steps-mid", color="black", lw=1.2, label="measured")
     _shade_stages(ax, plan, len(graph.nodes))
+    _label_stage_totals(ax, plan, len(graph.nodes))
     ax.set_yscale("log")
     ax.set_ylim(bottom=max(float(np.percentile(estimated[estimated > 0], 1)), 1e-6) / 2
                 if (estimated > 0).any() else None)
     ax.set_xlim(-0.5, len(graph.nodes) - 0.5)
     ax.set_xlabel("latent node (topological order)")
     ax.set_ylabel("ms per node")
-    ax.set_title(f"{graph.model_class}: {len(graph.nodes)} latent nodes, {plan.n_stages} stages")
+    ax.set_title(f"{graph.model_class}: {len(graph.nodes)} latent nodes, {plan.n_stages} stages; "
+                 f"{_balance(plan)}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return ax
 
@@ -77,8 +80,47 @@ def _shade_stages(ax: Axes, plan: StagePlan, n_nodes: int) -> None:
         ax.axvspan(start - 0.5, end - 0.5, color=colors[k], alpha=0.15, lw=0, label=f"stage {k}")
     for stage, position in zip(plan.stages[1:], bounds[1:-1]):
         ax.axvline(position - 0.5, color="black", ls="--", lw=1, gid="cut")
-        ax.annotate(stage.first_module or "(top)", (position - 0.5, 1.0), xycoords=("data", "axes fraction"),
-                    rotation=90, va="top", ha="right", fontsize="x-small", gid="cut-label")
+        ax.annotate(_short_module(stage.first_module), (position - 0.5, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(-3, -3), textcoords="offset points", rotation=90, va="top", ha="right",
+                    fontsize="x-small", gid=f"cut-label:{stage.index}")
+
+
+def _short_module(path: str, names: int = 3) -> str:
+    """A module path from its last ``names`` named components on, with the indices between
+    them (``...attentions.0.transformer_blocks.0.attn1``)."""
+    if not path:
+        return "(top)"
+    parts = path.split(".")
+    named = [i for i, part in enumerate(parts) if not part.isdigit()]
+    return path if len(named) <= names else "..." + ".".join(parts[named[-names]:])
+
+
+def _label_stage_totals(ax: Axes, plan: StagePlan, n_nodes: int) -> None:
+    """Each stage's total (measured where the plan has it, else predicted) and share, at
+    the foot of its span, and the balance (slowest over mean) in the title: a staggered
+    second row where stages are too many to keep the labels apart."""
+    totals, _ = _stage_totals(plan)
+    whole = sum(totals) or 1.0
+    bounds = [0, *cut_indices(plan), n_nodes]
+    for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        height = 0.02 + (0.1 if plan.n_stages > 4 and k % 2 else 0.0)
+        ax.text((start + end - 1) / 2, height, f"{plan.format_cost(totals[k])}\n{totals[k] / whole:.0%}",
+                transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize="x-small",
+                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.8, "lw": 0},
+                gid=f"stage-total:{k}")
+
+
+def _stage_totals(plan: StagePlan) -> tuple[list[float], str]:
+    """Each stage's time, measured where every stage is, else predicted, and which."""
+    if all(s.measured_seconds is not None for s in plan.stages):
+        return [s.measured_seconds for s in plan.stages], "measured"
+    return [s.estimated_cost for s in plan.stages], "predicted"
+
+
+def _balance(plan: StagePlan) -> str:
+    totals, kind = _stage_totals(plan)
+    mean = sum(totals) / len(totals)
+    return f"stage totals {kind}, slowest/mean {max(totals) / mean:.2f}" if mean else f"stage totals {kind}"
 
 
 def matching_graph(source: Captured | Profile | CostGraph, plan: StagePlan) -> CostGraph:
@@ -142,8 +184,9 @@ def plot_cut_bytes(plan: StagePlan, *, label_min_fraction: float = 0.15, ax: Axe
                 ax.barh(row, tensor.bytes / 1e6, left=left / 1e6, color=color, edgecolor="white",
                         gid=f"tensor:{tensor.name}")
                 if tensor.bytes >= label_min_fraction * widest:
-                    ax.text((left + tensor.bytes / 2) / 1e6, row, tensor.module or tensor.name,
-                            ha="center", va="center", fontsize="xx-small", rotation=0, clip_on=True)
+                    ax.text((left + tensor.bytes / 2) / 1e6, row, _short_module(tensor.module, 2)
+                            if tensor.module else tensor.name, ha="center", va="center", fontsize="xx-small",
+                            clip_on=True, gid=f"tensor-label:{tensor.name}")
                 left += tensor.bytes
         ax.text(left / 1e6, row, f"  {format_bytes(cut.bytes)}", va="center", fontsize="small")
     ax.set_yticks(range(len(traffic)), [f"cut {t.stage - 1}|{t.stage}" for t in traffic])
@@ -153,7 +196,28 @@ def plot_cut_bytes(plan: StagePlan, *, label_min_fraction: float = 0.15, ax: Axe
     ax.legend(handles=legend_patches({"main path": MAIN_PATH_COLOR, "skip connection": SKIP_COLOR}),
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     ax.set_title(f"{plan.model_class}: tensors crossing each cut")
+    fit_segment_labels(ax)
     return ax
+
+
+def fit_segment_labels(ax: Axes) -> None:
+    """Show each tensor's label only where it fits inside its bar segment (call again after
+    the figure's layout changes, as ``save_plan_views`` does)."""
+    for text in ax.texts:
+        if (text.get_gid() or "").startswith("tensor-label:"):
+            text.set_visible(True)
+            segment = labelled_segment(ax, text).get_window_extent()
+            text.set_visible(text.get_window_extent().width <= segment.width - 4)
+
+
+def labelled_segment(ax: Axes, label: Any) -> Any:
+    """The bar segment a tensor label of ``plot_cut_bytes`` names: its tensor's, under it
+    (a tensor that crosses several cuts has a segment in each row)."""
+    x, y = label.get_position()
+    gid = label.get_gid().replace("tensor-label:", "tensor:", 1)
+    return next(patch for patch in ax.patches if patch.get_gid() == gid
+                and patch.get_x() <= x <= patch.get_x() + patch.get_width()
+                and patch.get_y() <= y <= patch.get_y() + patch.get_height())
 
 
 # --- stage times ------------------------------------------------------------------------
@@ -203,7 +267,19 @@ def save_plan_views(plan: StagePlan, path: str, *, profile: Profile | None = Non
         ['node costs', 'cut bytes', 'stage times']
     """
     check_output(path, figure_suffixes(), "figure")
-    views = []
+    views = plan_views(plan, profile)
+    if not views:
+        raise PlanError("this one-stage plan has no measured stage times and no profile was given: "
+                        "nothing to draw; pass the profile it was compiled from.")
+    figure = plan_views_figure(views)
+    with writing(path, "figure") as temporary:
+        figure.savefig(temporary, dpi=100)  # in the format path's suffix names
+    return [name for name, _ in views]
+
+
+def plan_views(plan: StagePlan, profile: Profile | None = None) -> list[tuple[str, Callable[[Axes], Axes]]]:
+    """The ``(name, draw)`` views a plan alone (and its profile, if given) can show."""
+    views: list[tuple[str, Callable[[Axes], Axes]]] = []
     if profile is not None:
         matching_graph(profile, plan)
         views.append(("node costs", lambda ax: plot_node_costs(profile, plan, ax=ax)))
@@ -211,9 +287,11 @@ def save_plan_views(plan: StagePlan, path: str, *, profile: Profile | None = Non
         views.append(("cut bytes", lambda ax: plot_cut_bytes(plan, ax=ax)))
     if all(s.measured_seconds is not None for s in plan.stages):
         views.append(("stage times", lambda ax: plot_stage_times({"plan": plan}, ax=ax)))
-    if not views:
-        raise PlanError("this one-stage plan has no measured stage times and no profile was given: "
-                        "nothing to draw; pass the profile it was compiled from.")
+    return views
+
+
+def plan_views_figure(views: list[tuple[str, Callable[[Axes], Axes]]]) -> Figure:
+    """One figure of the ``(name, draw)`` views, one panel each, laid out, labels fitted."""
     require_matplotlib()
     from matplotlib.figure import Figure
 
@@ -222,9 +300,9 @@ def save_plan_views(plan: StagePlan, path: str, *, profile: Profile | None = Non
     for ax, (_, draw) in zip(axes, views):
         draw(ax)
     figure.tight_layout()
-    with writing(path, "figure") as temporary:
-        figure.savefig(temporary, dpi=100)  # in the format path's suffix names
-    return [name for name, _ in views]
+    for ax in axes:
+        fit_segment_labels(ax)
+    return figure
 
 
 def figure_suffixes() -> set[str]:
