@@ -25,8 +25,8 @@ def test_demo_samples_a_digits_model_and_writes_the_grids(tmp_path, capsys, mode
     assert "speedup" in printed and "class accuracy" in printed and "PSNR" in printed
     from PIL import Image
 
-    with Image.open(out) as image:
-        assert image.size == ((3 * 16 + 8) * 4, 10 * 16 * 4)  # three grids of 10 rows
+    with Image.open(out) as image:  # three grids of 10 rows, 2 pixels apart, under their captions
+        assert image.size == ((3 * 16 + 2 * 8) * 4, (10 * 16 + 9 * 2) * 4 + 18)
 
 
 def test_bad_options_are_one_line_usage_errors(capsys):

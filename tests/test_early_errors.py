@@ -10,6 +10,7 @@ import re
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,6 +200,35 @@ def test_the_demo_grids_are_written_in_the_format_their_suffix_names(tmp_path):
     for name, magic in (("demo.jpg", b"\xff\xd8\xff"), ("demo.png", b"\x89PNG")):
         save_grids(str(tmp_path / name), images, images, per_class=1)
         assert (tmp_path / name).read_bytes().startswith(magic)
+
+
+def test_the_demo_image_captions_each_grid_and_keeps_the_digits_apart(tmp_path):
+    from PIL import Image
+
+    from asyncfx.app.demo import CAPTION_HEIGHT, GRID_GAP, SCALE, TILE_GAP, save_grids
+
+    white = torch.ones(20, 1, 16, 16)  # two white samples a row: only the gaps between them are not
+    save_grids(str(tmp_path / "demo.png"), white, -white, per_class=2)
+    pixels = np.asarray(Image.open(tmp_path / "demo.png"))
+    grid_width = (2 * 16 + TILE_GAP) * SCALE
+    for k in range(3):  # a caption (dark text on the white band) over each grid
+        band = pixels[:CAPTION_HEIGHT, k * (grid_width + GRID_GAP * SCALE):][:, :grid_width]
+        assert (band < 128).any()
+    first = pixels[CAPTION_HEIGHT:, :grid_width]
+    between_columns = first[:, 16 * SCALE:(16 + TILE_GAP) * SCALE]
+    between_rows = first[16 * SCALE:(16 + TILE_GAP) * SCALE]
+    assert (between_columns == 128).all() and (between_rows == 128).all()
+    assert (first[:16 * SCALE, :16 * SCALE] == 255).all()
+
+
+@pytest.mark.parametrize("steps, layout, ideal, noted", [(50, "1x2", 50 / (3 + 47 / 2), False),
+                                                          (2, "1x2", 1.0, True), (2, "2x1", 2.0, False)])
+def test_the_demos_ideal_speedup_counts_warm_up_steps_it_cannot_overlap(steps, layout, ideal, noted):
+    from asyncfx.app.demo import ideal_speedup
+
+    got, note = ideal_speedup(steps, 3, asyncfx.Layout.parse(layout), 1)
+    assert got == pytest.approx(ideal) and got >= 1.0
+    assert ("all 2 steps are warm-up steps" in note) is noted
 
 
 def test_a_failed_save_names_the_path_given_and_leaves_nothing(tmp_path):

@@ -16,6 +16,11 @@ from asyncfx.zoo.digits_model import (IMAGE_SIZE, digits, digits_classifier, dig
                                       make_scheduler, sample_digits)
 
 
+#: The demo image: samples' gap, grids' gap (pixels before scaling), scale, caption band.
+TILE_GAP, GRID_GAP, SCALE, CAPTION_HEIGHT = 2, 8, 4, 18
+CAPTIONS = ("sequential", "asyncfx (same seeds)", "|difference| x4")
+
+
 @torch.no_grad()
 def run_demo(*, model: str = "unet", n_devices: int = 2, layout: str | None = None,
              warmup: int | None = None, stride: int = 1, forecast: float | None = None, steps: int = 50,
@@ -54,12 +59,11 @@ def run_demo(*, model: str = "unet", n_devices: int = 2, layout: str | None = No
     real, real_labels = digits_dataset()
     groups, stages = laid_out.groups, laid_out.stages
     slots = groups * (stages + (1 if stride == 2 else 0))
-    ideal = (steps / (warmup / groups + (steps - warmup) / (groups * stages * stride)) if stages > 1
-             else float(groups))
+    ideal, warmup_note = ideal_speedup(steps, warmup, laid_out, stride)
     print(f"\nlatency: sequential {sequential_s:.2f} s (all {torch.get_num_threads()} threads), "
           f"asyncfx {partitioned_s:.2f} s on {slots} CPU workers: speedup "
           f"{sequential_s / partitioned_s:.2f}x (ideal on {slots} separate devices {ideal:.2f}x; "
-          "CPU workers share this machine's cores)")
+          f"CPU workers share this machine's cores){warmup_note}")
     features_real = classifier.features(real)
     for name, images in (("sequential", sequential), ("asyncfx", partitioned)):
         distance = frechet_distance(classifier.features(images), features_real)
@@ -70,6 +74,24 @@ def run_demo(*, model: str = "unet", n_devices: int = 2, layout: str | None = No
     save_grids(out, sequential, partitioned, per_class)
     print(f"wrote {out} (left: sequential, middle: asyncfx, right: |difference| x4)")
     return 0
+
+
+def ideal_speedup(steps: int, warmup: int, layout: asyncfx.Layout, stride: int) -> tuple[float, str]:
+    """The speedup on separate devices with perfect balance and free transfers: warm-up
+    steps split over the batch groups only, the others over every device (times the
+    stride); and a note when every step is a warm-up step.
+
+    Example:
+        >>> ideal_speedup(50, 3, asyncfx.Layout(1, 2), 1)[0]
+        1.886...
+    """
+    warm = min(warmup, steps)
+    parallel = (steps - warm) / (layout.groups * layout.stages * stride)
+    ideal = steps / (warm / layout.groups + parallel)
+    note = (f"; all {steps} steps are warm-up steps, which run the stages one after another: give --steps "
+            f"more than --warmup {warmup} to see them run at once" if steps <= warmup and layout.stages > 1
+            else "")
+    return ideal, note
 
 
 def _timed(denoiser, model, labels, steps, seed, scheduler, name) -> tuple[torch.Tensor, float]:
@@ -88,14 +110,23 @@ def image_suffixes() -> set[str]:
 
 
 def save_grids(path: str, left: torch.Tensor, right: torch.Tensor, per_class: int) -> None:
-    """Write the two sample grids (a row per digit) and their difference side by side."""
-    from PIL import Image
+    """Write the two sample grids (a row per digit, a grey line between samples) and their
+    difference side by side, each under its caption, in the format ``path``'s suffix names."""
+    from PIL import Image, ImageDraw
 
     from asyncfx.viz import difference_images, tile_images
 
-    gap = np.full((10 * IMAGE_SIZE, 4), 255, dtype=np.uint8)
-    grids = [tile_images(images, rows=10) for images in (left, right, difference_images(right, left))]
+    grids = [tile_images(images, rows=10, gap=TILE_GAP)
+             for images in (left, right, difference_images(right, left))]
+    height = grids[0].shape[0]
+    gap = np.full((height, GRID_GAP), 255, dtype=np.uint8)
     canvas = np.concatenate([grids[0], gap, grids[1], gap, grids[2]], axis=1)
-    image = Image.fromarray(canvas).resize((canvas.shape[1] * 4, canvas.shape[0] * 4), Image.NEAREST)
+    scaled = Image.fromarray(canvas).resize((canvas.shape[1] * SCALE, height * SCALE), Image.NEAREST)
+    image = Image.new("L", (scaled.width, scaled.height + CAPTION_HEIGHT), 255)
+    image.paste(scaled, (0, CAPTION_HEIGHT))
+    draw = ImageDraw.Draw(image)
+    width = grids[0].shape[1] + GRID_GAP
+    for k, caption in enumerate(CAPTIONS):
+        draw.text((k * width * SCALE + 2, 4), caption, fill=0)
     with writing(path, "image") as temporary:
         image.save(temporary)  # in the format path's suffix names

@@ -13,14 +13,22 @@ if TYPE_CHECKING:
 
 # --- samples ----------------------------------------------------------------------------
 
-def tile_images(images: torch.Tensor, rows: int) -> np.ndarray:
-    """(B, C, H, W) images in [-1, 1] as one uint8 mosaic of ``rows`` rows, (H*rows, W*B/rows[, C])."""
+def tile_images(images: torch.Tensor, rows: int, gap: int = 0, gap_value: int = 128) -> np.ndarray:
+    """(B, C, H, W) images in [-1, 1] as one uint8 mosaic of ``rows`` rows,
+    (H*rows, W*B/rows[, C]), with ``gap`` pixels of ``gap_value`` between neighbours.
+
+    Example:
+        >>> tile_images(torch.zeros(20, 1, 16, 16), rows=10, gap=2).shape
+        (178, 34)
+    """
     if images.dim() != 4 or len(images) % rows:
         raise AsyncFXError(f"expected (B, C, H, W) images with B a multiple of rows={rows}, got "
                            f"shape {tuple(images.shape)}.")
     tiles = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    tiles = torch.nn.functional.pad(tiles, (0, gap, 0, gap), value=gap_value)
     b, c, h, w = tiles.shape
     grid = tiles.reshape(rows, b // rows, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, b // rows * w, c)
+    grid = grid[: rows * h - gap, : b // rows * w - gap]  # gaps between tiles only
     return grid[..., 0].numpy() if c == 1 else grid.numpy()
 
 
