@@ -26,6 +26,19 @@ def test_both_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == ["inspect_cut_points.ipynb", "speed_vs_quality.ipynb"]
 
 
+def test_the_readme_installs_what_opening_the_notebooks_needs():
+    """The extra the notebooks README tells people to install brings Jupyter and a kernel."""
+    import re
+    import tomllib
+
+    root = pathlib.Path(__file__).parent.parent
+    readme = (root / "notebooks" / "README.md").read_text()
+    extra = re.search(r"pip install -e '\.\[(\w+)\]'", readme).group(1)
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    needs = {re.split(r"[<>=]", requirement)[0] for requirement in extras[extra]}
+    assert {"jupyterlab", "ipykernel", "matplotlib"} <= needs and "jupyter lab notebooks/" in readme
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_is_stored_without_outputs(path):
     notebook = nbformat.read(path, as_version=4)
