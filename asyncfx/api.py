@@ -40,7 +40,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
               cooldown: int = 0, refresh: int = 0, switch_below: float = 0.0, cost: str = "flops",
               link: str = "cpu", latent: LatentOption = None, timestep: str | None = None,
               cuda_graphs: bool | None = None, rebalance: bool = True, release_weights: bool | None = None,
-              weights: str | os.PathLike | WeightSource | None = None, progress: bool = True) -> AsyncDenoiser:
+              weights: str | os.PathLike | WeightSource | None = None,
+              progress: bool = True) -> AsyncDenoiser:
     """Wrap ``model`` so that its stages run concurrently on ``n_devices`` devices.
 
     The result is called exactly like ``model``. The first ``warmup`` steps of every

@@ -10,7 +10,8 @@ from typing import Collection, Iterator
 from asyncfx.errors import OutputError
 
 
-def check_output(path: str | os.PathLike, suffixes: Collection[str] | None = None, what: str = "file") -> None:
+def check_output(path: str | os.PathLike, suffixes: Collection[str] | None = None,
+                 what: str = "file") -> None:
     """Raise OutputError unless ``path`` can be written: not a folder, in a folder that
     exists and takes a new file (tried), with one of ``suffixes`` (lower case, with the
     dot; None: any).

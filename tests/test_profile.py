@@ -63,9 +63,9 @@ def test_measured_compile_refines_with_stage_times():
 
 
 def test_measure_needs_example_inputs_and_says_a_capture_does_not_keep_them():
-    with pytest.raises(asyncfx.PlanError, match="cost='measure' times the model on real inputs, and a Captured "
-                                                r"keeps its graph, not the tensors it was captured from .* pass "
-                                                r"example_inputs=\(args, kwargs\)"):
+    with pytest.raises(asyncfx.PlanError, match="cost='measure' times the model on real inputs, and a "
+                       r"Captured keeps its graph, not the tensors it was captured from .* pass "
+                       r"example_inputs=\(args, kwargs\)"):
         asyncfx.compile(zoo_captured("sd_unet"), 2, cost="measure")
 
 

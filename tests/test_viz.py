@@ -49,7 +49,8 @@ def test_node_costs_draw_cuts_labels_and_stage_shading(sd):
     assert [line.get_gid() for line in ax.lines].count("cut") == plan.n_stages - 1   # cut lines
     labels = [t.get_text() for t in ax.texts if t.get_gid().startswith("cut-label:")]
     assert len(labels) == plan.n_stages - 1  # each the end of its stage's first module path
-    assert all(s.first_module.endswith(label.removeprefix("...")) for label, s in zip(labels, plan.stages[1:]))
+    assert all(stage.first_module.endswith(label.removeprefix("..."))
+               for label, stage in zip(labels, plan.stages[1:]))
     spans = [p for p in ax.patches if p.get_label().startswith("stage")]
     assert [to_hex(p.get_facecolor()) for p in spans] == viz.stage_colors(plan.n_stages)
     assert [line.get_label() for line in ax.lines[:2]] == ["estimated (cpu roofline)", "measured"]

@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                       "for the classifier-free-guidance batch)")
     demo.add_argument("--warmup", type=_positive_int, default=None, help="warm-up steps (default: "
                       "asyncfx's default)")
-    demo.add_argument("--stride", type=int, choices=(1, 2), default=1, help="steps a round (2: n + 1 workers)")
+    demo.add_argument("--stride", type=int, choices=(1, 2), default=1,
+                      help="steps a round (2: n + 1 workers)")
     demo.add_argument("--forecast", type=float, default=None, help="damping of forecast stale values, 0 "
                       "(off) to 1 (default: asyncfx's default)")
     demo.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")

@@ -12,7 +12,7 @@ from asyncfx.outputs import writing
 from asyncfx.schedule import check_forecast
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
 from asyncfx.app.sweep import digits_example_inputs
-from asyncfx.zoo.digits_model import (IMAGE_SIZE, digits, digits_classifier, digits_dataset,
+from asyncfx.zoo.digits_model import (digits, digits_classifier, digits_dataset,
                                       make_scheduler, sample_digits)
 
 

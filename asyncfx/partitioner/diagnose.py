@@ -112,7 +112,8 @@ def check_call_runs(model: nn.Module, args: tuple, kwargs: dict,
 
 def _call_failed_message(model: nn.Module, error: Exception,
                          tensors: Sequence[tuple[str, InputRole, torch.Tensor]]) -> str:
-    given = ", ".join(f"{name} {str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for name, _, t in tensors)
+    given = ", ".join(f"{name} {str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+                      for name, _, t in tensors)
     return (f"{type(model).__name__} cannot run on this call's arguments: its forward fails{_at(error)} "
             f"with {type(error).__name__}: {summary(error)}. The call gives {given}; pass the shapes and "
             "dtypes the model takes (the latent's channels, one batch size for every argument).")

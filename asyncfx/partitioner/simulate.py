@@ -220,9 +220,9 @@ def trust(source: str, link: str) -> str:
         return ("node times measured one by one and summed: stages within 2-6% of their measured times on "
                 "a UNet of real size, up to 60% off on millisecond-sized models; compile with cost='measure' "
                 "to time whole stages")
-    return (f"FLOPs and bytes priced by the {link} roofline, nothing measured: a node's time can be 2-8x off, "
-            "so the speedup is a guide, not a figure; profile the model (asyncfx profile) and compile from "
-            "the profile to trust it")
+    return (f"FLOPs and bytes priced by the {link} roofline, nothing measured: a node's time can be "
+            "2-8x off, so the speedup is a guide, not a figure; profile the model (asyncfx profile) and "
+            "compile from the profile to trust it")
 
 
 def _latent_bytes(plan: StagePlan) -> int:

@@ -99,7 +99,8 @@ def _assignment(graph: fx.Graph, plan: StagePlan) -> list[list[fx.Node]]:
     names = [name for stage in plan.stages for name in stage.nodes]
     expected = [n.name for n in order]
     if names != expected:
-        at = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), min(len(names), len(expected)))
+        at = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b),
+                  min(len(names), len(expected)))
         listed = repr(names[at]) if at < len(names) else "nothing more"
         wanted = repr(expected[at]) if at < len(expected) else "no node"
         raise PlanError(f"the plan's stages do not list the graph's {len(expected)} latent nodes in order: "

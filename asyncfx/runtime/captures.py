@@ -158,7 +158,8 @@ class CaptureCache:
         >>> capture, flat = cache.bind(model, args, kwargs)   # captures at the first call
     """
 
-    def __init__(self, frontend: Frontend, *, rebuild: bool, signed: bool, progress: Progress = Progress(False)):
+    def __init__(self, frontend: Frontend, *, rebuild: bool, signed: bool,
+                 progress: Progress = Progress(False)):
         self.frontend, self.progress = frontend, progress
         self.rebuild = rebuild  # new shapes are captured anew (not with a user's plan)
         self.signed = signed    # edits are looked for (not for a graph given as the model)

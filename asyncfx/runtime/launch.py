@@ -129,6 +129,6 @@ def check_device_type(device: torch.device) -> None:
                           "'cpu' or 'cuda:N' devices (a model built on the meta device takes weights=<its "
                           "files> instead).")
     if device.type not in STAGE_DEVICE_TYPES:
-        raise DeviceError(f"devices lists {str(device)!r}: asyncfx runs stages on 'cpu' and 'cuda:N' devices "
-                          f"(threads, CUDA streams and events), not on {device.type!r} ones; list cpu or cuda "
-                          "devices.")
+        raise DeviceError(f"devices lists {str(device)!r}: asyncfx runs stages on 'cpu' and 'cuda:N' "
+                          f"devices (threads, CUDA streams and events), not on {device.type!r} ones; list "
+                          "cpu or cuda devices.")

@@ -80,9 +80,9 @@ def _shade_stages(ax: Axes, plan: StagePlan, n_nodes: int) -> None:
         ax.axvspan(start - 0.5, end - 0.5, color=colors[k], alpha=0.15, lw=0, label=f"stage {k}")
     for stage, position in zip(plan.stages[1:], bounds[1:-1]):
         ax.axvline(position - 0.5, color="black", ls="--", lw=1, gid="cut")
-        ax.annotate(_short_module(stage.first_module), (position - 0.5, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(-3, -3), textcoords="offset points", rotation=90, va="top", ha="right",
-                    fontsize="x-small", gid=f"cut-label:{stage.index}")
+        ax.annotate(_short_module(stage.first_module), (position - 0.5, 1.0),
+                    xycoords=("data", "axes fraction"), xytext=(-3, -3), textcoords="offset points",
+                    rotation=90, va="top", ha="right", fontsize="x-small", gid=f"cut-label:{stage.index}")
 
 
 def _short_module(path: str, names: int = 3) -> str:
