@@ -60,8 +60,10 @@ PLANS_FOR_ANOTHER_GRAPH = {
 @pytest.mark.parametrize("given_inputs", [False, True], ids=["first call", "partition"])
 def test_a_plan_for_another_graph_is_refused_at_the_capture(case, given_inputs):
     """At the first call (the capture), before any step ran, or at partition() itself
-    when it is given example inputs."""
-    model, _, kwargs = zoo_example("sd_unet")
+    when it is given example inputs; the model captured once (a Captured is laid out at
+    its first call as a model is, without tracing it again)."""
+    _, _, kwargs = zoo_example("sd_unet")
+    model = zoo_captured("sd_unet")
     make, quoted = PLANS_FOR_ANOTHER_GRAPH[case]
     plan = make()
     example = ((), kwargs) if given_inputs else None
@@ -326,6 +328,16 @@ def test_help_shows_plain_text_and_every_default(capsys, command):
         if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
             entry = options.split(f" {action.option_strings[-1]} ", 1)[1].split(" --", 1)[0]
             assert "(default: " in entry, action.option_strings
+
+
+def test_a_plan_for_another_batch_is_refused_at_the_models_own_first_call():
+    model, _, kwargs = zoo_example("sd_unet")
+    denoiser = asyncfx.partition(model, 3, plan=sd_plan(1), executor="serial", release_weights=False)
+    with pytest.raises(asyncfx.PlanError, match=r"compiled for another graph .* inputs sample \(latent, "
+                                                r"float32\[1, 4, 8, 8\]\).* this graph .* sample \(latent, "
+                                                r"float32\[2, 4, 8, 8\]\)"):
+        denoiser(**kwargs)
+    assert denoiser.plan is None  # nothing was built
 
 
 @pytest.mark.parametrize("progress", [True, False])

@@ -198,7 +198,7 @@ class CaptureCache:
         if self.refusal is not None:
             raise WeightsReleasedError(f"capturing again ({reason}) is not possible: {self.refusal}")
         logger.info("capturing %s: %s", type(model).__name__, reason)
-        with self.progress.working(f"capturing {type(model).__name__} (torch.export) and laying it out"):
+        with self.progress.working(_capturing(model)):
             lowering = self.frontend.capture(model, args, kwargs)
         if keep_current and self.current is not None:
             self._keep_spare(self.current)
@@ -265,6 +265,14 @@ class CaptureCache:
                          spare.call.model_class)
             return flat
         return None
+
+
+def _capturing(model: nn.Module) -> str:
+    """What capturing the model for a call does, as progress says it."""
+    model_class = getattr(model, "model_class", None)  # a graph captured already
+    if isinstance(model_class, str):
+        return f"laying out the captured {model_class}"
+    return f"capturing {type(model).__name__} (torch.export) and laying it out"
 
 
 def running_on(executor: Any) -> str:
