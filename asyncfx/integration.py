@@ -23,6 +23,8 @@ MODULE_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
 ACCELERATE_HOOK = "_hf_hook"
 #: diffusers' hook registry on a module (offloading, layerwise casting, caching, layer skipping).
 DIFFUSERS_HOOKS = "_diffusers_hook"
+#: diffusers' layerwise casting hook (``enable_layerwise_casting``): captured as casts in the graph.
+LAYERWISE_CASTING_HOOK = "layerwise_casting"
 
 
 def diffusers_hook_names(module: Any) -> list[str]:
@@ -37,7 +39,8 @@ def diffusers_hook_names(module: Any) -> list[str]:
 
 def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tuple[str, str]]:
     """``(module name, hook name)`` of every diffusers hook on ``model``'s modules, whose
-    attribute dicts are ``module_dicts``; fast when there are none (one C-level scan).
+    attribute dicts are ``module_dicts``, but layerwise casting (which captures stand for);
+    fast when there are none (one C-level scan).
 
     Example:
         >>> diffusers_hooks(unet, [m.__dict__ for m in unet.modules()])
@@ -45,9 +48,11 @@ def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tupl
     """
     if not any(map(operator.contains, module_dicts, itertools.repeat(DIFFUSERS_HOOKS))):
         return []
-    if not any(getattr(d[DIFFUSERS_HOOKS], "hooks", None) for d in module_dicts if DIFFUSERS_HOOKS in d):
-        return []  # registries whose hooks were removed
-    return [(name, hook) for name, module in model.named_modules() for hook in diffusers_hook_names(module)]
+    if not any(set(getattr(d[DIFFUSERS_HOOKS], "hooks", None) or ()) - {LAYERWISE_CASTING_HOOK}
+               for d in module_dicts if DIFFUSERS_HOOKS in d):
+        return []  # registries whose hooks were removed, or that cast weights only
+    return [(name, hook) for name, module in model.named_modules() for hook in diffusers_hook_names(module)
+            if hook != LAYERWISE_CASTING_HOOK]
 
 
 def check_no_step_cache(model: nn.Module) -> None:
@@ -72,7 +77,8 @@ def check_no_forward_wrappers(model: nn.Module) -> None:
     for name, module in model.named_modules():
         accelerate = getattr(module, ACCELERATE_HOOK, None)
         wrappers = [f"accelerate's {type(accelerate).__name__}"] if accelerate is not None else []
-        wrappers += [f"diffusers' {hook!r} hook" for hook in diffusers_hook_names(module)]
+        wrappers += [f"diffusers' {hook!r} hook" for hook in diffusers_hook_names(module)
+                     if hook != LAYERWISE_CASTING_HOOK]  # captured as casts (layerwise_casts_in_graph)
         if wrappers:
             where = f"{type(model).__name__}.{name}" if name else type(model).__name__
             raise CaptureError(
@@ -80,7 +86,67 @@ def check_no_forward_wrappers(model: nn.Module) -> None:
                 "weights, or choose what to compute, at each call, which a captured graph cannot do "
                 "(asyncfx puts each stage's weights on its device itself). Remove them before "
                 "partitioning: no enable_model_cpu_offload() or group offloading (pipe.remove_all_hooks() "
-                "undoes model offloading), no layerwise casting, no step caching.")
+                "undoes model offloading), no step caching.")
+
+
+@contextlib.contextmanager
+def layerwise_casts_in_graph(model: nn.Module) -> Iterator[None]:
+    """While a model with diffusers' layerwise casting is traced: each cast layer's weights
+    in the storage dtype read through a parametrization that casts them to the compute
+    dtype (``torch.nn.utils.parametrize``), so the graph holds the small weights and casts
+    them per layer as the hooks do; the hooks' own casts (``module.to()`` before and after
+    each call, which a trace cannot follow) are passed over through the mutable references
+    diffusers keeps for its hook chain. Everything is put back afterwards; the graph's
+    weights get the model's names back from ``passes.parametrized_names``.
+
+    Example:
+        >>> unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        >>> with layerwise_casts_in_graph(unet):
+        ...     exported = torch.export.export(unet, args, kwargs, strict=False)
+    """
+    from torch.nn.utils import parametrize
+
+    hooks, cast = [], []
+    for module in model.modules():
+        registry = module.__dict__.get(DIFFUSERS_HOOKS)
+        hook = registry.get_hook(LAYERWISE_CASTING_HOOK) if registry is not None else None
+        if hook is None:
+            continue
+        hooks.append((hook.fn_ref, hook.fn_ref.pre_forward, hook.fn_ref.post_forward))
+        for name, tensor in list(module.named_parameters(recurse=False)):
+            if tensor.dtype == hook.storage_dtype:
+                cast.append((module, name, _CastTo(hook.compute_dtype)))
+    try:
+        for reference, _, _ in hooks:
+            reference.pre_forward, reference.post_forward = _unchanged_inputs, _unchanged_output
+        for module, name, to_compute in cast:
+            parametrize.register_parametrization(module, name, to_compute, unsafe=True)
+        yield
+    finally:
+        for module, name, _ in reversed(cast):
+            if parametrize.is_parametrized(module, name):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        for reference, pre_forward, post_forward in hooks:
+            reference.pre_forward, reference.post_forward = pre_forward, post_forward
+
+
+class _CastTo(nn.Module):
+    """A weight stored in one dtype, read in another."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(self.dtype)
+
+
+def _unchanged_inputs(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    return args, kwargs
+
+
+def _unchanged_output(module: nn.Module, output: Any) -> Any:
+    return output
 
 
 def refuse_offloading(proxy: nn.Module, model: nn.Module) -> None:

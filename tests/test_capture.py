@@ -155,14 +155,16 @@ def test_compiling_the_denoiser_is_refused_at_its_first_call_and_loses_nothing()
     assert_same_output(den(*args), model(*args))
 
 
-def test_hooks_that_wrap_forward_to_move_or_convert_weights_are_refused():
+def test_hooks_that_wrap_forward_to_move_weights_are_refused():
     from accelerate import cpu_offload_with_hook
 
-    cast, _, kwargs = tiny.sd_unet()
-    cast.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
-    with pytest.raises(asyncfx.CaptureError, match="UNet2DConditionModel.conv_in has diffusers' "
-                                                   "'layerwise_casting' hook wrapping its forward"):
-        asyncfx.partition(cast, 2)  # at once, not at the first call
+    grouped, _, kwargs = tiny.sd_unet()
+    cpu = torch.device("cpu")
+    grouped.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                                 num_blocks_per_group=1)
+    with pytest.raises(asyncfx.CaptureError, match="UNet2DConditionModel has diffusers' 'group_offloading' "
+                                                   "hook wrapping its forward"):
+        asyncfx.partition(grouped, 2)  # at once, not at the first call
     offloaded, _ = cpu_offload_with_hook(tiny.sd_unet()[0], execution_device="cpu")  # model offloading's
     refused = r"UNet2DConditionModel has accelerate's CpuOffload wrapping its forward.*remove_all_hooks\(\)"
     with pytest.raises(asyncfx.CaptureError, match=refused):

@@ -19,12 +19,14 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from asyncfx.errors import CaptureError
+from asyncfx.integration import layerwise_casts_in_graph
 from asyncfx.partitioner.binding import BoundCall, top_level_name
 from asyncfx.partitioner.containers import (unregistered_input_error, unregistered_output_error,
                                             watching_argument_writes)
 from asyncfx.partitioner.diagnose import both_failed_message, check_call_runs, summary
 from asyncfx.partitioner.empty_weights import fake_weights, with_meta_weights
 from asyncfx.partitioner.traced_state import restoring_traced_state
+from asyncfx.passes.parametrized_names import name_as_the_model
 from asyncfx.passes.functionalise import functionalise, in_place_ops
 from asyncfx.passes.meta import VALUE
 
@@ -50,13 +52,18 @@ def trace(model: nn.Module, call: BoundCall, *, stack_traces: bool = False) -> T
         >>> trace(unet, bind_call(unet, args, kwargs, None, None)).method
         'export'
     """
+    with layerwise_casts_in_graph(model):  # the casts of diffusers' layerwise casting, as graph nodes
+        return _traced(model, call, stack_traces)
+
+
+def _traced(model: nn.Module, call: BoundCall, stack_traces: bool) -> Traced:
     args, kwargs, leaves, names, is_tensor = call.args, call.kwargs, call.leaves, call.names, call.is_tensor
     try:
         with (restoring_traced_state(model), watching_argument_writes(model) as written,
               fake_weights(model, args, kwargs) as (traced_args, traced_kwargs),
               recording_stack_traces(stack_traces)):
             graph_module, out_spec = _export(model, traced_args, traced_kwargs, type(model).__name__)
-        return Traced(with_meta_weights(graph_module, model), out_spec, "export", written)
+        return Traced(with_meta_weights(name_as_the_model(graph_module), model), out_spec, "export", written)
     except CaptureError:
         raise
     except Exception as export_error:
