@@ -5,8 +5,10 @@ export follows diffusers UNets and transformers, whose forward has shape-depende
 Python control flow; symbolic_trace cannot, so it is only the fallback. A forward that
 writes to its weights, buffers or inputs is refused (a denoiser must not change state
 while sampling); writes to intermediate values are made new values
-(``passes.functionalise``). When both tracers fail, the error names where and why each
-did (``diagnose``).
+(``passes.functionalise``). Where export fails because the model itself refuses the call
+(a wrong dtype, channel count or batch size), the error says so in one line; when both
+tracers fail otherwise, it names where and why each did (``diagnose``). diffusers'
+layerwise casting is traced as casts in the graph (``integration.layerwise_casts_in_graph``).
 """
 from __future__ import annotations
 
