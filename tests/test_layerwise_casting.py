@@ -1,7 +1,7 @@
 """diffusers' layerwise casting composes with partitioning: the casts are captured into the
 graph, each stage holds its weights in the storage dtype, and the stages compute what the
-model with casting computes (diffusers' ``test_layerwise_casting_inference``, on the same
-tiny pipelines, checked against the unpartitioned pipeline)."""
+model with casting computes (diffusers' ``test_layerwise_casting_inference``, on tiny
+pipelines of the same kinds, checked against the unpartitioned pipeline)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,24 +10,25 @@ import torch
 
 import asyncfx
 from asyncfx.zoo import tiny
-from test_pipelines import STEPS, images, one_thread, sd3_pipeline, sd_pipeline
+from test_pipelines import (STEPS, animatediff_pipeline, controlnet_pipeline, images, one_thread,
+                            sd3_pipeline, sdxl_pipeline)
 
 STORAGE, COMPUTE = torch.float8_e4m3fn, torch.float32
 
 
-def _sd():
-    unet, _, _ = tiny.sd_unet()
-    generator = torch.Generator().manual_seed(1)
-    return sd_pipeline(unet), "unet", dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
-                                           negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator))
+def _named(build, attribute: str):
+    """A pipeline builder of tests/test_pipelines.py, with the attribute its denoiser is at."""
+    def make():
+        pipe, inputs = build()
+        return pipe, attribute, inputs
+    return make
 
 
-def _sd3():
-    pipe, embeds = sd3_pipeline()
-    return pipe, "transformer", embeds
-
-
-PIPELINES = {"sd": _sd, "sd3": _sd3}
+#: diffusers' test_layerwise_casting_inference runs on these pipelines (and PixArt's); ControlNet's
+#: is Stable Diffusion's with the control residuals as inputs.
+PIPELINES = {"sdxl": _named(sdxl_pipeline, "unet"), "sd3": _named(sd3_pipeline, "transformer"),
+             "controlnet": _named(controlnet_pipeline, "unet"),
+             "animatediff": _named(animatediff_pipeline, "unet")}
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))

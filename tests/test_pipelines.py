@@ -125,7 +125,7 @@ def test_stable_diffusion_pag_pipeline():
     assert not np.array_equal(first, without_pag)
 
 
-def test_stable_diffusion_controlnet_pipeline():
+def controlnet_pipeline() -> tuple[StableDiffusionControlNetPipeline, dict]:
     unet, _, _ = tiny.sd_unet()
     torch.manual_seed(0)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).eval()
@@ -139,10 +139,15 @@ def test_stable_diffusion_controlnet_pipeline():
                                              safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
     generator = torch.Generator().manual_seed(6)
+    return pipe, dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                      negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                      image=torch.rand(1, 3, 16, 16, generator=generator), height=16, width=16)
+
+
+def test_stable_diffusion_controlnet_pipeline():
+    pipe, inputs = controlnet_pipeline()
     # the residuals change at every step; the stale steps must still run (the check asserts it)
-    check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),
-                  negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator),
-                  image=torch.rand(1, 3, 16, 16, generator=generator), height=16, width=16)
+    check_drop_in(pipe, "unet", **inputs)
 
 
 def ip_adapter_weights(unet: UNet2DConditionModel, image_embed_dim: int) -> dict:
@@ -277,16 +282,21 @@ def test_pipe_to_converts_a_partitioned_denoiser():
     np.testing.assert_array_equal(got, expected)  # warm-up covers every step: the original run
 
 
-def test_stable_diffusion_xl_pipeline():
+def sdxl_pipeline() -> tuple[StableDiffusionXLPipeline, dict]:
     unet, _, _ = tiny.sdxl_unet()
     pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=None, text_encoder_2=None,
                                      tokenizer=None, tokenizer_2=None, unet=unet,
                                      scheduler=DDIMScheduler(num_train_timesteps=1000))
     generator = torch.Generator().manual_seed(2)
-    check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),
-                  negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator),
-                  pooled_prompt_embeds=torch.randn(1, 8, generator=generator),
-                  negative_pooled_prompt_embeds=torch.randn(1, 8, generator=generator))
+    return pipe, dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                      negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                      pooled_prompt_embeds=torch.randn(1, 8, generator=generator),
+                      negative_pooled_prompt_embeds=torch.randn(1, 8, generator=generator))
+
+
+def test_stable_diffusion_xl_pipeline():
+    pipe, embeds = sdxl_pipeline()
+    check_drop_in(pipe, "unet", **embeds)
 
 
 def sd3_pipeline() -> tuple[StableDiffusion3Pipeline, dict]:
@@ -339,7 +349,7 @@ def test_flux_pipeline():
                   pooled_prompt_embeds=torch.randn(1, 12, generator=generator), height=16, width=16)
 
 
-def test_animatediff_pipeline():
+def animatediff_pipeline() -> tuple[AnimateDiffPipeline, dict]:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
                                 out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -351,9 +361,14 @@ def test_animatediff_pipeline():
                                motion_adapter=adapter,
                                scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False))
     generator = torch.Generator().manual_seed(7)
-    check_drop_in(pipe, "unet", prompt_embeds=torch.randn(1, 4, 8, generator=generator),  # a UNetMotionModel
-                  negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator), num_frames=4, height=16,
-                  width=16)
+    return pipe, dict(prompt_embeds=torch.randn(1, 4, 8, generator=generator),
+                      negative_prompt_embeds=torch.randn(1, 4, 8, generator=generator), num_frames=4,
+                      height=16, width=16)
+
+
+def test_animatediff_pipeline():
+    pipe, inputs = animatediff_pipeline()
+    check_drop_in(pipe, "unet", **inputs)  # a UNetMotionModel
 
 
 def test_stable_video_diffusion_pipeline():
