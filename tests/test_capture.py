@@ -736,3 +736,17 @@ def test_a_registered_objects_tensors_are_inputs_and_outputs_of_the_graph():
     assert cache.layers[0].tokens == 3
     torch.testing.assert_close(cache.layers[0].key, sample.sum(0, keepdim=True))
     torch.testing.assert_close(out, sample * 0.25)
+
+
+def test_a_call_a_model_built_without_weights_refuses_is_one_line_too():
+    """The model runs on fake weights for the check: nothing is computed, nothing loaded."""
+    import accelerate
+    from diffusers import UNet2DConditionModel
+
+    model, _, kwargs = zoo_example("sd_unet")
+    with accelerate.init_empty_weights():
+        empty = UNet2DConditionModel.from_config(model.config)
+    refused = r"^UNet2DConditionModel cannot run on this call's arguments: .*expected input\[2, 3, 8, 8\]"
+    with pytest.raises(asyncfx.CaptureError, match=refused):
+        asyncfx.capture(empty, (), {**kwargs, "sample": kwargs["sample"][:, :3]})
+    assert all(p.is_meta for p in empty.parameters())
