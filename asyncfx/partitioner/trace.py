@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import threading
 from typing import Any, Iterator
 
 import torch
@@ -82,6 +84,28 @@ def _traced(model: nn.Module, call: BoundCall, stack_traces: bool) -> Traced:
         return Traced(gm, out_spec, "symbolic_trace", [])  # its arguments are tensors
 
 
+#: torch's logger of fake-tensor kernels, and what it logs (with a traceback, as an error) when
+#: an op fails on fake tensors while exporting: the capture reports that failure itself.
+FAKE_TENSOR_LOGGER, META_FAILURE = "torch._subclasses.fake_tensor", "failed while attempting to run meta"
+
+
+@contextlib.contextmanager
+def _failures_reported_by_the_capture() -> Iterator[None]:
+    """Around this thread's export: torch's log record of an op failing on fake tensors is
+    dropped (other records, and other threads', pass), for the capture's error is one line."""
+    thread = threading.get_ident()
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.thread != thread or not record.getMessage().startswith(META_FAILURE)
+
+    logger = logging.getLogger(FAKE_TENSOR_LOGGER)
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 @contextlib.contextmanager
 def recording_stack_traces(record: bool) -> Iterator[None]:
     """Tracing inside records (or not) the source line of each node it makes: torch.fx's
@@ -98,7 +122,8 @@ def recording_stack_traces(record: bool) -> Iterator[None]:
 def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str) -> tuple[fx.GraphModule, pytree.TreeSpec]:
     """export's module of the model, its in-place writes to intermediates made new values;
     writes to weights, buffers or inputs are refused."""
-    exported = torch.export.export(model, args, kwargs, strict=False)
+    with _failures_reported_by_the_capture():
+        exported = torch.export.export(model, args, kwargs, strict=False)
     unlifted = exported.module()
     graph = unlifted.graph
     mutated = sorted(set(exported.graph_signature.buffers_to_mutate.values()) | _mutated_state(graph))
