@@ -659,7 +659,8 @@ def _bad_sd_calls() -> dict[str, tuple[dict, str]]:
 def test_a_call_the_model_refuses_is_one_line_naming_the_arguments_without_the_fallbacks_noise(case, caplog):
     model, _, kwargs = zoo_example("sd_unet")
     changed, quoted = _bad_sd_calls()[case]
-    with pytest.raises(asyncfx.CaptureError) as info, caplog.at_level("DEBUG", "torch._subclasses.fake_tensor"):
+    with (pytest.raises(asyncfx.CaptureError) as info,
+          caplog.at_level("DEBUG", "torch._subclasses.fake_tensor")):
         asyncfx.capture(model, (), {**kwargs, **changed})
     assert "failed while attempting to run meta" not in caplog.text  # torch's traceback of it, not shown
     message = str(info.value)
