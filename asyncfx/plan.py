@@ -28,6 +28,10 @@ class PlanInput:
     shape: list[int]
     dtype: str
 
+    def describe(self) -> str:
+        """``sample (latent, float16[2, 4, 64, 64])``, as ``GraphInput.describe`` says it."""
+        return f"{self.name} ({self.role}, {_tensor_type(self.dtype, self.shape)})"
+
 
 @dataclasses.dataclass
 class BoundaryTensor:
@@ -153,8 +157,7 @@ class StagePlan:
         layout = (f"layout {self.layout}: {self.groups} batch groups of " if self.groups > 1 else "")
         lines = [f"StagePlan for {self.model_class}: {layout}{self.n_stages} stage(s), cost={self.cost} "
                  f"({self.cost_unit}), link={self.link}, graph {self.fingerprint}",
-                 "inputs: " + ", ".join(f"{i.name} ({i.role}, {_tensor_type(i.dtype, i.shape)})"
-                                        for i in self.inputs)]
+                 "inputs: " + ", ".join(i.describe() for i in self.inputs)]
         measured = [s.measured_seconds for s in self.stages if s.measured_seconds is not None]
         rows = [("stage", "first module", "last module", "nodes", "+repl", "params",
                  "predicted", "share") + (("measured", "error") if measured else ())]

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from asyncfx.errors import AsyncFXError
+from asyncfx.outputs import check_output
 from asyncfx.schedule import DEFAULT_FORECAST
 from asyncfx.zoo.digits_model import KINDS
 
@@ -71,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
     demo.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     demo.add_argument("--per-class", type=_positive_int, default=4, help="samples of each digit")
-    demo.add_argument("--out", default="asyncfx_demo.png", help="PNG to write")
+    demo.add_argument("--out", default="asyncfx_demo.png",
+                      help="image to write, in the format its suffix names")
     demo.set_defaults(run=_demo)
 
     profile = commands.add_parser("profile", help="time every node of a model; write a profile",
@@ -111,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                                            "with the cuts (needs matplotlib).")
     show.add_argument("plan", help="plan JSON from 'asyncfx compile'")
     show.add_argument("--profile", help="profile JSON the plan was compiled from (per-node cost view)")
-    show.add_argument("--plot", help="PNG to write the views to")
+    show.add_argument("--plot", help="figure to write the views to, in the format its suffix names "
+                      "(.png, .pdf, .svg, ...)")
     show.set_defaults(run=_show)
 
     simulate = commands.add_parser(
@@ -189,7 +192,7 @@ def _positive_int(text: str) -> int:
 def _demo(options: argparse.Namespace) -> int:
     from asyncfx.app.demo import image_suffixes, run_demo
 
-    _check_writable(options.out, image_suffixes(), "image")
+    check_output(options.out, image_suffixes(), "image")
     return run_demo(model=options.model, n_devices=options.n_devices, layout=options.layout,
                     warmup=options.warmup, stride=options.stride, forecast=options.forecast,
                     steps=options.steps, seed=options.seed, per_class=options.per_class, out=options.out)
@@ -221,7 +224,7 @@ def _profile(options: argparse.Namespace) -> int:
     from asyncfx.app.model_spec import load_model
     from asyncfx.partitioner.profile import profile_captured
 
-    _check_writable(options.out)
+    check_output(options.out, what="JSON file")
     if options.warmup < 0:
         raise AsyncFXError(f"--warmup must be at least 0, got {options.warmup}.")
     if options.device.startswith("cuda") and not torch.cuda.is_available():
@@ -254,7 +257,7 @@ def _compile(options: argparse.Namespace) -> int:
     from asyncfx.partitioner.compile import compile_profile
     from asyncfx.partitioner.profile import Profile
 
-    _check_writable(options.out)
+    check_output(options.out, what="JSON file")
     layout = _layout(options.layout, options.n_devices)
     plan = compile_profile(Profile.load(options.profile), layout.stages, link=options.link)
     if layout.groups > 1:
@@ -294,7 +297,7 @@ def _show(options: argparse.Namespace) -> int:
     if options.plot:
         from asyncfx.viz.plan_views import figure_suffixes
 
-        _check_writable(options.plot, figure_suffixes(), "figure")
+        check_output(options.plot, figure_suffixes(), "figure")
     plan = StagePlan.load(options.plan)
     profile = Profile.load(options.profile) if options.profile else None
     print(plan.summary())
@@ -320,13 +323,6 @@ def _simulate(options: argparse.Namespace) -> int:
         if note.startswith("layout "):
             print(note)
     return 0
-
-
-def _check_writable(path: str, suffixes: set[str] | None = None, what: str = "JSON file") -> None:
-    """Before the work: ``path`` can be written, with a suffix among ``suffixes``."""
-    from asyncfx.outputs import check_output
-
-    check_output(path, suffixes, what)
 
 
 if __name__ == "__main__":

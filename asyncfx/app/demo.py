@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 import asyncfx
 from asyncfx.outputs import writing
-from asyncfx.schedule import check_forecast
+from asyncfx.schedule import check_forecast, devices_needed
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
 from asyncfx.app.sweep import digits_example_inputs
 from asyncfx.zoo.digits_model import (digits, digits_classifier, digits_dataset,
@@ -57,8 +57,7 @@ def run_demo(*, model: str = "unet", n_devices: int = 2, layout: str | None = No
     denoiser.close()
 
     real, real_labels = digits_dataset()
-    groups, stages = laid_out.groups, laid_out.stages
-    slots = groups * (stages + (1 if stride == 2 else 0))
+    slots = laid_out.groups * devices_needed(laid_out.stages, stride)
     ideal, warmup_note = ideal_speedup(steps, warmup, laid_out, stride)
     print(f"\nlatency: sequential {sequential_s:.2f} s (all {torch.get_num_threads()} threads), "
           f"asyncfx {partitioned_s:.2f} s on {slots} CPU workers: speedup "

@@ -82,16 +82,13 @@ def check_plan(captured: Captured, plan: StagePlan) -> None:
     if plan.fingerprint != captured.fingerprint:
         raise PlanError(
             f"the plan was compiled for another graph (plan fingerprint {plan.fingerprint}, "
-            f"{plan.model_class}, inputs {_inputs(plan)}; this graph {captured.fingerprint}, "
+            f"{plan.model_class}, inputs {', '.join(i.describe() for i in plan.inputs)}; this graph "
+            f"{captured.fingerprint}, "
             f"{captured.model_class}, inputs {', '.join(i.describe() for i in captured.inputs)}): the "
             "model, its input shapes or dtypes, which inputs are the latent and the timestep "
             "(latent=, timestep=), or the torch version differ. Compile a new plan for this model "
             "and inputs with asyncfx.compile().")
     _assignment(captured.graph, plan)
-
-
-def _inputs(plan: StagePlan) -> str:
-    return ", ".join(f"{i.name} ({i.role}, {i.dtype.removeprefix('torch.')}{i.shape})" for i in plan.inputs)
 
 
 def _assignment(graph: fx.Graph, plan: StagePlan) -> list[list[fx.Node]]:
