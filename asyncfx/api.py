@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from asyncfx.errors import AsyncFXError, DeviceError, PlanError
+from asyncfx.integration import step_cache_rules
 from asyncfx.options import DEFAULT_WARMUP, PartitionOptions
 from asyncfx.partitioner.binding import LatentOption, check_argument_names
 from asyncfx.partitioner.captured import Captured
@@ -25,6 +26,7 @@ from asyncfx.program import Layout, WeightSource
 from asyncfx.runtime.denoiser import AsyncDenoiser
 from asyncfx.runtime.launch import launcher
 from asyncfx.runtime.progress import Progress
+from asyncfx.runtime.step_cache import check_stride
 
 __all__ = ["DeviceError", "ModelError", "partition"]
 
@@ -102,6 +104,7 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
                                release_weights=release_weights, weights=weights, progress=progress)
     _check_weights(model, options.weights)
     _check_layout(model, options.known_layout)
+    check_stride(type(model).__name__, len(step_cache_rules(model)), options.stride)
     launch = launcher(options.executor, options.devices, options.slots, options.cuda_graphs)
     frontend = PartitionFrontend(n_devices=options.n_devices, layout=options.known_layout,
                                  warmup=options.warmup, cost=options.cost, link=options.link,

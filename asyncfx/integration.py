@@ -25,6 +25,13 @@ ACCELERATE_HOOK = "_hf_hook"
 DIFFUSERS_HOOKS = "_diffusers_hook"
 #: diffusers' layerwise casting hook (``enable_layerwise_casting``): captured as casts in the graph.
 LAYERWISE_CASTING_HOOK = "layerwise_casting"
+#: diffusers' step-cache hooks whose policy the stages apply themselves (``runtime.step_cache``):
+#: PyramidAttentionBroadcastConfig's and TaylorSeerCacheConfig's.
+REUSE_HOOK, TAYLOR_HOOK = "pyramid_attention_broadcast", "taylorseer_cache"
+#: Hooks a capture passes over: the graph stands for them.
+CAPTURED_HOOKS = frozenset({LAYERWISE_CASTING_HOOK, REUSE_HOOK, TAYLOR_HOOK})
+#: The step caches asyncfx applies, as ``enable_cache()`` takes them.
+APPLIED_CACHES = ("PyramidAttentionBroadcastConfig", "TaylorSeerCacheConfig")
 
 
 def diffusers_hook_names(module: Any) -> list[str]:
@@ -39,7 +46,7 @@ def diffusers_hook_names(module: Any) -> list[str]:
 
 def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tuple[str, str]]:
     """``(module name, hook name)`` of every diffusers hook on ``model``'s modules, whose
-    attribute dicts are ``module_dicts``, but layerwise casting (which captures stand for);
+    attribute dicts are ``module_dicts``, but those captures stand for (``CAPTURED_HOOKS``);
     fast when there are none (one C-level scan).
 
     Example:
@@ -48,24 +55,25 @@ def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tupl
     """
     if not any(map(operator.contains, module_dicts, itertools.repeat(DIFFUSERS_HOOKS))):
         return []
-    if not any(set(getattr(d[DIFFUSERS_HOOKS], "hooks", None) or ()) - {LAYERWISE_CASTING_HOOK}
+    if not any(set(getattr(d[DIFFUSERS_HOOKS], "hooks", None) or ()) - CAPTURED_HOOKS
                for d in module_dicts if DIFFUSERS_HOOKS in d):
-        return []  # registries whose hooks were removed, or that cast weights only
+        return []  # registries whose hooks were removed, or that captures stand for
     return [(name, hook) for name, module in model.named_modules() for hook in diffusers_hook_names(module)
-            if hook != LAYERWISE_CASTING_HOOK]
+            if hook not in CAPTURED_HOOKS]
 
 
 def check_no_step_cache(model: nn.Module) -> None:
-    """Refuse a model that reuses its earlier calls' results (diffusers' ``enable_cache``:
-    first-block cache, FasterCache, TaylorSeer...): its hooks decide at each call what to
-    skip, and a captured graph runs what the capture's call ran, at every call."""
+    """Refuse a model whose step cache (diffusers' ``enable_cache``) asyncfx does not apply:
+    one that decides from values at each call (first-block cache, MagCache) or that
+    approximates across the batch (FasterCache). Its hooks decide what to skip, and a
+    captured graph computes what the capture's call computed."""
     if getattr(model, "is_cache_enabled", False) is True:
         config = type(getattr(model, "_cache_config", None)).__name__
-        raise CaptureError(f"{type(model).__name__} has step caching enabled ({config}): it skips blocks "
-                           "at a step by reusing earlier steps' outputs, which a captured graph cannot do "
-                           "(it would compute every block at every step). asyncfx reuses the previous "
-                           "step's values across stages instead; call model.disable_cache() before "
-                           "partitioning.")
+        if config not in APPLIED_CACHES:
+            raise CaptureError(
+                f"{type(model).__name__} has step caching enabled with {config}, which asyncfx cannot apply "
+                f"to its stages yet (it applies {' and '.join(APPLIED_CACHES)}): call model.disable_cache() "
+                "before partitioning, or enable one of those.")
 
 
 def check_no_forward_wrappers(model: nn.Module) -> None:
@@ -78,7 +86,7 @@ def check_no_forward_wrappers(model: nn.Module) -> None:
         accelerate = getattr(module, ACCELERATE_HOOK, None)
         wrappers = [f"accelerate's {type(accelerate).__name__}"] if accelerate is not None else []
         wrappers += [f"diffusers' {hook!r} hook" for hook in diffusers_hook_names(module)
-                     if hook != LAYERWISE_CASTING_HOOK]  # captured as casts (layerwise_casts_in_graph)
+                     if hook not in CAPTURED_HOOKS]  # the graph stands for these
         if wrappers:
             where = f"{type(model).__name__}.{name}" if name else type(model).__name__
             raise CaptureError(
@@ -128,6 +136,76 @@ def layerwise_casts_in_graph(model: nn.Module) -> Iterator[None]:
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
         for reference, pre_forward, post_forward in hooks:
             reference.pre_forward, reference.post_forward = pre_forward, post_forward
+
+
+@contextlib.contextmanager
+def step_caches_passed_over(model: nn.Module) -> Iterator[None]:
+    """While a model with a step cache asyncfx applies is traced: each cached module's
+    own forward runs instead of the cache hook's (through the mutable reference
+    diffusers keeps for its hook chain), so the graph computes every module, and the
+    hooks' state is left as it was. Put back afterwards.
+
+    Example:
+        >>> with step_caches_passed_over(transformer):
+        ...     exported = torch.export.export(transformer, args, kwargs, strict=False)
+    """
+    passed = []
+    for module in model.modules():
+        registry = module.__dict__.get(DIFFUSERS_HOOKS)
+        for name in (REUSE_HOOK, TAYLOR_HOOK):
+            hook = registry.get_hook(name) if registry is not None else None
+            if hook is not None and hook.fn_ref.original_forward is not None:
+                passed.append((hook.fn_ref, hook.fn_ref.forward))
+    try:
+        for reference, _ in passed:
+            reference.forward = reference.original_forward
+        yield
+    finally:
+        for reference, forward in passed:
+            reference.forward = forward
+
+
+def hooks_signature(module_dicts: Sequence[dict]) -> tuple:
+    """What tells one set of diffusers hooks on a model's modules (attribute dicts
+    ``module_dicts``) from another: each registry's hook objects; () for none, fast then.
+
+    Example:
+        >>> hooks_signature([m.__dict__ for m in unet.modules()])
+        ()
+    """
+    if not any(map(operator.contains, module_dicts, itertools.repeat(DIFFUSERS_HOOKS))):
+        return ()
+    return tuple((index, tuple(map(id, getattr(d[DIFFUSERS_HOOKS], "hooks", {}).values())))
+                 for index, d in enumerate(module_dicts) if DIFFUSERS_HOOKS in d)
+
+
+def step_cache_rules(model: nn.Module) -> list[Any]:
+    """The rules (``runtime.step_cache``) of the step-cache hooks on ``model``'s modules:
+    PyramidAttentionBroadcastConfig's reuse, TaylorSeerCacheConfig's forecast, each with
+    its hook's own settings; [] for none.
+
+    Example:
+        >>> transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=3))
+        >>> step_cache_rules(transformer)[0].interval
+        3
+    """
+    from asyncfx.runtime.step_cache import ReuseEvery, TaylorForecast
+
+    rules: list[Any] = []
+    for name, module in model.named_modules():
+        registry = module.__dict__.get(DIFFUSERS_HOOKS)
+        hooks = getattr(registry, "hooks", None) or {}
+        if REUSE_HOOK in hooks:
+            hook = hooks[REUSE_HOOK]
+            rules.append(ReuseEvery(name, hook.block_skip_range, tuple(hook.timestep_skip_range),
+                                    hook.current_timestep_callback))
+        if TAYLOR_HOOK in hooks:
+            hook = hooks[TAYLOR_HOOK]
+            state = getattr(hook.state_manager, "_init_kwargs", {})
+            rules.append(TaylorForecast(name, hook.cache_interval, hook.disable_cache_before_step,
+                                        hook.disable_cache_after_step, state.get("max_order", 1),
+                                        hook.taylor_factors_dtype, bool(state.get("is_inactive", False))))
+    return rules
 
 
 class _CastTo(nn.Module):

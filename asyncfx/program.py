@@ -206,6 +206,17 @@ class BatchSplit:
                      else parts[0][i] for i in range(len(parts[0])))
 
 
+class StageEditor(Protocol):
+    """How the runtime edits a stage module for a step cache, without looking at graphs:
+    ``module_outputs`` names the values a module of the model makes in the stage (``()``:
+    none there); ``substituting`` gives a copy of the stage that reads ``substituted``
+    values as extra inputs after its own, and returns ``(its outputs, kept values)``."""
+
+    def module_outputs(self, stage: nn.Module, module: str) -> tuple[str, ...]: ...
+
+    def substituting(self, stage: nn.Module, substituted: Sequence[str], kept: Sequence[str]) -> nn.Module: ...
+
+
 class WeightSource(Protocol):
     """Where the tensors of a model built without weights come from (its files,
     ``asyncfx.weights.WeightFiles``): ``load`` reads the tensors ``wanted`` names (tensors
@@ -232,6 +243,7 @@ class Program:
     plan: StagePlan
     weights: WeightSource | None = None  # where stage tensors without data are loaded from
     split: BatchSplit = BatchSplit()      # the batch groups, each running every stage
+    editor: StageEditor | None = None     # stage copies for step caches (None: not supported)
 
     @property
     def n_stages(self) -> int:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from asyncfx.errors import PlanError
 
@@ -83,6 +83,7 @@ class StepSchedule(NamedTuple):
     mode: Mode
     runs: tuple[StageRun, ...]
     keep_from: int | None = None  # the oldest boundary version later steps read (None: keep all)
+    cache: Any = None             # a step cache's decisions (runtime.step_cache.CacheStep; None: none)
 
 
 def schedule(step: int, n_stages: int, *, warmup: int, stride: int = 1, time_shift: bool = False,

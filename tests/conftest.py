@@ -119,6 +119,23 @@ def mispriced_example() -> tuple[Mispriced, dict[str, torch.Tensor]]:
     return Mispriced().eval(), {"sample": torch.randn(128, 256), "timestep": torch.tensor(999.0)}
 
 
+def with_step_cache(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """``model`` with one of diffusers' step caches applied to it (``apply_*``: the zoo's
+    models have no ``enable_cache``): "reuse", Pyramid Attention Broadcast on every
+    attention module, every other step (its timestep always in range); "forecast",
+    TaylorSeer on the attention of transformer blocks, to second order."""
+    from diffusers.hooks import (PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig,
+                                 apply_pyramid_attention_broadcast, apply_taylorseer_cache)
+
+    if kind == "reuse":
+        apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500))
+    else:
+        apply_taylorseer_cache(model, TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=3,
+                                                            max_order=2, taylor_factors_dtype=torch.float32))
+    return model
+
+
 def ddim(steps: int) -> DDIMScheduler:
     """The scheduler ``sample`` steps with (stride 2 needs it before the loop starts)."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)

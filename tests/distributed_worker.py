@@ -11,17 +11,18 @@ import torch.distributed as dist
 
 import asyncfx
 from asyncfx.zoo.tiny import ZOO
-from conftest import ddim, mispriced_example, sample
+from conftest import ddim, mispriced_example, sample, with_step_cache
 
 LATENT = {"sd_unet": "sample", "sd3_transformer": "hidden_states", "mispriced": "sample"}
 
 
-def example(model_name: str):
-    """The model and its call: a tiny zoo model, or the one the FLOP estimate misprices."""
+def example(model_name: str, cache: str | None = None):
+    """The model and its call: a tiny zoo model, or the one the FLOP estimate misprices;
+    ``cache``: with that step cache (``with_step_cache``)."""
     if model_name == "mispriced":
         return mispriced_example()
     model, _, kwargs = ZOO[model_name]()
-    return model, kwargs
+    return (with_step_cache(model, cache) if cache else model), kwargs
 
 
 class _ExitAt:
@@ -103,7 +104,7 @@ def refill(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def run_scenarios(rank: int, out_root: str, scenarios: list[tuple], steps: int) -> None:
     """One process for many scenarios ``(model_name, world, stride, guided_at, rebalance, source,
-    forecast, groups)``, each with a process group of its own (ranks beyond a scenario's
+    forecast, groups[, step cache])``, each with a process group of its own (ranks beyond a scenario's
     world skip it), so that the interpreters, imports and zoo models are made once; results
     go to ``out_root/<i>``.
     ``source``: "captured" partitions a capture made once per model, "model" the model
@@ -112,7 +113,7 @@ def run_scenarios(rank: int, out_root: str, scenarios: list[tuple], steps: int) 
     moves weights between ranks (``refill``)."""
     captures: dict[str, asyncfx.Captured] = {}  # each model captured once by this rank
     for index, scenario in enumerate(scenarios):
-        model_name, world, stride, guided_at, rebalance, source, forecast, groups = scenario
+        model_name, world, stride, guided_at, rebalance, source, forecast, groups, *cache = scenario
         if rank < world:
             out_dir = os.path.join(out_root, str(index))
             os.makedirs(out_dir, exist_ok=True)
@@ -124,19 +125,20 @@ def run_scenarios(rank: int, out_root: str, scenarios: list[tuple], steps: int) 
                 continue
             run(rank, world, os.path.join(out_root, f"init{index}"), out_dir, model_name, steps,
                 stride=stride, guided_at=guided_at, captured=captures.get(model_name) if source == "captured"
-                else None, rebalance=rebalance, forecast=forecast, groups=groups,
+                else None, rebalance=rebalance, forecast=forecast, groups=groups, cache=(cache or [None])[0],
                 weights=os.path.join(out_root, "weights", model_name) if source == "meta" else None)
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, steps: int,
         dying_rank: int | None = None, timeout_s: float = 60.0, stride: int = 1,
         guided_at: tuple[int, ...] = (), captured: asyncfx.Captured | None = None,
-        rebalance: bool = False, weights: str | None = None, forecast: float = 0.0, groups: int = 1) -> None:
+        rebalance: bool = False, weights: str | None = None, forecast: float = 0.0, groups: int = 1,
+        cache: str | None = None) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     torch.set_num_threads(1)
     try:
-        model, kwargs = example(model_name)
+        model, kwargs = example(model_name, cache)
         if weights is not None:
             model = empty_copy(model)
         stages = world // groups - (stride - 1)
@@ -146,7 +148,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, st
                                      scheduler=ddim(steps) if stride == 2 else None, weights=weights,
                                      forecast=forecast)
         caller = _ExitAt(denoiser, 4 if rank == dying_rank else None)
-        results, plans, received, first_bytes = [], [], 0, None
+        results, plans, received, first_bytes, substituted = [], [], 0, None, []
         with torch.no_grad():  # two generations: the second starts while the first's last messages fly
             if rebalance:  # the stages are built at step 0: the bytes of the rank's first stage
                 caller(**kwargs)
@@ -156,6 +158,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, st
                 results.append(sample(caller, kwargs, LATENT[model_name], steps=steps, guided_at=guided_at))
                 plans.append(json.dumps(denoiser.plan.to_dict()))  # the plan its parallel steps ran
                 received += denoiser.executor.received_bytes  # weights a re-cut brought from the other ranks
+                substituted += [stream.store.cache_memory.log for stream in denoiser.captures()[0].streams.values()]
         module = denoiser.executor.module
         facts = {"held": sum(t.nbytes for t in [*module.parameters(), *module.buffers()]),
                  "stage buffers": sum(t.nbytes for t in module.buffers()),
@@ -163,7 +166,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, st
                                     {t.untyped_storage().data_ptr(): t for t in
                                      [*model.parameters(), *model.buffers()] if not t.is_meta}.values()),
                  "loaded": denoiser.program.weights.loaded_bytes if weights is not None else None,
-                 "received": received, "first stage bytes": first_bytes,
+                 "received": received, "first stage bytes": first_bytes, "substituted": substituted,
                  "refused": None if captured is not None or weights is not None
                  else refusals(denoiser, model, kwargs, LATENT[model_name])}
         denoiser.close()

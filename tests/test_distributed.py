@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import asyncfx
-from conftest import ddim, mispriced_example, sample, zoo_captured, zoo_example
+from conftest import ddim, mispriced_example, sample, with_step_cache, zoo_captured, zoo_example
 from distributed_worker import LATENT, run, run_scenarios
 
 STEPS = 10
@@ -62,6 +62,23 @@ def _serial_result(model_name: str, world: int, stride: int, guided_at: tuple[in
         torch.set_num_threads(threads)
 
 
+@functools.cache
+def serial_with_step_cache(model_name: str, world: int, cache: str) -> tuple[torch.Tensor, list]:
+    """The serial executor's sample of the model with a step cache, and what its stages
+    substituted at each call: ``(call, stage, modules)``."""
+    model, _, kwargs = zoo_example(model_name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        denoiser = asyncfx.partition(with_step_cache(model, cache), world, layout=f"1x{world}", warmup=2,
+                                     executor="serial", forecast=0.0)
+        result = sample(denoiser, kwargs, LATENT[model_name], steps=STEPS)
+        (stream,) = denoiser.captures()[0].streams.values()
+        return result, stream.store.cache_memory.log
+    finally:
+        torch.set_num_threads(threads)
+
+
 #: Steps with a second (unconditional) call: a second stream of calls that skips step 5
 #: and so warms up again at step 6, while the first stream's messages are in flight.
 GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
@@ -76,13 +93,16 @@ GUIDED_BUT_5 = tuple(i for i in range(STEPS) if i != 5)
 #: ``save_pretrained`` wrote ("meta"). ``forecast``: the damping of forecast stale values
 #: (0: off, AsyncDiff's plain reuse), whose three versions of each boundary a rank keeps
 #: across its messages. ``groups``: batch groups of ``world / groups`` ranks, each running the
-#: stages on its half of the classifier-free-guidance batch.
+#: stages on its half of the classifier-free-guidance batch. A ninth item names a step cache
+#: (``with_step_cache``): each rank applies it to its own stage.
 SCENARIOS = [("sd_unet", 4, 1, (), False, "model", 0.5, 2), ("sd_unet", 3, 1, (), False, "model", 0.0, 1),
              ("sd_unet", 3, 1, (), False, "meta", 0.5, 1),
              ("sd3_transformer", 4, 1, (), False, "meta", 0.5, 2),
              ("sd_unet", 3, 2, (), False, "model", 0.5, 1),
              ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured", 0.5, 1),
-             ("mispriced", 2, 1, (), True, "model", 0.0, 1), ("mispriced", 2, 1, (), False, "refill", 0.0, 1)]
+             ("mispriced", 2, 1, (), True, "model", 0.0, 1), ("mispriced", 2, 1, (), False, "refill", 0.0, 1),
+             ("sd_unet", 2, 1, (), False, "model", 0.0, 1, "reuse"),
+             ("sd3_transformer", 2, 1, (), False, "model", 0.0, 1, "forecast")]
 
 
 def test_distributed_ranks_equal_serial(tmp_path):
@@ -114,7 +134,7 @@ def check_refill(tmp_path) -> None:
 
 
 def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at: tuple[int, ...],
-                   rebalance: bool, source: str, forecast: float, groups: int) -> None:
+                   rebalance: bool, source: str, forecast: float, groups: int, cache: str | None = None) -> None:
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
     assert not errors, (model_name, world, stride, guided_at, source, errors)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
@@ -126,6 +146,14 @@ def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at
         assert any(note.startswith("re-cut 1:") for note in plans[0].notes), plans[0].notes
         expected = [serial_result(model_name, world, stride, guided_at, plan, forecast, groups)
                     for plan in plans]
+    elif cache:  # the ranks, each substituting in its own stage, took the serial executor's steps
+        expected, substituted = serial_with_step_cache(model_name, world, cache)
+        expected = [expected] * 2
+        assert any(modules for _, _, modules in substituted)
+        for rank in range(world):  # one log per generation
+            logs = json.loads((tmp_path / f"facts{rank}.json").read_text())["substituted"]
+            own = [entry for entry in substituted if entry[1] == rank]
+            assert [[(call, stage, tuple(modules)) for call, stage, modules in log] for log in logs] == [own] * 2
     else:
         expected = [serial_result(model_name, world, stride, guided_at, forecast=forecast, groups=groups)] * 2
     if forecast:  # forecasting changed the samples
@@ -145,7 +173,8 @@ def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at
         for f, final in zip(facts, own):  # a rank whose stage grew got the new weights from the other
             if rebalance and final > f["first stage bytes"]:
                 assert f["received"] > 0, facts
-        model_class = "Mispriced" if model_name == "mispriced" else "UNet2DConditionModel"
+        model_class = {"mispriced": "Mispriced", "sd_unet": "UNet2DConditionModel",
+                       "sd3_transformer": "SD3Transformer2DModel"}[model_name]
         for refused in (f["refused"] for f in facts):
             assert refused["call"].startswith(f"WeightsReleasedError: {model_class} had its weights that "
                                               "no stage of this process reads released"), refused

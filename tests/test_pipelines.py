@@ -339,14 +339,20 @@ def test_stable_diffusion_3_pag_pipeline():
     check_drop_in(pipe, "transformer", pag_scale=3.0, **embeds)
 
 
-def test_flux_pipeline():
+def flux_pipeline() -> tuple[FluxPipeline, dict]:
     transformer, _, _ = tiny.flux_transformer()  # 8 packed channels: a 2-channel latent in 2x2 patches
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(latent_channels=2),
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                         transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(4)
-    check_drop_in(pipe, "transformer", prompt_embeds=torch.randn(1, 3, 16, generator=generator),
-                  pooled_prompt_embeds=torch.randn(1, 12, generator=generator), height=16, width=16)
+    return pipe, dict(prompt_embeds=torch.randn(1, 3, 16, generator=generator),
+                      pooled_prompt_embeds=torch.randn(1, 12, generator=generator), height=16, width=16)
+
+
+def test_flux_pipeline():
+    pipe, inputs = flux_pipeline()
+    check_drop_in(pipe, "transformer", **inputs)
 
 
 def animatediff_pipeline() -> tuple[AnimateDiffPipeline, dict]:

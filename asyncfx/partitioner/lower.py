@@ -6,6 +6,7 @@ import torch
 from asyncfx.partitioner.captured import Captured
 from asyncfx.partitioner.staged import split
 from asyncfx.passes.meta import VALUE
+from asyncfx.passes.substitute import StageSubstitution
 from asyncfx.plan import StagePlan
 from asyncfx.program import BatchSplit, BoundarySpec, Program, StageSpec, TensorSpec, WeightSource
 
@@ -30,7 +31,7 @@ def lower(captured: Captured, plan: StagePlan, weights: WeightSource | None = No
                                     TensorSpec(tuple(b.shape), dtype_named(b.dtype),
                                                _strides(values.get(b.name))))
                        for b in plan.boundaries)
-    return Program(captured.call, stages, boundaries, plan, weights, groups)
+    return Program(captured.call, stages, boundaries, plan, weights, groups, StageSubstitution())
 
 
 def _strides(value: object) -> tuple[int, ...] | None:

@@ -8,7 +8,8 @@ while sampling); writes to intermediate values are made new values
 (``passes.functionalise``). Where export fails because the model itself refuses the call
 (a wrong dtype, channel count or batch size), the error says so in one line; when both
 tracers fail otherwise, it names where and why each did (``diagnose``). diffusers'
-layerwise casting is traced as casts in the graph (``integration.layerwise_casts_in_graph``).
+layerwise casting is traced as casts in the graph (``integration.layerwise_casts_in_graph``);
+its step caches are passed over (every module is computed), the runtime applies them.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from asyncfx.errors import CaptureError
-from asyncfx.integration import layerwise_casts_in_graph
+from asyncfx.integration import layerwise_casts_in_graph, step_caches_passed_over
 from asyncfx.partitioner.binding import BoundCall, top_level_name
 from asyncfx.partitioner.containers import (unregistered_input_error, unregistered_output_error,
                                             watching_argument_writes)
@@ -56,7 +57,8 @@ def trace(model: nn.Module, call: BoundCall, *, stack_traces: bool = False) -> T
         >>> trace(unet, bind_call(unet, args, kwargs, None, None)).method
         'export'
     """
-    with layerwise_casts_in_graph(model):  # the casts of diffusers' layerwise casting, as graph nodes
+    # the casts of diffusers' layerwise casting as graph nodes; step caches left to the runtime
+    with layerwise_casts_in_graph(model), step_caches_passed_over(model):
         return _traced(model, call, stack_traces)
 
 

@@ -52,6 +52,7 @@ from asyncfx.runtime.clock import ClockState, CallFacts, Placement, advance, res
 from asyncfx.runtime.guards import OneCallAtATime, check_call
 from asyncfx.runtime.progress import Progress
 from asyncfx.runtime.proxy import ModelProxy
+from asyncfx.runtime.step_cache import CacheWatch, StepCache, check_stride
 from asyncfx.runtime.original_model import (BUILT_WITHOUT, RELEASED, no_new_captures, refuse_conversion,
                                             release, why_without_weights, would_change)
 from asyncfx.runtime.timesteps import inputs_for, same_values, timestep_value
@@ -80,7 +81,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
     """
 
     RUNTIME_STATE = frozenset({"_captures", "_clock", "_calls", "_restarts", "_filled_at", "_warned",
-                               "_rebalanced_at", "_without_weights", "call_context"})
+                               "_rebalanced_at", "_without_weights", "_step_caches", "call_context"})
     OWN_ATTRIBUTES = frozenset({"_frontend", "_launch", "n_devices", "given_layout", "warmup", "stride",
                                 "time_shift", "forecast", "sequential", "switch_below", "scheduler",
                                 "rebuild", "convertible", "release_weights", "progress", "training"})
@@ -113,6 +114,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         self._warned: set[str] = set()  # warnings given once
         self._rebalanced_at: dict[int, int] = {}  # capture key -> the generation its plan was last looked at
         self._without_weights = why_without_weights(self._model)  # None while it holds its weights
+        self._step_caches = CacheWatch()  # the model's step cache, as its hooks are now
         if self._without_weights == RELEASED:
             self._captures.refusal = no_new_captures(type(self._model).__name__)
 
@@ -261,8 +263,12 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         runs = schedule(step, capture.lowering.layout.stages, warmup=stream.warmup, stride=self.stride,
                         time_shift=self.time_shift, total_steps=total, forecast=self.forecast,
                         sequential=self.sequential)
+        cache = self._step_cache(capture)
+        if cache is not None:
+            runs = runs._replace(cache=cache.step(step))
         stream.step = step + 1
-        if capture.executor is None and runs.mode is Mode.SEQUENTIAL and step < self._stages_from(capture):
+        if (capture.executor is None and runs.mode is Mode.SEQUENTIAL and step < self._stages_from(capture)
+                and cache is None):  # a step cache runs in the stages from the first step
             output = self._model(*args, **kwargs)  # see the note on lazy compilation (captures.py)
             self._captures.settle(self._model)
             if self.switch_below:
@@ -287,6 +293,13 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         device = named[call.latent].device
         return call.unflatten([o.to(device) if isinstance(o, torch.Tensor) and o.device != device else o
                                for o in outputs])
+
+    def _step_cache(self, capture: Capture) -> StepCache | None:
+        """The model's step cache now (see the note on step caches), refused with stride 2."""
+        cache = self._step_caches.current(self._model, capture.module_dicts)
+        if cache is not None:
+            check_stride(type(self._model).__name__, len(cache.rules), self.stride)
+        return cache
 
     def _stages_from(self, capture: Capture) -> int:
         """The first warm-up step the stages run at (see the notes on lazy compilation and

@@ -39,11 +39,12 @@ from torch.distributed.constants import default_pg_nccl_timeout, default_pg_time
 
 from asyncfx.errors import AsyncFXError
 from asyncfx.program import Program
-from asyncfx.runtime.executor import (BoundaryStore, Executor, InputsFor, MeasuredStages, group_inputs,
-                                      stage_arguments)
+from asyncfx.runtime.executor import (BoundaryStore, Executor, InputsFor, MeasuredStages, cache_call,
+                                      group_inputs, stage_arguments)
 from asyncfx.runtime.hooks import with_send_hooks
 from asyncfx.runtime.peer_weights import fill_from_peers
 from asyncfx.runtime.stage_weights import placed
+from asyncfx.runtime.step_cache import call_stage
 from asyncfx.schedule import Mode, StageRun, StepSchedule
 from asyncfx.timing import RunTimer
 
@@ -107,7 +108,7 @@ class DistributedExecutor(Executor):
             self._sending = flight
             try:
                 for run in mine:
-                    self._compute(run, inputs_for, store, results, parallel=True)
+                    self._compute(run, plan, inputs_for, store, results, parallel=True)
             finally:
                 self._sending = None
                 self._in_flight[store] = flight
@@ -115,17 +116,18 @@ class DistributedExecutor(Executor):
             self._drain()  # messages still in flight, of any stream, are waited for and kept
             for run in plan.runs:
                 if run.slot == self.slot:
-                    self._compute(run, inputs_for, store, results, parallel=False)
+                    self._compute(run, plan, inputs_for, store, results, parallel=False)
                 self._exchange([run], run.writes, store)
         self._broadcast_outputs(plan, results)
         self.finish(plan, store)
         return results
 
-    def _compute(self, run: StageRun, inputs_for: InputsFor, store: BoundaryStore,
+    def _compute(self, run: StageRun, plan: StepSchedule, inputs_for: InputsFor, store: BoundaryStore,
                  results: dict[int, tuple[torch.Tensor, ...]], *, parallel: bool) -> None:
-        args = [arg.to(self.device) for arg in stage_arguments(self.program, run, inputs_for, store.get)]
+        args = [arg.to(self.device) for arg in stage_arguments(self.program, run, inputs_for, store.get,
+                                                               cache=cache_call(self.program, plan, run, store))]
         with torch.no_grad(), RunTimer(self.device) as timer:
-            outputs = self._hooked(*args)
+            outputs = call_stage(self._hooked, args)
         self.times.record(run.stage, timer, parallel=parallel)
         self.record(run, outputs, store, results)
 

@@ -9,8 +9,10 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from asyncfx.errors import AsyncFXError
 from asyncfx.program import BatchSplit, Program, StageSpec
 from asyncfx.runtime.stage_weights import holds_no_data, placed
+from asyncfx.runtime.step_cache import CacheCall, CacheMemory, call_stage
 from asyncfx.schedule import Mode, StageRun, StepSchedule
 from asyncfx.timing import RunTimer
 
@@ -28,6 +30,7 @@ class BoundaryStore:
     def __init__(self) -> None:
         self._versions: dict[int, dict[str, torch.Tensor]] = {}
         self._groups: dict[int, BoundaryStore] = {}
+        self.cache_memory = CacheMemory()  # what a step cache keeps for this stream's stages
 
     def group(self, group: int) -> "BoundaryStore":
         """The values of batch group ``group`` (each group runs every stage on its share of
@@ -73,11 +76,12 @@ def joined_results(split: BatchSplit, per_group: Sequence[dict[int, tuple[torch.
 
 
 def stage_arguments(program: Program, run: StageRun, inputs_for: InputsFor, read: Read, *,
-                    deferred: bool = False) -> list[torch.Tensor | Forecast]:
+                    deferred: bool = False, cache: CacheCall | None = None) -> list[torch.Tensor | Forecast]:
     """The arguments of one run of a stage, in its inputs' order: graph inputs from the
     call (with the timestep of the run's step), boundary values of the version the
     schedule says it reads, forecast where it says so (``deferred``: as ``Forecast``s,
-    for the thread and stream that compute the run to evaluate with ``resolved``).
+    for the thread and stream that compute the run to evaluate with ``resolved``), then
+    the step cache's part in the run if there is one (``call_stage`` runs them).
 
     Example:
         >>> args = stage_arguments(program, run, inputs_for, store.get)
@@ -86,7 +90,19 @@ def stage_arguments(program: Program, run: StageRun, inputs_for: InputsFor, read
     graph_inputs = program.graph_inputs
     args = [inputs[name] if name in graph_inputs else _stale(name, run, read)
             for name in program.stages[run.stage].inputs]
-    return args if deferred else [resolved(arg) for arg in args]
+    args = args if deferred else [resolved(arg) for arg in args]
+    return args if cache is None else [*args, cache]
+
+
+def cache_call(program: Program, plan: StepSchedule, run: StageRun, store: BoundaryStore) -> CacheCall | None:
+    """The step cache's part in ``run`` (None without a cache), on the memory of
+    ``store`` (the stream's store of the run's batch group)."""
+    if plan.cache is None:
+        return None
+    if program.editor is None:
+        raise AsyncFXError("this program was lowered without a StageEditor, so its stages cannot apply a "
+                           "step cache: lower it with asyncfx.partitioner.lower().")
+    return plan.cache.run(run.stage, store.cache_memory, program.editor)
 
 
 class Forecast(NamedTuple):
@@ -276,7 +292,9 @@ class SerialExecutor(Executor):
                 results: dict[int, tuple[torch.Tensor, ...]] = {}
                 inputs, own = group_inputs(split, inputs_for, group), store.group(group)
                 for run in plan.runs:
-                    outputs = self._modules[run.stage](*stage_arguments(self.program, run, inputs, own.get))
+                    args = stage_arguments(self.program, run, inputs, own.get,
+                                           cache=cache_call(self.program, plan, run, own))
+                    outputs = call_stage(self._modules[run.stage], args)
                     self.record(run, outputs, own, results)
                 per_group.append(results)
         if plan.mode is not Mode.CACHED:

@@ -52,10 +52,11 @@ from torch import nn
 from asyncfx.errors import AsyncFXError
 from asyncfx.runtime.cuda_graphs import GraphedStage, check_cuda_graphs_option
 from asyncfx.program import Program, StageSpec
-from asyncfx.runtime.executor import (BoundaryStore, Executor, InputsFor, group_inputs, joined_results,
-                                      resolved, stage_arguments)
+from asyncfx.runtime.executor import (BoundaryStore, Executor, InputsFor, cache_call, group_inputs,
+                                      joined_results, resolved, stage_arguments)
 from asyncfx.runtime.hooks import with_send_hooks
 from asyncfx.runtime.stage_weights import placed
+from asyncfx.runtime.step_cache import CacheCall, call_stage
 from asyncfx.schedule import Mode, StageRun, StepSchedule
 from asyncfx.timing import RunTimer
 
@@ -147,22 +148,22 @@ class LocalExecutor(Executor):
         if plan.mode is Mode.SEQUENTIAL:  # one stage at a time, its groups at once
             for run in plan.runs:
                 self._run_round([(g, run) for g in groups], inputs_for, store, results, autocast,
-                                max(1, self._all_threads // len(groups)))
+                                max(1, self._all_threads // len(groups)), plan)
         elif plan.runs:
             self._run_round([(g, run) for g in groups for run in plan.runs], inputs_for, store, results,
-                            autocast, None)
+                            autocast, None, plan)
         if plan.mode is not Mode.CACHED:
             self.finish(plan, store)
         return joined_results(self.program.split, results)
 
     def _run_round(self, runs: Sequence[tuple[int, StageRun]], inputs_for: InputsFor, store: BoundaryStore,
                    results: list[dict[int, tuple[torch.Tensor, ...]]], autocast: Any,
-                   threads: int | None) -> None:
+                   threads: int | None, plan: StepSchedule) -> None:
         """Hand ``runs`` (batch group, run) to their workers at once, wait for all of them
         (or the first error) and keep what they made."""
         handed = _Round(len(runs))
         for group, run in runs:
-            self._dispatch(handed, group, run, inputs_for, store, autocast, threads)
+            self._dispatch(handed, group, run, inputs_for, store, autocast, threads, plan)
         handed.wait()
         if handed.error is not None:
             (group, run), error = handed.error
@@ -181,10 +182,12 @@ class LocalExecutor(Executor):
                 own.put(run.writes, copies)
 
     def _dispatch(self, handed: _Round, group: int, run: StageRun, inputs_for: InputsFor,
-                  store: BoundaryStore, autocast: Any, threads: int | None) -> None:
+                  store: BoundaryStore, autocast: Any, threads: int | None, plan: StepSchedule) -> None:
         worker = self._workers[group * self.slots_per_group + run.slot]
         inputs = group_inputs(self.program.split, inputs_for, group)
-        args = stage_arguments(self.program, run, inputs, worker.reader(store.group(group)), deferred=True)
+        own = store.group(group)
+        args = stage_arguments(self.program, run, inputs, worker.reader(own), deferred=True,
+                               cache=cache_call(self.program, plan, run, own))
         written = ()
         if worker.device.type == "cuda":
             graph_inputs = self.program.graph_inputs
@@ -330,7 +333,8 @@ class _Worker(threading.Thread):
                 with _autocast(autocast):
                     if compute is None:
                         with torch.no_grad(), RunTimer(self.device) as timer:
-                            outputs, copies = runnable(*[resolved(a.to(self.device)) for a in args]), {}
+                            outputs = call_stage(runnable, [resolved(a.to(self.device)) for a in args])
+                            copies = {}
                     else:
                         outputs, copies, timer = self._compute(runnable, run, args, written, compute, sender)
                 handed.deliver(key, outputs, copies, timer)
@@ -348,8 +352,8 @@ class _Worker(threading.Thread):
                 compute.wait_event(event)
             args = [resolved(a.to(self.device, non_blocking=True)) for a in args]
             with RunTimer(self.device) as timer:
-                if self.graphed is None:
-                    outputs = runnable(*args)
+                if self.graphed is None or isinstance(args[-1], CacheCall):  # a step cache: not graphed
+                    outputs = call_stage(runnable, args)
                 else:
                     outputs = self.graphed(args)
             if self.graphed is not None and self.graphed.graphed:  # replayed: the hooks did not run

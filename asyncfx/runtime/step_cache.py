@@ -1,0 +1,256 @@
+"""Step caches: at some steps, modules of the model are not computed; what they made
+at an earlier step is reused, or forecast from it, instead.
+
+A step cache is a *policy*: for each cached module, a rule says at which calls of a
+stream it is computed and, at the others, what stands for its outputs. Rules decide
+from the call's place in its stream (and, where a rule says so, the sampler's
+timestep), never from the values, so every stage, device and rank takes the same
+decisions without talking. Each stage applies the rules to the modules whose outputs
+it computes, on what it remembers of them itself: the values stay where the stage
+runs. A stage's outputs at a parallel step are, as always, computed from one-step-stale
+inputs; a module it substitutes adds the cache's own approximation on top.
+
+Rules here (the diffusers configurations that map onto them are read by
+``asyncfx.integration.step_cache_rules``):
+
+- ``ReuseEvery``: computed at every ``period``-th call, and outside an open interval of
+  timesteps; otherwise the outputs of its last computed call are reused;
+- ``TaylorForecast``: computed at the first calls, then at one call in every
+  ``interval``; in between, each output is forecast by a Taylor series of order up to
+  ``order`` in the number of calls since it was computed, its terms the finite
+  differences between computed calls, kept in ``dtype`` (``zeros``: forecast as zeros,
+  a module whose effect is left out between computed calls).
+
+Example:
+    >>> cache = StepCache([ReuseEvery("blocks.0.attn", period=2)])
+    >>> [cache.computes(call, "blocks.0.attn") for call in range(4)]
+    [True, False, True, False]
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import weakref
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from asyncfx.errors import PlanError
+from asyncfx.integration import hooks_signature, step_cache_rules
+from asyncfx.program import StageEditor
+
+
+@dataclasses.dataclass(frozen=True)
+class ReuseEvery:
+    """Computed at calls ``0, period, 2*period...`` of a stream, and at any call whose
+    timestep (``timestep()``) is outside the open interval ``timesteps``; otherwise its
+    last outputs stand for it."""
+
+    module: str
+    period: int
+    timesteps: tuple[float, float] = (-math.inf, math.inf)
+    timestep: Callable[[], Any] | None = None
+
+    def computes(self, call: int) -> bool:
+        if call % self.period == 0:
+            return True
+        low, high = self.timesteps
+        return not low < float(self.timestep() if self.timestep is not None else 0.0) < high
+
+    def remember(self, memory: dict[str, Any], outputs: Sequence[torch.Tensor], call: int) -> None:
+        memory["outputs"] = tuple(outputs)
+
+    def substitute(self, memory: dict[str, Any], call: int) -> tuple[torch.Tensor, ...]:
+        return memory["outputs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaylorForecast:
+    """Computed at calls before ``first``, at ``first + 1 + k*interval`` and from ``last``
+    on (None: never); forecast in between (see the module note)."""
+
+    module: str
+    interval: int
+    first: int = 0
+    last: int | None = None
+    order: int = 1
+    dtype: torch.dtype | None = None
+    zeros: bool = False
+
+    def computes(self, call: int) -> bool:
+        return (call < self.first or (call - self.first - 1) % self.interval == 0
+                or self.last is not None and call >= self.last)
+
+    def remember(self, memory: dict[str, Any], outputs: Sequence[torch.Tensor], call: int) -> None:
+        before, terms = memory.get("call"), memory.get("terms", ())
+        memory["call"], memory["dtypes"] = call, tuple(o.dtype for o in outputs)
+        if self.zeros:
+            memory["shapes"], memory["device"] = tuple(o.shape for o in outputs), outputs[0].device
+            return
+        memory["terms"] = tuple(self._terms(output, terms[i] if i < len(terms) else (), before, call)
+                                for i, output in enumerate(outputs))
+
+    def _terms(self, output: torch.Tensor, previous: Sequence[torch.Tensor], before: int | None,
+               call: int) -> tuple[torch.Tensor, ...]:
+        """The value and its finite differences per call up to ``order``, from the
+        terms kept at the call ``before``."""
+        terms = [output]
+        for j in range(self.order if before is not None else 0):
+            if j >= len(previous) or previous[j].shape != terms[j].shape:
+                break
+            terms.append((terms[j] - previous[j].to(output.dtype)) / (call - before))
+        return tuple(t.to(self.dtype) if self.dtype is not None else t for t in terms)
+
+    def substitute(self, memory: dict[str, Any], call: int) -> tuple[torch.Tensor, ...]:
+        dtypes = memory["dtypes"]
+        if self.zeros:
+            return tuple(torch.zeros(shape, dtype=dtype, device=memory["device"])
+                         for shape, dtype in zip(memory["shapes"], dtypes))
+        ahead = call - memory["call"]
+        forecast = []
+        for terms, dtype in zip(memory["terms"], dtypes):
+            value = torch.zeros_like(terms[0], dtype=dtype)
+            for order, term in enumerate(terms):
+                value = value + term.to(dtype) * (ahead ** order / math.factorial(order))
+            forecast.append(value)
+        return tuple(forecast)
+
+
+Rule = ReuseEvery | TaylorForecast
+
+
+class StepCache:
+    """The rules of a model's step cache, and the stage copies that apply them.
+
+    ``step(call)`` decides a call; ``CacheCall`` runs one stage for it. Stage copies are
+    made through the program's ``StageEditor`` once per stage module and set of
+    substituted modules, and kept while the stage module lives.
+    """
+
+    def __init__(self, rules: Iterable[Rule]):
+        self.rules: dict[str, Rule] = {rule.module: rule for rule in rules}
+        self._outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._variants: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()  # stage threads make their copies at once
+
+    def computes(self, call: int, module: str) -> bool:
+        return self.rules[module].computes(call)
+
+    def step(self, call: int) -> "CacheStep":
+        """What the cache does at call ``call`` of a stream (0: its first)."""
+        return CacheStep(self, call, {module: rule.computes(call) for module, rule in self.rules.items()})
+
+    def outputs_in(self, stage: nn.Module, editor: StageEditor) -> dict[str, tuple[str, ...]]:
+        """The cached modules whose outputs ``stage`` computes, with their value names."""
+        with self._lock:
+            if stage not in self._outputs:
+                found = {module: editor.module_outputs(stage, module) for module in self.rules}
+                self._outputs[stage] = {module: names for module, names in found.items() if names}
+            return self._outputs[stage]
+
+    def variant(self, stage: nn.Module, editor: StageEditor, substituted: tuple[str, ...],
+                kept: tuple[str, ...]) -> nn.Module:
+        with self._lock:
+            variants = self._variants.setdefault(stage, {})
+            if (substituted, kept) not in variants:
+                variants[substituted, kept] = editor.substituting(stage, substituted, kept)
+            return variants[substituted, kept]
+
+
+class CacheMemory:
+    """What the stages of one stream (one batch group's) remember of their cached modules,
+    by (stage, module), and the log of what each run substituted: ``(call, stage,
+    modules)`` (read by tests and ``AsyncDenoiser.step_cache_log``)."""
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple[int, str], dict[str, Any]] = {}
+        self.log: list[tuple[int, int, tuple[str, ...]]] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStep:
+    """One call's decisions: which cached modules are computed (``computes``)."""
+
+    cache: StepCache
+    call: int
+    computes: Mapping[str, bool]
+
+    def run(self, stage: int, memory: CacheMemory, editor: StageEditor) -> "CacheCall":
+        """The cache's part in one run of ``stage``, on ``memory``."""
+        return CacheCall(self, stage, memory, editor)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheCall:
+    """The last argument of a stage run under a step cache (``call_stage`` applies it)."""
+
+    step: CacheStep
+    stage: int
+    memory: CacheMemory
+    editor: StageEditor
+
+    def to(self, device: Any, non_blocking: bool = False) -> "CacheCall":
+        return self  # its values stay on the stage's device
+
+    def __call__(self, module: nn.Module, args: Sequence[Any]) -> Any:
+        cache, call = self.step.cache, self.step.call
+        outputs_of = cache.outputs_in(module, self.editor)
+        if not outputs_of:
+            return module(*args)
+        kept_before = self.memory.kept
+        substituted = tuple(m for m in outputs_of
+                            if not self.step.computes[m] and (self.stage, m) in kept_before)
+        kept = tuple(m for m in outputs_of if m not in substituted)
+        variant = cache.variant(module, self.editor, _names(outputs_of, substituted), _names(outputs_of, kept))
+        given = [value for m in substituted
+                 for value in cache.rules[m].substitute(kept_before[self.stage, m], call)]
+        outputs, made = variant(*args, *given)
+        start = 0
+        for m in kept:
+            count = len(outputs_of[m])
+            cache.rules[m].remember(kept_before.setdefault((self.stage, m), {}), made[start:start + count], call)
+            start += count
+        self.memory.log.append((call, self.stage, substituted))
+        return outputs
+
+
+class CacheWatch:
+    """The step cache of a model as its hooks are now: read again when they change (a
+    cache enabled, disabled or configured anew, before or after ``partition()``)."""
+
+    def __init__(self) -> None:
+        self._signature: tuple = ()
+        self._cache: StepCache | None = None
+
+    def current(self, model: nn.Module, module_dicts: Sequence[dict]) -> StepCache | None:
+        signature = hooks_signature(module_dicts)
+        if signature != self._signature:
+            rules = step_cache_rules(model)
+            self._signature, self._cache = signature, StepCache(rules) if rules else None
+        return self._cache
+
+
+def check_stride(model_class: str, cached_modules: int, stride: int) -> None:
+    """Refuse a step cache with stride 2, whose rounds compute two steps' stages at one
+    call: a cache decides per step."""
+    if cached_modules and stride == 2:
+        raise PlanError(f"{model_class} has a step cache enabled ({cached_modules} cached modules), and stride=2 "
+                        "rounds compute two steps' stages at one call, while the cache decides per step. "
+                        "Partition with stride=1, or call model.disable_cache().")
+
+
+def _names(outputs_of: Mapping[str, tuple[str, ...]], modules: Sequence[str]) -> tuple[str, ...]:
+    return tuple(name for m in modules for name in outputs_of[m])
+
+
+def call_stage(module: nn.Module, args: Sequence[Any]) -> Any:
+    """Run a stage on its arguments, through the step cache where the last one says so.
+
+    Example:
+        >>> outputs = call_stage(stage_module, stage_arguments(program, run, inputs, store.get))
+    """
+    if args and isinstance(args[-1], CacheCall):
+        return args[-1](module, args[:-1])
+    return module(*args)

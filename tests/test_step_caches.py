@@ -1,0 +1,210 @@
+"""diffusers' step caches compose with partitioning: the stages apply the cache's policy
+themselves, each to the cached modules it computes, on values it keeps itself.
+
+diffusers' ``test_pyramid_attention_broadcast_inference``, ``..._layers`` and
+``test_taylorseer_cache_inference`` run on FluxPipeline; here the same configurations
+run on a tiny FluxPipeline, partitioned, against the unpartitioned pipeline with the
+cache enabled."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig,
+                       TaylorSeerCacheConfig)
+
+import asyncfx
+from asyncfx.errors import AsyncFXError, CaptureError, PlanError
+from asyncfx.passes.substitute import SUBSTITUTED_PREFIX, module_outputs, substituting
+from asyncfx.zoo import tiny
+from test_pipelines import flux_pipeline, one_thread
+
+STEPS = 8
+
+
+def pab(pipe) -> PyramidAttentionBroadcastConfig:
+    """diffusers' test configuration (its identifiers match both kinds of Flux block)."""
+    return PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+        spatial_attention_block_identifiers=["transformer_blocks"],
+        current_timestep_callback=lambda: pipe.current_timestep)
+
+
+def taylorseer_lite(pipe) -> TaylorSeerCacheConfig:
+    """diffusers' test configuration (blocks left out, the output projection forecast),
+    its intervals scaled to 8 steps."""
+    return TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2, max_order=1,
+                                 taylor_factors_dtype=torch.bfloat16, use_lite_mode=True)
+
+
+def taylorseer_attention(pipe) -> TaylorSeerCacheConfig:
+    """Every attention module forecast to second order, its terms in float32."""
+    return TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=3, max_order=2,
+                                 taylor_factors_dtype=torch.float32)
+
+
+CONFIGS = {"pab": pab, "taylorseer_lite": taylorseer_lite, "taylorseer_attention": taylorseer_attention}
+
+
+def sample(pipe, inputs: dict) -> np.ndarray:
+    return pipe(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np",
+                **inputs).images
+
+
+def cached_modules(model) -> dict[str, object]:
+    """The modules diffusers hooked for the cache, with their hooks."""
+    return {name: hook for name, module in model.named_modules()
+            for key, hook in getattr(module.__dict__.get("_diffusers_hook"), "hooks", {}).items()
+            if key in ("pyramid_attention_broadcast", "taylorseer_cache")}
+
+
+def skipped_at(call: int, hook, timesteps: list[float]) -> bool:
+    """Whether the configuration says the hooked module is not computed at ``call``."""
+    if hasattr(hook, "block_skip_range"):
+        low, high = hook.timestep_skip_range
+        return call % hook.block_skip_range != 0 and low < timesteps[call] < high
+    first, interval = hook.disable_cache_before_step, hook.cache_interval
+    return call >= first and (call - first - 1) % interval != 0
+
+
+def substitutions(denoiser) -> list[tuple[int, int, tuple[str, ...]]]:
+    (stream,) = denoiser.captures()[0].streams.values()
+    return stream.store.cache_memory.log
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe, inputs = flux_pipeline()
+    with one_thread():
+        plain = sample(pipe, inputs)
+    return pipe, inputs, plain
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_cached_pipeline_equals_its_unpartitioned_run_and_skips_what_the_config_says(flux, name):
+    """Warm-up covering every step: exactly the pipeline with the cache; fewer: the serial
+    and local executors agree, and each stage substituted each cached module it computes
+    at the calls the configuration names."""
+    pipe, inputs, plain = flux
+    model = pipe.transformer
+    model.enable_cache(CONFIGS[name](pipe))
+    hooks = cached_modules(model)
+    try:
+        with one_thread():
+            cached = sample(pipe, inputs)
+            runs, logs = {}, {}
+            for warmup, executor in ((STEPS, "local"), (2, "serial"), (2, "local")):
+                denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=warmup, executor=executor,
+                                             release_weights=False, progress=False)
+                pipe.transformer = denoiser
+                runs[warmup, executor] = sample(pipe, inputs)
+                logs[warmup, executor] = sorted(substitutions(denoiser))
+                denoiser.close()
+                pipe.transformer = model
+    finally:
+        pipe.transformer = model
+        model.disable_cache()
+    assert not np.array_equal(cached, plain)  # the cache skipped work
+    np.testing.assert_array_equal(runs[STEPS, "local"], cached)
+    np.testing.assert_array_equal(runs[2, "local"], runs[2, "serial"])
+    assert not np.array_equal(runs[2, "local"], cached) and np.isfinite(runs[2, "local"]).all()
+    assert logs[2, "local"] == logs[2, "serial"] == logs[STEPS, "local"]
+    timesteps = [float(t) for t in pipe.scheduler.timesteps]  # as the last run set them
+    log = logs[2, "local"]
+    assert [(call, stage) for call, stage, _ in log] == [(c, k) for c in range(STEPS) for k in range(2)]
+    for call in range(STEPS):
+        skipped = {m for c, _, modules in log if c == call for m in modules}
+        assert skipped == {m for m, hook in hooks.items() if skipped_at(call, hook, timesteps)}, call
+    holds = {(stage, m) for _, stage, modules in log for m in modules}
+    for call, stage, modules in log:  # a stage substitutes a module at every skipped call, or never
+        assert set(modules) == {m for k, m in holds if k == stage and skipped_at(call, hooks[m], timesteps)}
+
+
+def test_a_cache_enabled_after_partitioning_applies_from_the_next_call(flux):
+    pipe, inputs, plain = flux
+    model = pipe.transformer
+    try:
+        with one_thread():
+            model.enable_cache(pab(pipe))
+            cached = sample(pipe, inputs)
+            model.disable_cache()
+            denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=STEPS, executor="serial",
+                                         release_weights=False, progress=False)
+            pipe.transformer = denoiser
+            without = sample(pipe, inputs)
+            denoiser.enable_cache(pab(pipe))  # on the denoiser, as a pipeline's code would
+            with_cache = sample(pipe, inputs)
+            denoiser.disable_cache()
+            again = sample(pipe, inputs)
+    finally:
+        pipe.transformer = model
+        if model.is_cache_enabled:
+            model.disable_cache()
+    np.testing.assert_array_equal(without, plain)
+    np.testing.assert_array_equal(with_cache, cached)
+    np.testing.assert_array_equal(again, plain)
+
+
+@pytest.mark.parametrize("config, name", [
+    (FirstBlockCacheConfig(threshold=0.8), "FirstBlockCacheConfig"),
+    (FasterCacheConfig(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 901),
+                       unconditional_batch_skip_range=2, attention_weight_callback=lambda _: 0.5,
+                       current_timestep_callback=lambda: 500), "FasterCacheConfig"),
+])
+def test_a_cache_asyncfx_does_not_apply_is_refused_naming_it(config, name):
+    model, _, kwargs = tiny.flux_transformer()
+    model.enable_cache(config)
+    with pytest.raises(CaptureError) as refused:  # at partition(), before any work
+        asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial", progress=False)
+    message = str(refused.value)
+    assert name in message and "model.disable_cache()" in message
+    assert "PyramidAttentionBroadcastConfig and TaylorSeerCacheConfig" in message
+    model.disable_cache()
+    plain = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial", progress=False)
+    plain(**kwargs)  # captured without it
+    model.enable_cache(config)  # enabled after the capture: its hooks are refused at the call
+    with pytest.raises(AsyncFXError, match="put there after the capture"), model.cache_context("cond"):
+        plain(**kwargs)
+
+
+def test_a_step_cache_with_stride_2_is_refused():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model, _, kwargs = tiny.flux_transformer()
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    settings = dict(layout="1x2", warmup=1, stride=2, executor="serial", scheduler=scheduler, progress=False)
+    model.enable_cache(TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1))
+    with pytest.raises(PlanError, match="stride=2") as refused:  # at partition()
+        asyncfx.partition(model, 2, **settings)
+    assert "Partition with stride=1" in str(refused.value) and "disable_cache()" in str(refused.value)
+    model.disable_cache()
+    denoiser = asyncfx.partition(model, 2, **settings)
+    model.enable_cache(TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1))
+    with pytest.raises(PlanError, match="stride=2"), model.cache_context("cond"):  # at the call
+        denoiser(**kwargs)
+
+
+def test_a_stage_given_a_modules_outputs_computes_what_it_computes_without_that_module():
+    model, _, kwargs = tiny.flux_transformer()
+    captured = asyncfx.capture(model, (), kwargs)
+    graph = captured.graph_module
+    flat = captured.interface.flatten((), kwargs)
+    module = "single_transformer_blocks.0.attn"
+    outputs = module_outputs(graph, module)
+    assert outputs and module_outputs(graph, "no.such.module") == ()
+    reference, made = substituting(graph, [], outputs)(*flat)
+    variant = substituting(graph, outputs, [])
+    result, kept = variant(*flat, *made)
+    assert kept == ()
+    for got, want in zip(result, reference):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    placeholders = [n.name for n in variant.graph.nodes if n.op == "placeholder"]
+    assert placeholders[-len(outputs):] == [SUBSTITUTED_PREFIX + name for name in outputs]
+    computed = {n.name for n in variant.graph.nodes if n.op == "call_function"}
+    inside = {n.name for n in graph.graph.nodes if any(p == module for p, _ in
+                                                        (n.meta.get("nn_module_stack") or {}).values())}
+    assert not computed & inside  # the module's own nodes are gone
+    zeros = [torch.zeros_like(value) for value in made]
+    changed, _ = variant(*flat, *zeros)
+    assert not torch.equal(changed[0], reference[0])  # the substituted values are what it reads
