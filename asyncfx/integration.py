@@ -94,7 +94,7 @@ def check_no_forward_wrappers(model: nn.Module) -> None:
                 "weights, or choose what to compute, at each call, which a captured graph cannot do "
                 "(asyncfx puts each stage's weights on its device itself). Remove them before "
                 "partitioning: no enable_model_cpu_offload() or group offloading (pipe.remove_all_hooks() "
-                "undoes model offloading), no step caching.")
+                f"undoes model offloading), no step cache but {' or '.join(APPLIED_CACHES)}.")
 
 
 @contextlib.contextmanager
@@ -244,9 +244,9 @@ def refuse_offloading(proxy: nn.Module, model: nn.Module) -> None:
 
 def refuse_hooks_added_since_capture(model: nn.Module, module_dicts: Sequence[dict]) -> None:
     """Refuse diffusers hooks put on the model's layers after the capture (capture refuses
-    those there before): step caching (``enable_cache()``), and the guiders of modular
-    pipelines that skip layers, which add them around single calls. The graph would
-    compute every layer as captured. One C-level scan of the modules' attribute dicts."""
+    those there before): step caches asyncfx does not apply (``enable_cache()``), and the
+    guiders of modular pipelines that skip layers, which add them around single calls.
+    The graph would compute every layer as captured. One C-level scan of the modules' attribute dicts."""
     hooked = diffusers_hooks(model, module_dicts)
     if not hooked:
         return
@@ -254,8 +254,9 @@ def refuse_hooks_added_since_capture(model: nn.Module, module_dicts: Sequence[di
     raise AsyncFXError(
         f"{type(model).__name__}.{name} has diffusers' {hook!r} hook (one of {len(hooked)} on its "
         "layers), put there after the capture: the captured stages cannot apply it, and would "
-        "compute every layer as captured. Step caching (model.enable_cache()) and the guiders of "
-        "modular pipelines that skip layers (SkipLayerGuidance, PerturbedAttentionGuidance, "
+        f"compute every layer as captured. Step caches other than {' and '.join(APPLIED_CACHES)} "
+        "(model.enable_cache()) and the guiders of modular pipelines that skip layers "
+        "(SkipLayerGuidance, PerturbedAttentionGuidance, "
         "SmoothedEnergyGuidance, around single calls) put such hooks there: call "
         "model.disable_cache(), use a guider without them (ClassifierFreeGuidance) or a pipeline "
         "that takes layer skipping as an argument (StableDiffusion3Pipeline's skip_guidance_layers), "

@@ -214,7 +214,8 @@ class StageEditor(Protocol):
 
     def module_outputs(self, stage: nn.Module, module: str) -> tuple[str, ...]: ...
 
-    def substituting(self, stage: nn.Module, substituted: Sequence[str], kept: Sequence[str]) -> nn.Module: ...
+    def substituting(self, stage: nn.Module, substituted: Sequence[str],
+                     kept: Sequence[str]) -> nn.Module: ...
 
 
 class WeightSource(Protocol):

@@ -33,6 +33,12 @@ parallel step (round) after warm-up has one version, the last warm-up step's (th
 stages may not run before it), and reads it as it is. The store then keeps three versions (``StepSchedule.keep_from``).
 ``time_shift`` computes each stage at its inputs' own step, so there is nothing to
 forecast (r = 0).
+
+Origins: what a run reads comes from stage 0's run at one step, its ``origin``: the step
+itself at a sequential step; at a parallel step, ``k`` steps back for stage ``k`` (each
+boundary is one step stale), or the latest sequential step if that is later (where all
+stages ran at once on fresh values). A step cache decides each run by its origin, so
+that a stage skips a module at the steps whose values it is computing from.
 """
 from __future__ import annotations
 
@@ -74,6 +80,7 @@ class StageRun(NamedTuple):
     prior: int | None = None  # forecasting: the version before ``reads`` it extrapolates from
     lean: float = 0.0         # forecasting: it reads B1 + lean * (B1 - B2) (see the module note)
     older: int | None = None  # forecasting: the version before ``prior`` (B3), to measure the trend
+    origin: int | None = None  # the step whose stage-0 run what it reads comes from (None: stride 2)
 
 
 class StepSchedule(NamedTuple):
@@ -213,12 +220,14 @@ def _plain_schedule(step: int, n_stages: int, steps: _Steps, time_shift: bool) -
     last = n_stages - 1
     if steps.sequential(step):
         return StepSchedule(step, Mode.SEQUENTIAL, tuple(
-            StageRun(k, step, step, step, step if k == last else None, k) for k in range(n_stages)))
+            StageRun(k, step, step, step, step if k == last else None, k, origin=step)
+            for k in range(n_stages)))
     shift = 1 if time_shift else 0
     if steps.stride == 1 or steps.round_start(step) and not steps.paired(step):
+        floor = steps.last_sequential(step)  # stage k reads what stage 0 made k steps ago, or then
         return StepSchedule(step, Mode.PARALLEL, tuple(
             StageRun(k, step - shift, step - 1, None if k == last else step,
-                     step if k == last else None, k) for k in range(n_stages)))
+                     step if k == last else None, k, origin=max(step - k, floor)) for k in range(n_stages)))
     if not steps.round_start(step):
         return StepSchedule(step, Mode.CACHED, ())
     later = step + 1

@@ -158,7 +158,8 @@ def run(rank: int, world: int, init_file: str, out_dir: str, model_name: str, st
                 results.append(sample(caller, kwargs, LATENT[model_name], steps=steps, guided_at=guided_at))
                 plans.append(json.dumps(denoiser.plan.to_dict()))  # the plan its parallel steps ran
                 received += denoiser.executor.received_bytes  # weights a re-cut brought from the other ranks
-                substituted += [stream.store.cache_memory.log for stream in denoiser.captures()[0].streams.values()]
+                streams = denoiser.captures()[0].streams.values()
+                substituted += [stream.store.cache_memory.log for stream in streams]
         module = denoiser.executor.module
         facts = {"held": sum(t.nbytes for t in [*module.parameters(), *module.buffers()]),
                  "stage buffers": sum(t.nbytes for t in module.buffers()),

@@ -134,7 +134,8 @@ def check_refill(tmp_path) -> None:
 
 
 def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at: tuple[int, ...],
-                   rebalance: bool, source: str, forecast: float, groups: int, cache: str | None = None) -> None:
+                   rebalance: bool, source: str, forecast: float, groups: int,
+                   cache: str | None = None) -> None:
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
     assert not errors, (model_name, world, stride, guided_at, source, errors)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
@@ -153,7 +154,8 @@ def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at
         for rank in range(world):  # one log per generation
             logs = json.loads((tmp_path / f"facts{rank}.json").read_text())["substituted"]
             own = [entry for entry in substituted if entry[1] == rank]
-            assert [[(call, stage, tuple(modules)) for call, stage, modules in log] for log in logs] == [own] * 2
+            as_tuples = [[(call, stage, tuple(modules)) for call, stage, modules in log] for log in logs]
+            assert as_tuples == [own] * 2
     else:
         expected = [serial_result(model_name, world, stride, guided_at, forecast=forecast, groups=groups)] * 2
     if forecast:  # forecasting changed the samples

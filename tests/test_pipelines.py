@@ -19,8 +19,8 @@ from diffusers import (AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporal
                        PNDMScheduler, StableDiffusion3PAGPipeline, StableDiffusion3Pipeline,
                        StableDiffusionControlNetPipeline, StableDiffusionPAGPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, StableVideoDiffusionPipeline, UNet2DConditionModel,
-                       UNetSpatioTemporalConditionModel, WanImageToVideoPipeline, WanPipeline,
-                       WanTransformer3DModel, ZImagePipeline)
+                       UNetMotionModel, UNetSpatioTemporalConditionModel, WanImageToVideoPipeline,
+                       WanPipeline, WanTransformer3DModel, ZImagePipeline)
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import asyncfx
@@ -268,6 +268,28 @@ def test_from_pipe_carries_a_partitioned_denoiser_passed_by_name():
     assert pag.unet is pipe.unet
 
 
+def test_animatediff_from_a_pipeline_with_a_partitioned_unet_takes_it_by_name():
+    """diffusers' AnimateDiff test_from_pipe_consistent_forward_pass with the image pipeline's
+    UNet partitioned: from_pipe() carries over only components whose type() is the expected
+    class, so the partitioned UNet is left behind and diffusers refuses the pipeline without
+    one. Passed by name, AnimateDiffPipeline builds its motion UNet from the partitioned
+    one's weights, exactly as from the plain UNet; partitioned in turn, it makes the same
+    frames (warm-up covering every step)."""
+    unet, adapter = animatediff_parts()
+    image_pipe = tiny.sd_pipeline(unet, DDIMScheduler(num_train_timesteps=1000, clip_sample=False))
+    _, inputs = animatediff_pipeline()
+    with one_thread():
+        plain = images(AnimateDiffPipeline.from_pipe(image_pipe, motion_adapter=adapter), **inputs)
+        image_pipe.unet = asyncfx.partition(unet, 2, layout="1x2", warmup=STEPS, executor="serial")
+        with pytest.raises(ValueError, match="unet"):
+            AnimateDiffPipeline.from_pipe(image_pipe, motion_adapter=adapter)
+        motion = AnimateDiffPipeline.from_pipe(image_pipe, motion_adapter=adapter, unet=image_pipe.unet)
+        assert type(motion.unet) is UNetMotionModel
+        np.testing.assert_array_equal(images(motion, **inputs), plain)
+        motion.unet = asyncfx.partition(motion.unet, 2, layout="1x2", warmup=STEPS, executor="serial")
+        np.testing.assert_array_equal(images(motion, **inputs), plain)
+
+
 def test_pipe_to_converts_a_partitioned_denoiser():
     unet, _, _ = tiny.sd_unet()
     generator = torch.Generator().manual_seed(1)
@@ -355,7 +377,8 @@ def test_flux_pipeline():
     check_drop_in(pipe, "transformer", **inputs)
 
 
-def animatediff_pipeline() -> tuple[AnimateDiffPipeline, dict]:
+def animatediff_parts() -> tuple[UNet2DConditionModel, MotionAdapter]:
+    """The image UNet AnimateDiff turns into a motion UNet, and the motion adapter."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
                                 out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -363,6 +386,11 @@ def animatediff_pipeline() -> tuple[AnimateDiffPipeline, dict]:
                                 norm_num_groups=4, attention_head_dim=2)
     adapter = MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
                             motion_num_attention_heads=2, motion_max_seq_length=8)
+    return unet, adapter
+
+
+def animatediff_pipeline() -> tuple[AnimateDiffPipeline, dict]:
+    unet, adapter = animatediff_parts()
     pipe = AnimateDiffPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
                                motion_adapter=adapter,
                                scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False))

@@ -536,7 +536,7 @@ def test_layer_hooks_added_after_the_capture_are_refused_at_the_next_call():
     torch.testing.assert_close(den(**later).sample, reference(**later).sample, rtol=0, atol=0)
 
 
-def test_step_caching_is_refused_at_partition_and_when_enabled_later():
+def test_a_first_block_cache_is_refused_at_partition_and_when_enabled_later():
     from diffusers import FirstBlockCacheConfig
 
     model, _, kwargs = tiny.flux_transformer()

@@ -127,3 +127,16 @@ def test_bad_sequential_steps(kwargs, message):
         return
     with pytest.raises(ValueError, match="cooldown places sequential steps at the end"):
         schedule(3, 2, warmup=1, sequential=SequentialSteps(cooldown=2))
+
+
+def test_a_run_reads_what_stage_0_made_k_steps_back_or_at_the_latest_sequential_step():
+    """The origin: stage k at a parallel step computes from what entered stage 0 k steps
+    earlier (paper eq. 5), never from before the latest step that ran on fresh values."""
+    from asyncfx.schedule import SequentialSteps
+
+    refreshed = SequentialSteps(refresh=4)
+    origins = {step: [run.origin for run in schedule(step, 3, warmup=2, sequential=refreshed).runs]
+               for step in range(9)}
+    assert origins == {0: [0, 0, 0], 1: [1, 1, 1], 2: [2, 1, 1], 3: [3, 2, 1], 4: [4, 3, 2], 5: [5, 5, 5],
+                       6: [6, 5, 5], 7: [7, 6, 5], 8: [8, 7, 6]}
+    assert all(run.origin is None for run in schedule(3, 2, warmup=1, stride=2, total_steps=8).runs)

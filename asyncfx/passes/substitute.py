@@ -66,8 +66,8 @@ def substituting(graph_module: fx.GraphModule, substituted: Sequence[str],
     graph.output((result, tuple(by_name[name] for name in kept)))  # before the uses are replaced
     inputs = [node for node in graph.nodes if node.op == "placeholder"]
     for name in substituted:
-        where = graph.inserting_after(inputs[-1]) if inputs else graph.inserting_before(next(iter(graph.nodes)))
-        with where:
+        first = next(iter(graph.nodes))
+        with graph.inserting_after(inputs[-1]) if inputs else graph.inserting_before(first):
             placeholder = graph.placeholder(SUBSTITUTED_PREFIX + name)
         placeholder.meta.update(by_name[name].meta)
         by_name[name].replace_all_uses_with(placeholder)

@@ -71,6 +71,7 @@ class Stream:
     times: StreamTimesteps = dataclasses.field(default_factory=StreamTimesteps)
     warmup: int = 0                       # its warm-up steps (``switch_below`` may add some)
     prediction: torch.Tensor | None = None  # its latest warm-up step's noise prediction
+    cache_decisions: dict[int, Any] = dataclasses.field(default_factory=dict)  # a step cache's, by call
 
     def adapt_warmup(self, step: int, prediction: torch.Tensor, switch_below: float) -> None:
         """After warm-up step ``step``: one more warm-up step if it was the last and the

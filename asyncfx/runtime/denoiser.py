@@ -29,6 +29,12 @@ nothing: calling it raises WeightsReleasedError, as does anything needing a new 
 model built without weights (on the meta device, ``weights=``) never runs either: its
 stages load their weights from its files, at every capture.
 
+Note (step caches): a model whose step cache asyncfx applies (``runtime.step_cache``)
+runs in the stages from the first step, warm-up included, and each stage skips and
+forecasts its cached modules as the cache's rules say; the rules are read from the
+model's hooks again whenever they change (``enable_cache()`` before or after
+``partition()``, ``disable_cache()``).
+
 Note (filling calls): a call that writes into its arguments (a pipeline may first fill
 a KV cache with a reference image's keys and values) cannot run as a graph; the capture
 lists what it writes into (``written_arguments``). Such calls run the original model
@@ -52,7 +58,7 @@ from asyncfx.runtime.clock import ClockState, CallFacts, Placement, advance, res
 from asyncfx.runtime.guards import OneCallAtATime, check_call
 from asyncfx.runtime.progress import Progress
 from asyncfx.runtime.proxy import ModelProxy
-from asyncfx.runtime.step_cache import CacheWatch, StepCache, check_stride
+from asyncfx.runtime.step_cache import CacheWatch
 from asyncfx.runtime.original_model import (BUILT_WITHOUT, RELEASED, no_new_captures, refuse_conversion,
                                             release, why_without_weights, would_change)
 from asyncfx.runtime.timesteps import inputs_for, same_values, timestep_value
@@ -263,9 +269,9 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         runs = schedule(step, capture.lowering.layout.stages, warmup=stream.warmup, stride=self.stride,
                         time_shift=self.time_shift, total_steps=total, forecast=self.forecast,
                         sequential=self.sequential)
-        cache = self._step_cache(capture)
+        cache = self._step_caches.current(self._model, capture.module_dicts, self.stride)  # see the note
         if cache is not None:
-            runs = runs._replace(cache=cache.step(step))
+            runs = runs._replace(cache=cache.step(step, stream.cache_decisions))
         stream.step = step + 1
         if (capture.executor is None and runs.mode is Mode.SEQUENTIAL and step < self._stages_from(capture)
                 and cache is None):  # a step cache runs in the stages from the first step
@@ -293,13 +299,6 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         device = named[call.latent].device
         return call.unflatten([o.to(device) if isinstance(o, torch.Tensor) and o.device != device else o
                                for o in outputs])
-
-    def _step_cache(self, capture: Capture) -> StepCache | None:
-        """The model's step cache now (see the note on step caches), refused with stride 2."""
-        cache = self._step_caches.current(self._model, capture.module_dicts)
-        if cache is not None:
-            check_stride(type(self._model).__name__, len(cache.rules), self.stride)
-        return cache
 
     def _stages_from(self, capture: Capture) -> int:
         """The first warm-up step the stages run at (see the notes on lazy compilation and

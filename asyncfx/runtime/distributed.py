@@ -124,8 +124,9 @@ class DistributedExecutor(Executor):
 
     def _compute(self, run: StageRun, plan: StepSchedule, inputs_for: InputsFor, store: BoundaryStore,
                  results: dict[int, tuple[torch.Tensor, ...]], *, parallel: bool) -> None:
-        args = [arg.to(self.device) for arg in stage_arguments(self.program, run, inputs_for, store.get,
-                                                               cache=cache_call(self.program, plan, run, store))]
+        cache = cache_call(self.program, plan, run, store)
+        args = stage_arguments(self.program, run, inputs_for, store.get, cache=cache)
+        args = [arg.to(self.device) for arg in args]
         with torch.no_grad(), RunTimer(self.device) as timer:
             outputs = call_stage(self._hooked, args)
         self.times.record(run.stage, timer, parallel=parallel)

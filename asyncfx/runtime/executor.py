@@ -102,7 +102,7 @@ def cache_call(program: Program, plan: StepSchedule, run: StageRun, store: Bound
     if program.editor is None:
         raise AsyncFXError("this program was lowered without a StageEditor, so its stages cannot apply a "
                            "step cache: lower it with asyncfx.partitioner.lower().")
-    return plan.cache.run(run.stage, store.cache_memory, program.editor)
+    return plan.cache.run(run.stage, run.origin, store.cache_memory, program.editor)
 
 
 class Forecast(NamedTuple):

@@ -3,12 +3,16 @@ at an earlier step is reused, or forecast from it, instead.
 
 A step cache is a *policy*: for each cached module, a rule says at which calls of a
 stream it is computed and, at the others, what stands for its outputs. Rules decide
-from the call's place in its stream (and, where a rule says so, the sampler's
-timestep), never from the values, so every stage, device and rank takes the same
-decisions without talking. Each stage applies the rules to the modules whose outputs
-it computes, on what it remembers of them itself: the values stay where the stage
-runs. A stage's outputs at a parallel step are, as always, computed from one-step-stale
-inputs; a module it substitutes adds the cache's own approximation on top.
+each call as it comes, from its place in its stream (and, where a rule says so, the
+sampler's timestep then), never from the values, so every stage, device and rank takes
+the same decisions without talking. Each stage applies the rules to the modules whose
+outputs it computes, on what it remembers of them itself: the values stay where the
+stage runs. A run follows the decisions of its *origin* (``StageRun.origin``), the call
+whose stage-0 run what it reads comes from: at a parallel step stage ``k`` works on the
+values that entered stage 0 ``k`` steps earlier, and computes or skips as that call
+decided, as the model with the cache computes that call. (Deciding by the current call
+instead would have a later stage compute, with one step staleness, from exactly the
+calls an earlier stage skipped.)
 
 Rules here (the diffusers configurations that map onto them are read by
 ``asyncfx.integration.step_cache_rules``):
@@ -60,7 +64,7 @@ class ReuseEvery:
         return not low < float(self.timestep() if self.timestep is not None else 0.0) < high
 
     def remember(self, memory: dict[str, Any], outputs: Sequence[torch.Tensor], call: int) -> None:
-        memory["outputs"] = tuple(outputs)
+        memory["outputs"], memory["call"] = tuple(outputs), call
 
     def substitute(self, memory: dict[str, Any], call: int) -> tuple[torch.Tensor, ...]:
         return memory["outputs"]
@@ -138,9 +142,11 @@ class StepCache:
     def computes(self, call: int, module: str) -> bool:
         return self.rules[module].computes(call)
 
-    def step(self, call: int) -> "CacheStep":
-        """What the cache does at call ``call`` of a stream (0: its first)."""
-        return CacheStep(self, call, {module: rule.computes(call) for module, rule in self.rules.items()})
+    def step(self, call: int, decided: dict[int, Mapping[str, bool]]) -> "CacheStep":
+        """Decide call ``call`` of a stream (0: its first), into ``decided``, the stream's
+        decisions by call, which the runs of this and later calls follow."""
+        decided[call] = {module: rule.computes(call) for module, rule in self.rules.items()}
+        return CacheStep(self, decided)
 
     def outputs_in(self, stage: nn.Module, editor: StageEditor) -> dict[str, tuple[str, ...]]:
         """The cached modules whose outputs ``stage`` computes, with their value names."""
@@ -161,8 +167,8 @@ class StepCache:
 
 class CacheMemory:
     """What the stages of one stream (one batch group's) remember of their cached modules,
-    by (stage, module), and the log of what each run substituted: ``(call, stage,
-    modules)`` (read by tests and ``AsyncDenoiser.step_cache_log``)."""
+    by (stage, module), and the log of what each run substituted: ``(origin, stage,
+    modules)``. A stream's is ``denoiser.captures()[0].streams[key].store.cache_memory``."""
 
     def __init__(self) -> None:
         self.kept: dict[tuple[int, str], dict[str, Any]] = {}
@@ -171,22 +177,28 @@ class CacheMemory:
 
 @dataclasses.dataclass(frozen=True)
 class CacheStep:
-    """One call's decisions: which cached modules are computed (``computes``)."""
+    """A call's part in its runs: the stream's decisions so far, by call."""
 
     cache: StepCache
-    call: int
-    computes: Mapping[str, bool]
+    decided: Mapping[int, Mapping[str, bool]]
 
-    def run(self, stage: int, memory: CacheMemory, editor: StageEditor) -> "CacheCall":
-        """The cache's part in one run of ``stage``, on ``memory``."""
-        return CacheCall(self, stage, memory, editor)
+    def run(self, stage: int, origin: int | None, memory: CacheMemory, editor: StageEditor) -> "CacheCall":
+        """The cache's part in a run of ``stage`` whose values come from call ``origin``
+        (see the module note), on ``memory``."""
+        if origin is None:
+            raise PlanError("a step cache needs each run's origin, which stride-2 rounds do not have: "
+                            "partition with stride=1.")
+        return CacheCall(self.cache, origin, self.decided[origin], stage, memory, editor)
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheCall:
-    """The last argument of a stage run under a step cache (``call_stage`` applies it)."""
+    """The last argument of a stage run under a step cache (``call_stage`` applies it):
+    the run follows the decisions of call ``call`` (its origin)."""
 
-    step: CacheStep
+    cache: StepCache
+    call: int
+    computes: Mapping[str, bool]
     stage: int
     memory: CacheMemory
     editor: StageEditor
@@ -195,22 +207,25 @@ class CacheCall:
         return self  # its values stay on the stage's device
 
     def __call__(self, module: nn.Module, args: Sequence[Any]) -> Any:
-        cache, call = self.step.cache, self.step.call
+        cache, call = self.cache, self.call
         outputs_of = cache.outputs_in(module, self.editor)
         if not outputs_of:
             return module(*args)
         kept_before = self.memory.kept
         substituted = tuple(m for m in outputs_of
-                            if not self.step.computes[m] and (self.stage, m) in kept_before)
+                            if not self.computes[m] and (self.stage, m) in kept_before)
         kept = tuple(m for m in outputs_of if m not in substituted)
-        variant = cache.variant(module, self.editor, _names(outputs_of, substituted), _names(outputs_of, kept))
+        variant = cache.variant(module, self.editor, _names(outputs_of, substituted),
+                                _names(outputs_of, kept))
         given = [value for m in substituted
                  for value in cache.rules[m].substitute(kept_before[self.stage, m], call)]
         outputs, made = variant(*args, *given)
         start = 0
         for m in kept:
             count = len(outputs_of[m])
-            cache.rules[m].remember(kept_before.setdefault((self.stage, m), {}), made[start:start + count], call)
+            memory = kept_before.setdefault((self.stage, m), {})
+            if memory.get("call") != call:  # the first parallel step computes its origin again: kept once
+                cache.rules[m].remember(memory, made[start:start + count], call)
             start += count
         self.memory.log.append((call, self.stage, substituted))
         return outputs
@@ -224,11 +239,15 @@ class CacheWatch:
         self._signature: tuple = ()
         self._cache: StepCache | None = None
 
-    def current(self, model: nn.Module, module_dicts: Sequence[dict]) -> StepCache | None:
+    def current(self, model: nn.Module, module_dicts: Sequence[dict], stride: int) -> StepCache | None:
+        """The cache of ``model`` (whose modules' attribute dicts are ``module_dicts``), None
+        without one; refused with ``stride`` 2 (``check_stride``)."""
         signature = hooks_signature(module_dicts)
         if signature != self._signature:
             rules = step_cache_rules(model)
             self._signature, self._cache = signature, StepCache(rules) if rules else None
+        if self._cache is not None:
+            check_stride(type(model).__name__, len(self._cache.rules), stride)
         return self._cache
 
 
@@ -236,9 +255,9 @@ def check_stride(model_class: str, cached_modules: int, stride: int) -> None:
     """Refuse a step cache with stride 2, whose rounds compute two steps' stages at one
     call: a cache decides per step."""
     if cached_modules and stride == 2:
-        raise PlanError(f"{model_class} has a step cache enabled ({cached_modules} cached modules), and stride=2 "
-                        "rounds compute two steps' stages at one call, while the cache decides per step. "
-                        "Partition with stride=1, or call model.disable_cache().")
+        raise PlanError(f"{model_class} has a step cache enabled ({cached_modules} cached modules), and "
+                        "stride=2 rounds compute two steps' stages at one call, while the cache decides "
+                        "per step. Partition with stride=1, or call model.disable_cache().")
 
 
 def _names(outputs_of: Mapping[str, tuple[str, ...]], modules: Sequence[str]) -> tuple[str, ...]:
