@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from asyncfx.cache_rules import ReuseEvery, Rule, TaylorForecast
 from asyncfx.errors import AsyncFXError, CaptureError
 
 #: Where nn.Module keeps its parameters, buffers and submodules.
@@ -179,7 +180,7 @@ def hooks_signature(module_dicts: Sequence[dict]) -> tuple:
                  for index, d in enumerate(module_dicts) if DIFFUSERS_HOOKS in d)
 
 
-def step_cache_rules(model: nn.Module) -> list[Any]:
+def step_cache_rules(model: nn.Module) -> list[Rule]:
     """The rules (``runtime.step_cache``) of the step-cache hooks on ``model``'s modules:
     PyramidAttentionBroadcastConfig's reuse, TaylorSeerCacheConfig's forecast, each with
     its hook's own settings; [] for none.
@@ -189,9 +190,7 @@ def step_cache_rules(model: nn.Module) -> list[Any]:
         >>> step_cache_rules(transformer)[0].interval
         3
     """
-    from asyncfx.runtime.step_cache import ReuseEvery, TaylorForecast
-
-    rules: list[Any] = []
+    rules: list[Rule] = []
     for name, module in model.named_modules():
         registry = module.__dict__.get(DIFFUSERS_HOOKS)
         hooks = getattr(registry, "hooks", None) or {}

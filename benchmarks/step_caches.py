@@ -111,7 +111,8 @@ def main() -> None:
     plain, repeats = with_cache(options.model, None), options.repeats
     reference, sequential_s = samples(plain, labels, options.steps, staged=False, repeats=repeats)
     lines = [f"{type(plain.denoiser).__name__}, {options.samples} samples, {options.steps} DDIM steps, "
-             f"guidance {plain.guidance}, CPU with {torch.get_num_threads()} cores, torch {torch.__version__}. "
+             f"guidance {plain.guidance}, CPU with {torch.get_num_threads()} cores, "
+             f"torch {torch.__version__}. "
              f"Sequential: {sequential_s:.2f} s on one core, class accuracy "
              f"{class_accuracy(classifier, reference, labels):.3f}.", "", HEADER]
     print("\n".join(lines), flush=True)

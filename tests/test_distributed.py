@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import asyncfx
+from asyncfx.zoo.tiny import ZOO
 from conftest import ddim, mispriced_example, sample, with_step_cache, zoo_captured, zoo_example
 from distributed_worker import LATENT, run, run_scenarios
 
@@ -66,7 +67,7 @@ def _serial_result(model_name: str, world: int, stride: int, guided_at: tuple[in
 def serial_with_step_cache(model_name: str, world: int, cache: str) -> tuple[torch.Tensor, list]:
     """The serial executor's sample of the model with a step cache, and what its stages
     substituted at each call: ``(call, stage, modules)``."""
-    model, _, kwargs = zoo_example(model_name)
+    model, _, kwargs = ZOO[model_name]()  # its own: the hooks must not reach the shared zoo model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -213,3 +213,38 @@ def test_a_stage_given_a_modules_outputs_computes_what_it_computes_without_that_
     zeros = [torch.zeros_like(value) for value in made]
     changed, _ = variant(*flat, *zeros)
     assert not torch.equal(changed[0], reference[0])  # the substituted values are what it reads
+
+
+def test_batch_groups_each_keep_their_own_cache_memory():
+    """Layout 2x1 (the guidance batch split over two workers): each group substitutes its
+    own half's attention outputs; at warm-up covering every step each half is the model's
+    with the cache run on that half alone, bit for bit, and after warm-up the local
+    executor equals the serial one."""
+    from diffusers.hooks import HookRegistry
+
+    from conftest import sample, with_step_cache
+
+    model, _, kwargs = tiny.sd_unet()
+    with_step_cache(model, "reuse")
+    halves = [{name: value[i:i + 1] if value.dim() and len(value) == 2 else value
+               for name, value in kwargs.items()} for i in range(2)]
+    with one_thread():
+        cached = []
+        for half in halves:
+            HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
+            cached.append(sample(model, half, "sample", steps=6))
+        runs = {}
+        for warmup, executor in ((6, "serial"), (2, "serial"), (2, "local")):
+            denoiser = asyncfx.partition(model, 2, layout="2x1", warmup=warmup, executor=executor,
+                                         release_weights=False, progress=False)
+            runs[warmup, executor] = sample(denoiser, kwargs, "sample", steps=6)
+            (stream,) = denoiser.captures()[0].streams.values()
+            groups = [stream.store.group(g).cache_memory for g in range(2)]
+            denoiser.close()
+    torch.testing.assert_close(runs[6, "serial"], torch.cat(cached), rtol=0, atol=0)
+    torch.testing.assert_close(runs[2, "local"], runs[2, "serial"], rtol=0, atol=0)
+    first, second = groups  # the local run's: the same decisions, each group on its own half
+    assert first.log and sorted(first.log) == sorted(second.log)
+    assert any(modules for _, _, modules in first.log) and first.kept.keys() == second.kept.keys()
+    for key, kept in first.kept.items():
+        assert not torch.equal(kept["outputs"][0], second.kept[key]["outputs"][0])

@@ -29,11 +29,9 @@ nothing: calling it raises WeightsReleasedError, as does anything needing a new 
 model built without weights (on the meta device, ``weights=``) never runs either: its
 stages load their weights from its files, at every capture.
 
-Note (step caches): a model whose step cache asyncfx applies (``runtime.step_cache``)
-runs in the stages from the first step, warm-up included, and each stage skips and
-forecasts its cached modules as the cache's rules say; the rules are read from the
-model's hooks again whenever they change (``enable_cache()`` before or after
-``partition()``, ``disable_cache()``).
+Note (step caches): under a step cache asyncfx applies (``runtime.step_cache``) the stages
+run from the first step, each skipping its cached modules as the rules say; the rules are
+read from the model's hooks whenever they change (``enable_cache()``, ``disable_cache()``).
 
 Note (filling calls): a call that writes into its arguments (a pipeline may first fill
 a KV cache with a reference image's keys and values) cannot run as a graph; the capture

@@ -10,11 +10,10 @@ devices that read it, on a copy stream, the moment the stage makes it (see the n
 sending). Values are versioned (``BoundaryStore``), so a step writes new buffers while
 the stages of the same step read the previous version: double buffering by
 construction. On CPU the workers are threads that share memory; K workers on C cores
-get C/K intra-op threads each, so they do not oversubscribe the cores, except during
-warm-up steps, when one stage runs at a time and may use all C (see the note on threads). On CUDA each stage
-replays as a CUDA graph once warmed up (``cuda_graphs``, see ``cuda_graphs.py``), and a
-slot may be given its own stream, e.g. one SM partition of a GPU (``green.py``). Workers
-compute under the caller's autocast, which is thread-local state they would not inherit.
+get C/K intra-op threads each (all C at warm-up steps, one stage at a time; see the note
+on threads). On CUDA each stage replays as a CUDA graph once warmed up (``cuda_graphs``),
+but not under a step cache, and a slot may have its own stream (an SM partition,
+``green.py``). Workers compute under the caller's autocast (thread-local state).
 
 Note (threads): a worker sets its count with ``torch.set_num_threads`` in its own thread;
 OpenMP's count is per thread, so the caller's and other threads' stay as they were, but
@@ -24,10 +23,9 @@ differ from a run alone by float rounding (about 1e-6), never by more. Pin
 ``torch.set_num_threads`` once and call the model from one thread where bitwise
 reproducibility across threads matters.
 
-Note (hand-off): the caller hands a round's runs to their workers through C queues and
-wakes once, when the last run delivered (or one failed): a ``_Round`` latch, rather than
-a result queue read once per run. Waking a thread costs the calling thread CPU time on
-every step, which on a GPU is time the devices wait.
+Note (hand-off): the caller hands a round's runs to their workers through C queues and wakes
+once, when the last run delivered (or one failed): a ``_Round`` latch, not a result queue
+read per run (waking a thread costs the caller CPU time, which the GPUs wait for).
 
 Note (sending): the stage graph reports each boundary tensor as it is made (send hooks,
 ``hooks.py``). Run eagerly, the hook records an event on the compute stream and queues
@@ -332,9 +330,9 @@ class _Worker(threading.Thread):
             try:
                 with _autocast(autocast):
                     if compute is None:
-                        with torch.no_grad(), RunTimer(self.device) as timer:
-                            outputs = call_stage(runnable, [resolved(a.to(self.device)) for a in args])
-                            copies = {}
+                        with torch.no_grad(), RunTimer(self.device) as timer:  # CPU slots copy nothing
+                            args = [resolved(a.to(self.device)) for a in args]
+                            outputs, copies = call_stage(runnable, args), {}
                     else:
                         outputs, copies, timer = self._compute(runnable, run, args, written, compute, sender)
                 handed.deliver(key, outputs, copies, timer)

@@ -14,115 +14,27 @@ decided, as the model with the cache computes that call. (Deciding by the curren
 instead would have a later stage compute, with one step staleness, from exactly the
 calls an earlier stage skipped.)
 
-Rules here (the diffusers configurations that map onto them are read by
-``asyncfx.integration.step_cache_rules``):
-
-- ``ReuseEvery``: computed at every ``period``-th call, and outside an open interval of
-  timesteps; otherwise the outputs of its last computed call are reused;
-- ``TaylorForecast``: computed at the first calls, then at one call in every
-  ``interval``; in between, each output is forecast by a Taylor series of order up to
-  ``order`` in the number of calls since it was computed, its terms the finite
-  differences between computed calls, kept in ``dtype`` (``zeros``: forecast as zeros,
-  a module whose effect is left out between computed calls).
+The rules are ``asyncfx.cache_rules``'s; ``asyncfx.integration.step_cache_rules``
+reads them from diffusers' hooks.
 
 Example:
-    >>> cache = StepCache([ReuseEvery("blocks.0.attn", period=2)])
+    >>> cache = StepCache([asyncfx.cache_rules.ReuseEvery("blocks.0.attn", period=2)])
     >>> [cache.computes(call, "blocks.0.attn") for call in range(4)]
     [True, False, True, False]
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import weakref
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-import torch
 from torch import nn
 
+from asyncfx.cache_rules import Rule
 from asyncfx.errors import PlanError
 from asyncfx.integration import hooks_signature, step_cache_rules
 from asyncfx.program import StageEditor
-
-
-@dataclasses.dataclass(frozen=True)
-class ReuseEvery:
-    """Computed at calls ``0, period, 2*period...`` of a stream, and at any call whose
-    timestep (``timestep()``) is outside the open interval ``timesteps``; otherwise its
-    last outputs stand for it."""
-
-    module: str
-    period: int
-    timesteps: tuple[float, float] = (-math.inf, math.inf)
-    timestep: Callable[[], Any] | None = None
-
-    def computes(self, call: int) -> bool:
-        if call % self.period == 0:
-            return True
-        low, high = self.timesteps
-        return not low < float(self.timestep() if self.timestep is not None else 0.0) < high
-
-    def remember(self, memory: dict[str, Any], outputs: Sequence[torch.Tensor], call: int) -> None:
-        memory["outputs"], memory["call"] = tuple(outputs), call
-
-    def substitute(self, memory: dict[str, Any], call: int) -> tuple[torch.Tensor, ...]:
-        return memory["outputs"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TaylorForecast:
-    """Computed at calls before ``first``, at ``first + 1 + k*interval`` and from ``last``
-    on (None: never); forecast in between (see the module note)."""
-
-    module: str
-    interval: int
-    first: int = 0
-    last: int | None = None
-    order: int = 1
-    dtype: torch.dtype | None = None
-    zeros: bool = False
-
-    def computes(self, call: int) -> bool:
-        return (call < self.first or (call - self.first - 1) % self.interval == 0
-                or self.last is not None and call >= self.last)
-
-    def remember(self, memory: dict[str, Any], outputs: Sequence[torch.Tensor], call: int) -> None:
-        before, terms = memory.get("call"), memory.get("terms", ())
-        memory["call"], memory["dtypes"] = call, tuple(o.dtype for o in outputs)
-        if self.zeros:
-            memory["shapes"], memory["device"] = tuple(o.shape for o in outputs), outputs[0].device
-            return
-        memory["terms"] = tuple(self._terms(output, terms[i] if i < len(terms) else (), before, call)
-                                for i, output in enumerate(outputs))
-
-    def _terms(self, output: torch.Tensor, previous: Sequence[torch.Tensor], before: int | None,
-               call: int) -> tuple[torch.Tensor, ...]:
-        """The value and its finite differences per call up to ``order``, from the
-        terms kept at the call ``before``."""
-        terms = [output]
-        for j in range(self.order if before is not None else 0):
-            if j >= len(previous) or previous[j].shape != terms[j].shape:
-                break
-            terms.append((terms[j] - previous[j].to(output.dtype)) / (call - before))
-        return tuple(t.to(self.dtype) if self.dtype is not None else t for t in terms)
-
-    def substitute(self, memory: dict[str, Any], call: int) -> tuple[torch.Tensor, ...]:
-        dtypes = memory["dtypes"]
-        if self.zeros:
-            return tuple(torch.zeros(shape, dtype=dtype, device=memory["device"])
-                         for shape, dtype in zip(memory["shapes"], dtypes))
-        ahead = call - memory["call"]
-        forecast = []
-        for terms, dtype in zip(memory["terms"], dtypes):
-            value = torch.zeros_like(terms[0], dtype=dtype)
-            for order, term in enumerate(terms):
-                value = value + term.to(dtype) * (ahead ** order / math.factorial(order))
-            forecast.append(value)
-        return tuple(forecast)
-
-
-Rule = ReuseEvery | TaylorForecast
 
 
 class StepCache:
