@@ -65,9 +65,10 @@ def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tupl
 
 def check_no_step_cache(model: nn.Module) -> None:
     """Refuse a model whose step cache (diffusers' ``enable_cache``) asyncfx does not apply:
-    one that decides from values at each call (first-block cache, MagCache) or that
-    approximates across the batch (FasterCache). Its hooks decide what to skip, and a
-    captured graph computes what the capture's call computed."""
+    one that skips a chain of blocks and adds a residual measured at its end (first-block
+    cache, MagCache) or approximates one half of the guidance batch from the other
+    (FasterCache). Its hooks decide what to skip, and a captured graph computes what the
+    capture's call computed."""
     if getattr(model, "is_cache_enabled", False) is True:
         config = type(getattr(model, "_cache_config", None)).__name__
         if config not in APPLIED_CACHES:
