@@ -24,9 +24,26 @@ def _named(build, attribute: str):
     return make
 
 
-#: diffusers' test_layerwise_casting_inference runs on these pipelines (and PixArt's); ControlNet's
-#: is Stable Diffusion's with the control residuals as inputs.
+def pixart_pipeline():
+    """PixArt-alpha without its T5 text encoder: called with the prompt embeddings and masks."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline
+
+    from test_model_families import pixart
+
+    transformer, _, _ = pixart()
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny.vae(), transformer=transformer,
+                               scheduler=DDIMScheduler(num_train_timesteps=1000))
+    generator, mask = torch.Generator().manual_seed(3), torch.ones(1, 8, dtype=torch.long)
+    return pipe, dict(prompt_embeds=torch.randn(1, 8, 32, generator=generator), prompt_attention_mask=mask,
+                      negative_prompt_embeds=torch.randn(1, 8, 32, generator=generator),
+                      negative_prompt_attention_mask=mask, negative_prompt=None, height=16, width=16,
+                      use_resolution_binning=False)
+
+
+#: diffusers' test_layerwise_casting_inference runs on these pipelines; ControlNet's is
+#: Stable Diffusion's with the control residuals as inputs.
 PIPELINES = {"sdxl": _named(sdxl_pipeline, "unet"), "sd3": _named(sd3_pipeline, "transformer"),
+             "pixart": _named(pixart_pipeline, "transformer"),
              "controlnet": _named(controlnet_pipeline, "unet"),
              "animatediff": _named(animatediff_pipeline, "unet")}
 
