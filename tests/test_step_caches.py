@@ -38,9 +38,10 @@ def taylorseer_lite(pipe) -> TaylorSeerCacheConfig:
 
 
 def taylorseer_attention(pipe) -> TaylorSeerCacheConfig:
-    """Every attention module forecast to second order, its terms in float32."""
-    return TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=3, max_order=2,
-                                 taylor_factors_dtype=torch.float32)
+    """Every attention module forecast to second order, its terms in float32, the last step
+    computed."""
+    return TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=3, disable_cache_after_step=7,
+                                 max_order=2, taylor_factors_dtype=torch.float32)
 
 
 CONFIGS = {"pab": pab, "taylorseer_lite": taylorseer_lite, "taylorseer_attention": taylorseer_attention}
@@ -63,8 +64,8 @@ def skipped_at(call: int, hook, timesteps: list[float]) -> bool:
     if hasattr(hook, "block_skip_range"):
         low, high = hook.timestep_skip_range
         return call % hook.block_skip_range != 0 and low < timesteps[call] < high
-    first, interval = hook.disable_cache_before_step, hook.cache_interval
-    return call >= first and (call - first - 1) % interval != 0
+    first, interval, last = hook.disable_cache_before_step, hook.cache_interval, hook.disable_cache_after_step
+    return call >= first and (call - first - 1) % interval != 0 and (last is None or call < last)
 
 
 def substitutions(denoiser) -> list[tuple[int, int, tuple[str, ...]]]:
