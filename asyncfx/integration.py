@@ -45,6 +45,17 @@ def diffusers_hook_names(module: Any) -> list[str]:
     return list(getattr(module.__dict__.get(DIFFUSERS_HOOKS), "hooks", None) or {})
 
 
+def any_hook_registry(module_dicts: Sequence[dict]) -> bool:
+    """Whether any of these modules' attribute dicts holds a diffusers hook registry (one
+    C-level scan: the check every call makes).
+
+    Example:
+        >>> any_hook_registry([m.__dict__ for m in unet.modules()])
+        False
+    """
+    return any(map(operator.contains, module_dicts, itertools.repeat(DIFFUSERS_HOOKS)))
+
+
 def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tuple[str, str]]:
     """``(module name, hook name)`` of every diffusers hook on ``model``'s modules, whose
     attribute dicts are ``module_dicts``, but those captures stand for (``CAPTURED_HOOKS``);
@@ -54,7 +65,7 @@ def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tupl
         >>> diffusers_hooks(unet, [m.__dict__ for m in unet.modules()])
         []
     """
-    if not any(map(operator.contains, module_dicts, itertools.repeat(DIFFUSERS_HOOKS))):
+    if not any_hook_registry(module_dicts):
         return []
     if not any(set(getattr(d[DIFFUSERS_HOOKS], "hooks", None) or ()) - CAPTURED_HOOKS
                for d in module_dicts if DIFFUSERS_HOOKS in d):
@@ -175,7 +186,7 @@ def hooks_signature(module_dicts: Sequence[dict]) -> tuple:
         >>> hooks_signature([m.__dict__ for m in unet.modules()])
         ()
     """
-    if not any(map(operator.contains, module_dicts, itertools.repeat(DIFFUSERS_HOOKS))):
+    if not any_hook_registry(module_dicts):
         return ()
     return tuple((index, tuple(map(id, getattr(d[DIFFUSERS_HOOKS], "hooks", {}).values())))
                  for index, d in enumerate(module_dicts) if DIFFUSERS_HOOKS in d)

@@ -18,8 +18,8 @@ The rules are ``asyncfx.cache_rules``'s; ``asyncfx.integration.step_cache_rules`
 reads them from diffusers' hooks.
 
 Example:
-    >>> cache = StepCache([asyncfx.cache_rules.ReuseEvery("blocks.0.attn", period=2)])
-    >>> [cache.computes(call, "blocks.0.attn") for call in range(4)]
+    >>> cache, decided = StepCache([asyncfx.cache_rules.ReuseEvery("blocks.0.attn", period=2)]), {}
+    >>> [cache.step(call, decided).decided[call]["blocks.0.attn"] for call in range(4)]
     [True, False, True, False]
 """
 from __future__ import annotations
@@ -50,9 +50,6 @@ class StepCache:
         self._outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._variants: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # stage threads make their copies at once
-
-    def computes(self, call: int, module: str) -> bool:
-        return self.rules[module].computes(call)
 
     def step(self, call: int, decided: dict[int, Mapping[str, bool]]) -> "CacheStep":
         """Decide call ``call`` of a stream (0: its first), into ``decided``, the stream's
