@@ -2,8 +2,9 @@
 computed, and what stands for its outputs at the others.
 
 A rule decides from the call's place in its stream (and, where it says so, the sampler's
-timestep then), never from values. ``runtime.step_cache`` applies the rules in the stages;
-``integration.step_cache_rules`` reads them from diffusers' hooks:
+timestep then); only ``FirstBlockChange`` decides from values. ``runtime.step_cache``
+applies the rules in the stages; ``integration.step_cache_rules`` reads them from
+diffusers' hooks:
 
 - ``ReuseEvery`` (Pyramid Attention Broadcast): computed at every ``period``-th call, and
   outside an open interval of timesteps; otherwise its last computed outputs are reused;
@@ -11,7 +12,11 @@ timestep then), never from values. ``runtime.step_cache`` applies the rules in t
   ``interval``; in between, each output is forecast by a Taylor series of order up to
   ``order`` in the number of calls since it was computed, its terms the finite
   differences between computed calls, kept in ``dtype`` (``zeros``: forecast as zeros, a
-  module whose effect is left out between computed calls).
+  module whose effect is left out between computed calls);
+- ``SkipChain`` (MagCache, first-block cache): a chain of blocks skipped as a whole, the
+  hidden states carried over it by the residual the chain added at its last computed
+  call; at calls a ``MagnitudeSchedule`` names, or where the first block's residual
+  changed little (``FirstBlockChange``, the one rule that decides from values).
 
 Example:
     >>> [TaylorForecast("proj_out", interval=2, first=2).computes(call) for call in range(6)]
@@ -102,4 +107,92 @@ class TaylorForecast:
         return tuple(forecast)
 
 
-Rule = ReuseEvery | TaylorForecast
+@dataclasses.dataclass(frozen=True)
+class ChainBlock:
+    """A block of a skipped chain: which of its arguments and results (by position; None:
+    it returns the tensor itself) carry the hidden states and the encoder's."""
+
+    path: str
+    hidden_argument: str = "hidden_states"
+    encoder_argument: str = "encoder_hidden_states"
+    hidden_result: int | None = None
+    encoder_result: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MagnitudeSchedule:
+    """MagCache's choice of calls, from the magnitude ratios of successive residuals
+    (``ratios``, one per step of a ``steps``-step generation): a call is skipped while the
+    error accumulated since the last computed call (the sum of ``|1 - product of the
+    ratios|``) stays within ``threshold`` for at most ``max_skipped`` calls in a row; the
+    first ``retained`` steps, and the first call, are always computed. Calls count from 0
+    again after ``steps``."""
+
+    ratios: tuple[float, ...]
+    threshold: float
+    max_skipped: int
+    retained: int
+    steps: int
+
+    def computes(self, call: int) -> bool:
+        product, skipped, error, computed = 1.0, 0, 0.0, False
+        for step in range(call % self.steps + 1):
+            decision = True
+            if step >= self.retained:
+                product *= self.ratios[step] if step < len(self.ratios) else 1.0
+                skipped, error = skipped + 1, error + abs(1.0 - product)
+                if computed and error <= self.threshold and skipped <= self.max_skipped:
+                    decision = False
+                else:
+                    product, skipped, error = 1.0, 0, 0.0
+            computed = computed or decision
+        return decision
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstBlockChange:
+    """First-block cache's choice: a call computes the rest of the chain when the residual
+    of its first block (what the block added to the hidden states) changed, relative to
+    the residual at the last computed call, by more than ``threshold`` in mean absolute
+    value; the first call always computes."""
+
+    threshold: float
+
+    def computes(self, residual: torch.Tensor, before: torch.Tensor | None) -> bool:
+        if before is None:
+            return True
+        change = (residual - before).abs().mean() / before.abs().mean()
+        return float(change) > self.threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipChain:
+    """A chain of blocks skipped as a whole at some calls: from ``blocks[skipped_from]`` on,
+    the hidden states leave the chain as they entered it plus what the chain added to them
+    at its last computed call (its residual); the encoder's leave as they entered, plus
+    their own residual where ``encoder_residual``. ``policy`` chooses the calls: from the
+    call alone (``MagnitudeSchedule``: MagCache, which skips from the first block) or from
+    the first block's residual (``FirstBlockChange``: first-block cache, which always
+    computes the first block and skips from the second)."""
+
+    blocks: tuple[ChainBlock, ...]
+    policy: MagnitudeSchedule | FirstBlockChange
+    skipped_from: int = 0
+    encoder_residual: bool = False
+
+    @property
+    def module(self) -> str:
+        """The chain's name in decisions and logs: its first and last skipped block."""
+        return f"{self.blocks[self.skipped_from].path}..{self.blocks[-1].path}"
+
+    @property
+    def decided_by_values(self) -> bool:
+        return isinstance(self.policy, FirstBlockChange)
+
+    def computes(self, call: int) -> bool | None:
+        """The decision for ``call`` where the call alone makes it; None where the first
+        block's residual does (``runtime.chain_skip`` decides then)."""
+        return None if self.decided_by_values else self.policy.computes(call)
+
+
+Rule = ReuseEvery | TaylorForecast | SkipChain

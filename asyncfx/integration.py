@@ -15,7 +15,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from asyncfx.cache_rules import ReuseEvery, Rule, TaylorForecast
+from asyncfx.cache_rules import (ChainBlock, FirstBlockChange, MagnitudeSchedule, ReuseEvery, Rule, SkipChain,
+                                 TaylorForecast)
 from asyncfx.errors import AsyncFXError, CaptureError
 
 #: Where nn.Module keeps its parameters, buffers and submodules.
@@ -27,12 +28,18 @@ DIFFUSERS_HOOKS = "_diffusers_hook"
 #: diffusers' layerwise casting hook (``enable_layerwise_casting``): captured as casts in the graph.
 LAYERWISE_CASTING_HOOK = "layerwise_casting"
 #: diffusers' step-cache hooks whose policy the stages apply themselves (``runtime.step_cache``):
-#: PyramidAttentionBroadcastConfig's and TaylorSeerCacheConfig's.
+#: PyramidAttentionBroadcastConfig's and TaylorSeerCacheConfig's on single modules, and
+#: MagCacheConfig's and FirstBlockCacheConfig's on the first and the other blocks of a chain.
 REUSE_HOOK, TAYLOR_HOOK = "pyramid_attention_broadcast", "taylorseer_cache"
+MAG_HEAD_HOOK, MAG_BLOCK_HOOK = "mag_cache_leader_block_hook", "mag_cache_block_hook"
+FBC_HEAD_HOOK, FBC_BLOCK_HOOK = "fbc_leader_block_hook", "fbc_block_hook"
+CHAIN_HOOKS = (MAG_HEAD_HOOK, MAG_BLOCK_HOOK, FBC_HEAD_HOOK, FBC_BLOCK_HOOK)
+CACHE_HOOKS = (REUSE_HOOK, TAYLOR_HOOK, *CHAIN_HOOKS)
 #: Hooks a capture passes over: the graph stands for them.
-CAPTURED_HOOKS = frozenset({LAYERWISE_CASTING_HOOK, REUSE_HOOK, TAYLOR_HOOK})
+CAPTURED_HOOKS = frozenset({LAYERWISE_CASTING_HOOK, *CACHE_HOOKS})
 #: The step caches asyncfx applies, as ``enable_cache()`` takes them.
-APPLIED_CACHES = ("PyramidAttentionBroadcastConfig", "TaylorSeerCacheConfig")
+APPLIED_CACHES = ("PyramidAttentionBroadcastConfig", "TaylorSeerCacheConfig", "MagCacheConfig",
+                  "FirstBlockCacheConfig")
 
 
 def diffusers_hook_names(module: Any) -> list[str]:
@@ -76,17 +83,20 @@ def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tupl
 
 def check_no_step_cache(model: nn.Module) -> None:
     """Refuse a model whose step cache (diffusers' ``enable_cache``) asyncfx does not apply:
-    one that skips a chain of blocks and adds a residual measured at its end (first-block
-    cache, MagCache) or approximates one half of the guidance batch from the other
-    (FasterCache). Its hooks decide what to skip, and a captured graph computes what the
-    capture's call computed."""
+    one that approximates one half of the guidance batch from the other (FasterCache),
+    a model call of another batch size at the calls it skips. Its hooks decide what to
+    skip, and a captured graph computes what the capture's call computed."""
     if getattr(model, "is_cache_enabled", False) is True:
         config = type(getattr(model, "_cache_config", None)).__name__
         if config not in APPLIED_CACHES:
             raise CaptureError(
                 f"{type(model).__name__} has step caching enabled with {config}, which asyncfx cannot apply "
-                f"to its stages yet (it applies {' and '.join(APPLIED_CACHES)}): call model.disable_cache() "
-                "before partitioning, or enable one of those.")
+                f"to its stages yet (it applies {_listed(APPLIED_CACHES, 'and')}): call "
+                "model.disable_cache() before partitioning, or enable one of those.")
+
+
+def _listed(names: Sequence[str], conjunction: str) -> str:
+    return f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
 
 
 def check_no_forward_wrappers(model: nn.Module) -> None:
@@ -107,7 +117,7 @@ def check_no_forward_wrappers(model: nn.Module) -> None:
                 "weights, or choose what to compute, at each call, which a captured graph cannot do "
                 "(asyncfx puts each stage's weights on its device itself). Remove them before "
                 "partitioning: no enable_model_cpu_offload() or group offloading (pipe.remove_all_hooks() "
-                f"undoes model offloading), no step cache but {' or '.join(APPLIED_CACHES)}.")
+                f"undoes model offloading), no step cache but {_listed(APPLIED_CACHES, 'or')}.")
 
 
 @contextlib.contextmanager
@@ -165,7 +175,7 @@ def step_caches_passed_over(model: nn.Module) -> Iterator[None]:
     passed = []
     for module in model.modules():
         registry = module.__dict__.get(DIFFUSERS_HOOKS)
-        for name in (REUSE_HOOK, TAYLOR_HOOK):
+        for name in CACHE_HOOKS:
             hook = registry.get_hook(name) if registry is not None else None
             if hook is not None and hook.fn_ref.original_forward is not None:
                 passed.append((hook.fn_ref, hook.fn_ref.forward))
@@ -194,8 +204,9 @@ def hooks_signature(module_dicts: Sequence[dict]) -> tuple:
 
 def step_cache_rules(model: nn.Module) -> list[Rule]:
     """The rules (``runtime.step_cache``) of the step-cache hooks on ``model``'s modules:
-    PyramidAttentionBroadcastConfig's reuse, TaylorSeerCacheConfig's forecast, each with
-    its hook's own settings; [] for none.
+    PyramidAttentionBroadcastConfig's reuse and TaylorSeerCacheConfig's forecast per
+    module, MagCacheConfig's and FirstBlockCacheConfig's skipped chain of blocks, each
+    with its hooks' own settings; [] for none.
 
     Example:
         >>> transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=3))
@@ -203,9 +214,12 @@ def step_cache_rules(model: nn.Module) -> list[Rule]:
         3
     """
     rules: list[Rule] = []
+    chain: list[tuple[str, dict]] = []
     for name, module in model.named_modules():
         registry = module.__dict__.get(DIFFUSERS_HOOKS)
         hooks = getattr(registry, "hooks", None) or {}
+        if any(hook in hooks for hook in CHAIN_HOOKS):
+            chain.append((name, hooks))
         if REUSE_HOOK in hooks:
             hook = hooks[REUSE_HOOK]
             rules.append(ReuseEvery(name, hook.block_skip_range, tuple(hook.timestep_skip_range),
@@ -216,7 +230,46 @@ def step_cache_rules(model: nn.Module) -> list[Rule]:
             rules.append(TaylorForecast(name, hook.cache_interval, hook.disable_cache_before_step,
                                         hook.disable_cache_after_step, state.get("max_order", 1),
                                         hook.taylor_factors_dtype, bool(state.get("is_inactive", False))))
-    return rules
+    return rules + ([_skip_chain(type(model).__name__, chain)] if chain else [])
+
+
+def chained_blocks(model: nn.Module) -> tuple[str, ...]:
+    """The blocks a chain-skipping step cache (MagCache, first-block cache) hooked, first
+    to last; their calls are recorded in a capture (``passes.block_calls``).
+
+    Example:
+        >>> transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        >>> chained_blocks(transformer)[:2]
+        ('transformer_blocks.0', 'transformer_blocks.1')
+    """
+    return tuple(name for name, module in model.named_modules()
+                 if any(hook in diffusers_hook_names(module) for hook in CHAIN_HOOKS))
+
+
+def _skip_chain(model_class: str, chain: list[tuple[str, dict]]) -> SkipChain:
+    """The rule of a MagCache's or first-block cache's hooks on the blocks of ``chain``."""
+    blocks = tuple(_chain_block(name, hooks) for name, hooks in chain)
+    first = chain[0][1]
+    if FBC_HEAD_HOOK in first:
+        return SkipChain(blocks, FirstBlockChange(float(first[FBC_HEAD_HOOK].threshold)), skipped_from=1,
+                         encoder_residual=True)
+    config = first[MAG_HEAD_HOOK].config
+    if config.calibrate:
+        raise CaptureError(f"{model_class} has MagCacheConfig(calibrate=True), which measures the magnitude "
+                           "ratios by computing every block and printing them at the last step: calibrate "
+                           "on the model before partitioning it, then enable MagCacheConfig(mag_ratios=<the "
+                           "printed ratios>).")
+    steps = int(config.num_inference_steps)
+    return SkipChain(blocks, MagnitudeSchedule(
+        tuple(float(r) for r in config.mag_ratios), float(config.threshold), int(config.max_skip_steps),
+        int(config.retention_ratio * steps + 0.5), steps))
+
+
+def _chain_block(name: str, hooks: dict) -> ChainBlock:
+    metadata = next(hooks[h] for h in CHAIN_HOOKS if h in hooks)._metadata
+    return ChainBlock(name, metadata.hidden_states_argument_name,
+                      getattr(metadata, "encoder_hidden_states_argument_name", "encoder_hidden_states"),
+                      metadata.return_hidden_states_index, metadata.return_encoder_hidden_states_index)
 
 
 class _CastTo(nn.Module):
@@ -265,7 +318,7 @@ def refuse_hooks_added_since_capture(model: nn.Module, module_dicts: Sequence[di
     raise AsyncFXError(
         f"{type(model).__name__}.{name} has diffusers' {hook!r} hook (one of {len(hooked)} on its "
         "layers), put there after the capture: the captured stages cannot apply it, and would "
-        f"compute every layer as captured. Step caches other than {' and '.join(APPLIED_CACHES)} "
+        f"compute every layer as captured. Step caches other than {_listed(APPLIED_CACHES, 'and')} "
         "(model.enable_cache()) and the guiders of modular pipelines that skip layers "
         "(SkipLayerGuidance, PerturbedAttentionGuidance, "
         "SmoothedEnergyGuidance, around single calls) put such hooks there: call "

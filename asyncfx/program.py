@@ -206,16 +206,35 @@ class BatchSplit:
                      else parts[0][i] for i in range(len(parts[0])))
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockCall:
+    """One call of a block of the model in one stage: its tensor arguments by parameter
+    name and its tensor results by position in what it returns, as value names of that
+    stage (an argument may be one of the stage's inputs)."""
+
+    path: str
+    arguments: dict[str, str]
+    results: dict[int, str]
+
+
 class StageEditor(Protocol):
     """How the runtime edits a stage module for a step cache, without looking at graphs:
     ``module_outputs`` names the values a module of the model makes in the stage (``()``:
     none there); ``substituting`` gives a copy of the stage that reads ``substituted``
-    values as extra inputs after its own, and returns ``(its outputs, kept values)``."""
+    values as extra inputs after its own, has each ``(replaced, standing_in, offset)`` of
+    ``bypassed`` read ``standing_in`` (plus one more extra input where ``offset``) where
+    it read ``replaced``, and returns ``(its outputs, kept values)``; ``computing`` gives a
+    copy that computes and returns only the values ``names``; ``block_call`` finds a
+    block's call in the stage (None: not there), where the capture recorded it."""
 
     def module_outputs(self, stage: nn.Module, module: str) -> tuple[str, ...]: ...
 
-    def substituting(self, stage: nn.Module, substituted: Sequence[str],
-                     kept: Sequence[str]) -> nn.Module: ...
+    def substituting(self, stage: nn.Module, substituted: Sequence[str], kept: Sequence[str],
+                     bypassed: Sequence[tuple[str, str, bool]] = ()) -> nn.Module: ...
+
+    def computing(self, stage: nn.Module, names: Sequence[str]) -> nn.Module: ...
+
+    def block_call(self, stage: nn.Module, path: str) -> BlockCall | None: ...
 
 
 class WeightSource(Protocol):

@@ -1,7 +1,8 @@
 """Stages and step caches together, on a digits model (UNet or DiT), CPU workers.
 
-    python benchmarks/step_caches.py [--model unet|dit] [--samples 50] [--steps 50]
-                                     [--repeats 3] [--write benchmarks/RESULTS.md]
+    python benchmarks/step_caches.py [--model unet|dit] [--samples 50] [--steps 50] [--repeats 3]
+                                     [--caches reuse forecast magcache "first block"]
+                                     [--write benchmarks/RESULTS.md]
 
 For each cache, four ways to make the same samples (same seeds and DDIM steps, the
 model's guidance batch), timed in this run:
@@ -15,7 +16,11 @@ model's guidance batch), timed in this run:
 Caches: "reuse", Pyramid Attention Broadcast on every self-attention, computed every
 other step (its timestep range covering the whole generation); "forecast", TaylorSeer on
 the model's large blocks (the UNet's middle and up blocks, the DiT's transformer blocks),
-computed at the first 5 steps and one step in 2 after, forecast to first order in between.
+computed at the first 5 steps and one step in 2 after, forecast to first order in between;
+on the DiT (whose transformer blocks are a chain diffusers knows) also "magcache",
+MagCache with the magnitude ratios its calibration run measures on the model in this run
+(threshold 0.1, at most 2 steps skipped in a row), and "first block", the first-block
+cache at threshold 0.1.
 Columns: seconds (the fastest of ``--repeats`` runs: this machine's timings vary from run
 to run), speedup over the sequential model, PSNR and SSIM against the sequential
 samples, class accuracy. Speed is measured where the workers fit this machine's cores
@@ -24,11 +29,15 @@ samples, class accuracy. Speed is measured where the workers fit this machine's 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import io
 import time
 
 import torch
 from diffusers.hooks.hooks import CacheContext, HookRegistry
-from diffusers.hooks import (PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig,
+from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                             TaylorSeerCacheConfig, apply_first_block_cache, apply_mag_cache,
                              apply_pyramid_attention_broadcast, apply_taylorseer_cache)
 
 import asyncfx
@@ -42,10 +51,17 @@ HEADER = ("| cache | run | seconds | speedup | PSNR dB | SSIM | class acc. |\n"
 FORECAST_MODULES = {"unet": [r"mid_block", r"up_blocks\.\d+"], "dit": [r"transformer_blocks\.\d+"]}
 
 
-def with_cache(kind: str, cache: str):
-    """A fresh digits model of ``kind`` with ``cache`` applied (``None``: without)."""
+def with_cache(kind: str, cache: str, steps: int = 50, ratios: list[float] | None = None):
+    """A fresh digits model of ``kind`` with ``cache`` applied (``None``: without); MagCache
+    with magnitude ``ratios`` over ``steps`` steps (None: its calibration run)."""
     model = digits(kind=kind)
-    if cache == "reuse":
+    if cache == "magcache":
+        apply_mag_cache(model.denoiser, MagCacheConfig(
+            threshold=0.1, max_skip_steps=2, num_inference_steps=steps, mag_ratios=ratios,
+            calibrate=ratios is None))
+    elif cache == "first block":
+        apply_first_block_cache(model.denoiser, FirstBlockCacheConfig(threshold=0.1))
+    elif cache == "reuse":
         apply_pyramid_attention_broadcast(model.denoiser, PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
             current_timestep_callback=lambda: 500))
@@ -61,9 +77,20 @@ def start_generation(denoiser) -> None:
     their end); TaylorSeer's state is kept by call name: one, for the guided batch."""
     HookRegistry.check_if_exists_or_initialize(denoiser).reset_stateful_hooks()
     for module in denoiser.modules():
-        hook = getattr(module.__dict__.get("_diffusers_hook"), "hooks", {}).get("taylorseer_cache")
-        if hook is not None:
-            hook.state_manager.set_context(CacheContext(name="digits"))
+        for hook in getattr(module.__dict__.get("_diffusers_hook"), "hooks", {}).values():
+            if hasattr(hook, "state_manager"):
+                hook.state_manager.set_context(CacheContext(name="digits"))
+
+
+def magnitude_ratios(kind: str, labels: torch.Tensor, steps: int) -> list[float]:
+    """MagCache's calibration run on the model: the ratios it prints at its last step."""
+    model = with_cache(kind, "magcache", steps)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        start_generation(model.denoiser)
+        sample_digits(model.denoiser, model, labels, steps=steps)
+    lines = printed.getvalue().splitlines()
+    return ast.literal_eval(next(line for line in lines if line.startswith("[") and "]" == line[-1:]))
 
 
 def timed(run, repeats: int) -> tuple[torch.Tensor, float]:
@@ -104,6 +131,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each way, the fastest kept")
+    parser.add_argument("--caches", nargs="*", choices=("reuse", "forecast", "magcache", "first block"),
+                        help="the caches to run (default: those the model takes)")
     parser.add_argument("--write", help="append the table to this markdown file")
     options = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -117,10 +146,14 @@ def main() -> None:
              f"{class_accuracy(classifier, reference, labels):.3f}.", "", HEADER]
     print("\n".join(lines), flush=True)
     stages = samples(plain, labels, options.steps, staged=True, repeats=repeats)
-    for cache in ("reuse", "forecast"):
-        runs = {"cache": samples(with_cache(options.model, cache), labels, options.steps, False, repeats),
+    chains = ["magcache", "first block"] if options.model == "dit" else []
+    caches = options.caches or ["reuse", "forecast", *chains]
+    ratios = magnitude_ratios(options.model, labels, options.steps) if "magcache" in caches else None
+    for cache in caches:
+        made = (options.model, cache, options.steps, ratios)
+        runs = {"cache": samples(with_cache(*made), labels, options.steps, False, repeats),
                 "stages": stages,
-                "both": samples(with_cache(options.model, cache), labels, options.steps, True, repeats)}
+                "both": samples(with_cache(*made), labels, options.steps, True, repeats)}
         for name, (images, seconds) in runs.items():
             row = (f"| {cache} | {name} | {seconds:.2f} | {sequential_s / seconds:.2f}x | "
                    f"{psnr(images, reference).mean():.2f} | {ssim(images, reference).mean():.4f} | "

@@ -123,11 +123,20 @@ def with_step_cache(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     """``model`` with one of diffusers' step caches applied to it (``apply_*``: the zoo's
     models have no ``enable_cache``): "reuse", Pyramid Attention Broadcast on every
     attention module, every other step (its timestep always in range); "forecast",
-    TaylorSeer on the attention of transformer blocks, to second order."""
-    from diffusers.hooks import (PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig,
+    TaylorSeer on the attention of transformer blocks, to second order; "chain", MagCache
+    with Flux's ratios over 10 steps, none retained, skipping often; "first block", the
+    first-block cache."""
+    from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                                 TaylorSeerCacheConfig, apply_first_block_cache, apply_mag_cache,
                                  apply_pyramid_attention_broadcast, apply_taylorseer_cache)
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
-    if kind == "reuse":
+    if kind == "first block":
+        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.6))
+    elif kind == "chain":
+        apply_mag_cache(model, MagCacheConfig(threshold=0.5, retention_ratio=0.0, num_inference_steps=10,
+                                              mag_ratios=FLUX_MAG_RATIOS))
+    elif kind == "reuse":
         apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500))
     else:

@@ -13,7 +13,8 @@ import asyncfx
 from asyncfx.zoo.tiny import ZOO
 from conftest import ddim, mispriced_example, sample, with_step_cache
 
-LATENT = {"sd_unet": "sample", "sd3_transformer": "hidden_states", "mispriced": "sample"}
+LATENT = {"sd_unet": "sample", "sd3_transformer": "hidden_states", "flux_transformer": "hidden_states",
+          "mispriced": "sample"}
 
 
 def example(model_name: str, cache: str | None = None):
@@ -51,7 +52,7 @@ def refusals(denoiser, model, kwargs, latent: str) -> dict[str, str]:
     """What a model whose weights were released says when it is called, converted or would
     be captured again (other shapes)."""
     attempts = {"call": lambda: model(**kwargs), "convert": lambda: denoiser.to(torch.float64),
-                "other shapes": lambda: denoiser(**{**kwargs, latent: kwargs[latent][:1]})}
+                "other shapes": lambda: denoiser(**{**kwargs, latent: torch.cat([kwargs[latent]] * 2)})}
     refused = {}
     for what, attempt in attempts.items():
         try:

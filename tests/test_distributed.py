@@ -103,7 +103,9 @@ SCENARIOS = [("sd_unet", 4, 1, (), False, "model", 0.5, 2), ("sd_unet", 3, 1, ()
              ("sd_unet", 2, 1, GUIDED_BUT_5, False, "captured", 0.5, 1),
              ("mispriced", 2, 1, (), True, "model", 0.0, 1), ("mispriced", 2, 1, (), False, "refill", 0.0, 1),
              ("sd_unet", 2, 1, (), False, "model", 0.0, 1, "reuse"),
-             ("sd3_transformer", 2, 1, (), False, "model", 0.0, 1, "forecast")]
+             ("sd3_transformer", 2, 1, (), False, "model", 0.0, 1, "forecast"),
+             ("flux_transformer", 2, 1, (), False, "model", 0.0, 1, "chain"),
+             ("flux_transformer", 2, 1, (), False, "model", 0.0, 1, "first block")]
 
 
 def test_distributed_ranks_equal_serial(tmp_path):
@@ -177,7 +179,8 @@ def check_scenario(tmp_path, model_name: str, world: int, stride: int, guided_at
             if rebalance and final > f["first stage bytes"]:
                 assert f["received"] > 0, facts
         model_class = {"mispriced": "Mispriced", "sd_unet": "UNet2DConditionModel",
-                       "sd3_transformer": "SD3Transformer2DModel"}[model_name]
+                       "sd3_transformer": "SD3Transformer2DModel",
+                       "flux_transformer": "FluxTransformer2DModel"}[model_name]
         for refused in (f["refused"] for f in facts):
             assert refused["call"].startswith(f"WeightsReleasedError: {model_class} had its weights that "
                                               "no stage of this process reads released"), refused

@@ -1,20 +1,24 @@
 """diffusers' step caches compose with partitioning: the stages apply the cache's policy
 themselves, each to the cached modules it computes, on values it keeps itself.
 
-diffusers' ``test_pyramid_attention_broadcast_inference``, ``..._layers`` and
-``test_taylorseer_cache_inference`` run on FluxPipeline; here the same configurations
-run on a tiny FluxPipeline, partitioned, against the unpartitioned pipeline with the
-cache enabled."""
+diffusers' ``test_pyramid_attention_broadcast_inference``, ``..._layers``,
+``test_taylorseer_cache_inference``, ``test_first_block_cache_inference`` and
+``test_mag_cache_inference`` run on FluxPipeline; here the same configurations run on a
+tiny FluxPipeline, partitioned, against the unpartitioned pipeline with the cache
+enabled."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig,
-                       TaylorSeerCacheConfig)
+from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
+                       PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig)
+from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
 import asyncfx
 from asyncfx.errors import AsyncFXError, CaptureError, PlanError
+from asyncfx.integration import chained_blocks, step_cache_rules
+from asyncfx.partitioner.cuts import cut_positions, latent_order
 from asyncfx.passes.substitute import SUBSTITUTED_PREFIX, module_outputs, substituting
 from asyncfx.zoo import tiny
 from test_pipelines import flux_pipeline, one_thread
@@ -45,6 +49,19 @@ def taylorseer_attention(pipe) -> TaylorSeerCacheConfig:
 
 
 CONFIGS = {"pab": pab, "taylorseer_lite": taylorseer_lite, "taylorseer_attention": taylorseer_attention}
+
+
+def magcache(pipe) -> MagCacheConfig:
+    """Flux's magnitude ratios over 8 steps, at a threshold that skips steps."""
+    return MagCacheConfig(threshold=0.5, num_inference_steps=STEPS, mag_ratios=FLUX_MAG_RATIOS)
+
+
+def first_block(pipe) -> FirstBlockCacheConfig:
+    """diffusers' test threshold."""
+    return FirstBlockCacheConfig(threshold=0.8)
+
+
+CHAINS = {"magcache": magcache, "first_block": first_block}
 
 
 def sample(pipe, inputs: dict) -> np.ndarray:
@@ -126,6 +143,80 @@ def test_a_cached_pipeline_equals_its_unpartitioned_run_and_skips_what_the_confi
         assert set(modules) == {m for k, m in holds if k == stage and skipped_at(origin, hooks[m], timesteps)}
 
 
+def runs_of_the_last_block(model) -> tuple[list[bool], list]:
+    """Per call of ``model``, whether its last single block computed (torch hooks on the
+    model and on that block's output projection), and the hooks."""
+    ran: list[bool] = []
+    hooks = [model.register_forward_pre_hook(lambda *_: ran.append(False)),
+             model.single_transformer_blocks[-1].proj_out.register_forward_hook(
+                 lambda *_: ran.__setitem__(-1, True))]
+    return ran, hooks
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_a_chain_skipping_cache_equals_its_unpartitioned_run_and_skips_where_the_model_does(flux, name):
+    """MagCache and the first-block cache skip the chain of transformer blocks as a whole:
+    each stage its own blocks, the hidden states carried by the residual of its part.
+    Warm-up covering every step: the pipeline with the cache (the parts' residuals add up
+    to the chain's, equal up to rounding), skipping the chain at the very calls the
+    unpartitioned model does; fewer: serial = local, and every stage follows the decision
+    of its run's origin (MagCache's the config's schedule; the first-block cache's made by
+    the stage of the first block from the values there)."""
+    pipe, inputs, plain = flux
+    model = pipe.transformer
+    model.enable_cache(CHAINS[name](pipe))
+    (rule,) = step_cache_rules(model)
+    try:
+        with one_thread():
+            ran, hooks = runs_of_the_last_block(model)
+            cached = sample(pipe, inputs)
+            for hook in hooks:
+                hook.remove()
+            runs, logs = {}, {}
+            for warmup, executor in ((STEPS, "local"), (2, "serial"), (2, "local")):
+                denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=warmup, executor=executor,
+                                             release_weights=False, progress=False)
+                pipe.transformer = denoiser
+                runs[warmup, executor] = sample(pipe, inputs)
+                logs[warmup, executor] = sorted(substitutions(denoiser))
+                denoiser.close()
+                pipe.transformer = model
+    finally:
+        pipe.transformer = model
+        model.disable_cache()
+    assert ran[0] and not all(ran) and not np.array_equal(cached, plain)
+    np.testing.assert_allclose(runs[STEPS, "local"], cached, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(runs[2, "local"], runs[2, "serial"])
+    assert logs[2, "local"] == logs[2, "serial"] and np.isfinite(runs[2, "local"]).all()
+    chain = {block.path for block in rule.blocks[rule.skipped_from:]}
+    sequential = logs[STEPS, "local"]
+    for call in range(STEPS):
+        skipped = {m for c, _, modules in sequential if c == call for m in modules}
+        assert skipped == (set() if ran[call] else chain), call
+    holds = {stage: set(modules) for _, stage, modules in sequential if modules}
+    decisions: dict[int, set[bool]] = {}
+    for origin, stage, modules in logs[2, "local"]:
+        if stage in holds:
+            assert set(modules) in (set(), holds[stage])
+            decisions.setdefault(origin, set()).add(not modules)
+    checked = decisions if name == "magcache" else (0, 1)  # the schedule; the warm-up steps' values
+    assert all(decisions[origin] == {ran[origin]} for origin in checked), (decisions, ran)
+
+
+def test_cuts_never_split_a_block_a_chain_skipping_cache_skips():
+    model, _, kwargs = tiny.flux_transformer()
+    free = cut_positions(latent_order(asyncfx.capture(model, (), kwargs).graph))
+    model.enable_cache(magcache(None))
+    order = latent_order(asyncfx.capture(model, (), kwargs).graph)
+    kept = cut_positions(order)
+    assert set(kept) < set(free)
+    for block in chained_blocks(model):
+        inside = [i for i, node in enumerate(order) if any(
+            path == block for path, _ in (node.meta.get("nn_module_stack") or {}).values())]
+        assert not any(inside[0] < p <= inside[-1] for p in kept)
+        assert any(inside[0] < p <= inside[-1] for p in free)
+
+
 def test_a_cache_enabled_after_partitioning_applies_from_the_next_call(flux):
     pipe, inputs, plain = flux
     model = pipe.transformer
@@ -152,7 +243,6 @@ def test_a_cache_enabled_after_partitioning_applies_from_the_next_call(flux):
 
 
 @pytest.mark.parametrize("config, name", [
-    (FirstBlockCacheConfig(threshold=0.8), "FirstBlockCacheConfig"),
     (FasterCacheConfig(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 901),
                        unconditional_batch_skip_range=2, attention_weight_callback=lambda _: 0.5,
                        current_timestep_callback=lambda: 500), "FasterCacheConfig"),
@@ -164,13 +254,47 @@ def test_a_cache_asyncfx_does_not_apply_is_refused_naming_it(config, name):
         asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial", progress=False)
     message = str(refused.value)
     assert name in message and "model.disable_cache()" in message
-    assert "PyramidAttentionBroadcastConfig and TaylorSeerCacheConfig" in message
+    assert ("PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig, MagCacheConfig and "
+            "FirstBlockCacheConfig") in message
     model.disable_cache()
     plain = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial", progress=False)
     plain(**kwargs)  # captured without it
     model.enable_cache(config)  # enabled after the capture: its hooks are refused at the call
     with pytest.raises(AsyncFXError, match="put there after the capture"), model.cache_context("cond"):
         plain(**kwargs)
+
+
+def test_a_chain_skipping_cache_enabled_after_the_capture_or_calibrating_is_refused():
+    """The capture records the calls of a chain's blocks only where the cache is on the
+    model then: enabled later, the next call says so; MagCache's calibration run computes
+    every block to print its ratios, which belongs on the model itself."""
+    model, _, kwargs = tiny.flux_transformer()
+    denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial", progress=False,
+                                 release_weights=False)
+    at = [{**kwargs, "timestep": torch.full_like(kwargs["timestep"], t)} for t in (0.9, 0.8, 0.7)]
+    denoiser(**at[0])
+    denoiser(**at[1])  # captured without the cache, and the stages ran
+    model.enable_cache(magcache(None))
+    with pytest.raises(PlanError, match="enabled after the model was captured") as refused:
+        denoiser(**at[2])
+    assert "before the first call" in str(refused.value)
+    model.disable_cache()
+    model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=STEPS))
+    with pytest.raises(CaptureError, match=r"calibrate=True\), which measures") as refused:
+        asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial", progress=False)
+    assert "mag_ratios=" in str(refused.value)
+    model.disable_cache()
+
+
+def test_a_first_block_cache_with_batch_groups_is_refused():
+    from diffusers.hooks import apply_first_block_cache
+
+    model, _, kwargs = tiny.dit_transformer()  # its transformer_blocks: a chain diffusers knows
+    apply_first_block_cache(model, first_block(None))
+    denoiser = asyncfx.partition(model, 2, layout="2x1", warmup=1, executor="serial", progress=False)
+    with pytest.raises(PlanError, match="layout='1xN'") as refused:
+        denoiser(**kwargs)
+    assert "decides from the whole batch's values" in str(refused.value)
 
 
 def test_a_step_cache_with_stride_2_is_refused():

@@ -24,13 +24,14 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from asyncfx.errors import CaptureError
-from asyncfx.integration import layerwise_casts_in_graph, step_caches_passed_over
+from asyncfx.integration import chained_blocks, layerwise_casts_in_graph, step_caches_passed_over
 from asyncfx.partitioner.binding import BoundCall, top_level_name
 from asyncfx.partitioner.containers import (unregistered_input_error, unregistered_output_error,
                                             watching_argument_writes)
 from asyncfx.partitioner.diagnose import both_failed_message, check_call_runs, summary
 from asyncfx.partitioner.empty_weights import fake_weights, with_meta_weights
 from asyncfx.partitioner.traced_state import restoring_traced_state
+from asyncfx.passes.block_calls import tag_block_calls
 from asyncfx.passes.parametrized_names import name_as_the_model
 from asyncfx.passes.functionalise import functionalise, in_place_ops
 from asyncfx.passes.meta import VALUE
@@ -68,7 +69,8 @@ def _traced(model: nn.Module, call: BoundCall, stack_traces: bool) -> Traced:
         with (restoring_traced_state(model), watching_argument_writes(model) as written,
               fake_weights(model, args, kwargs) as (traced_args, traced_kwargs),
               recording_stack_traces(stack_traces)):
-            graph_module, out_spec = _export(model, traced_args, traced_kwargs, type(model).__name__)
+            graph_module, out_spec = _export(model, traced_args, traced_kwargs, type(model).__name__,
+                                             chained_blocks(model))
         return Traced(with_meta_weights(name_as_the_model(graph_module), model), out_spec, "export", written)
     except CaptureError:
         raise
@@ -121,11 +123,15 @@ def recording_stack_traces(record: bool) -> Iterator[None]:
         fx.config.do_not_emit_stack_traces = before
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str) -> tuple[fx.GraphModule, pytree.TreeSpec]:
+def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str,
+            blocks: tuple[str, ...]) -> tuple[fx.GraphModule, pytree.TreeSpec]:
     """export's module of the model, its in-place writes to intermediates made new values;
-    writes to weights, buffers or inputs are refused."""
+    writes to weights, buffers or inputs are refused. The calls of ``blocks`` are recorded
+    in the graph (``passes.block_calls``)."""
     with _failures_reported_by_the_capture():
-        exported = torch.export.export(model, args, kwargs, strict=False)
+        exported = torch.export.export(model, args, kwargs, strict=False,
+                                       preserve_module_call_signature=blocks)
+    tag_block_calls(exported, model, blocks)
     unlifted = exported.module()
     graph = unlifted.graph
     mutated = sorted(set(exported.graph_signature.buffers_to_mutate.values()) | _mutated_state(graph))

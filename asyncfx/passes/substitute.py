@@ -12,9 +12,12 @@ from __future__ import annotations
 import copy
 from typing import Sequence
 
+import torch
 from torch import fx
 
 from asyncfx.errors import CaptureError
+from asyncfx.passes.block_calls import block_call
+from asyncfx.program import BlockCall
 
 #: Placeholders of substituted values are named this plus the value's name.
 SUBSTITUTED_PREFIX = "asyncfx_substituted_"
@@ -47,11 +50,18 @@ def module_outputs(graph_module: fx.GraphModule, path: str) -> tuple[str, ...]:
                  if any(user not in inside for user in node.users))
 
 
-def substituting(graph_module: fx.GraphModule, substituted: Sequence[str],
-                 kept: Sequence[str]) -> fx.GraphModule:
+#: A value that stands in for another: ``(replaced, standing in, plus an extra input)``.
+Bypass = tuple[str, str, bool]
+
+
+def substituting(graph_module: fx.GraphModule, substituted: Sequence[str], kept: Sequence[str],
+                 bypassed: Sequence[Bypass] = ()) -> fx.GraphModule:
     """A copy of ``graph_module`` (sharing its weights) that reads the values named in
     ``substituted`` as extra inputs, after its own, and returns ``(its outputs, kept
-    values)``; what only the substituted values needed is not computed.
+    values)``; what only the substituted values needed is not computed. Each
+    ``(replaced, standing_in, offset)`` of ``bypassed`` has the value ``standing_in`` read
+    where ``replaced`` was, plus an extra input after the substituted ones where ``offset``
+    (a chain of blocks skipped: its results are its arguments plus a residual).
 
     Example:
         >>> variant = substituting(stage, ["dropout"], ["linear_17"])
@@ -62,16 +72,15 @@ def substituting(graph_module: fx.GraphModule, substituted: Sequence[str],
     env: dict[fx.Node, fx.Node] = {}
     result = graph.graph_copy(graph_module.graph, env)
     by_name = {node.name: env[node] for node in graph_module.graph.nodes if node in env}
-    _check_named(by_name, [*substituted, *kept])
+    _check_named(by_name, [*substituted, *(replaced for replaced, _, _ in bypassed)])
+    _check_named(by_name, kept, inputs_too=True)
     graph.output((result, tuple(by_name[name] for name in kept)))  # before the uses are replaced
     inputs = [node for node in graph.nodes if node.op == "placeholder"]
     for name in substituted:
-        first = next(iter(graph.nodes))
-        with graph.inserting_after(inputs[-1]) if inputs else graph.inserting_before(first):
-            placeholder = graph.placeholder(SUBSTITUTED_PREFIX + name)
-        placeholder.meta.update(by_name[name].meta)
-        by_name[name].replace_all_uses_with(placeholder)
-        inputs.append(placeholder)
+        by_name[name].replace_all_uses_with(_extra_input(graph, inputs, name, by_name[name]))
+    for replaced, standing_in, offset in bypassed:
+        extra = _extra_input(graph, inputs, replaced, by_name[replaced]) if offset else None
+        _stand_in(graph, by_name[replaced], by_name[standing_in], extra)
     graph.eliminate_dead_code(is_impure_node=_kept_node)
     variant = fx.GraphModule(graph_module, graph, class_name=type(graph_module).__name__)
     variant.graph.lint()
@@ -86,8 +95,53 @@ def _kept_node(node: fx.Node) -> bool:
     return node.op == "call_module" or node.is_impure(impure_random=False)
 
 
-def _check_named(by_name: dict[str, fx.Node], names: Sequence[str]) -> None:
-    missing = [name for name in names if name not in by_name or by_name[name].op == "placeholder"]
+def _extra_input(graph: fx.Graph, inputs: list[fx.Node], name: str, like: fx.Node) -> fx.Node:
+    """A new placeholder after ``inputs`` (appended to them) for a value like ``like``."""
+    with graph.inserting_after(inputs[-1]) if inputs else graph.inserting_before(next(iter(graph.nodes))):
+        placeholder = graph.placeholder(SUBSTITUTED_PREFIX + name)
+    placeholder.meta.update(like.meta)
+    inputs.append(placeholder)
+    return placeholder
+
+
+def _stand_in(graph: fx.Graph, replaced: fx.Node, standing_in: fx.Node, offset: fx.Node | None) -> None:
+    """Every use of ``replaced`` reads ``standing_in`` (plus ``offset``) instead."""
+    value = standing_in
+    if offset is not None:
+        with graph.inserting_after(replaced):
+            value = graph.call_function(torch.ops.aten.add.Tensor, (standing_in, offset))
+        value.meta.update(replaced.meta)
+    replaced.replace_all_uses_with(value)
+
+
+def computing(graph_module: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
+    """A copy of ``graph_module`` (sharing its weights) that computes only the values
+    ``names`` (and what they need), and returns them; module calls that return nothing (a
+    stage's send hooks) are left out.
+
+    Example:
+        >>> head_results = computing(stage, ["add_11", "add_15"])(*args)
+    """
+    graph = fx.Graph()
+    graph._codegen = fx.graph.CodeGen()  # a tuple of values, whatever the stage returns
+    env: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(graph_module.graph, env)
+    by_name = {node.name: env[node] for node in graph_module.graph.nodes if node in env}
+    _check_named(by_name, names, inputs_too=True)
+    graph.output(tuple(by_name[name] for name in names))
+    graph.eliminate_dead_code(is_impure_node=_has_side_effects)  # a stage's send hooks go too
+    part = fx.GraphModule(graph_module, graph, class_name=type(graph_module).__name__)
+    part.graph.lint()
+    return part
+
+
+def _has_side_effects(node: fx.Node) -> bool:
+    return node.op != "call_module" and node.is_impure(impure_random=False)
+
+
+def _check_named(by_name: dict[str, fx.Node], names: Sequence[str], inputs_too: bool = False) -> None:
+    missing = [name for name in names
+               if name not in by_name or not inputs_too and by_name[name].op == "placeholder"]
     if missing:
         raise CaptureError(f"this stage computes no value named {', '.join(map(repr, missing))}: a step "
                            "cache may substitute only values the stage itself computes (a bug: please "
@@ -95,12 +149,18 @@ def _check_named(by_name: dict[str, fx.Node], names: Sequence[str]) -> None:
 
 
 class StageSubstitution:
-    """The two functions above, as the program hands them to the runtime
+    """The functions above and ``block_calls.block_call``, as the program hands them to the runtime
     (``asyncfx.program.StageEditor``)."""
 
     def module_outputs(self, stage: fx.GraphModule, module: str) -> tuple[str, ...]:
         return module_outputs(stage, module)
 
-    def substituting(self, stage: fx.GraphModule, substituted: Sequence[str],
-                     kept: Sequence[str]) -> fx.GraphModule:
-        return substituting(stage, substituted, kept)
+    def substituting(self, stage: fx.GraphModule, substituted: Sequence[str], kept: Sequence[str],
+                     bypassed: Sequence[Bypass] = ()) -> fx.GraphModule:
+        return substituting(stage, substituted, kept, bypassed)
+
+    def computing(self, stage: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
+        return computing(stage, names)
+
+    def block_call(self, stage: fx.GraphModule, path: str) -> BlockCall | None:
+        return block_call(stage, path)

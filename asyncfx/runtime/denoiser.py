@@ -267,7 +267,8 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         runs = schedule(step, capture.lowering.layout.stages, warmup=stream.warmup, stride=self.stride,
                         time_shift=self.time_shift, total_steps=total, forecast=self.forecast,
                         sequential=self.sequential)
-        cache = self._step_caches.current(self._model, capture.module_dicts, self.stride)  # see the note
+        cache = self._step_caches.current(self._model, capture.module_dicts, self.stride,  # see the note
+                                          capture.lowering.layout.groups)
         if cache is not None:
             runs = runs._replace(cache=cache.step(step, stream.cache_decisions))
         stream.step = step + 1

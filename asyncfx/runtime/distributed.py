@@ -112,12 +112,14 @@ class DistributedExecutor(Executor):
             finally:
                 self._sending = None
                 self._in_flight[store] = flight
+            self._share_decisions(plan, plan.runs)
         else:
             self._drain()  # messages still in flight, of any stream, are waited for and kept
             for run in plan.runs:
                 if run.slot == self.slot:
                     self._compute(run, plan, inputs_for, store, results, parallel=False)
                 self._exchange([run], run.writes, store)
+                self._share_decisions(plan, [run])
         self._broadcast_outputs(plan, results)
         self.finish(plan, store)
         return results
@@ -131,6 +133,26 @@ class DistributedExecutor(Executor):
             outputs = call_stage(self._hooked, args)
         self.times.record(run.stage, timer, parallel=parallel)
         self.record(run, outputs, store, results)
+
+    def _share_decisions(self, plan: StepSchedule, runs: Sequence[StageRun]) -> None:
+        """A step cache's chain decided from values (first-block cache): the decision the
+        stage of its first block made for its run's origin, from that stage's rank to all
+        (a collective every rank joins at the same point: after each run of a warm-up
+        step, before the stages after it; after a parallel step's runs, a step before the
+        later stages read it)."""
+        if plan.cache is None:
+            return
+        stages = [stage.module for stage in self.program.stages]
+        deciding = plan.cache.cache.deciding_stages(stages, self.program.editor)
+        for run in runs:
+            for chain in (chain for chain, stage in deciding.items() if stage == run.stage):
+                decided = plan.cache.decided[run.origin]
+                flag = torch.tensor([-1 if decided.get(chain) is None else int(decided[chain])],
+                                    device=self.device)
+                source = self.first_rank + run.slot
+                self._guard(lambda: dist.broadcast(flag, src=source, group=self.group),
+                            f"the step cache's decision for call {run.origin} from rank {source}", source)
+                decided[chain] = bool(flag.item()) if flag.item() >= 0 else None
 
     def modules(self) -> list[nn.Module]:
         return [self.module]

@@ -31,10 +31,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
 
-from asyncfx.cache_rules import Rule
+from asyncfx.cache_rules import Rule, SkipChain
 from asyncfx.errors import PlanError
 from asyncfx.integration import hooks_signature, step_cache_rules
 from asyncfx.program import StageEditor
+from asyncfx.runtime.chain_skip import ChainPart, chain_part, check_decided
 
 
 class StepCache:
@@ -47,31 +48,58 @@ class StepCache:
 
     def __init__(self, rules: Iterable[Rule]):
         self.rules: dict[str, Rule] = {rule.module: rule for rule in rules}
-        self._outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._found: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._variants: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # stage threads make their copies at once
 
-    def step(self, call: int, decided: dict[int, Mapping[str, bool]]) -> "CacheStep":
+    def step(self, call: int, decided: dict[int, dict[str, bool | None]]) -> "CacheStep":
         """Decide call ``call`` of a stream (0: its first), into ``decided``, the stream's
-        decisions by call, which the runs of this and later calls follow."""
+        decisions by call, which the runs of this and later calls follow (None: the stage
+        of a chain's first block decides, ``chain_skip``)."""
         decided[call] = {module: rule.computes(call) for module, rule in self.rules.items()}
         return CacheStep(self, decided)
 
     def outputs_in(self, stage: nn.Module, editor: StageEditor) -> dict[str, tuple[str, ...]]:
         """The cached modules whose outputs ``stage`` computes, with their value names."""
+        return self._in(stage, editor)[0]
+
+    def chains_in(self, stage: nn.Module, editor: StageEditor) -> list[ChainPart]:
+        """The parts of skipped chains in ``stage``."""
+        return self._in(stage, editor)[1]
+
+    def _in(self, stage: nn.Module,
+            editor: StageEditor) -> tuple[dict[str, tuple[str, ...]], list[ChainPart]]:
         with self._lock:
-            if stage not in self._outputs:
-                found = {module: editor.module_outputs(stage, module) for module in self.rules}
-                self._outputs[stage] = {module: names for module, names in found.items() if names}
-            return self._outputs[stage]
+            if stage not in self._found:
+                modules = {module: editor.module_outputs(stage, module)
+                           for module, rule in self.rules.items() if not isinstance(rule, SkipChain)}
+                parts = [chain_part(rule, stage, editor) for rule in self.rules.values()
+                         if isinstance(rule, SkipChain)]
+                self._found[stage] = ({module: names for module, names in modules.items() if names},
+                                      [part for part in parts if part is not None])
+            return self._found[stage]
+
+    def deciding_stages(self, stages: Sequence[nn.Module], editor: StageEditor) -> dict[str, int]:
+        """For each chain decided from values (first-block cache), the stage that decides it:
+        the one holding its first block."""
+        return {part.rule.module: index for index, stage in enumerate(stages)
+                for part in self.chains_in(stage, editor) if part.first is not None}
 
     def variant(self, stage: nn.Module, editor: StageEditor, substituted: tuple[str, ...],
-                kept: tuple[str, ...]) -> nn.Module:
+                kept: tuple[str, ...], bypassed: tuple[tuple[str, str, bool], ...] = ()) -> nn.Module:
         with self._lock:
             variants = self._variants.setdefault(stage, {})
-            if (substituted, kept) not in variants:
-                variants[substituted, kept] = editor.substituting(stage, substituted, kept)
-            return variants[substituted, kept]
+            if (substituted, kept, bypassed) not in variants:
+                variants[substituted, kept, bypassed] = editor.substituting(stage, substituted, kept,
+                                                                            bypassed)
+            return variants[substituted, kept, bypassed]
+
+    def computing(self, stage: nn.Module, editor: StageEditor, names: tuple[str, ...]) -> nn.Module:
+        with self._lock:
+            variants = self._variants.setdefault(stage, {})
+            if names not in variants:
+                variants[names] = editor.computing(stage, names)
+            return variants[names]
 
 
 class CacheMemory:
@@ -89,7 +117,7 @@ class CacheStep:
     """A call's part in its runs: the stream's decisions so far, by call."""
 
     cache: StepCache
-    decided: Mapping[int, Mapping[str, bool]]
+    decided: Mapping[int, dict[str, bool | None]]
 
     def run(self, stage: int, origin: int | None, memory: CacheMemory, editor: StageEditor) -> "CacheCall":
         """The cache's part in a run of ``stage`` whose values come from call ``origin``
@@ -107,7 +135,7 @@ class CacheCall:
 
     cache: StepCache
     call: int
-    computes: Mapping[str, bool]
+    computes: dict[str, bool | None]  # written where a chain's first block decides
     stage: int
     memory: CacheMemory
     editor: StageEditor
@@ -116,28 +144,46 @@ class CacheCall:
         return self  # its values stay on the stage's device
 
     def __call__(self, module: nn.Module, args: Sequence[Any]) -> Any:
-        cache, call = self.cache, self.call
-        outputs_of = cache.outputs_in(module, self.editor)
-        if not outputs_of:
+        cache, call, memory = self.cache, self.call, self.memory.kept
+        outputs_of, parts = cache.outputs_in(module, self.editor), cache.chains_in(module, self.editor)
+        if not outputs_of and not parts:
             return module(*args)
-        kept_before = self.memory.kept
-        substituted = tuple(m for m in outputs_of
-                            if not self.computes[m] and (self.stage, m) in kept_before)
+        substituted = tuple(m for m in outputs_of if not self.computes[m] and (self.stage, m) in memory)
         kept = tuple(m for m in outputs_of if m not in substituted)
-        variant = cache.variant(module, self.editor, _names(outputs_of, substituted),
-                                _names(outputs_of, kept))
-        given = [value for m in substituted
-                 for value in cache.rules[m].substitute(kept_before[self.stage, m], call)]
-        outputs, made = variant(*args, *given)
-        start = 0
-        for m in kept:
-            count = len(outputs_of[m])
-            memory = kept_before.setdefault((self.stage, m), {})
-            if memory.get("call") != call:  # the first parallel step computes its origin again: kept once
-                cache.rules[m].remember(memory, made[start:start + count], call)
-            start += count
-        self.memory.log.append((call, self.stage, substituted))
+        names, given = _names(outputs_of, substituted), [
+            value for m in substituted for value in cache.rules[m].substitute(memory[self.stage, m], call)]
+        skipped, bypassed, residuals, measured = [], (), [], []
+        for part in parts:
+            if part.first is not None:  # the first block first: the decision reads its residual
+                names, given = names + part.first.outputs, given + self._first_block(module, args, part)
+            part_memory = memory.get((self.stage, part.rule.module), {})
+            computes = check_decided(part.rule, self.computes[part.rule.module], call)
+            if not computes and "residuals" in part_memory:
+                skipped, bypassed = skipped + list(part.blocks), bypassed + part.bypassed
+                residuals += part.residuals(part_memory)
+            else:
+                measured.append(part)
+        kept_names = _names(outputs_of, kept) + tuple(n for part in measured for n in part.kept)
+        variant = cache.variant(module, self.editor, names, kept_names, bypassed)
+        outputs, made = variant(*args, *given, *residuals)
+        for m, values in _split(made, [len(outputs_of[m]) for m in kept] + [len(p.kept) for p in measured],
+                                [*kept, *measured]):
+            rule = m.rule if isinstance(m, ChainPart) else cache.rules[m]
+            own = memory.setdefault((self.stage, rule.module), {})
+            if own.get("call") != call:  # the first parallel step computes its origin again: kept once
+                (m if isinstance(m, ChainPart) else rule).remember(own, values, call)
+        self.memory.log.append((call, self.stage, substituted + tuple(skipped)))
         return outputs
+
+    def _first_block(self, module: nn.Module, args: Sequence[Any], part: ChainPart) -> list[Any]:
+        """Compute a deciding chain's first block, decide the call where it is not decided
+        yet, and give the block's outputs, which the stage then reads instead."""
+        first = part.first
+        values = self.cache.computing(module, self.editor, first.computed)(*args)
+        if self.computes[part.rule.module] is None:
+            memory = self.memory.kept.setdefault((self.stage, "first block of " + part.rule.module), {})
+            self.computes[part.rule.module] = first.decide(part.rule, values, memory)
+        return list(values[:len(first.outputs)])
 
 
 class CacheWatch:
@@ -148,15 +194,18 @@ class CacheWatch:
         self._signature: tuple = ()
         self._cache: StepCache | None = None
 
-    def current(self, model: nn.Module, module_dicts: Sequence[dict], stride: int) -> StepCache | None:
+    def current(self, model: nn.Module, module_dicts: Sequence[dict], stride: int,
+                groups: int = 1) -> StepCache | None:
         """The cache of ``model`` (whose modules' attribute dicts are ``module_dicts``), None
-        without one; refused with ``stride`` 2 (``check_stride``)."""
+        without one; refused with ``stride`` 2 (``check_stride``), and one that decides from
+        values with batch groups (``check_groups``)."""
         signature = hooks_signature(module_dicts)
         if signature != self._signature:
             rules = step_cache_rules(model)
             self._signature, self._cache = signature, StepCache(rules) if rules else None
         if self._cache is not None:
             check_stride(type(model).__name__, len(self._cache.rules), stride)
+            check_groups(type(model).__name__, self._cache.rules.values(), groups)
         return self._cache
 
 
@@ -167,6 +216,26 @@ def check_stride(model_class: str, cached_modules: int, stride: int) -> None:
         raise PlanError(f"{model_class} has a step cache enabled ({cached_modules} cached modules), and "
                         "stride=2 rounds compute two steps' stages at one call, while the cache decides "
                         "per step. Partition with stride=1, or call model.disable_cache().")
+
+
+def check_groups(model_class: str, rules: Iterable[Rule], groups: int) -> None:
+    """Refuse a cache that decides from values (first-block cache) with batch groups: each
+    group would decide from its share of the batch, where the model decides from all of it."""
+    if groups > 1 and any(isinstance(rule, SkipChain) and rule.decided_by_values for rule in rules):
+        raise PlanError(f"{model_class} has a first-block cache, which decides from the whole batch's values "
+                        f"whether to skip a step, and layout {groups}x... splits the batch over {groups} "
+                        "groups of devices, each of which would decide from its share alone. Partition with "
+                        "layout='1xN', or use MagCacheConfig.")
+
+
+def _split(values: Sequence[Any], counts: Sequence[int],
+           owners: Sequence[Any]) -> list[tuple[Any, Sequence[Any]]]:
+    """``values`` cut into consecutive runs of ``counts``, each with its owner."""
+    runs, start = [], 0
+    for owner, count in zip(owners, counts):
+        runs.append((owner, values[start:start + count]))
+        start += count
+    return runs
 
 
 def _names(outputs_of: Mapping[str, tuple[str, ...]], modules: Sequence[str]) -> tuple[str, ...]:
