@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from asyncfx.errors import AsyncFXError, DeviceError, PlanError
-from asyncfx.integration import step_cache_rules
+from asyncfx.cache_hooks import step_cache_rules
 from asyncfx.options import DEFAULT_WARMUP, PartitionOptions
 from asyncfx.partitioner.binding import LatentOption, check_argument_names
 from asyncfx.partitioner.captured import Captured

@@ -13,6 +13,9 @@ diffusers' hooks:
   ``order`` in the number of calls since it was computed, its terms the finite
   differences between computed calls, kept in ``dtype`` (``zeros``: forecast as zeros, a
   module whose effect is left out between computed calls);
+- ``Extrapolate`` (FasterCache's attention, guidance-distilled models): computed every
+  ``period``-th call inside a timestep interval, each output extrapolated linearly from
+  the last two calls' values otherwise (those values remembered at every call);
 - ``SkipChain`` (MagCache, first-block cache): a chain of blocks skipped as a whole, the
   hidden states carried over it by the residual the chain added at its last computed
   call; at calls a ``MagnitudeSchedule`` names, or where the first block's residual
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -41,18 +44,48 @@ class ReuseEvery:
     period: int
     timesteps: tuple[float, float] = (-math.inf, math.inf)
     timestep: Callable[[], Any] | None = None
+    remembers_substitutes: ClassVar[bool] = False
 
     def computes(self, call: int) -> bool:
-        if call % self.period == 0:
-            return True
-        low, high = self.timesteps
-        return not low < float(self.timestep() if self.timestep is not None else 0.0) < high
+        return call % self.period == 0 or not _within(self.timesteps, self.timestep)
 
     def remember(self, memory: dict[str, Any], outputs: Sequence[torch.Tensor], call: int) -> None:
         memory["outputs"], memory["call"] = tuple(outputs), call
 
     def substitute(self, memory: dict[str, Any], call: int) -> tuple[torch.Tensor, ...]:
         return memory["outputs"]
+
+
+def _within(timesteps: tuple[float, float], timestep: Callable[[], Any] | None) -> bool:
+    low, high = timesteps
+    return low < float(timestep() if timestep is not None else 0.0) < high
+
+
+@dataclasses.dataclass(frozen=True)
+class Extrapolate:
+    """FasterCache's attention (for a guidance-distilled model): computed at any call whose
+    timestep is outside the open interval ``timesteps``, and inside it at calls ``period,
+    2*period...``; otherwise each output is its value at the last call plus ``weight()``
+    times its change from the call before (the values of those calls, computed or not)."""
+
+    module: str
+    period: int
+    timesteps: tuple[float, float]
+    timestep: Callable[[], Any] | None
+    weight: Callable[[], float]
+    remembers_substitutes: ClassVar[bool] = True
+
+    def computes(self, call: int) -> bool:
+        return not _within(self.timesteps, self.timestep) or call > 0 and call % self.period == 0
+
+    def remember(self, memory: dict[str, Any], outputs: Sequence[torch.Tensor], call: int) -> None:
+        memory["before"] = memory.get("outputs", tuple(outputs))
+        memory["outputs"], memory["call"] = tuple(outputs), call
+
+    def substitute(self, memory: dict[str, Any], call: int) -> tuple[torch.Tensor, ...]:
+        weight = self.weight()
+        pairs = zip(memory["before"], memory["outputs"])
+        return tuple(last + (last - before) * weight for before, last in pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +100,7 @@ class TaylorForecast:
     order: int = 1
     dtype: torch.dtype | None = None
     zeros: bool = False
+    remembers_substitutes: ClassVar[bool] = False
 
     def computes(self, call: int) -> bool:
         return (call < self.first or (call - self.first - 1) % self.interval == 0
@@ -195,4 +229,4 @@ class SkipChain:
         return None if self.decided_by_values else self.policy.computes(call)
 
 
-Rule = ReuseEvery | TaylorForecast | SkipChain
+Rule = ReuseEvery | TaylorForecast | Extrapolate | SkipChain

@@ -15,8 +15,6 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from asyncfx.cache_rules import (ChainBlock, FirstBlockChange, MagnitudeSchedule, ReuseEvery, Rule, SkipChain,
-                                 TaylorForecast)
 from asyncfx.errors import AsyncFXError, CaptureError
 
 #: Where nn.Module keeps its parameters, buffers and submodules.
@@ -33,13 +31,16 @@ LAYERWISE_CASTING_HOOK = "layerwise_casting"
 REUSE_HOOK, TAYLOR_HOOK = "pyramid_attention_broadcast", "taylorseer_cache"
 MAG_HEAD_HOOK, MAG_BLOCK_HOOK = "mag_cache_leader_block_hook", "mag_cache_block_hook"
 FBC_HEAD_HOOK, FBC_BLOCK_HOOK = "fbc_leader_block_hook", "fbc_block_hook"
+#: FasterCacheConfig's, on the model (choosing the calls that halve the guidance batch) and
+#: on its attention modules.
+FASTER_MODEL_HOOK, FASTER_HOOK = "faster_cache_denoiser", "faster_cache_block"
 CHAIN_HOOKS = (MAG_HEAD_HOOK, MAG_BLOCK_HOOK, FBC_HEAD_HOOK, FBC_BLOCK_HOOK)
-CACHE_HOOKS = (REUSE_HOOK, TAYLOR_HOOK, *CHAIN_HOOKS)
+CACHE_HOOKS = (REUSE_HOOK, TAYLOR_HOOK, FASTER_MODEL_HOOK, FASTER_HOOK, *CHAIN_HOOKS)
 #: Hooks a capture passes over: the graph stands for them.
 CAPTURED_HOOKS = frozenset({LAYERWISE_CASTING_HOOK, *CACHE_HOOKS})
 #: The step caches asyncfx applies, as ``enable_cache()`` takes them.
 APPLIED_CACHES = ("PyramidAttentionBroadcastConfig", "TaylorSeerCacheConfig", "MagCacheConfig",
-                  "FirstBlockCacheConfig")
+                  "FirstBlockCacheConfig", "FasterCacheConfig")
 
 
 def diffusers_hook_names(module: Any) -> list[str]:
@@ -82,10 +83,10 @@ def diffusers_hooks(model: nn.Module, module_dicts: Sequence[dict]) -> list[tupl
 
 
 def check_no_step_cache(model: nn.Module) -> None:
-    """Refuse a model whose step cache (diffusers' ``enable_cache``) asyncfx does not apply:
-    one that approximates one half of the guidance batch from the other (FasterCache),
-    a model call of another batch size at the calls it skips. Its hooks decide what to
-    skip, and a captured graph computes what the capture's call computed."""
+    """Refuse a model whose step cache (diffusers' ``enable_cache``) asyncfx does not apply
+    (one of a later diffusers). Its hooks decide what to skip, and a captured graph
+    computes what the capture's call computed (FasterCache that halves the guidance batch
+    is refused where its rules are read, ``cache_hooks.step_cache_rules``)."""
     if getattr(model, "is_cache_enabled", False) is True:
         config = type(getattr(model, "_cache_config", None)).__name__
         if config not in APPLIED_CACHES:
@@ -200,76 +201,6 @@ def hooks_signature(module_dicts: Sequence[dict]) -> tuple:
         return ()
     return tuple((index, tuple(map(id, getattr(d[DIFFUSERS_HOOKS], "hooks", {}).values())))
                  for index, d in enumerate(module_dicts) if DIFFUSERS_HOOKS in d)
-
-
-def step_cache_rules(model: nn.Module) -> list[Rule]:
-    """The rules (``runtime.step_cache``) of the step-cache hooks on ``model``'s modules:
-    PyramidAttentionBroadcastConfig's reuse and TaylorSeerCacheConfig's forecast per
-    module, MagCacheConfig's and FirstBlockCacheConfig's skipped chain of blocks, each
-    with its hooks' own settings; [] for none.
-
-    Example:
-        >>> transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=3))
-        >>> step_cache_rules(transformer)[0].interval
-        3
-    """
-    rules: list[Rule] = []
-    chain: list[tuple[str, dict]] = []
-    for name, module in model.named_modules():
-        registry = module.__dict__.get(DIFFUSERS_HOOKS)
-        hooks = getattr(registry, "hooks", None) or {}
-        if any(hook in hooks for hook in CHAIN_HOOKS):
-            chain.append((name, hooks))
-        if REUSE_HOOK in hooks:
-            hook = hooks[REUSE_HOOK]
-            rules.append(ReuseEvery(name, hook.block_skip_range, tuple(hook.timestep_skip_range),
-                                    hook.current_timestep_callback))
-        if TAYLOR_HOOK in hooks:
-            hook = hooks[TAYLOR_HOOK]
-            state = getattr(hook.state_manager, "_init_kwargs", {})
-            rules.append(TaylorForecast(name, hook.cache_interval, hook.disable_cache_before_step,
-                                        hook.disable_cache_after_step, state.get("max_order", 1),
-                                        hook.taylor_factors_dtype, bool(state.get("is_inactive", False))))
-    return rules + ([_skip_chain(type(model).__name__, chain)] if chain else [])
-
-
-def chained_blocks(model: nn.Module) -> tuple[str, ...]:
-    """The blocks a chain-skipping step cache (MagCache, first-block cache) hooked, first
-    to last; their calls are recorded in a capture (``passes.block_calls``).
-
-    Example:
-        >>> transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
-        >>> chained_blocks(transformer)[:2]
-        ('transformer_blocks.0', 'transformer_blocks.1')
-    """
-    return tuple(name for name, module in model.named_modules()
-                 if any(hook in diffusers_hook_names(module) for hook in CHAIN_HOOKS))
-
-
-def _skip_chain(model_class: str, chain: list[tuple[str, dict]]) -> SkipChain:
-    """The rule of a MagCache's or first-block cache's hooks on the blocks of ``chain``."""
-    blocks = tuple(_chain_block(name, hooks) for name, hooks in chain)
-    first = chain[0][1]
-    if FBC_HEAD_HOOK in first:
-        return SkipChain(blocks, FirstBlockChange(float(first[FBC_HEAD_HOOK].threshold)), skipped_from=1,
-                         encoder_residual=True)
-    config = first[MAG_HEAD_HOOK].config
-    if config.calibrate:
-        raise CaptureError(f"{model_class} has MagCacheConfig(calibrate=True), which measures the magnitude "
-                           "ratios by computing every block and printing them at the last step: calibrate "
-                           "on the model before partitioning it, then enable MagCacheConfig(mag_ratios=<the "
-                           "printed ratios>).")
-    steps = int(config.num_inference_steps)
-    return SkipChain(blocks, MagnitudeSchedule(
-        tuple(float(r) for r in config.mag_ratios), float(config.threshold), int(config.max_skip_steps),
-        int(config.retention_ratio * steps + 0.5), steps))
-
-
-def _chain_block(name: str, hooks: dict) -> ChainBlock:
-    metadata = next(hooks[h] for h in CHAIN_HOOKS if h in hooks)._metadata
-    return ChainBlock(name, metadata.hidden_states_argument_name,
-                      getattr(metadata, "encoder_hidden_states_argument_name", "encoder_hidden_states"),
-                      metadata.return_hidden_states_index, metadata.return_encoder_hidden_states_index)
 
 
 class _CastTo(nn.Module):

@@ -125,13 +125,20 @@ def with_step_cache(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     attention module, every other step (its timestep always in range); "forecast",
     TaylorSeer on the attention of transformer blocks, to second order; "chain", MagCache
     with Flux's ratios over 10 steps, none retained, skipping often; "first block", the
-    first-block cache."""
-    from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
-                                 TaylorSeerCacheConfig, apply_first_block_cache, apply_mag_cache,
-                                 apply_pyramid_attention_broadcast, apply_taylorseer_cache)
+    first-block cache; "extrapolate", FasterCache on a guidance-distilled model, every
+    other step's attention extrapolated."""
+    from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
+                                 PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig, apply_faster_cache,
+                                 apply_first_block_cache, apply_mag_cache, apply_pyramid_attention_broadcast,
+                                 apply_taylorseer_cache)
     from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
-    if kind == "first block":
+    if kind == "extrapolate":
+        apply_faster_cache(model, FasterCacheConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+            attention_weight_callback=lambda _: 0.5, is_guidance_distilled=True,
+            current_timestep_callback=lambda: 500))
+    elif kind == "first block":
         apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.6))
     elif kind == "chain":
         apply_mag_cache(model, MagCacheConfig(threshold=0.5, retention_ratio=0.0, num_inference_steps=10,

@@ -105,7 +105,8 @@ SCENARIOS = [("sd_unet", 4, 1, (), False, "model", 0.5, 2), ("sd_unet", 3, 1, ()
              ("sd_unet", 2, 1, (), False, "model", 0.0, 1, "reuse"),
              ("sd3_transformer", 2, 1, (), False, "model", 0.0, 1, "forecast"),
              ("flux_transformer", 2, 1, (), False, "model", 0.0, 1, "chain"),
-             ("flux_transformer", 2, 1, (), False, "model", 0.0, 1, "first block")]
+             ("flux_transformer", 2, 1, (), False, "model", 0.0, 1, "first block"),
+             ("flux_transformer", 2, 1, (), False, "model", 0.0, 1, "extrapolate")]
 
 
 def test_distributed_ranks_equal_serial(tmp_path):

@@ -18,7 +18,6 @@ from torch import nn
 
 import asyncfx
 from asyncfx.api import DeviceError, ModelError
-from asyncfx.zoo import tiny
 from asyncfx.errors import SchedulerError
 from asyncfx.runtime.clock import MAX_CALLS_PER_STEP
 from asyncfx.runtime.timesteps import TimestepMap
@@ -534,22 +533,6 @@ def test_layer_hooks_added_after_the_capture_are_refused_at_the_next_call():
     reference = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
     reference(**kwargs)
     torch.testing.assert_close(den(**later).sample, reference(**later).sample, rtol=0, atol=0)
-
-
-def test_a_first_block_cache_is_refused_at_partition_and_when_enabled_later():
-    from diffusers import FirstBlockCacheConfig
-
-    model, _, kwargs = tiny.flux_transformer()
-    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
-    sample(den, kwargs, "hidden_states", steps=2)
-    model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
-    refused = r"transformer_blocks.0 has diffusers' 'fbc_leader_block_hook' hook.*model.disable_cache\(\)"
-    with pytest.raises(asyncfx.AsyncFXError, match=refused):
-        sample(den, kwargs, "hidden_states", steps=2)  # at the next call
-    with pytest.raises(asyncfx.CaptureError, match="step caching enabled"):
-        asyncfx.partition(model, 2)
-    model.disable_cache()
-    torch.testing.assert_close(den(**kwargs).sample, model(**kwargs).sample, rtol=0, atol=0)
 
 
 def test_alternating_captures_each_keep_their_generation_going():

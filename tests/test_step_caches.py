@@ -2,10 +2,10 @@
 themselves, each to the cached modules it computes, on values it keeps itself.
 
 diffusers' ``test_pyramid_attention_broadcast_inference``, ``..._layers``,
-``test_taylorseer_cache_inference``, ``test_first_block_cache_inference`` and
-``test_mag_cache_inference`` run on FluxPipeline; here the same configurations run on a
-tiny FluxPipeline, partitioned, against the unpartitioned pipeline with the cache
-enabled."""
+``test_taylorseer_cache_inference``, ``test_first_block_cache_inference``,
+``test_mag_cache_inference`` and ``test_faster_cache_inference`` run on FluxPipeline; here
+the same configurations run on a tiny FluxPipeline, partitioned, against the
+unpartitioned pipeline with the cache enabled."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +17,7 @@ from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
 import asyncfx
 from asyncfx.errors import AsyncFXError, CaptureError, PlanError
-from asyncfx.integration import chained_blocks, step_cache_rules
+from asyncfx.cache_hooks import chained_blocks, step_cache_rules
 from asyncfx.partitioner.cuts import cut_positions, latent_order
 from asyncfx.passes.substitute import SUBSTITUTED_PREFIX, module_outputs, substituting
 from asyncfx.zoo import tiny
@@ -48,7 +48,16 @@ def taylorseer_attention(pipe) -> TaylorSeerCacheConfig:
                                  max_order=2, taylor_factors_dtype=torch.float32)
 
 
-CONFIGS = {"pab": pab, "taylorseer_lite": taylorseer_lite, "taylorseer_attention": taylorseer_attention}
+def faster_cache(pipe) -> FasterCacheConfig:
+    """diffusers' Flux test configuration (guidance-distilled: attention extrapolated)."""
+    return FasterCacheConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 901),
+        unconditional_batch_skip_range=2, attention_weight_callback=lambda _: 0.5,
+        is_guidance_distilled=True, current_timestep_callback=lambda: pipe.current_timestep)
+
+
+CONFIGS = {"pab": pab, "taylorseer_lite": taylorseer_lite, "taylorseer_attention": taylorseer_attention,
+           "faster_cache": faster_cache}
 
 
 def magcache(pipe) -> MagCacheConfig:
@@ -73,11 +82,14 @@ def cached_modules(model) -> dict[str, object]:
     """The modules diffusers hooked for the cache, with their hooks."""
     return {name: hook for name, module in model.named_modules()
             for key, hook in getattr(module.__dict__.get("_diffusers_hook"), "hooks", {}).items()
-            if key in ("pyramid_attention_broadcast", "taylorseer_cache")}
+            if key in ("pyramid_attention_broadcast", "taylorseer_cache", "faster_cache_block")}
 
 
 def skipped_at(call: int, hook, timesteps: list[float]) -> bool:
     """Whether the configuration says the hooked module is not computed at ``call``."""
+    if hasattr(hook, "weight_callback"):  # FasterCache's: computed at call 0 only out of its range
+        low, high = hook.timestep_skip_range
+        return low < timesteps[call] < high and (call == 0 or call % hook.block_skip_range != 0)
     if hasattr(hook, "block_skip_range"):
         low, high = hook.timestep_skip_range
         return call % hook.block_skip_range != 0 and low < timesteps[call] < high
@@ -242,48 +254,62 @@ def test_a_cache_enabled_after_partitioning_applies_from_the_next_call(flux):
     np.testing.assert_array_equal(again, plain)
 
 
-@pytest.mark.parametrize("config, name", [
-    (FasterCacheConfig(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 901),
-                       unconditional_batch_skip_range=2, attention_weight_callback=lambda _: 0.5,
-                       current_timestep_callback=lambda: 500), "FasterCacheConfig"),
-])
-def test_a_cache_asyncfx_does_not_apply_is_refused_naming_it(config, name):
+def test_faster_cache_halving_the_guidance_batch_and_hooks_put_on_after_the_capture_are_refused():
+    """FasterCache on a model that is not guidance-distilled calls it with half the batch
+    at the calls it skips: refused at partition() and, enabled later, at the call; a hook
+    asyncfx applies no policy for (layer skipping), put on after the capture, is refused
+    at the call, naming the caches that compose."""
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+
+    config = FasterCacheConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 901),
+        unconditional_batch_skip_range=2, attention_weight_callback=lambda _: 0.5,
+        current_timestep_callback=lambda: 500)
     model, _, kwargs = tiny.flux_transformer()
     model.enable_cache(config)
-    with pytest.raises(CaptureError) as refused:  # at partition(), before any work
+    with pytest.raises(CaptureError, match=r"FasterCacheConfig\(is_guidance_distilled=False\)") as refused:
         asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial", progress=False)
-    message = str(refused.value)
-    assert name in message and "model.disable_cache()" in message
-    assert ("PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig, MagCacheConfig and "
-            "FirstBlockCacheConfig") in message
+    assert "model.disable_cache()" in str(refused.value)
     model.disable_cache()
     plain = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial", progress=False)
     plain(**kwargs)  # captured without it
-    model.enable_cache(config)  # enabled after the capture: its hooks are refused at the call
-    with pytest.raises(AsyncFXError, match="put there after the capture"), model.cache_context("cond"):
+    model.enable_cache(config)
+    with pytest.raises(CaptureError, match="is_guidance_distilled=False"), model.cache_context("cond"):
         plain(**kwargs)
+    model.disable_cache()
+    apply_layer_skip(model, LayerSkipConfig(indices=[0], fqn="transformer_blocks"))
+    with pytest.raises(AsyncFXError, match="put there after the capture") as refused:
+        plain(**kwargs)
+    assert ("PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig, MagCacheConfig, FirstBlockCacheConfig "
+            "and FasterCacheConfig") in str(refused.value)
 
 
-def test_a_chain_skipping_cache_enabled_after_the_capture_or_calibrating_is_refused():
+def test_a_chain_skipping_cache_enabled_after_the_capture_is_refused_until_disabled():
     """The capture records the calls of a chain's blocks only where the cache is on the
-    model then: enabled later, the next call says so; MagCache's calibration run computes
-    every block to print its ratios, which belongs on the model itself."""
+    model then: enabled in the middle of a generation, the next call says so (at the next
+    generation the model is captured again, with the cache), and once it is disabled the
+    denoiser computes the model again."""
     model, _, kwargs = tiny.flux_transformer()
-    denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial", progress=False,
-                                 release_weights=False)
-    at = [{**kwargs, "timestep": torch.full_like(kwargs["timestep"], t)} for t in (0.9, 0.8, 0.7)]
-    denoiser(**at[0])
-    denoiser(**at[1])  # captured without the cache, and the stages ran
-    model.enable_cache(magcache(None))
+    den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial", progress=False)
+    at = [{**kwargs, "timestep": torch.full_like(kwargs["timestep"], t)} for t in (0.9, 0.8, 0.6)]
+    den(**at[0])
+    den(**at[1])  # captured without the cache, and the stages ran
+    model.enable_cache(first_block(None))
     with pytest.raises(PlanError, match="enabled after the model was captured") as refused:
-        denoiser(**at[2])
+        den(**at[2])
     assert "before the first call" in str(refused.value)
     model.disable_cache()
+    torch.testing.assert_close(den(**at[0]).sample, model(**at[0]).sample, rtol=0, atol=0)
+
+
+def test_magcache_calibration_is_refused_at_partition():
+    """MagCache's calibration run computes every block to print its ratios at the last
+    step: it belongs on the model itself."""
+    model, _, _ = tiny.flux_transformer()
     model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=STEPS))
     with pytest.raises(CaptureError, match=r"calibrate=True\), which measures") as refused:
         asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial", progress=False)
     assert "mag_ratios=" in str(refused.value)
-    model.disable_cache()
 
 
 def test_a_first_block_cache_with_batch_groups_is_refused():

@@ -24,7 +24,8 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from asyncfx.errors import CaptureError
-from asyncfx.integration import chained_blocks, layerwise_casts_in_graph, step_caches_passed_over
+from asyncfx.cache_hooks import chained_blocks
+from asyncfx.integration import layerwise_casts_in_graph, step_caches_passed_over
 from asyncfx.partitioner.binding import BoundCall, top_level_name
 from asyncfx.partitioner.containers import (unregistered_input_error, unregistered_output_error,
                                             watching_argument_writes)

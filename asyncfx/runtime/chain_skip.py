@@ -85,20 +85,18 @@ def chain_part(rule: SkipChain, stage: nn.Module, editor: StageEditor) -> ChainP
     skipped = rule.blocks[rule.skipped_from:]
     calls = [(block, editor.block_call(stage, block.path)) for block in skipped]
     here = [(block, call) for block, call in calls if call is not None]
-    first = _first_block(rule, stage, editor) if rule.decided_by_values else None
-    if not here and first is None:
+    head = editor.block_call(stage, rule.blocks[0].path) if rule.decided_by_values else None
+    if not here and head is None:
         return None
-    _check_recorded(rule, [call for _, call in here])
+    _check_recorded(rule, [call for _, call in here] + ([head] if head is not None else []))
     _check_consecutive(rule, [block for block, _ in here], skipped)
     bypassed = _bypassed(rule, here[0], here[-1]) if here else ()
+    first = _first_block(rule, stage, editor, head) if head is not None else None
     return ChainPart(rule, tuple(block.path for block, _ in here), bypassed, first)
 
 
-def _first_block(rule: SkipChain, stage: nn.Module, editor: StageEditor) -> FirstBlock | None:
+def _first_block(rule: SkipChain, stage: nn.Module, editor: StageEditor, call: BlockCall) -> FirstBlock:
     head = rule.blocks[0]
-    call = editor.block_call(stage, head.path)
-    if call is None:
-        return None
     return FirstBlock(editor.module_outputs(stage, head.path),
                       _value(call, "arguments", head.hidden_argument),
                       _value(call, "results", head.hidden_result or 0))

@@ -1,13 +1,14 @@
 """Step caches: at some steps, modules of the model are not computed; what they made
 at an earlier step is reused, or forecast from it, instead.
 
-A step cache is a *policy*: for each cached module, a rule says at which calls of a
-stream it is computed and, at the others, what stands for its outputs. Rules decide
-each call as it comes, from its place in its stream (and, where a rule says so, the
-sampler's timestep then), never from the values, so every stage, device and rank takes
-the same decisions without talking. Each stage applies the rules to the modules whose
-outputs it computes, on what it remembers of them itself: the values stay where the
-stage runs. A run follows the decisions of its *origin* (``StageRun.origin``), the call
+A step cache is a *policy*: for each cached module (or chain of blocks, see
+``chain_skip``), a rule says at which calls of a stream it is computed and, at the
+others, what stands for its outputs. Rules decide each call as it comes, from its place
+in its stream (and, where a rule says so, the sampler's timestep then), so every stage,
+device and rank takes the same decisions without talking; only the first-block cache
+decides from values, in one stage, which the others then read. Each stage applies the
+rules to the modules whose outputs it computes, on what it remembers of them itself:
+the values stay where the stage runs. A run follows the decisions of its *origin* (``StageRun.origin``), the call
 whose stage-0 run what it reads comes from: at a parallel step stage ``k`` works on the
 values that entered stage 0 ``k`` steps earlier, and computes or skips as that call
 decided, as the model with the cache computes that call. (Deciding by the current call
@@ -33,7 +34,8 @@ from torch import nn
 
 from asyncfx.cache_rules import Rule, SkipChain
 from asyncfx.errors import PlanError
-from asyncfx.integration import hooks_signature, step_cache_rules
+from asyncfx.cache_hooks import step_cache_rules
+from asyncfx.integration import hooks_signature
 from asyncfx.program import StageEditor
 from asyncfx.runtime.chain_skip import ChainPart, chain_part, check_decided
 
@@ -150,8 +152,8 @@ class CacheCall:
             return module(*args)
         substituted = tuple(m for m in outputs_of if not self.computes[m] and (self.stage, m) in memory)
         kept = tuple(m for m in outputs_of if m not in substituted)
-        names, given = _names(outputs_of, substituted), [
-            value for m in substituted for value in cache.rules[m].substitute(memory[self.stage, m], call)]
+        substitutes = {m: cache.rules[m].substitute(memory[self.stage, m], call) for m in substituted}
+        names, given = _names(outputs_of, substituted), [value for m in substituted for value in substitutes[m]]
         skipped, bypassed, residuals, measured = [], (), [], []
         for part in parts:
             if part.first is not None:  # the first block first: the decision reads its residual
@@ -166,8 +168,10 @@ class CacheCall:
         kept_names = _names(outputs_of, kept) + tuple(n for part in measured for n in part.kept)
         variant = cache.variant(module, self.editor, names, kept_names, bypassed)
         outputs, made = variant(*args, *given, *residuals)
-        for m, values in _split(made, [len(outputs_of[m]) for m in kept] + [len(p.kept) for p in measured],
-                                [*kept, *measured]):
+        remembered = _split(made, [len(outputs_of[m]) for m in kept] + [len(p.kept) for p in measured],
+                            [*kept, *measured])
+        remembered += [(m, substitutes[m]) for m in substituted if cache.rules[m].remembers_substitutes]
+        for m, values in remembered:
             rule = m.rule if isinstance(m, ChainPart) else cache.rules[m]
             own = memory.setdefault((self.stage, rule.module), {})
             if own.get("call") != call:  # the first parallel step computes its origin again: kept once
