@@ -37,17 +37,18 @@ def step_cache_rules(model: nn.Module) -> list[Rule]:
     """
     rules: list[Rule] = []
     chain: list[tuple[str, dict]] = []
+    model_hooks = getattr(model.__dict__.get(DIFFUSERS_HOOKS), "hooks", None) or {}
+    if FASTER_MODEL_HOOK in model_hooks:
+        _check_distilled(type(model).__name__, model_hooks[FASTER_MODEL_HOOK])
     for name, module in model.named_modules():
         hooks = getattr(module.__dict__.get(DIFFUSERS_HOOKS), "hooks", None) or {}
-        if FASTER_MODEL_HOOK in hooks:
-            _check_distilled(type(model).__name__, hooks[FASTER_MODEL_HOOK])
         if any(hook in hooks for hook in CHAIN_HOOKS):
             chain.append((name, hooks))
-        rules += _module_rules(name, module, hooks)
+        rules += _module_rules(name, module, hooks, model_hooks.get(FASTER_MODEL_HOOK))
     return rules + ([_skip_chain(type(model).__name__, chain)] if chain else [])
 
 
-def _module_rules(name: str, module: nn.Module, hooks: dict) -> list[Rule]:
+def _module_rules(name: str, module: nn.Module, hooks: dict, faster_model_hook: Any) -> list[Rule]:
     """The rules of the hooks on one module that caches it alone."""
     rules: list[Rule] = []
     if REUSE_HOOK in hooks:
@@ -58,7 +59,8 @@ def _module_rules(name: str, module: nn.Module, hooks: dict) -> list[Rule]:
         hook = hooks[FASTER_HOOK]
         rules.append(Extrapolate(name, hook.block_skip_range, tuple(hook.timestep_skip_range),
                                  hook.current_timestep_callback,
-                                 functools.partial(hook.weight_callback, module)))
+                                 functools.partial(hook.weight_callback, module),
+                                 functools.partial(_faster_cache_state, hook, faster_model_hook)))
     if TAYLOR_HOOK in hooks:
         hook = hooks[TAYLOR_HOOK]
         state = getattr(hook.state_manager, "_init_kwargs", {})
@@ -66,6 +68,18 @@ def _module_rules(name: str, module: nn.Module, hooks: dict) -> list[Rule]:
                                     hook.disable_cache_after_step, state.get("max_order", 1),
                                     hook.taylor_factors_dtype, bool(state.get("is_inactive", False))))
     return rules
+
+
+def _faster_cache_state(hook: Any, model_hook: Any, memory: dict, call: int) -> None:
+    """FasterCache's hooks' own state as the stage keeping a module's memory has it: the
+    calls counted, and the module's outputs at the last two calls (that stage's tensors,
+    not copies), as diffusers' hooks keep them while they run the model themselves."""
+    before, outputs = (values[0] if len(values) == 1 else values
+                       for values in (memory["before"], memory["outputs"]))
+    hook.state.iteration = call + 1
+    hook.state.cache = [before, outputs]
+    if model_hook is not None:
+        model_hook.state.iteration = call + 1
 
 
 def _check_distilled(model_class: str, hook: Any) -> None:

@@ -66,13 +66,15 @@ class Extrapolate:
     """FasterCache's attention (for a guidance-distilled model): computed at any call whose
     timestep is outside the open interval ``timesteps``, and inside it at calls ``period,
     2*period...``; otherwise each output is its value at the last call plus ``weight()``
-    times its change from the call before (the values of those calls, computed or not)."""
+    times its change from the call before (the values of those calls, computed or not).
+    ``told(memory, call)`` hears of each call remembered (the hooks' own state follows)."""
 
     module: str
     period: int
     timesteps: tuple[float, float]
     timestep: Callable[[], Any] | None
     weight: Callable[[], float]
+    told: Callable[[dict[str, Any], int], None] | None = None  # of each call remembered
     remembers_substitutes: ClassVar[bool] = True
 
     def computes(self, call: int) -> bool:
@@ -81,6 +83,8 @@ class Extrapolate:
     def remember(self, memory: dict[str, Any], outputs: Sequence[torch.Tensor], call: int) -> None:
         memory["before"] = memory.get("outputs", tuple(outputs))
         memory["outputs"], memory["call"] = tuple(outputs), call
+        if self.told is not None:
+            self.told(memory, call)
 
     def substitute(self, memory: dict[str, Any], call: int) -> tuple[torch.Tensor, ...]:
         weight = self.weight()

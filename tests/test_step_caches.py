@@ -102,6 +102,24 @@ def substitutions(denoiser) -> list[tuple[int, int, tuple[str, ...]]]:
     return stream.store.cache_memory.log
 
 
+def partitioned_runs(pipe, inputs: dict) -> tuple[dict, dict]:
+    """The pipeline's samples with its transformer partitioned in 2 stages, at warm-up
+    covering every step (local executor) and at warm-up 2 (serial and local), and what the
+    stages substituted in each, by ``(warmup, executor)``."""
+    model, runs, logs = pipe.transformer, {}, {}
+    for warmup, executor in ((STEPS, "local"), (2, "serial"), (2, "local")):
+        denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=warmup, executor=executor,
+                                     release_weights=False, progress=False)
+        pipe.transformer = denoiser
+        try:
+            runs[warmup, executor] = sample(pipe, inputs)
+            logs[warmup, executor] = sorted(substitutions(denoiser))
+        finally:
+            denoiser.close()
+            pipe.transformer = model
+    return runs, logs
+
+
 @pytest.fixture(scope="module")
 def flux():
     pipe, inputs = flux_pipeline()
@@ -123,15 +141,7 @@ def test_a_cached_pipeline_equals_its_unpartitioned_run_and_skips_what_the_confi
     try:
         with one_thread():
             cached = sample(pipe, inputs)
-            runs, logs = {}, {}
-            for warmup, executor in ((STEPS, "local"), (2, "serial"), (2, "local")):
-                denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=warmup, executor=executor,
-                                             release_weights=False, progress=False)
-                pipe.transformer = denoiser
-                runs[warmup, executor] = sample(pipe, inputs)
-                logs[warmup, executor] = sorted(substitutions(denoiser))
-                denoiser.close()
-                pipe.transformer = model
+            runs, logs = partitioned_runs(pipe, inputs)
     finally:
         pipe.transformer = model
         model.disable_cache()
@@ -153,6 +163,40 @@ def test_a_cached_pipeline_equals_its_unpartitioned_run_and_skips_what_the_confi
     holds = {(stage, m) for _, stage, modules in sequential for m in modules}
     for origin, stage, modules in log:  # a stage substitutes a module at every call skipping it
         assert set(modules) == {m for k, m in holds if k == stage and skipped_at(origin, hooks[m], timesteps)}
+
+
+def test_faster_cache_hooks_keep_their_state_while_the_stages_run(flux):
+    """diffusers' ``test_faster_cache_state`` on the partitioned pipeline: at the end of
+    each step every hooked attention module's state holds its last two outputs and the
+    calls counted (the stages keep the memory, the hooks' state follows it), and the
+    pipeline's reset at its end clears them."""
+    pipe, inputs, _ = flux
+    model = pipe.transformer
+    model.enable_cache(faster_cache(pipe))
+    hooks, root = cached_modules(model), model._diffusers_hook.get_hook("faster_cache_denoiser")
+    checked = []
+
+    def check(_, i, t, kwargs):
+        assert root.state.iteration == i + 1
+        for name, hook in hooks.items():
+            assert hook.state.cache is not None and len(hook.state.cache) == 2, name
+            assert hook.state.iteration == i + 1, name
+        checked.append(i)
+        return {}
+
+    denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=4, release_weights=False, progress=False)
+    try:
+        pipe.transformer = denoiser
+        with one_thread():
+            pipe(num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np",
+                 callback_on_step_end=check, **inputs)
+        assert checked == [0, 1, 2, 3] and len(hooks) == 3  # one attention module per block
+        assert root.state.iteration == 0  # reset by the pipeline, through the denoiser
+        assert all(hook.state.iteration == 0 and hook.state.cache is None for hook in hooks.values())
+    finally:
+        pipe.transformer = model
+        denoiser.close()
+        model.disable_cache()
 
 
 def runs_of_the_last_block(model) -> tuple[list[bool], list]:
@@ -184,15 +228,7 @@ def test_a_chain_skipping_cache_equals_its_unpartitioned_run_and_skips_where_the
             cached = sample(pipe, inputs)
             for hook in hooks:
                 hook.remove()
-            runs, logs = {}, {}
-            for warmup, executor in ((STEPS, "local"), (2, "serial"), (2, "local")):
-                denoiser = asyncfx.partition(model, 2, layout="1x2", warmup=warmup, executor=executor,
-                                             release_weights=False, progress=False)
-                pipe.transformer = denoiser
-                runs[warmup, executor] = sample(pipe, inputs)
-                logs[warmup, executor] = sorted(substitutions(denoiser))
-                denoiser.close()
-                pipe.transformer = model
+            runs, logs = partitioned_runs(pipe, inputs)
     finally:
         pipe.transformer = model
         model.disable_cache()
