@@ -3,7 +3,7 @@ computed, and what stands for its outputs at the others.
 
 A rule decides from the call's place in its stream (and, where it says so, the sampler's
 timestep then); only ``FirstBlockChange`` decides from values. ``runtime.step_cache``
-applies the rules in the stages; ``integration.step_cache_rules`` reads them from
+applies the rules in the stages; ``cache_hooks.step_cache_rules`` reads them from
 diffusers' hooks:
 
 - ``ReuseEvery`` (Pyramid Attention Broadcast): computed at every ``period``-th call, and

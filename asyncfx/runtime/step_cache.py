@@ -8,15 +8,15 @@ in its stream (and, where a rule says so, the sampler's timestep then), so every
 device and rank takes the same decisions without talking; only the first-block cache
 decides from values, in one stage, which the others then read. Each stage applies the
 rules to the modules whose outputs it computes, on what it remembers of them itself:
-the values stay where the stage runs. A run follows the decisions of its *origin* (``StageRun.origin``), the call
-whose stage-0 run what it reads comes from: at a parallel step stage ``k`` works on the
-values that entered stage 0 ``k`` steps earlier, and computes or skips as that call
-decided, as the model with the cache computes that call. (Deciding by the current call
-instead would have a later stage compute, with one step staleness, from exactly the
-calls an earlier stage skipped.)
+the values stay where the stage runs. A run follows the decisions of its *origin*
+(``StageRun.origin``), the call whose stage-0 run what it reads comes from: at a
+parallel step stage ``k`` works on the values that entered stage 0 ``k`` steps earlier,
+and computes or skips as that call decided, as the model with the cache computes that
+call. (Deciding by the current call instead would have a later stage compute, with one
+step staleness, from exactly the calls an earlier stage skipped.)
 
-The rules are ``asyncfx.cache_rules``'s; ``asyncfx.integration.step_cache_rules``
-reads them from diffusers' hooks.
+The rules are ``asyncfx.cache_rules``'s; ``asyncfx.cache_hooks.step_cache_rules`` reads
+them from diffusers' hooks.
 
 Example:
     >>> cache, decided = StepCache([asyncfx.cache_rules.ReuseEvery("blocks.0.attn", period=2)]), {}
@@ -153,31 +153,39 @@ class CacheCall:
         substituted = tuple(m for m in outputs_of if not self.computes[m] and (self.stage, m) in memory)
         kept = tuple(m for m in outputs_of if m not in substituted)
         substitutes = {m: cache.rules[m].substitute(memory[self.stage, m], call) for m in substituted}
-        names, given = _names(outputs_of, substituted), [value for m in substituted for value in substitutes[m]]
-        skipped, bypassed, residuals, measured = [], (), [], []
-        for part in parts:
-            if part.first is not None:  # the first block first: the decision reads its residual
-                names, given = names + part.first.outputs, given + self._first_block(module, args, part)
-            part_memory = memory.get((self.stage, part.rule.module), {})
-            computes = check_decided(part.rule, self.computes[part.rule.module], call)
-            if not computes and "residuals" in part_memory:
-                skipped, bypassed = skipped + list(part.blocks), bypassed + part.bypassed
-                residuals += part.residuals(part_memory)
-            else:
-                measured.append(part)
-        kept_names = _names(outputs_of, kept) + tuple(n for part in measured for n in part.kept)
-        variant = cache.variant(module, self.editor, names, kept_names, bypassed)
-        outputs, made = variant(*args, *given, *residuals)
-        remembered = _split(made, [len(outputs_of[m]) for m in kept] + [len(p.kept) for p in measured],
-                            [*kept, *measured])
+        names = _names(outputs_of, substituted)
+        given = [value for m in substituted for value in substitutes[m]]
+        chains = self._chains(module, args, parts)
+        kept_names = _names(outputs_of, kept) + tuple(n for part in chains.measured for n in part.kept)
+        variant = cache.variant(module, self.editor, names + chains.names, kept_names, chains.bypassed)
+        outputs, made = variant(*args, *given, *chains.given, *chains.residuals)
+        remembered = _split(made, [len(outputs_of[m]) for m in kept] + [len(p.kept) for p in chains.measured],
+                            [*kept, *chains.measured])
         remembered += [(m, substitutes[m]) for m in substituted if cache.rules[m].remembers_substitutes]
         for m, values in remembered:
             rule = m.rule if isinstance(m, ChainPart) else cache.rules[m]
             own = memory.setdefault((self.stage, rule.module), {})
             if own.get("call") != call:  # the first parallel step computes its origin again: kept once
                 (m if isinstance(m, ChainPart) else rule).remember(own, values, call)
-        self.memory.log.append((call, self.stage, substituted + tuple(skipped)))
+        self.memory.log.append((call, self.stage, substituted + chains.skipped))
         return outputs
+
+    def _chains(self, module: nn.Module, args: Sequence[Any], parts: Sequence[ChainPart]) -> "_Chains":
+        """What the stage's parts of skipped chains add to its run at this call."""
+        chains = _Chains()
+        for part in parts:
+            if part.first is not None:  # the first block first: the decision reads its residual
+                chains.names += part.first.outputs
+                chains.given += self._first_block(module, args, part)
+            memory = self.memory.kept.get((self.stage, part.rule.module), {})
+            computes = check_decided(part.rule, self.computes[part.rule.module], self.call)
+            if not computes and "residuals" in memory:
+                chains.skipped += part.blocks
+                chains.bypassed += part.bypassed
+                chains.residuals += part.residuals(memory)
+            else:
+                chains.measured.append(part)
+        return chains
 
     def _first_block(self, module: nn.Module, args: Sequence[Any], part: ChainPart) -> list[Any]:
         """Compute a deciding chain's first block, decide the call where it is not decided
@@ -188,6 +196,20 @@ class CacheCall:
             memory = self.memory.kept.setdefault((self.stage, "first block of " + part.rule.module), {})
             self.computes[part.rule.module] = first.decide(part.rule, values, memory)
         return list(values[:len(first.outputs)])
+
+
+@dataclasses.dataclass
+class _Chains:
+    """The parts of skipped chains in one run: the values they give the stage (``names``,
+    ``given``), the blocks skipped and the values standing in for their results, and the
+    parts computed, whose residuals are measured."""
+
+    names: tuple[str, ...] = ()
+    given: list[Any] = dataclasses.field(default_factory=list)
+    skipped: tuple[str, ...] = ()
+    bypassed: tuple[tuple[str, str, bool], ...] = ()
+    residuals: list[Any] = dataclasses.field(default_factory=list)
+    measured: list[ChainPart] = dataclasses.field(default_factory=list)
 
 
 class CacheWatch:
