@@ -435,3 +435,28 @@ def test_batch_groups_each_keep_their_own_cache_memory():
     assert any(modules for _, _, modules in first.log) and first.kept.keys() == second.kept.keys()
     for key, kept in first.kept.items():
         assert not torch.equal(kept["outputs"][0], second.kept[key]["outputs"][0])
+
+
+def test_a_chain_skipping_cache_on_a_model_writing_in_place_is_refused_naming_both():
+    """torch's rewrite of in-place writes (``passes.functionalise``) drops the block calls
+    a chain cache needs recorded: the capture says so, with the ways out."""
+    from diffusers.hooks import apply_mag_cache
+    from diffusers.models.attention import BasicTransformerBlock
+
+    class InPlace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList(BasicTransformerBlock(8, 2, 4) for _ in range(2))
+
+        def forward(self, hidden_states, timestep):
+            hidden_states = hidden_states * timestep
+            hidden_states[:, 0] = 0.0  # a slice assignment: an in-place write to an intermediate
+            for block in self.transformer_blocks:
+                hidden_states = block(hidden_states)
+            return hidden_states
+
+    model = InPlace().eval()
+    apply_mag_cache(model, magcache(None))
+    with pytest.raises(CaptureError, match="writes to intermediate values in place") as refused:
+        asyncfx.capture(model, (), {"hidden_states": torch.randn(1, 4, 8), "timestep": torch.tensor(0.5)})
+    assert "transformer_blocks.0" in str(refused.value) and "model.disable_cache()" in str(refused.value)

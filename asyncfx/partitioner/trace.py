@@ -142,9 +142,21 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str,
             "change state while sampling. Call model.eval() (batch norm in training mode "
             "updates running statistics) or keep the state outside the model.")
     if in_place_ops(graph):  # e.g. FreeU's masks and slice assignments
+        _check_no_blocks_recorded(model_class, blocks)
         unlifted = _functionalised(exported, model_class)
         graph = unlifted.graph
     return unlifted, exported.call_spec.out_spec
+
+
+def _check_no_blocks_recorded(model_class: str, blocks: tuple[str, ...]) -> None:
+    """torch's rewrite of in-place writes drops the module calls an export recorded."""
+    if blocks:
+        raise CaptureError(f"{model_class}.forward writes to intermediate values in place, which asyncfx "
+                           "rewrites as new values, and the step cache on it skips a chain of blocks "
+                           f"({blocks[0]}, ...), whose calls the capture must record: torch cannot keep them "
+                           "through that rewrite. Call model.disable_cache() or enable a cache of single "
+                           "modules (PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig), or remove the "
+                           "in-place writes (model.disable_freeu() where FreeU is on).")
 
 
 def _mutated_state(graph: fx.Graph) -> set[str]:
