@@ -52,6 +52,27 @@ def test_a_mispriced_plan_is_recut_at_the_first_generation_logged_and_exact(misp
         torch.testing.assert_close(got, serial(model, kwargs, plan), rtol=0, atol=0)
 
 
+def test_a_plan_under_a_step_cache_is_not_recut(caplog):
+    """A step cache's memory lives in the stages, and the stages run from the first step:
+    a re-cut at the last warm-up step would start it afresh in the middle of the
+    generation. The mispriced plan, re-cut without a cache (above), stays as compiled,
+    and the workers sample what the serial executor samples with the same cache."""
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+    config = TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=2, max_order=1,
+                                   taylor_factors_dtype=torch.float32, cache_identifiers=[r"first\.\d+"])
+    results = {}
+    for executor in ("local", "serial"):
+        model, kwargs = mispriced_example()
+        apply_taylorseer_cache(model, config)
+        den = asyncfx.partition(model, 2, layout="1x2", warmup=STEPS, executor=executor, rebalance=True)
+        with caplog.at_level(logging.INFO, logger="asyncfx.partitioner.rebalance"):
+            results[executor] = run_generations(den, kwargs, 1)[0]
+        den.close()
+    assert "re-cut" not in caplog.text and not any("re-cut" in note for note in results["local"][1].notes)
+    torch.testing.assert_close(results["local"][0], results["serial"][0], rtol=0, atol=0)
+
+
 def test_a_given_plan_is_never_recut(mispriced, caplog):
     model, kwargs, captured = mispriced
     plan = asyncfx.compile(captured, 2)

@@ -280,7 +280,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
                 stream.adapt_warmup(step, first_tensor(output), self.switch_below)
             return output
         looked = step == placement.step == self.warmup - 1 and runs.mode is Mode.SEQUENTIAL
-        if looked:
+        if looked and cache is None:  # a step cache's memory lives in the stages: no re-cut under it
             self._rebalance(capture, placement.generation)
         fresh = capture.executor is None
         executor = capture.start(self._launch)
