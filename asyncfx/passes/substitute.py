@@ -5,7 +5,10 @@ model computed at an earlier step. In a stage graph, a module's call is the node
 ``nn_module_stack`` names it in, and its outputs the values of those nodes that nodes
 outside the call (or the graph's output) read. ``substituting`` makes a copy of a stage
 that takes some of those values as extra inputs (what it computed before is then dead
-and removed) and returns the others beside its own outputs, to be remembered.
+and removed) and returns the others beside its own outputs, to be remembered; it also
+has values stand in for others (a skipped chain of blocks: its results read as its
+arguments plus a residual). ``computing`` makes a copy that computes only some values (a
+chain's first block, whose residual decides whether the rest is computed).
 """
 from __future__ import annotations
 
@@ -149,8 +152,8 @@ def _check_named(by_name: dict[str, fx.Node], names: Sequence[str], inputs_too: 
 
 
 class StageSubstitution:
-    """The functions above and ``block_calls.block_call``, as the program hands them to the runtime
-    (``asyncfx.program.StageEditor``)."""
+    """The functions above and ``block_calls.block_call``, as the program hands them to the
+    runtime (``asyncfx.program.StageEditor``)."""
 
     def module_outputs(self, stage: fx.GraphModule, module: str) -> tuple[str, ...]:
         return module_outputs(stage, module)
