@@ -32,7 +32,13 @@ BLOCK_IO = "asyncfx_block_io"
 
 def tag_block_calls(exported, model: nn.Module, paths: Sequence[str]) -> None:
     """Tag the values of ``exported``'s graph that are arguments or results of the calls of
-    the modules ``paths`` (exported with ``preserve_module_call_signature=paths``)."""
+    the modules ``paths`` (exported with ``preserve_module_call_signature=paths``).
+
+    Example:
+        >>> tag_block_calls(exported, model, ("transformer_blocks.0",))
+        >>> [n.meta[BLOCK_IO] for n in exported.graph.nodes if BLOCK_IO in n.meta][0]
+        (('transformer_blocks.0', 'argument', 'hidden_states'),)
+    """
     nodes = {node.name: node for node in exported.graph.nodes}
     wanted = set(paths)
     for entry in exported.module_call_graph:
@@ -95,7 +101,12 @@ def _inside(node: fx.Node, path: str) -> bool:
 
 def block_spans(order: Sequence[fx.Node]) -> list[tuple[int, int]]:
     """For each recorded block, the first and last position of its nodes in ``order``: a
-    cut between them would split the block (cuts never do, see ``cuts.cut_positions``)."""
+    cut between them would split the block (cuts never do, see ``cuts.cut_positions``).
+
+    Example:
+        >>> block_spans(latent_order(captured.graph))[:1]
+        [(12, 57)]
+    """
     paths = {where for node in order for where, _, _ in node.meta.get(BLOCK_IO, ())}
     spans = []
     for path in sorted(paths):

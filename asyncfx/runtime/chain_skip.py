@@ -81,7 +81,12 @@ class FirstBlock:
 
 def chain_part(rule: SkipChain, stage: nn.Module, editor: StageEditor) -> ChainPart | None:
     """The part of ``rule``'s chain in ``stage``: None where it holds neither a skipped
-    block nor a deciding first block."""
+    block nor a deciding first block.
+
+    Example:
+        >>> chain_part(rule, first_stage, editor).first.argument   # a first-block cache
+        'linear'
+    """
     skipped = rule.blocks[rule.skipped_from:]
     calls = [(block, editor.block_call(stage, block.path)) for block in skipped]
     here = [(block, call) for block, call in calls if call is not None]
@@ -149,7 +154,12 @@ def _check_consecutive(rule: SkipChain, here: list[ChainBlock], skipped: tuple[C
 
 
 def check_decided(rule: SkipChain, decision: bool | None, call: int) -> bool:
-    """A stage's decision for a chain at ``call``, which the first block's stage made."""
+    """A stage's decision for a chain at ``call``, which the first block's stage made.
+
+    Example:
+        >>> check_decided(rule, decided[call][rule.module], call)
+        True
+    """
     if decision is None:
         raise PlanError(f"no decision for the chain {rule.module} at call {call}: the stage of its first "
                         "block decides from values, and under torch.distributed that stage runs on another "
