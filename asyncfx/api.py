@@ -68,8 +68,9 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
     where their names are not the usual ones (see :func:`asyncfx.capture`); ``latent`` may
     list several (``["hidden_states", "audio_hidden_states"]``). ``rebalance=True``
     re-cuts a compiled plan from the stage times measured while sampling, at the last
-    warm-up step of a generation (a ``plan`` given is never re-cut). The model's weights
-    that its stages read and no stage of this process holds are released
+    warm-up step of a generation (a ``plan`` given is never re-cut, nor a plan while a
+    step cache is on). The model's weights that its stages read and no stage of this
+    process holds are released
     (``release_weights``; default: for a model, not for a Captured, which is made to be
     partitioned again), under torch.distributed from the first stage on, elsewhere once
     the plan is final: the model then answers for its config and attributes but cannot
