@@ -70,11 +70,11 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
     re-cuts a compiled plan from the stage times measured while sampling, at the last
     warm-up step of a generation (a ``plan`` given is never re-cut, nor a plan while a
     step cache is on). The model's weights that its stages read and no stage of this
-    process holds are released
-    (``release_weights``; default: for a model, not for a Captured, which is made to be
-    partitioned again), under torch.distributed from the first stage on, elsewhere once
-    the plan is final: the model then answers for its config and attributes but cannot
-    be called, converted or captured again. ``forecast=g`` (0 to 1; 0: off, AsyncDiff's
+    process holds are released (``release_weights``; default: for a model, not for a
+    Captured, which is made to be partitioned again), under torch.distributed from the
+    first stage on, elsewhere once the plan is final: the model then answers for its
+    config and attributes but cannot be called, converted or captured again.
+    ``forecast=g`` (0 to 1; 0: off, AsyncDiff's
     plain reuse; default ``DEFAULT_FORECAST``, 0 with ``time_shift``) reads each stale
     boundary value extrapolated from its last two versions as far as the one before
     confirms their trend, ``B1 + g * r * trend * (B1 - B2)``, and with stride 2 the
