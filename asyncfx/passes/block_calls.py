@@ -23,7 +23,7 @@ from typing import Sequence
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from asyncfx.passes.meta import COMPUTE_OPS
+from asyncfx.passes.meta import COMPUTE_OPS, module_calls
 from asyncfx.program import BlockCall
 
 #: Written by ``tag_block_calls``: ``((module path, "argument" | "result", name or index), ...)``.
@@ -88,15 +88,11 @@ def block_call(graph_module: fx.GraphModule, path: str) -> BlockCall | None:
     results: dict[int, str] = {}
     here = False
     for node in graph_module.graph.nodes:
-        here = here or (node.op in COMPUTE_OPS and _inside(node, path))
+        here = here or (node.op in COMPUTE_OPS and bool(module_calls(node, path)))
         for where, kind, key in node.meta.get(BLOCK_IO, ()):
             if where == path:
                 (arguments if kind == "argument" else results)[key] = node.name
     return BlockCall(path, arguments, results) if here else None
-
-
-def _inside(node: fx.Node, path: str) -> bool:
-    return any(where == path for where, _ in (node.meta.get("nn_module_stack") or {}).values())
 
 
 def block_spans(order: Sequence[fx.Node]) -> list[tuple[int, int]]:
@@ -110,7 +106,7 @@ def block_spans(order: Sequence[fx.Node]) -> list[tuple[int, int]]:
     paths = {where for node in order for where, _, _ in node.meta.get(BLOCK_IO, ())}
     spans = []
     for path in sorted(paths):
-        inside = [i for i, node in enumerate(order) if _inside(node, path)]
+        inside = [i for i, node in enumerate(order) if module_calls(node, path)]
         if inside:
             spans.append((inside[0], inside[-1]))
     return spans

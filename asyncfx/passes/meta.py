@@ -62,6 +62,13 @@ def module_path(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else ""
 
 
+def module_calls(node: fx.Node, path: str) -> list[str]:
+    """The keys of the calls of module ``path`` that computed ``node`` (torch.export names
+    each call of a module in ``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [key for key, (where, _) in stack.items() if where == path]
+
+
 def size_bound(size: int | torch.SymInt) -> int:
     """A size, or for a data-dependent one the largest it can be (all of a boolean mask
     selected), as torch.export bounded it; 1 where it has no bound.

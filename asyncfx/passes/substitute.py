@@ -20,17 +20,11 @@ from torch import fx
 
 from asyncfx.errors import CaptureError
 from asyncfx.passes.block_calls import block_call
+from asyncfx.passes.meta import module_calls
 from asyncfx.program import BlockCall
 
 #: Placeholders of substituted values are named this plus the value's name.
 SUBSTITUTED_PREFIX = "asyncfx_substituted_"
-
-
-def module_calls(node: fx.Node, path: str) -> list[str]:
-    """The keys of the calls of module ``path`` that computed ``node`` (torch.export names
-    each call of a module in ``nn_module_stack``)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [key for key, (where, _) in stack.items() if where == path]
 
 
 def module_outputs(graph_module: fx.GraphModule, path: str) -> tuple[str, ...]:

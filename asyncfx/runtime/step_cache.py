@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import nn
 
@@ -89,19 +89,19 @@ class StepCache:
 
     def variant(self, stage: nn.Module, editor: StageEditor, substituted: tuple[str, ...],
                 kept: tuple[str, ...], bypassed: tuple[tuple[str, str, bool], ...] = ()) -> nn.Module:
-        with self._lock:
-            variants = self._variants.setdefault(stage, {})
-            if (substituted, kept, bypassed) not in variants:
-                variants[substituted, kept, bypassed] = editor.substituting(stage, substituted, kept,
-                                                                            bypassed)
-            return variants[substituted, kept, bypassed]
+        return self._copy(stage, (substituted, kept, bypassed),
+                          lambda: editor.substituting(stage, substituted, kept, bypassed))
 
     def computing(self, stage: nn.Module, editor: StageEditor, names: tuple[str, ...]) -> nn.Module:
+        return self._copy(stage, names, lambda: editor.computing(stage, names))
+
+    def _copy(self, stage: nn.Module, key: tuple, make: Callable[[], nn.Module]) -> nn.Module:
+        """The copy of ``stage`` kept under ``key``, made by ``make`` the first time."""
         with self._lock:
-            variants = self._variants.setdefault(stage, {})
-            if names not in variants:
-                variants[names] = editor.computing(stage, names)
-            return variants[names]
+            copies = self._variants.setdefault(stage, {})
+            if key not in copies:
+                copies[key] = make()
+            return copies[key]
 
 
 class CacheMemory:
@@ -159,14 +159,15 @@ class CacheCall:
         kept_names = _names(outputs_of, kept) + tuple(n for part in chains.measured for n in part.kept)
         variant = cache.variant(module, self.editor, names + chains.names, kept_names, chains.bypassed)
         outputs, made = variant(*args, *given, *chains.given, *chains.residuals)
+        owners = [(m, cache.rules[m]) for m in kept] + [(p.rule.module, p) for p in chains.measured]
         remembered = _split(made, [len(outputs_of[m]) for m in kept] + [len(p.kept) for p in chains.measured],
-                            [*kept, *chains.measured])
-        remembered += [(m, substitutes[m]) for m in substituted if cache.rules[m].remembers_substitutes]
-        for m, values in remembered:
-            rule = m.rule if isinstance(m, ChainPart) else cache.rules[m]
-            own = memory.setdefault((self.stage, rule.module), {})
+                            owners)
+        remembered += [((m, cache.rules[m]), substitutes[m]) for m in substituted
+                       if cache.rules[m].remembers_substitutes]
+        for (key, owner), values in remembered:  # a rule, or a chain's part here
+            own = memory.setdefault((self.stage, key), {})
             if own.get("call") != call:  # the first parallel step computes its origin again: kept once
-                (m if isinstance(m, ChainPart) else rule).remember(own, values, call)
+                owner.remember(own, values, call)
         self.memory.log.append((call, self.stage, substituted + chains.skipped))
         return outputs
 
