@@ -1,17 +1,26 @@
 """Seconds per compiler phase for an SD2.1-shaped UNet (random weights) on this machine.
 
-    python benchmarks/compile_time.py [--size 64] [--batch 2] [--n-devices 4]
+    python benchmarks/compile_time.py [--size 64] [--batch 2] [--n-devices 4] [--compare REV [--rounds 2]]
 
 Phases: build the model, capture (torch.export + classify), classify alone (re-run),
 keeping the model's Python state across the trace alone (snapshot, put back, compare),
 compile (FLOP/byte estimate + balanced cut), split (stage GraphModules), and one
 check that the chained stages reproduce the model. Target: capture + compile + split
 under 60 s on a 2-core CPU.
+
+``--compare REV`` times the phases of this checkout and of git revision REV in one run,
+each in a fresh interpreter (a first capture and estimate fill torch's caches of fake
+kernels, as a user's first do), alternating ``--rounds`` times, and prints the median of
+each phase with their ratio.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import pathlib
 import platform
+import statistics
 import time
 
 import torch
@@ -21,19 +30,15 @@ from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.classify import classify
 from asyncfx.passes.meta import VALUE_CLASS
 from asyncfx.zoo.tiny import sd21_unet
+from revisions import ROOT, checked_out, measure_in
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=64, help="latent height and width")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--n-devices", type=int, default=4)
-    options = parser.parse_args()
-    torch.set_grad_enabled(False)
-
+def phases(size: int, batch: int, n_devices: int) -> tuple:
+    """Seconds of each phase, and what they made: ``(timings, model, args, kwargs, captured,
+    plan, staged)``."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    model, args, kwargs = sd21_unet(batch=options.batch, size=options.size)
+    model, args, kwargs = sd21_unet(batch=batch, size=size)
     timings["build model (not counted)"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -51,13 +56,54 @@ def main() -> None:
     timings["  of which Python state put back"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    plan = asyncfx.compile(captured, options.n_devices)
+    plan = asyncfx.compile(captured, n_devices)
     timings["compile (cost estimate + cuts)"] = time.perf_counter() - start
 
     start = time.perf_counter()
     staged = asyncfx.split(captured, plan)
     timings["split"] = time.perf_counter() - start
 
+    return timings, model, args, kwargs, captured, plan, staged
+
+
+def compare(revision: str, rounds: int, arguments: list[str]) -> list[str]:
+    """Each phase's median seconds in ``revision`` and in this checkout, alternating in
+    fresh interpreters."""
+    script = pathlib.Path(__file__).resolve()
+    samples: dict[str, dict[str, list[float]]] = {revision: {}, "this checkout": {}}
+    with checked_out(revision) as other:
+        for _ in range(rounds):
+            for label, source in ((revision, other), ("this checkout", ROOT)):
+                for phase, seconds in measure_in(source, script, arguments)["timings"].items():
+                    samples[label].setdefault(phase, []).append(seconds)
+    lines = [f"seconds per phase, median of {rounds} alternating runs in fresh interpreters:",
+             f"  {'':32} {revision:>12} {'this checkout':>14} {'ratio':>7}"]
+    for phase, seconds in samples["this checkout"].items():
+        before, after = statistics.median(samples[revision][phase]), statistics.median(seconds)
+        lines.append(f"  {phase:32} {before:10.2f} s {after:12.2f} s {after / before:6.2f}x")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64, help="latent height and width")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--n-devices", type=int, default=4)
+    parser.add_argument("--compare", metavar="REV", help="also time git revision REV, alternating")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each with --compare")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one run, for --compare
+    options = parser.parse_args()
+    torch.set_grad_enabled(False)
+    if options.compare:
+        arguments = ["--size", str(options.size), "--batch", str(options.batch),
+                     "--n-devices", str(options.n_devices)]
+        print("\n".join(compare(options.compare, options.rounds, arguments)))
+        return
+    timings, model, args, kwargs, captured, plan, staged = phases(options.size, options.batch,
+                                                                  options.n_devices)
+    if options.json:
+        print(json.dumps({"asyncfx": os.path.dirname(asyncfx.__file__), "timings": timings}))
+        return
     total = sum(v for k, v in timings.items() if not k.startswith(("build", " ")))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"SD2.1-shaped UNet, {n_params / 1e6:.0f}M parameters, latent {options.batch}x4x"

@@ -30,9 +30,7 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -41,9 +39,9 @@ from torch import nn
 
 import asyncfx
 from asyncfx.zoo import tiny
+from revisions import ROOT, checked_out, measure_in
 
 WARMUP = 1
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 class TinyChain(nn.Module):
@@ -112,20 +110,14 @@ def run(calls: int, stage_counts: Sequence[int]) -> list[str]:
 
 def compare(revision: str, calls: int, stage_counts: Sequence[int], rounds: int) -> list[str]:
     """This checkout against ``revision``, alternating in fresh interpreters."""
-    with tempfile.TemporaryDirectory() as folder:
-        other = pathlib.Path(folder) / "other"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(other), revision],
-                       check=True, capture_output=True)
-        try:
-            samples: dict[str, dict[str, list[tuple[float, float]]]] = {revision: {}, "this checkout": {}}
-            for _ in range(rounds):
-                for label, source in ((revision, other), ("this checkout", ROOT)):
-                    result = _measure_in(source, calls, stage_counts)
-                    for name, row in result["rows"].items():
-                        samples[label].setdefault(name, []).append(tuple(row))
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)],
-                           capture_output=True)
+    arguments = ["--calls", str(calls), "--stages", ",".join(map(str, stage_counts))]
+    script = pathlib.Path(__file__).resolve()
+    samples: dict[str, dict[str, list[tuple[float, float]]]] = {revision: {}, "this checkout": {}}
+    with checked_out(revision) as other:
+        for _ in range(rounds):
+            for label, source in ((revision, other), ("this checkout", ROOT)):
+                for name, row in measure_in(source, script, arguments)["rows"].items():
+                    samples[label].setdefault(name, []).append(tuple(row))
     lines = [f"calling-thread CPU per call, median of {rounds} alternating runs ({calls} calls a generation):",
              f"{'':18} {revision:>14} {'this checkout':>14} {'ratio':>7}"]
     for name in samples["this checkout"]:
@@ -133,18 +125,6 @@ def compare(revision: str, calls: int, stage_counts: Sequence[int], rounds: int)
         after = statistics.median(cpu for _, cpu in samples["this checkout"][name])
         lines.append(f"{name:18} {before * 1e6:11.0f} us {after * 1e6:11.0f} us {after / before:6.2f}x")
     return lines
-
-
-def _measure_in(source: pathlib.Path, calls: int, stage_counts: Sequence[int]) -> dict[str, Any]:
-    """``measure()`` in a fresh interpreter that imports asyncfx from ``source``."""
-    env = {**os.environ, "PYTHONPATH": str(source)}
-    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--json", "--calls", str(calls),
-               "--stages", ",".join(map(str, stage_counts))]
-    done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-    result = json.loads(done.stdout.splitlines()[-1])
-    if pathlib.Path(result["asyncfx"]).resolve() != (source / "asyncfx").resolve():
-        raise RuntimeError(f"measured asyncfx from {result['asyncfx']}, not from {source}")
-    return result
 
 
 def parameters_signature(model: nn.Module) -> int:

@@ -27,8 +27,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def load_benchmark(name: str) -> Any:
-    """The module of ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    """The module of ``benchmarks/<name>.py`` (benchmarks are scripts, not a package: they
+    import their helpers from their own folder, as when run)."""
+    folder = pathlib.Path(__file__).parent.parent / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up

@@ -79,3 +79,40 @@ def test_sizes_that_depend_on_values_are_counted_at_their_bound_and_leave_later_
     assert linear.meta[FLOPS] == 2 * 6 * 4 * 4  # after the padding: the captured shape
     experts = by_target["aten.matmul.default"]
     assert len(experts) == 2 and all(node.meta[FLOPS] > 0 for node in experts)
+
+
+@torch.library.custom_op("asyncfx_tests::halve", mutates_args=())
+def halve(x: torch.Tensor) -> torch.Tensor:
+    return x / 2
+
+
+#: The shapes the custom op's fake kernel was called with.
+HALVE_FAKE_CALLS: list[torch.Size] = []
+
+
+@halve.register_fake
+def _halve_fake(x: torch.Tensor) -> torch.Tensor:
+    HALVE_FAKE_CALLS.append(x.shape)
+    return torch.empty_like(x)
+
+
+class Halving(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(halve(x))
+
+
+def test_only_nodes_that_can_count_flops_run_and_the_others_are_costed_from_their_recorded_values():
+    """An op without a FLOP formula that does not decompose counts none: the estimate does
+    not run it; the node that reads it gets a fake tensor shaped like its recorded value."""
+    captured = asyncfx.capture(Halving(), (torch.randn(2, 4),))
+    HALVE_FAKE_CALLS.clear()
+    total = estimate_cost(captured.graph_module)
+    assert HALVE_FAKE_CALLS == []
+    by_target = {str(n.target): n for n in captured.graph.nodes if n.op == "call_function"}
+    halving = by_target["asyncfx_tests.halve.default"]
+    assert halving.meta[FLOPS] == 0 and halving.meta[BYTES] == 2 * 2 * 4 * 4
+    assert by_target["aten.linear.default"].meta[FLOPS] == 2 * 2 * 4 * 4 == total

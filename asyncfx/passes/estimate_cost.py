@@ -2,14 +2,19 @@
 
 The graph is interpreted on fake tensors (shapes and dtypes only) under
 ``torch.utils.flop_counter.FlopCounterMode``, so an SD-sized UNet costs seconds to
-estimate and no memory for activations. A size that depends on tensor values (a boolean
-mask's selection) is counted at its bound, as if the whole mask were selected.
+estimate and no memory for activations. Only nodes that can count FLOPs run: an op the
+counter has a formula for, or one that decomposes into others (``linear`` into ``addmm``);
+every other node is costed by the bytes of the values the capture recorded, and made as
+a fake tensor only where a running node reads it. A size that depends on tensor values (a
+boolean mask's selection) is counted at its bound, as if the whole mask were selected.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -54,9 +59,15 @@ def _no_cast_cache() -> Iterator[None]:
         torch.set_autocast_cache_enabled(cached)
 
 
+@dataclass(frozen=True)
+class _NotRun:
+    """A node's value that no running node has read yet (made when one does)."""
+    node: fx.Node
+
+
 class _CostInterpreter(fx.Interpreter):
-    """Runs the graph on fake tensors, counting FLOPs; weights without data (a model built
-    on the meta device) stand in as fake tensors on the inputs' ``device``."""
+    """Runs the nodes that can count FLOPs on fake tensors; weights stand in as fake tensors
+    like them (without data, a model built on the meta device, on the inputs' ``device``)."""
 
     def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode, device: torch.device):
         super().__init__(gm)
@@ -65,11 +76,30 @@ class _CostInterpreter(fx.Interpreter):
 
     def fetch_attr(self, target: str) -> Any:
         value = super().fetch_attr(target)
-        if isinstance(value, torch.Tensor) and value.is_meta:
-            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=self.device)
+        if isinstance(value, torch.Tensor):  # a fake like it, cheaper than converting the tensor
+            device = self.device if value.is_meta else value.device
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
         return value
 
+    def map_nodes_to_values(self, args: Any, n: fx.Node) -> Any:
+        return fx.node.map_aggregate(super().map_nodes_to_values(args, n), self._made)
+
+    def _made(self, value: Any) -> Any:
+        if not isinstance(value, _NotRun):
+            return value
+        node = value.node
+        if node.op == "get_attr":
+            made = self.fetch_attr(node.target)
+        else:
+            made = pytree.tree_map_only((torch.Tensor, torch.SymInt), _bounded_like, node.meta[VALUE])
+        self.env[node] = made
+        return made
+
     def run_node(self, node: fx.Node) -> Any:
+        if node.op == "get_attr" or _counts_no_flops(node, self.counter.flop_registry):
+            node.meta[FLOPS] = 0
+            node.meta[BYTES] = 0 if node.op == "get_attr" else self._bytes(node, node.meta[VALUE])
+            return _NotRun(node)
         before = self.counter.get_total_flops()
         bounded = VALUE in node.meta and _has_data_dependent_sizes(node)
         try:
@@ -83,11 +113,37 @@ class _CostInterpreter(fx.Interpreter):
         if bounded:  # what later nodes read is shaped as captured, not as the bounds made it
             result = pytree.tree_map_only((torch.Tensor, torch.SymInt), _bounded_like, node.meta[VALUE])
         node.meta[FLOPS] = int(self.counter.get_total_flops() - before)
-        if node.op in ("placeholder", "get_attr", "output"):
-            node.meta[BYTES] = 0
-        else:
-            node.meta[BYTES] = _tensor_bytes((node.args, node.kwargs), self.env) + _tensor_bytes(result)
+        node.meta[BYTES] = 0 if node.op in ("placeholder", "output") else self._bytes(node, result)
         return result
+
+    def _bytes(self, node: fx.Node, result: Any) -> int:
+        """Bytes of the node's tensor arguments and of its ``result``."""
+        reads = fx.node.map_arg((node.args, node.kwargs), self._value_read)
+        return _tensor_bytes(reads) + _tensor_bytes(result)
+
+    def _value_read(self, node: fx.Node) -> Any:
+        value = self.env.get(node)
+        if not isinstance(value, _NotRun):
+            return value
+        return node.meta[VALUE] if VALUE in node.meta else super().fetch_attr(node.target)
+
+
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+
+
+def _counts_no_flops(node: fx.Node, formulas: dict) -> bool:
+    """Whether running ``node`` cannot count FLOPs: an op the counter has no formula for and
+    that does not decompose into other ops (the counter counts only the ops it sees), or an
+    item of a tuple; its recorded value stands in for it."""
+    if node.op != "call_function" or VALUE not in node.meta:
+        return False
+    if node.target is operator.getitem:
+        return True
+    op = node.target
+    if not isinstance(op, torch._ops.OpOverload) or op.overloadpacket in formulas:
+        return False
+    return _COMPOSITE not in op.py_kernels and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        op.name(), _COMPOSITE)
 
 
 def _has_data_dependent_sizes(node: fx.Node) -> bool:
@@ -104,9 +160,7 @@ def _warn_cannot_run(node: fx.Node, exc: Exception) -> None:
                   "0 and its cost comes from the bytes it reads and writes.", stacklevel=3)
 
 
-def _tensor_bytes(value: Any, env: dict[fx.Node, Any] | None = None) -> int:
-    if env is not None:
-        value = pytree.tree_map_only(fx.Node, lambda n: env.get(n), value)
+def _tensor_bytes(value: Any) -> int:
     tensors = [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
     return sum(map(tensor_bytes, tensors))
 
