@@ -35,11 +35,12 @@ from asyncfx.partitioner.containers import check_objects_are_registered
 from asyncfx.partitioner.diagnose import check_capturable, warn_about_forward_hooks, warn_about_unnamed_latents
 from asyncfx.partitioner.trace import Traced, trace
 from asyncfx.passes.classify import classify
-from asyncfx.passes.flatten_io import flatten_io
+from asyncfx.passes.copy_graph import copy_graph, finish
+from asyncfx.passes.flatten_io import flatten_graph_io
 from asyncfx.passes.meta import ValueClass
-from asyncfx.passes.name_placeholders import name_placeholders
+from asyncfx.passes.name_placeholders import name_placeholders, rename_placeholders
 from asyncfx.passes.pin_shapes import pin_output_shapes, pins_outputs
-from asyncfx.passes.remove_checks import remove_checks
+from asyncfx.passes.remove_checks import drop_checks
 from asyncfx.program import GraphInput, InputRole
 
 logger = logging.getLogger(__name__)
@@ -98,11 +99,16 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
 def normalise(traced: Traced, call: BoundCall, model_class: str) -> tuple[fx.GraphModule, list[GraphInput]]:
     """The traced graph with flat tensor inputs named after the arguments and a flat
     tuple output (outputs of value-dependent size pinned), and its inputs."""
-    graph_module = traced.graph_module
-    if traced.method == "export":
-        graph_module = flatten_io(remove_checks(graph_module), call.is_tensor, model_class)
     tensors = call.tensors
-    graph_module = name_placeholders(graph_module, [name for name, _, _ in tensors])
+    names = [name for name, _, _ in tensors]
+    if traced.method == "export":  # the three passes on one copy of the graph, its code made once
+        graph = copy_graph(traced.graph_module)
+        drop_checks(graph)
+        flatten_graph_io(graph, call.is_tensor, model_class)
+        rename_placeholders(graph, names)
+        graph_module = finish(traced.graph_module, graph, class_name=f"Captured{model_class}")
+    else:
+        graph_module = name_placeholders(traced.graph_module, names)
     graph_module = pin_output_shapes(graph_module, [leaf for _, _, leaf in tensors], model_class)
     placeholders = [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
     inputs = [GraphInput(name, placeholder, role, tuple(leaf.shape), str(leaf.dtype))

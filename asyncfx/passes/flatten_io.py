@@ -24,6 +24,12 @@ def flatten_io(gm: fx.GraphModule, is_tensor: Sequence[bool], model_class: str) 
         >>> flat = flatten_io(exported.module(), [True, True, False], "UNet2DConditionModel")
     """
     graph = copy_graph(gm)
+    flatten_graph_io(graph, is_tensor, model_class)
+    return finish(gm, graph, class_name=f"Captured{model_class}")
+
+
+def flatten_graph_io(graph: fx.Graph, is_tensor: Sequence[bool], model_class: str) -> None:
+    """``flatten_io`` on ``graph`` itself, for passes composed on one copy."""
     graph.set_codegen(fx.graph.CodeGen())
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for node, tensor in zip(placeholders, is_tensor):
@@ -34,4 +40,3 @@ def flatten_io(gm: fx.GraphModule, is_tensor: Sequence[bool], model_class: str) 
             graph.erase_node(node)
     output = graph.output_node()
     output.args = (tuple(output.args[0]),)
-    return finish(gm, graph, class_name=f"Captured{model_class}")

@@ -22,6 +22,12 @@ def name_placeholders(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModul
         ['sample', 'added_cond_kwargs_time_ids']
     """
     graph = copy_graph(gm)
+    rename_placeholders(graph, names)
+    return finish(gm, graph)
+
+
+def rename_placeholders(graph: fx.Graph, names: Sequence[str]) -> None:
+    """``name_placeholders`` on ``graph`` itself, for passes composed on one copy."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(names):
         raise CaptureError(f"captured graph has {len(placeholders)} inputs for {len(names)} "
@@ -34,4 +40,3 @@ def name_placeholders(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModul
             holder._rename(f"{wanted}_node")
         node._rename(wanted)
         node.target = node.name
-    return finish(gm, graph)

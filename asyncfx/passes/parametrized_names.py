@@ -43,5 +43,6 @@ def name_as_the_model(graph_module: fx.GraphModule) -> fx.GraphModule:
     for owner in owners:
         module = graph_module.get_submodule(owner) if owner else graph_module
         delattr(module, PARAMETRIZED.strip("."))
-    graph_module.recompile()
+    if owners:  # its code made again only where the graph changed
+        graph_module.recompile()
     return graph_module

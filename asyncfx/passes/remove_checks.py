@@ -19,6 +19,12 @@ def remove_checks(gm: fx.GraphModule) -> fx.GraphModule:
         >>> checked = remove_checks(torch.export.export(model, args).module())
     """
     graph = copy_graph(gm)
+    drop_checks(graph)
+    return finish(gm, graph)
+
+
+def drop_checks(graph: fx.Graph) -> None:
+    """``remove_checks`` on ``graph`` itself, for passes composed on one copy."""
     for node in reversed(list(graph.nodes)):
         if node.users or node.op == "output":
             continue
@@ -26,4 +32,3 @@ def remove_checks(gm: fx.GraphModule) -> fx.GraphModule:
         is_guard = node.op == "call_module" and str(node.target) == "_guards_fn"
         if is_guard or (schema is not None and not schema.returns):
             graph.erase_node(node)
-    return finish(gm, graph)
