@@ -35,10 +35,12 @@ def functionalise(exported: ExportedProgram) -> ExportedProgram:
         >>> in_place_ops(program.module().graph)
         []
     """
-    for node in exported.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.fill_diagonal_.default:
-            node.target = fill_diagonal
-    exported.graph_module.recompile()
+    writes_diagonals = [node for node in exported.graph.nodes if node.op == "call_function"
+                        and node.target is torch.ops.aten.fill_diagonal_.default]
+    for node in writes_diagonals:
+        node.target = fill_diagonal
+    if writes_diagonals:  # its code made again only where the graph changed
+        exported.graph_module.recompile()
     with warnings.catch_warnings():  # torch's own use of a deprecated pytree class
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         return exported.run_decompositions({})
