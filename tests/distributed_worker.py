@@ -1,4 +1,4 @@
-"""What every rank of the distributed tests runs (spawned by test_distributed.py)."""
+"""What every rank of the distributed tests runs (started by test_distributed.py)."""
 from __future__ import annotations
 
 import datetime
@@ -8,6 +8,9 @@ import traceback
 
 import torch
 import torch.distributed as dist
+# the model classes the ranks build, imported with this module, which the server the ranks
+# are forked from imports once for all of them
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel  # noqa: F401
 
 import asyncfx
 from asyncfx.zoo.tiny import ZOO

@@ -16,13 +16,21 @@ from distributed_worker import LATENT, run, run_scenarios
 STEPS = 10
 
 
+def start_ranks(function, args: tuple, world: int) -> None:
+    """``world`` rank processes running ``function(rank, *args)``, forked from a server
+    process that imported torch, diffusers and the worker module once (each spawned
+    interpreter would import them again); fresh processes all the same, with no state of
+    this one."""
+    mp.set_forkserver_preload(["distributed_worker"])
+    mp.start_processes(function, args=args, nprocs=world, start_method="forkserver", join=True)
+
+
 def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0, stride=1,
           guided_at=()) -> float:
     init_file = tmp_path / "init"
     start = time.perf_counter()
-    mp.start_processes(run, args=(world, str(init_file), str(tmp_path), model_name, STEPS,
-                                  dying_rank, timeout_s, stride, guided_at),
-                       nprocs=world, start_method="spawn", join=True)
+    start_ranks(run, (world, str(init_file), str(tmp_path), model_name, STEPS, dying_rank, timeout_s, stride,
+                      guided_at), world)
     return time.perf_counter() - start
 
 
@@ -110,13 +118,12 @@ SCENARIOS = [("sd_unet", 4, 1, (), False, "model", 0.5, 2), ("sd_unet", 3, 1, ()
 
 
 def test_distributed_ranks_equal_serial(tmp_path):
-    """Every scenario on one set of rank processes (spawned once: each interpreter imports
-    torch and diffusers and builds the zoo models once), each scenario with a process
-    group of its own; each rank's two generations equal the serial executor's."""
+    """Every scenario on one set of rank processes (started once: each builds the zoo
+    models once), each scenario with a process group of its own; each rank's two
+    generations equal the serial executor's."""
     for model_name in {scenario[0] for scenario in SCENARIOS if scenario[5] == "meta"}:
         zoo_example(model_name)[0].save_pretrained(tmp_path / "weights" / model_name)
-    mp.start_processes(run_scenarios, args=(str(tmp_path), SCENARIOS, STEPS),
-                       nprocs=max(scenario[1] for scenario in SCENARIOS), start_method="spawn", join=True)
+    start_ranks(run_scenarios, (str(tmp_path), SCENARIOS, STEPS), max(scenario[1] for scenario in SCENARIOS))
     for index, scenario in enumerate(SCENARIOS):
         if scenario[5] == "refill":
             check_refill(tmp_path / str(index))
