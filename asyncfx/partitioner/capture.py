@@ -36,11 +36,11 @@ from asyncfx.partitioner.diagnose import check_capturable, warn_about_forward_ho
 from asyncfx.partitioner.trace import Traced, trace
 from asyncfx.passes.classify import classify
 from asyncfx.passes.copy_graph import copy_graph, finish
-from asyncfx.passes.flatten_io import flatten_graph_io
+from asyncfx.passes.flatten_io import flatten_io
 from asyncfx.passes.meta import ValueClass
-from asyncfx.passes.name_placeholders import name_placeholders, rename_placeholders
+from asyncfx.passes.name_placeholders import name_placeholders
 from asyncfx.passes.pin_shapes import pin_output_shapes, pins_outputs
-from asyncfx.passes.remove_checks import drop_checks
+from asyncfx.passes.remove_checks import remove_checks
 from asyncfx.program import GraphInput, InputRole
 
 logger = logging.getLogger(__name__)
@@ -100,15 +100,13 @@ def normalise(traced: Traced, call: BoundCall, model_class: str) -> tuple[fx.Gra
     """The traced graph with flat tensor inputs named after the arguments and a flat
     tuple output (outputs of value-dependent size pinned), and its inputs."""
     tensors = call.tensors
-    names = [name for name, _, _ in tensors]
-    if traced.method == "export":  # the three passes on one copy of the graph, its code made once
-        graph = copy_graph(traced.graph_module)
-        drop_checks(graph)
-        flatten_graph_io(graph, call.is_tensor, model_class)
-        rename_placeholders(graph, names)
-        graph_module = finish(traced.graph_module, graph, class_name=f"Captured{model_class}")
-    else:
-        graph_module = name_placeholders(traced.graph_module, names)
+    graph = copy_graph(traced.graph_module)  # the passes below change it; its code made once
+    if traced.method == "export":
+        remove_checks(graph)
+        flatten_io(graph, call.is_tensor, model_class)
+    name_placeholders(graph, [name for name, _, _ in tensors])
+    class_name = f"Captured{model_class}" if traced.method == "export" else None
+    graph_module = finish(traced.graph_module, graph, class_name=class_name)
     graph_module = pin_output_shapes(graph_module, [leaf for _, _, leaf in tensors], model_class)
     placeholders = [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
     inputs = [GraphInput(name, placeholder, role, tuple(leaf.shape), str(leaf.dtype))

@@ -1,6 +1,7 @@
 """Name-placeholders pass: each graph input is named after the argument it stands for
 (``added_cond_kwargs.time_ids`` -> ``added_cond_kwargs_time_ids``), so that stage graphs
-and plans read in the model's terms."""
+and plans read in the model's terms. It changes the graph it is given (see
+``remove_checks``)."""
 from __future__ import annotations
 
 import re
@@ -9,25 +10,17 @@ from typing import Sequence
 from torch import fx
 
 from asyncfx.errors import CaptureError
-from asyncfx.passes.copy_graph import copy_graph, finish
 
 
-def name_placeholders(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
-    """``gm`` with its placeholders named after ``names``, in order (fx adds a suffix to
-    reserved names such as ``input``: read the names given from the result).
+def name_placeholders(graph: fx.Graph, names: Sequence[str]) -> None:
+    """Name ``graph``'s placeholders after ``names``, in order (fx adds a suffix to
+    reserved names such as ``input``: read the names given from the graph).
 
     Example:
-        >>> named = name_placeholders(gm, ["sample", "added_cond_kwargs.time_ids"])
-        >>> [n.name for n in named.graph.find_nodes(op="placeholder")]
+        >>> name_placeholders(graph, ["sample", "added_cond_kwargs.time_ids"])
+        >>> [n.name for n in graph.find_nodes(op="placeholder")]
         ['sample', 'added_cond_kwargs_time_ids']
     """
-    graph = copy_graph(gm)
-    rename_placeholders(graph, names)
-    return finish(gm, graph)
-
-
-def rename_placeholders(graph: fx.Graph, names: Sequence[str]) -> None:
-    """``name_placeholders`` on ``graph`` itself, for passes composed on one copy."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(names):
         raise CaptureError(f"captured graph has {len(placeholders)} inputs for {len(names)} "

@@ -4,27 +4,23 @@ Export keeps a guard module call (``_guards_fn``) and assertion ops (ops that re
 nothing: ``_assert_scalar``, ``sym_constrain_range``...). A captured graph checks its
 inputs itself (``Captured``), and a check kept in the graph would pin a cut: it reads
 values of several stages and is nobody's input.
+
+Like the other passes that normalise a traced graph (``flatten_io``, ``name_placeholders``),
+it changes the graph it is given: the capture runs them on one copy of the traced graph
+and generates its code once.
 """
 from __future__ import annotations
 
 from torch import fx
 
-from asyncfx.passes.copy_graph import copy_graph, finish
 
-
-def remove_checks(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` without export's guard call and assertion nodes.
+def remove_checks(graph: fx.Graph) -> None:
+    """Erase export's guard call and assertion nodes from ``graph``.
 
     Example:
-        >>> checked = remove_checks(torch.export.export(model, args).module())
+        >>> graph = copy_graph(torch.export.export(model, args).module())
+        >>> remove_checks(graph)
     """
-    graph = copy_graph(gm)
-    drop_checks(graph)
-    return finish(gm, graph)
-
-
-def drop_checks(graph: fx.Graph) -> None:
-    """``remove_checks`` on ``graph`` itself, for passes composed on one copy."""
     for node in reversed(list(graph.nodes)):
         if node.users or node.op == "output":
             continue
