@@ -116,3 +116,31 @@ def test_only_nodes_that_can_count_flops_run_and_the_others_are_costed_from_thei
     halving = by_target["asyncfx_tests.halve.default"]
     assert halving.meta[FLOPS] == 0 and halving.meta[BYTES] == 2 * 2 * 4 * 4
     assert by_target["aten.linear.default"].meta[FLOPS] == 2 * 2 * 4 * 4 == total
+
+
+class TwinLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_an_op_on_values_shaped_alike_runs_once_and_counts_the_same(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    captured = asyncfx.capture(TwinLinears(), (torch.randn(2, 4),))
+    counted = []
+    original = FlopCounterMode._count_flops
+
+    def recording(self, func_packet, out, args, kwargs):
+        counted.append(func_packet)
+        return original(self, func_packet, out, args, kwargs)
+
+    monkeypatch.setattr(FlopCounterMode, "_count_flops", recording)
+    total = estimate_cost(captured.graph_module)
+    linears = [n for n in captured.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert [n.meta[FLOPS] for n in linears] == [2 * 2 * 4 * 4] * 2 and total == 2 * 2 * 2 * 4 * 4
+    assert [n.meta[BYTES] for n in linears] == [4 * (2 * 4 + 4 * 4 + 4 + 2 * 4)] * 2
+    assert counted.count(torch.ops.aten.addmm) == 1  # the second linear took the first's count

@@ -5,8 +5,10 @@ The graph is interpreted on fake tensors (shapes and dtypes only) under
 estimate and no memory for activations. Only nodes that can count FLOPs run: an op the
 counter has a formula for, or one that decomposes into others (``linear`` into ``addmm``);
 every other node is costed by the bytes of the values the capture recorded, and made as
-a fake tensor only where a running node reads it. A size that depends on tensor values (a
-boolean mask's selection) is counted at its bound, as if the whole mask were selected.
+a fake tensor only where a running node reads it. An op called again on values shaped
+alike (the same layer shape in every block) takes the count of its first run. A size
+that depends on tensor values (a boolean mask's selection) is counted at its bound, as
+if the whole mask were selected.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def estimate_cost(gm: fx.GraphModule) -> int:
     device = inputs[0].device if inputs else torch.device("cpu")
     with fake_mode, counter, torch.no_grad(), _no_cast_cache():
         _CostInterpreter(gm, counter, device).run(*inputs)
-    return counter.get_total_flops()
+    return sum(node.meta[FLOPS] for node in gm.graph.nodes)
 
 
 @contextlib.contextmanager
@@ -73,6 +75,7 @@ class _CostInterpreter(fx.Interpreter):
         super().__init__(gm)
         self.counter = counter
         self.device = device
+        self.counted: dict[str, int] = {}  # FLOPs of an op on values shaped alike, run once
 
     def fetch_attr(self, target: str) -> Any:
         value = super().fetch_attr(target)
@@ -100,6 +103,11 @@ class _CostInterpreter(fx.Interpreter):
             node.meta[FLOPS] = 0
             node.meta[BYTES] = 0 if node.op == "get_attr" else self._bytes(node, node.meta[VALUE])
             return _NotRun(node)
+        alike = _call_signature(node)
+        if alike in self.counted:  # the same op on values shaped alike counts the same
+            node.meta[FLOPS] = self.counted[alike]
+            node.meta[BYTES] = self._bytes(node, node.meta[VALUE])
+            return _NotRun(node)
         before = self.counter.get_total_flops()
         bounded = VALUE in node.meta and _has_data_dependent_sizes(node)
         try:
@@ -114,6 +122,8 @@ class _CostInterpreter(fx.Interpreter):
             result = pytree.tree_map_only((torch.Tensor, torch.SymInt), _bounded_like, node.meta[VALUE])
         node.meta[FLOPS] = int(self.counter.get_total_flops() - before)
         node.meta[BYTES] = 0 if node.op in ("placeholder", "output") else self._bytes(node, result)
+        if alike is not None and not bounded:
+            self.counted[alike] = node.meta[FLOPS]
         return result
 
     def _bytes(self, node: fx.Node, result: Any) -> int:
@@ -144,6 +154,27 @@ def _counts_no_flops(node: fx.Node, formulas: dict) -> bool:
         return False
     return _COMPOSITE not in op.py_kernels and not torch._C._dispatch_has_kernel_for_dispatch_key(
         op.name(), _COMPOSITE)
+
+
+def _call_signature(node: fx.Node) -> str | None:
+    """What a node's FLOPs depend on: its op, and its arguments with each value read given
+    by its shape, strides and dtype (None: a node that is not an op call, or reads a value
+    the capture did not record)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    recorded = [n.meta.get(VALUE) for n in node.all_input_nodes]
+    if any(value is None or has_data_dependent_size(value) for value in recorded):
+        return None
+    arguments = fx.node.map_arg((node.args, node.kwargs), lambda n: _value_signature(n.meta[VALUE]))
+    return f"{node.target}{arguments}"
+
+
+def _value_signature(value: Any) -> Any:
+    return pytree.tree_map_only(torch.Tensor, _tensor_signature, value)
+
+
+def _tensor_signature(tensor: torch.Tensor) -> tuple:
+    return tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device
 
 
 def _has_data_dependent_sizes(node: fx.Node) -> bool:
