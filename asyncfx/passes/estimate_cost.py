@@ -100,16 +100,12 @@ class _CostInterpreter(fx.Interpreter):
 
     def run_node(self, node: fx.Node) -> Any:
         if node.op == "get_attr" or _counts_no_flops(node, self.counter.flop_registry):
-            node.meta[FLOPS] = 0
-            node.meta[BYTES] = 0 if node.op == "get_attr" else self._bytes(node, node.meta[VALUE])
-            return _NotRun(node)
-        alike = _call_signature(node)
-        if alike in self.counted:  # the same op on values shaped alike counts the same
-            node.meta[FLOPS] = self.counted[alike]
-            node.meta[BYTES] = self._bytes(node, node.meta[VALUE])
-            return _NotRun(node)
-        before = self.counter.get_total_flops()
+            return self._not_run(node, 0)
         bounded = VALUE in node.meta and _has_data_dependent_sizes(node)
+        alike = None if bounded else _call_signature(node)
+        if alike is not None and alike in self.counted:  # the same op on values shaped alike
+            return self._not_run(node, self.counted[alike])
+        before = self.counter.get_total_flops()
         try:
             result = super().run_node(node)
         except Exception as exc:  # e.g. a leaf function that calls numpy
@@ -122,9 +118,15 @@ class _CostInterpreter(fx.Interpreter):
             result = pytree.tree_map_only((torch.Tensor, torch.SymInt), _bounded_like, node.meta[VALUE])
         node.meta[FLOPS] = int(self.counter.get_total_flops() - before)
         node.meta[BYTES] = 0 if node.op in ("placeholder", "output") else self._bytes(node, result)
-        if alike is not None and not bounded:
+        if alike is not None and not bounded:  # bounded: it failed on fake tensors
             self.counted[alike] = node.meta[FLOPS]
         return result
+
+    def _not_run(self, node: fx.Node, flops: int) -> _NotRun:
+        """Cost ``node`` by ``flops`` and the bytes of its recorded value, without running it."""
+        node.meta[FLOPS] = flops
+        node.meta[BYTES] = 0 if node.op == "get_attr" else self._bytes(node, node.meta[VALUE])
+        return _NotRun(node)
 
     def _bytes(self, node: fx.Node, result: Any) -> int:
         """Bytes of the node's tensor arguments and of its ``result``."""
@@ -158,12 +160,11 @@ def _counts_no_flops(node: fx.Node, formulas: dict) -> bool:
 
 def _call_signature(node: fx.Node) -> str | None:
     """What a node's FLOPs depend on: its op, and its arguments with each value read given
-    by its shape, strides and dtype (None: a node that is not an op call, or reads a value
-    the capture did not record)."""
+    by its shape, strides and dtype (None: a node that is not an op call, or whose value or
+    a value it reads the capture did not record)."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
-    recorded = [n.meta.get(VALUE) for n in node.all_input_nodes]
-    if any(value is None or has_data_dependent_size(value) for value in recorded):
+    if any(VALUE not in n.meta for n in (node, *node.all_input_nodes)):
         return None
     arguments = fx.node.map_arg((node.args, node.kwargs), lambda n: _value_signature(n.meta[VALUE]))
     return f"{node.target}{arguments}"
