@@ -30,7 +30,7 @@ from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.classify import classify
 from asyncfx.passes.meta import VALUE_CLASS
 from asyncfx.zoo.tiny import sd21_unet
-from revisions import ROOT, checked_out, measure_in
+from revisions import alternating
 
 
 def phases(size: int, batch: int, n_devices: int) -> tuple:
@@ -69,13 +69,7 @@ def phases(size: int, batch: int, n_devices: int) -> tuple:
 def compare(revision: str, rounds: int, arguments: list[str]) -> list[str]:
     """Each phase's median seconds in ``revision`` and in this checkout, alternating in
     fresh interpreters."""
-    script = pathlib.Path(__file__).resolve()
-    samples: dict[str, dict[str, list[float]]] = {revision: {}, "this checkout": {}}
-    with checked_out(revision) as other:
-        for _ in range(rounds):
-            for label, source in ((revision, other), ("this checkout", ROOT)):
-                for phase, seconds in measure_in(source, script, arguments)["timings"].items():
-                    samples[label].setdefault(phase, []).append(seconds)
+    samples = alternating(revision, pathlib.Path(__file__).resolve(), arguments, rounds, "timings")
     lines = [f"seconds per phase, median of {rounds} alternating runs in fresh interpreters:",
              f"  {'':32} {revision:>12} {'this checkout':>14} {'ratio':>7}"]
     for phase, seconds in samples["this checkout"].items():

@@ -2,8 +2,8 @@
 
 Each measurement runs a benchmark script with ``--json`` in a fresh interpreter that
 imports asyncfx from this checkout or from the revision, checked out in a temporary git
-worktree; the caller alternates between the two so that the machine's drift affects both
-alike.
+worktree; ``alternating`` alternates between the two so that the machine's drift affects
+both alike.
 """
 from __future__ import annotations
 
@@ -49,3 +49,17 @@ def measure_in(source: pathlib.Path, script: pathlib.Path, arguments: Sequence[s
     if pathlib.Path(result["asyncfx"]).resolve() != (source / "asyncfx").resolve():
         raise RuntimeError(f"measured asyncfx from {result['asyncfx']}, not from {source}")
     return result
+
+
+def alternating(revision: str, script: pathlib.Path, arguments: Sequence[str], rounds: int,
+                key: str) -> dict[str, dict[str, list[Any]]]:
+    """``script``'s measurements (the items of its JSON's ``key``) in ``revision`` and in
+    this checkout, ``rounds`` times each, alternating: ``{label: {item: [values]}}``, the
+    labels ``revision`` and ``"this checkout"``."""
+    samples: dict[str, dict[str, list[Any]]] = {revision: {}, "this checkout": {}}
+    with checked_out(revision) as other:
+        for _ in range(rounds):
+            for label, source in ((revision, other), ("this checkout", ROOT)):
+                for item, value in measure_in(source, script, arguments)[key].items():
+                    samples[label].setdefault(item, []).append(value)
+    return samples

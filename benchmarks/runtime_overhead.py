@@ -39,7 +39,7 @@ from torch import nn
 
 import asyncfx
 from asyncfx.zoo import tiny
-from revisions import ROOT, checked_out, measure_in
+from revisions import alternating
 
 WARMUP = 1
 
@@ -111,13 +111,7 @@ def run(calls: int, stage_counts: Sequence[int]) -> list[str]:
 def compare(revision: str, calls: int, stage_counts: Sequence[int], rounds: int) -> list[str]:
     """This checkout against ``revision``, alternating in fresh interpreters."""
     arguments = ["--calls", str(calls), "--stages", ",".join(map(str, stage_counts))]
-    script = pathlib.Path(__file__).resolve()
-    samples: dict[str, dict[str, list[tuple[float, float]]]] = {revision: {}, "this checkout": {}}
-    with checked_out(revision) as other:
-        for _ in range(rounds):
-            for label, source in ((revision, other), ("this checkout", ROOT)):
-                for name, row in measure_in(source, script, arguments)["rows"].items():
-                    samples[label].setdefault(name, []).append(tuple(row))
+    samples = alternating(revision, pathlib.Path(__file__).resolve(), arguments, rounds, "rows")
     lines = [f"calling-thread CPU per call, median of {rounds} alternating runs ({calls} calls a generation):",
              f"{'':18} {revision:>14} {'this checkout':>14} {'ratio':>7}"]
     for name in samples["this checkout"]:
