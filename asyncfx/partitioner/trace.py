@@ -36,6 +36,7 @@ from asyncfx.passes.block_calls import tag_block_calls
 from asyncfx.passes.parametrized_names import name_as_the_model
 from asyncfx.passes.functionalise import functionalise, in_place_ops
 from asyncfx.passes.meta import VALUE
+from asyncfx.passes.unlift import unlift
 
 
 @dataclasses.dataclass
@@ -133,7 +134,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str,
         exported = torch.export.export(model, args, kwargs, strict=False,
                                        preserve_module_call_signature=blocks)
     tag_block_calls(exported, model, blocks)
-    unlifted = exported.module()
+    unlifted = unlift(exported)
     graph = unlifted.graph
     mutated = sorted(set(exported.graph_signature.buffers_to_mutate.values()) | _mutated_state(graph))
     if mutated:
@@ -175,7 +176,7 @@ def _functionalised(exported: torch.export.ExportedProgram, model_class: str) ->
     values (see ``passes.functionalise``), or a clear error where torch cannot do it."""
     writes = sorted({str(node.target.overloadpacket.__name__) for node in in_place_ops(exported.graph)})
     try:
-        return functionalise(exported).module()
+        return functionalise(exported).module()  # torch's unlift: it also removes effect tokens
     except Exception as exc:
         reason = summary(exc).rstrip(".")
         raise CaptureError(f"{model_class}.forward writes to intermediate values in place "
