@@ -1,9 +1,14 @@
 """The distributed executor with real gloo process groups, spawned by the test."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
+import pathlib
 import time
+from multiprocessing import forkserver
+from typing import Iterator
 
 import torch
 import torch.multiprocessing as mp
@@ -22,7 +27,25 @@ def start_ranks(function, args: tuple, world: int) -> None:
     interpreter would import them again); fresh processes all the same, with no state of
     this one."""
     mp.set_forkserver_preload(["distributed_worker"])
+    with worker_importable():  # the server starts at the first call and keeps running
+        forkserver.ensure_running()
     mp.start_processes(function, args=args, nprocs=world, start_method="forkserver", join=True)
+
+
+@contextlib.contextmanager
+def worker_importable() -> Iterator[None]:
+    """Interpreters started inside find this folder's modules: Python 3.11's forkserver
+    does not take the parent's ``sys.path``, and would skip preloading a module it cannot
+    import (each rank would then import it, with torch and diffusers, on its own)."""
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent), before]))
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0, stride=1,
