@@ -134,19 +134,24 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str,
         exported = torch.export.export(model, args, kwargs, strict=False,
                                        preserve_module_call_signature=blocks)
     tag_block_calls(exported, model, blocks)
+    signature = exported.graph_signature  # writes it returns (unlift takes none), then writes in place
+    _refuse_writes(model_class, {*signature.buffers_to_mutate.values(), *signature.user_inputs_to_mutate.values()})
     unlifted = unlift(exported)
     graph = unlifted.graph
-    mutated = sorted(set(exported.graph_signature.buffers_to_mutate.values()) | _mutated_state(graph))
-    if mutated:
-        raise CaptureError(
-            f"{model_class}.forward writes to buffers or inputs {mutated}; a denoiser must not "
-            "change state while sampling. Call model.eval() (batch norm in training mode "
-            "updates running statistics) or keep the state outside the model.")
+    _refuse_writes(model_class, _mutated_state(graph))
     if in_place_ops(graph):  # e.g. FreeU's masks and slice assignments
         _check_no_blocks_recorded(model_class, blocks)
         unlifted = _functionalised(exported, model_class)
         graph = unlifted.graph
     return unlifted, exported.call_spec.out_spec
+
+
+def _refuse_writes(model_class: str, mutated: set[str]) -> None:
+    if mutated:
+        raise CaptureError(
+            f"{model_class}.forward writes to buffers or inputs {sorted(mutated)}; a denoiser must not "
+            "change state while sampling. Call model.eval() (batch norm in training mode "
+            "updates running statistics) or keep the state outside the model.")
 
 
 def _check_no_blocks_recorded(model_class: str, blocks: tuple[str, ...]) -> None:
