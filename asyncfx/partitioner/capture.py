@@ -39,7 +39,7 @@ from asyncfx.passes.copy_graph import copy_graph, finish
 from asyncfx.passes.flatten_io import flatten_io
 from asyncfx.passes.meta import ValueClass
 from asyncfx.passes.name_placeholders import name_placeholders
-from asyncfx.passes.pin_shapes import pin_output_shapes, pins_outputs
+from asyncfx.passes.pin_shapes import pin_output_shapes
 from asyncfx.passes.remove_checks import remove_checks
 from asyncfx.program import GraphInput, InputRole
 
@@ -77,9 +77,6 @@ def capture(model: nn.Module, args: Sequence[Any] = (), kwargs: dict[str, Any] |
     check_objects_are_registered(call.leaves, call.names, model_class)
     traced = trace(model, call)
     graph_module, inputs = normalise(traced, call, model_class)
-    if pins_outputs(graph_module):  # its pins' errors say where in the source the size comes from
-        traced = trace(model, call, stack_traces=True)
-        graph_module, inputs = normalise(traced, call, model_class)
     classify(graph_module.graph, {i.placeholder: _ROLE_CLASS[i.role] for i in inputs})
     warn_about_unnamed_latents(graph_module.graph, inputs, model_class)
     interface = CallInterface(inputs=inputs, binder=call.binder,

@@ -36,6 +36,7 @@ from asyncfx.passes.block_calls import tag_block_calls
 from asyncfx.passes.parametrized_names import name_as_the_model
 from asyncfx.passes.functionalise import functionalise, in_place_ops
 from asyncfx.passes.meta import VALUE
+from asyncfx.passes.pin_shapes import has_outputs_to_pin
 from asyncfx.passes.unlift import unlift
 
 
@@ -51,10 +52,12 @@ class Traced:
     written: list[str]
 
 
-def trace(model: nn.Module, call: BoundCall, *, stack_traces: bool = False) -> Traced:
-    """The model traced on the bound example call: torch.export, else symbolic_trace;
-    ``stack_traces``: export records where in the source each node was made
-    (``node.stack_trace``, about a third of export's time; see ``recording_stack_traces``).
+def trace(model: nn.Module, call: BoundCall) -> Traced:
+    """The model traced on the bound example call: torch.export, else symbolic_trace.
+    Export records where in the source each node was made (``node.stack_trace``, about a
+    third of its time; see ``recording_stack_traces``) only for a graph with an output of
+    value-dependent size, whose pin's error names that line: it exports such a model again,
+    right after the first export found the output.
 
     Example:
         >>> trace(unet, bind_call(unet, args, kwargs, None, None)).method
@@ -62,17 +65,21 @@ def trace(model: nn.Module, call: BoundCall, *, stack_traces: bool = False) -> T
     """
     # the casts of diffusers' layerwise casting as graph nodes; step caches left to the runtime
     with layerwise_casts_in_graph(model), step_caches_passed_over(model):
-        return _traced(model, call, stack_traces)
+        return _traced(model, call, stack_traces=False) or _traced(model, call, stack_traces=True)
 
 
-def _traced(model: nn.Module, call: BoundCall, stack_traces: bool) -> Traced:
+def _traced(model: nn.Module, call: BoundCall, stack_traces: bool) -> Traced | None:
+    """The trace, or None where export found an output to pin without recording source lines."""
     args, kwargs, leaves, names, is_tensor = call.args, call.kwargs, call.leaves, call.names, call.is_tensor
     try:
         with (restoring_traced_state(model), watching_argument_writes(model) as written,
               fake_weights(model, args, kwargs) as (traced_args, traced_kwargs),
               recording_stack_traces(stack_traces)):
-            graph_module, out_spec = _export(model, traced_args, traced_kwargs, type(model).__name__,
-                                             chained_blocks(model))
+            exported = _export(model, traced_args, traced_kwargs, type(model).__name__, chained_blocks(model),
+                               stack_traces)
+        if exported is None:
+            return None
+        graph_module, out_spec = exported
         return Traced(with_meta_weights(name_as_the_model(graph_module), model), out_spec, "export", written)
     except CaptureError:
         raise
@@ -125,14 +132,16 @@ def recording_stack_traces(record: bool) -> Iterator[None]:
         fx.config.do_not_emit_stack_traces = before
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str,
-            blocks: tuple[str, ...]) -> tuple[fx.GraphModule, pytree.TreeSpec]:
+def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str, blocks: tuple[str, ...],
+            stack_traces: bool) -> tuple[fx.GraphModule, pytree.TreeSpec] | None:
     """export's module of the model, its in-place writes to intermediates made new values;
     writes to weights, buffers or inputs are refused. The calls of ``blocks`` are recorded
-    in the graph (``passes.block_calls``)."""
+    in the graph (``passes.block_calls``). None: an output to pin, and no source lines."""
     with _failures_reported_by_the_capture():
         exported = torch.export.export(model, args, kwargs, strict=False,
                                        preserve_module_call_signature=blocks)
+    if not stack_traces and has_outputs_to_pin(exported.graph):
+        return None
     tag_block_calls(exported, model, blocks)
     signature = exported.graph_signature  # writes it returns (unlift takes none), then writes in place
     _refuse_writes(model_class, {*signature.buffers_to_mutate.values(), *signature.user_inputs_to_mutate.values()})

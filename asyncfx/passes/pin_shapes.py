@@ -49,8 +49,7 @@ def pin_output_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], model_
     Example:
         >>> gm = pin_output_shapes(captured.graph_module, example_inputs, "Model")
     """
-    if not any(isinstance(n, fx.Node) and has_data_dependent_size(n.meta.get(VALUE))
-               for n in gm.graph.output_node().args[0]):
+    if not has_outputs_to_pin(gm.graph):
         return gm
     with torch.no_grad():
         observed = gm(*inputs)
@@ -72,14 +71,16 @@ def pin_output_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], model_
     return finish(gm, graph)
 
 
-def pins_outputs(gm: fx.GraphModule) -> bool:
-    """Whether ``pin_output_shapes`` pinned an output of ``gm``.
+def has_outputs_to_pin(graph: fx.Graph) -> bool:
+    """Whether an output of ``graph`` (flat, as export's or a capture's) has a size
+    computed from tensor values, which ``pin_output_shapes`` pins.
 
     Example:
-        >>> pins_outputs(pin_output_shapes(gm, example_inputs, "Model"))
+        >>> has_outputs_to_pin(zoo_captured("sd_unet").graph)
         False
     """
-    return any(node.target is expect_shape for node in gm.graph.nodes)
+    return any(isinstance(n, fx.Node) and has_data_dependent_size(n.meta.get(VALUE))
+               for n in graph.output_node().args[0])
 
 
 def traced_at(node: fx.Node) -> str:
