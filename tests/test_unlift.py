@@ -12,7 +12,8 @@ from asyncfx.passes.unlift import unlift
 
 class Holder(torch.nn.Module):
     """Every kind of state a graph reads: parameters of a submodule, a persistent and a
-    non-persistent buffer, and a plain tensor attribute (a constant to export)."""
+    non-persistent buffer, a plain tensor attribute (a constant to export), and a
+    subgraph of its own (export's for a block under autocast)."""
 
     def __init__(self):
         super().__init__()
@@ -22,7 +23,9 @@ class Holder(torch.nn.Module):
         self.table = torch.arange(4.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x) * self.scale + self.shift + self.table
+        with torch.autocast("cpu", enabled=False):
+            x = self.inner(x)
+        return x * self.scale + self.shift + self.table
 
 
 def test_the_module_reads_each_kind_of_state_as_torchs_unlift_does():
@@ -38,6 +41,8 @@ def test_the_module_reads_each_kind_of_state_as_torchs_unlift_does():
     assert got.state_dict().keys() == expected.state_dict().keys() == {"inner.0.weight", "inner.0.bias", "scale"}
     assert dict(got.named_buffers()).keys() == {"scale", "shift"}  # not persistent: no state_dict entry
     assert "table" not in dict(got.named_buffers()) and isinstance(got.table, torch.Tensor)
+    (subgraph,) = [n.target for n in got.graph.nodes if n.op == "get_attr" and n.target.startswith("submod")]
+    assert isinstance(got.get_submodule(subgraph), torch.fx.GraphModule)
     torch.testing.assert_close(got(x)[0], model(x), rtol=0, atol=0)
 
 

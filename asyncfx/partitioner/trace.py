@@ -156,6 +156,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str, block
 
 
 def _refuse_writes(model_class: str, mutated: set[str]) -> None:
+    """A clear error where the forward writes to any of ``mutated`` (weights, buffers, inputs)."""
     if mutated:
         raise CaptureError(
             f"{model_class}.forward writes to buffers or inputs {sorted(mutated)}; a denoiser must not "

@@ -76,7 +76,7 @@ def has_outputs_to_pin(graph: fx.Graph) -> bool:
     computed from tensor values, which ``pin_output_shapes`` pins.
 
     Example:
-        >>> has_outputs_to_pin(zoo_captured("sd_unet").graph)
+        >>> has_outputs_to_pin(captured.graph)
         False
     """
     return any(isinstance(n, fx.Node) and has_data_dependent_size(n.meta.get(VALUE))

@@ -3,7 +3,7 @@
 ``torch.export`` lifts a model's parameters, buffers and constant tensors to graph inputs.
 ``ExportedProgram.module()`` reads them from attributes again, and also deep-copies every
 node's recorded value, adds a guard call that checks the inputs and rebuilds the model's
-argument structure around the graph: about a third of a small model's capture. A capture
+argument structure around the graph: about a tenth of a small model's capture. A capture
 binds and checks calls itself (``Captured``, ``flatten_io``, ``remove_checks``), so
 ``unlift`` does only the first, on a copy of the graph whose nodes share their recorded
 values, and names its ``get_attr`` nodes as ``module()`` names them (saved plans name
@@ -49,7 +49,7 @@ def unlift(exported: ExportedProgram) -> fx.GraphModule:
     graph.set_codegen(fx.graph.CodeGen())  # flat inputs and outputs, as the exported graph's
     module = fx.GraphModule(nn.Module(), fx.Graph())
     for node in graph.find_nodes(op="get_attr") + graph.find_nodes(op="call_module"):
-        _put(module, str(node.target), _at(exported.graph_module, str(node.target)), InputKind.CUSTOM_OBJ)
+        _put(module, str(node.target), _at(exported.graph_module, str(node.target)))  # subgraphs
     placeholders = graph.find_nodes(op="placeholder")
     for node, spec in zip(placeholders, signature.input_specs, strict=True):
         if spec.kind is not InputKind.USER_INPUT:
@@ -75,10 +75,11 @@ def _lifted_value(exported: ExportedProgram, spec: InputSpec) -> Any:
     return exported.constants[spec.target]
 
 
-def _put(module: nn.Module, target: str, value: Any, kind: InputKind, persistent: bool | None = None) -> None:
+def _put(module: nn.Module, target: str, value: Any, kind: InputKind | None = None,
+         persistent: bool | None = None) -> None:
     """Register ``value`` at the dotted ``target`` of ``module`` as a parameter, a buffer
-    (``persistent`` or not) or a plain attribute (constants, submodules), making the
-    modules on its path."""
+    (``persistent`` or not) or else a plain attribute (constants, objects, submodules),
+    making the modules on its path."""
     *path, field = target.split(".")
     for name in path:
         if not hasattr(module, name):
