@@ -33,12 +33,15 @@ from asyncfx.zoo.tiny import sd21_unet
 from revisions import alternating
 
 
-def phases(size: int, batch: int, n_devices: int) -> tuple:
+def phases(size: int, batch: int, n_devices: int, freeu: bool = False) -> tuple:
     """Seconds of each phase, and what they made: ``(timings, model, args, kwargs, captured,
-    plan, staged)``."""
+    plan, staged)``; ``freeu``: with FreeU on (its masks and slice scaling are in-place writes
+    the capture makes new values)."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model, args, kwargs = sd21_unet(batch=batch, size=size)
+    if freeu:
+        model.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
     timings["build model (not counted)"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="latent height and width")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--n-devices", type=int, default=4)
+    parser.add_argument("--freeu", action="store_true", help="with FreeU on (in-place writes)")
     parser.add_argument("--compare", metavar="REV", help="also time git revision REV, alternating")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each with --compare")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one run, for --compare
@@ -90,11 +94,11 @@ def main() -> None:
     torch.set_grad_enabled(False)
     if options.compare:
         arguments = ["--size", str(options.size), "--batch", str(options.batch),
-                     "--n-devices", str(options.n_devices)]
+                     "--n-devices", str(options.n_devices)] + ["--freeu"] * options.freeu
         print("\n".join(compare(options.compare, options.rounds, arguments)))
         return
     timings, model, args, kwargs, captured, plan, staged = phases(options.size, options.batch,
-                                                                  options.n_devices)
+                                                                  options.n_devices, options.freeu)
     if options.json:
         print(json.dumps({"asyncfx": os.path.dirname(asyncfx.__file__), "timings": timings}))
         return

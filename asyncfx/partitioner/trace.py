@@ -5,7 +5,7 @@ export follows diffusers UNets and transformers, whose forward has shape-depende
 Python control flow; symbolic_trace cannot, so it is only the fallback. A forward that
 writes to its weights, buffers or inputs is refused (a denoiser must not change state
 while sampling); writes to intermediate values are made new values
-(``passes.functionalise``). Where export fails because the model itself refuses the call
+(``passes.view_writes``, else ``passes.functionalise``). Where export fails because the model itself refuses the call
 (a wrong dtype, channel count or batch size), the error says so in one line; when both
 tracers fail otherwise, it names where and why each did (``diagnose``). diffusers'
 layerwise casting is traced as casts in the graph (``integration.layerwise_casts_in_graph``);
@@ -33,11 +33,13 @@ from asyncfx.partitioner.diagnose import both_failed_message, check_call_runs, s
 from asyncfx.partitioner.empty_weights import fake_weights, with_meta_weights
 from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.block_calls import tag_block_calls
+from asyncfx.passes.copy_graph import copy_graph
 from asyncfx.passes.parametrized_names import name_as_the_model
 from asyncfx.passes.functionalise import functionalise, in_place_ops
 from asyncfx.passes.meta import VALUE
 from asyncfx.passes.pin_shapes import has_outputs_to_pin
 from asyncfx.passes.unlift import unlift
+from asyncfx.passes.view_writes import rewrite_view_writes
 
 
 @dataclasses.dataclass
@@ -150,9 +152,18 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str, block
     _refuse_writes(model_class, _mutated_state(graph))
     if in_place_ops(graph):  # e.g. FreeU's masks and slice assignments
         _check_no_blocks_recorded(model_class, blocks)
-        unlifted = _functionalised(exported, model_class)
-        graph = unlifted.graph
+        unlifted = _without_view_writes(unlifted) or _functionalised(exported, model_class)
     return unlifted, exported.call_spec.out_spec
+
+
+def _without_view_writes(unlifted: fx.GraphModule) -> fx.GraphModule | None:
+    """``unlifted`` with its writes into slices of its own tensors made new values
+    (``passes.view_writes``), or None where it has other writes (torch rewrites those)."""
+    graph = copy_graph(unlifted)
+    if not rewrite_view_writes(graph):
+        return None
+    unlifted.graph = graph  # its attributes kept as they are, its code made again
+    return unlifted
 
 
 def _refuse_writes(model_class: str, mutated: set[str]) -> None:

@@ -4,7 +4,9 @@ The passes read a graph as dataflow (a value is what its node computed), which a
 in-place write to an intermediate breaks: the split would drop a write nothing reads the
 result of (a mask filled in place) or apply it in one stage to what another stage
 reads. ``torch.export`` keeps such writes in its training IR; ``functionalise`` rewrites
-them with ``ExportedProgram.run_decompositions({})``, which decomposes nothing else.
+them with ``ExportedProgram.run_decompositions({})``, which decomposes nothing else; the
+capture takes it for the writes ``view_writes`` leaves (that pass rewrites the common ones
+without retracing the program).
 
 torch cannot functionalise a write through ``as_strided``, which is how
 ``fill_diagonal_`` writes (perturbed-attention guidance builds attention masks with
