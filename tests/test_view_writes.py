@@ -65,6 +65,16 @@ class WritesThroughATranspose(torch.nn.Module):
         return h + 1
 
 
+class WritesAPromotedValue(torch.nn.Module):
+    """A half tensor multiplied in place by a float one stays half; out of place it would be
+    float: left to torch."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = (x * t).half()
+        h[:, :2].mul_(x[:, :2])
+        return h.float() + 1
+
+
 def _graph(model: torch.nn.Module, args: tuple) -> torch.fx.Graph:
     return copy_graph(unlift(torch.export.export(model, args, strict=False)))
 
@@ -92,7 +102,7 @@ def test_a_slice_scaled_in_place_is_a_write_and_a_copy_both_rewritten():
     assert torch.ops.aten.slice_scatter.default in {node.target for node in graph.nodes}
 
 
-@pytest.mark.parametrize("model", [ReadsAViewAfterTheWrite(), WritesThroughATranspose()],
+@pytest.mark.parametrize("model", [ReadsAViewAfterTheWrite(), WritesThroughATranspose(), WritesAPromotedValue()],
                          ids=lambda m: type(m).__name__)
 def test_a_write_another_view_would_see_or_no_scatter_inverts_is_left_to_torch(model):
     assert not rewrite_view_writes(_graph(model, ARGS))

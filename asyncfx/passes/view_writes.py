@@ -46,7 +46,8 @@ def rewrite_view_writes(graph: fx.Graph) -> bool:
         chain, functional = _written_chain(write, views), _functional(write.target)
         if chain is None or functional is None or _read_after(chain, write, views):
             return False
-        _rewrite(graph, write, chain, functional)
+        if not _rewrite(graph, write, chain, functional):
+            return False
     return True
 
 
@@ -126,13 +127,16 @@ def _read_after(chain: list[fx.Node], write: fx.Node, views: set[fx.Node]) -> bo
     return False
 
 
-def _rewrite(graph: fx.Graph, write: fx.Node, chain: list[fx.Node], functional: Any) -> None:
+def _rewrite(graph: fx.Graph, write: fx.Node, chain: list[fx.Node], functional: Any) -> bool:
     """The written view computed by the functional op and scattered back up the chain:
-    each link read after the write (the write's result included) reads its new value."""
+    each link read after the write (the write's result included) reads its new value.
+    False where the functional op promotes the dtype the write kept (half ``mul_`` float)."""
     order = {node: index for index, node in enumerate(graph.nodes)}
     later = {node: [user for user in node.users if order[user] > order[write]] for node in chain}
     news = [write] * len(chain)
     news[-1] = after = _made(graph, write, write, functional, (chain[-1], *write.args[1:]), dict(write.kwargs))
+    if news[-1].meta[VALUE].dtype != chain[-1].meta[VALUE].dtype:
+        return False
     write.replace_all_uses_with(news[-1])  # an in-place op returns the view it wrote
     for index in range(len(chain) - 1, 0, -1):
         view = chain[index]
@@ -146,6 +150,7 @@ def _rewrite(graph: fx.Graph, write: fx.Node, chain: list[fx.Node], functional: 
         for reader in later[node]:
             reader.replace_input_with(node, new)
     graph.erase_node(write)
+    return True
 
 
 def _made(graph: fx.Graph, write: fx.Node, after: fx.Node, target: Any, args: tuple, kwargs: dict) -> fx.Node:
