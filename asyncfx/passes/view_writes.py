@@ -44,9 +44,8 @@ def rewrite_view_writes(graph: fx.Graph) -> bool:
     views = {node for node in graph.nodes if _returns_alias(node) and _shares_storage(node)}
     for write in [n for n in graph.nodes if _writes(n)]:
         chain, functional = _written_chain(write, views), _functional(write.target)
-        if chain is None or functional is None or _read_after(chain, write, views):
-            return False
-        if not _rewrite(graph, write, chain, functional):
+        if (chain is None or functional is None or _read_after(chain, write, views)
+                or not _rewrite(graph, write, chain, functional)):
             return False
     return True
 
@@ -133,22 +132,19 @@ def _rewrite(graph: fx.Graph, write: fx.Node, chain: list[fx.Node], functional: 
     False where the functional op promotes the dtype the write kept (half ``mul_`` float)."""
     order = {node: index for index, node in enumerate(graph.nodes)}
     later = {node: [user for user in node.users if order[user] > order[write]] for node in chain}
-    news = [write] * len(chain)
-    news[-1] = after = _made(graph, write, write, functional, (chain[-1], *write.args[1:]), dict(write.kwargs))
-    if news[-1].meta[VALUE].dtype != chain[-1].meta[VALUE].dtype:
+    new = last = _made(graph, write, write, functional, (chain[-1], *write.args[1:]), write.kwargs)
+    if new.meta[VALUE].dtype != chain[-1].meta[VALUE].dtype:
         return False
-    write.replace_all_uses_with(news[-1])  # an in-place op returns the view it wrote
-    for index in range(len(chain) - 1, 0, -1):
-        view = chain[index]
+    write.replace_all_uses_with(new)  # an in-place op returns the view it wrote
+    news = {chain[-1]: new}
+    for view in reversed(chain[1:]):  # a link's new value is its view's scattered back, or that itself
         if view.target in _SCATTERS:
-            after = _made(graph, write, after, _SCATTERS[view.target], (view.args[0], news[index], *view.args[1:]),
-                          {})
-            news[index - 1] = after
-        else:  # the input itself
-            news[index - 1] = news[index]
-    for node, new in zip(chain, news):
-        for reader in later[node]:
-            reader.replace_input_with(node, new)
+            scatter_args = (view.args[0], new, *view.args[1:])
+            new = last = _made(graph, write, last, _SCATTERS[view.target], scatter_args, {})
+        news[view.args[0]] = new
+    for node, readers in later.items():
+        for reader in readers:
+            reader.replace_input_with(node, news[node])
     graph.erase_node(write)
     return True
 
@@ -158,19 +154,10 @@ def _made(graph: fx.Graph, write: fx.Node, after: fx.Node, target: Any, args: tu
     with graph.inserting_after(after):
         node = graph.call_function(target, args, kwargs)
     node.meta.update({key: value for key, value in write.meta.items() if key != VALUE})
-    values, named = [_value(a) for a in args], {k: _value(v) for k, v in kwargs.items()}
+    values, named = fx.node.map_arg((args, kwargs), lambda argument: argument.meta[VALUE])
     with values[0].fake_mode:  # the export's fake tensors, symbolic sizes included
         node.meta[VALUE] = target(*values, **named)
     return node
-
-
-def _value(argument: Any) -> Any:
-    """An argument with each node in it (lists of them too: ``index_put``'s indices) its value."""
-    if isinstance(argument, list):  # fx's immutable lists too, which ops do not take
-        return [_value(item) for item in argument]
-    if isinstance(argument, tuple):
-        return tuple(_value(item) for item in argument)
-    return argument.meta[VALUE] if isinstance(argument, fx.Node) else argument
 
 
 def _functional(target: Any) -> Any:
