@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, InputSpec, OutputKind
 
+from asyncfx.module_tensors import tensor_at
 from asyncfx.passes.copy_graph import copy_graph
 
 
@@ -37,19 +38,20 @@ def unlift(exported: ExportedProgram) -> fx.GraphModule:
         ['get_attr', 'get_attr']
     """
     signature = exported.graph_signature
-    other = [f"{spec.kind.name} {spec.target or spec.arg}" for spec in signature.output_specs
-             if spec.kind is not OutputKind.USER_OUTPUT]
-    other += [f"{spec.kind.name} {spec.target or spec.arg}" for spec in signature.input_specs
-              if spec.kind not in _LIFTED and spec.kind is not InputKind.USER_INPUT]
-    if other:
+    unexpected = [spec for spec in signature.output_specs if spec.kind is not OutputKind.USER_OUTPUT]
+    unexpected += [spec for spec in signature.input_specs
+                   if spec.kind not in (*_LIFTED, InputKind.USER_INPUT)]
+    if unexpected:
+        other = [f"{spec.kind.name} {spec.target or spec.arg}" for spec in unexpected]
         raise ValueError(f"unlift takes a program as torch.export.export makes it, whose outputs are the "
                          f"model's and whose inputs are the model's or its weights; this one has {other}: "
-                         "use ExportedProgram.module(), which writes mutations back and removes effect tokens")
+                         "use ExportedProgram.module(), which writes mutations back and removes effect "
+                         "tokens")
     graph = copy_graph(exported.graph_module)
     graph.set_codegen(fx.graph.CodeGen())  # flat inputs and outputs, as the exported graph's
     module = fx.GraphModule(nn.Module(), fx.Graph())
     for node in graph.find_nodes(op="get_attr") + graph.find_nodes(op="call_module"):
-        _put(module, str(node.target), _at(exported.graph_module, str(node.target)))  # subgraphs
+        _put(module, str(node.target), tensor_at(exported.graph_module, str(node.target)))  # subgraphs
     placeholders = graph.find_nodes(op="placeholder")
     for node, spec in zip(placeholders, signature.input_specs, strict=True):
         if spec.kind is not InputKind.USER_INPUT:
@@ -92,8 +94,3 @@ def _put(module: nn.Module, target: str, value: Any, kind: InputKind | None = No
     else:
         setattr(module, field, value)
 
-
-def _at(module: nn.Module, target: str) -> Any:
-    for name in target.split("."):
-        module = getattr(module, name)
-    return module
