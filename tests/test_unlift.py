@@ -38,7 +38,8 @@ def test_the_module_reads_each_kind_of_state_as_torchs_unlift_does():
         [(n.op, n.name, str(n.target)) for n in expected_graph.nodes]
     assert dict(got.named_parameters()).keys() == {"inner.0.weight", "inner.0.bias"}
     assert got.get_parameter("inner.0.weight") is model.inner[0].weight  # the model's own tensors, not copies
-    assert got.state_dict().keys() == expected.state_dict().keys() == {"inner.0.weight", "inner.0.bias", "scale"}
+    assert (got.state_dict().keys() == expected.state_dict().keys()
+            == {"inner.0.weight", "inner.0.bias", "scale"})
     assert dict(got.named_buffers()).keys() == {"scale", "shift"}  # not persistent: no state_dict entry
     assert "table" not in dict(got.named_buffers()) and isinstance(got.table, torch.Tensor)
     (subgraph,) = [n.target for n in got.graph.nodes if n.op == "get_attr" and n.target.startswith("submod")]
@@ -57,6 +58,6 @@ def test_a_program_that_writes_back_a_buffer_is_left_to_torchs_unlift():
             return x + self.calls
 
     exported = functionalise(torch.export.export(Counts(), (torch.randn(2),), strict=False))
-    with pytest.raises(ValueError, match=r"BUFFER_MUTATION calls.*use ExportedProgram.module\(\), which writes "
-                                         "mutations back"):
+    with pytest.raises(ValueError, match=r"BUFFER_MUTATION calls.*use ExportedProgram.module\(\), "
+                                         "which writes mutations back"):
         unlift(exported)

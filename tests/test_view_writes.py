@@ -82,7 +82,8 @@ def _graph(model: torch.nn.Module, args: tuple) -> torch.fx.Graph:
 ARGS = (torch.randn(3, 4), torch.tensor(0.5))
 
 
-@pytest.mark.parametrize("model", [WritesIntoSlices(), WritesThroughAConversion()], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("model", [WritesIntoSlices(), WritesThroughAConversion()],
+                         ids=lambda m: type(m).__name__)
 def test_writes_into_slices_of_a_fresh_tensor_become_scatters_that_compute_the_same(model):
     graph = _graph(model.eval(), ARGS)
     assert in_place_ops(graph)
@@ -102,8 +103,8 @@ def test_a_slice_scaled_in_place_is_a_write_and_a_copy_both_rewritten():
     assert torch.ops.aten.slice_scatter.default in {node.target for node in graph.nodes}
 
 
-@pytest.mark.parametrize("model", [ReadsAViewAfterTheWrite(), WritesThroughATranspose(), WritesAPromotedValue()],
-                         ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("model", [ReadsAViewAfterTheWrite(), WritesThroughATranspose(),
+                                   WritesAPromotedValue()], ids=lambda m: type(m).__name__)
 def test_a_write_another_view_would_see_or_no_scatter_inverts_is_left_to_torch(model):
     assert not rewrite_view_writes(_graph(model, ARGS))
     captured = asyncfx.capture(model, ARGS)  # torch's rewrite, the same numbers

@@ -4,9 +4,9 @@
 export follows diffusers UNets and transformers, whose forward has shape-dependent
 Python control flow; symbolic_trace cannot, so it is only the fallback. A forward that
 writes to its weights, buffers or inputs is refused (a denoiser must not change state
-while sampling); writes to intermediate values are made new values
-(``passes.view_writes``, else ``passes.functionalise``). Where export fails because the model itself refuses the call
-(a wrong dtype, channel count or batch size), the error says so in one line; when both
+while sampling); writes to intermediate values are made new values (``passes.view_writes``,
+else ``passes.functionalise``). Where export fails because the model itself refuses the
+call (a wrong dtype, channel count or batch size), the error says so in one line; when both
 tracers fail otherwise, it names where and why each did (``diagnose``). diffusers'
 layerwise casting is traced as casts in the graph (``integration.layerwise_casts_in_graph``);
 its step caches are passed over (every module is computed), the runtime applies them.
@@ -146,7 +146,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str, block
         return None
     tag_block_calls(exported, model, blocks)
     signature = exported.graph_signature  # writes it returns (unlift takes none), then writes in place
-    _refuse_writes(model_class, {*signature.buffers_to_mutate.values(), *signature.user_inputs_to_mutate.values()})
+    _refuse_writes(model_class, {*signature.buffers_to_mutate.values(),
+                                 *signature.user_inputs_to_mutate.values()})
     unlifted = unlift(exported)
     graph = unlifted.graph
     _refuse_writes(model_class, _mutated_state(graph))

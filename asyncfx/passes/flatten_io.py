@@ -1,9 +1,10 @@
 """Flatten-io pass: a graph that takes the model's tensor arguments as flat positional
 inputs and returns a flat tuple.
 
-torch.export's module takes and returns the model's own argument and output structure
-(pytrees, through its codegen) and keeps a placeholder for every leaf, numbers and
-strings included, which it bakes in as constants. asyncfx binds calls itself
+torch.export's graph keeps a placeholder for every leaf of the model's arguments, numbers
+and strings included, which it bakes in as constants, and ``ExportedProgram.module()``
+(which the capture takes only where torch rewrote in-place writes) takes and returns the
+model's own argument and output structure, through its codegen. asyncfx binds calls itself
 (``Captured``), so the graph keeps one placeholder per tensor argument. It changes the
 graph it is given (see ``remove_checks``).
 """
