@@ -8,7 +8,7 @@ import os
 import pathlib
 import time
 from multiprocessing import forkserver
-from typing import Iterator
+from unittest import mock
 
 import torch
 import torch.multiprocessing as mp
@@ -32,20 +32,12 @@ def start_ranks(function, args: tuple, world: int) -> None:
     mp.start_processes(function, args=args, nprocs=world, start_method="forkserver", join=True)
 
 
-@contextlib.contextmanager
-def worker_importable() -> Iterator[None]:
+def worker_importable() -> contextlib.AbstractContextManager:
     """Interpreters started inside find this folder's modules: Python 3.11's forkserver
     does not take the parent's ``sys.path``, and would skip preloading a module it cannot
     import (each rank would then import it, with torch and diffusers, on its own)."""
-    before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent), before]))
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = before
+    path = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    return mock.patch.dict(os.environ, {"PYTHONPATH": path})
 
 
 def spawn(tmp_path, world: int, model_name: str, dying_rank=None, timeout_s=60.0, stride=1,
