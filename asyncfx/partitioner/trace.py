@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from asyncfx.errors import CaptureError
 from asyncfx.cache_hooks import chained_blocks
@@ -139,7 +140,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str, block
     """export's module of the model, its in-place writes to intermediates made new values;
     writes to weights, buffers or inputs are refused. The calls of ``blocks`` are recorded
     in the graph (``passes.block_calls``). None: an output to pin, and no source lines."""
-    with _failures_reported_by_the_capture():
+    with _failures_reported_by_the_capture(), _use_lazy_graph_module(True):  # see passes.copy_graph
         exported = torch.export.export(model, args, kwargs, strict=False,
                                        preserve_module_call_signature=blocks)
     if not stack_traces and has_outputs_to_pin(exported.graph):

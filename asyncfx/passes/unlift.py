@@ -21,7 +21,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, InputSpec, OutputKind
 
 from asyncfx.module_tensors import tensor_at
-from asyncfx.passes.copy_graph import copy_graph
+from asyncfx.passes.copy_graph import copy_graph, lazy_graph_module
 
 
 #: The kinds of lifted inputs ``unlift`` reads from attributes.
@@ -49,7 +49,7 @@ def unlift(exported: ExportedProgram) -> fx.GraphModule:
                          "tokens")
     graph = copy_graph(exported.graph_module)
     graph.set_codegen(fx.graph.CodeGen())  # flat inputs and outputs, as the exported graph's
-    module = fx.GraphModule(nn.Module(), fx.Graph())
+    module = lazy_graph_module(nn.Module(), fx.Graph(), "GraphModule")
     for node in graph.find_nodes(op="get_attr") + graph.find_nodes(op="call_module"):
         _put(module, str(node.target), tensor_at(exported.graph_module, str(node.target)))  # subgraphs
     placeholders = graph.find_nodes(op="placeholder")
@@ -57,7 +57,7 @@ def unlift(exported: ExportedProgram) -> fx.GraphModule:
         if spec.kind is not InputKind.USER_INPUT:
             _put(module, str(spec.target), _lifted_value(exported, spec), spec.kind, spec.persistent)
             _read_from_attribute(graph, node, str(spec.target))
-    module.graph = graph  # its code made once
+    module.graph = graph  # its code made when first run or read
     return module
 
 
