@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                         f"(default: the best of {', '.join(map(str, GUIDANCE_SCALES))})")
     parser.add_argument("--check-per-class", type=int, default=10,
                         help="sequential samples of each digit that measure class accuracy")
+    parser.add_argument("--check-steps", type=int, default=50,
+                        help="sampling steps of the samples that measure class accuracy")
     options = parser.parse_args(argv)
     options.steps = options.steps or TRAINING_STEPS[options.model]
     os.makedirs(options.out, exist_ok=True)
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                                           options.classifier_epochs)
     model, loss = train_denoiser(options.model, images, labels, options.steps)
     scales = GUIDANCE_SCALES if options.guidance is None else (options.guidance,)
-    guidance, accuracies = best_guidance(model, classifier, scales, options.check_per_class)
+    guidance, accuracies = best_guidance(model, classifier, scales, options.check_per_class,
+                                         options.check_steps)
     print(f"sequential class accuracy by guidance scale: {accuracies}; chosen {guidance}")
     config = UNET_CONFIG if options.model == "unet" else DIT_CONFIG
     info = {"seed": SEED, "denoiser_steps": options.steps, "batch": 64, "final_loss": round(loss, 5),
