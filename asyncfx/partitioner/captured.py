@@ -229,16 +229,22 @@ def graph_fingerprint(gm: fx.GraphModule, inputs: Sequence[GraphInput]) -> str:
 
     Plans store it; applying a plan to another graph is then a clear error.
     """
-    index = {node: i for i, node in enumerate(gm.graph.nodes)}
-    digest = hashlib.sha256()
-    for graph_input in inputs:
-        digest.update(repr(dataclasses.astuple(graph_input)).encode())
+    index = {node: f"%{i}" for i, node in enumerate(gm.graph.nodes)}
+    lines = [repr(dataclasses.astuple(graph_input)) for graph_input in inputs]
     for node in gm.graph.nodes:
-        args = pytree.tree_map_only(fx.Node, lambda n: f"%{index[n]}", (node.args, node.kwargs))
-        value = node.meta.get(VALUE)
-        shape = pytree.tree_map_only(torch.Tensor, lambda t: (tuple(t.shape), str(t.dtype)), value)
-        digest.update(f"{node.op}|{_target_name(node)}|{args}|{shape}\n".encode())
-    return digest.hexdigest()[:16]
+        args = fx.node.map_arg((node.args, node.kwargs), index.__getitem__)
+        lines.append(f"{node.op}|{_target_name(node)}|{args}|{_shapes(node.meta.get(VALUE))}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+
+
+def _shapes(value: Any) -> Any:
+    """``value`` with each tensor replaced by its shape and dtype (plain tuples and lists
+    walked here, any other structure by pytree)."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), str(value.dtype)
+    if type(value) in (tuple, list):
+        return type(value)(_shapes(item) for item in value)
+    return pytree.tree_map_only(torch.Tensor, lambda t: (tuple(t.shape), str(t.dtype)), value)
 
 
 def _target_name(node: fx.Node) -> str:
