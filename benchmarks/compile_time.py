@@ -1,12 +1,15 @@
 """Seconds per compiler phase for an SD2.1-shaped UNet (random weights) on this machine.
 
-    python benchmarks/compile_time.py [--size 64] [--batch 2] [--n-devices 4] [--compare REV [--rounds 2]]
+    python benchmarks/compile_time.py [--size 64] [--batch 2] [--n-devices 4] [--again 3]
+                                      [--compare REV [--rounds 2]]
 
 Phases: build the model, capture (torch.export + classify), classify alone (re-run),
 keeping the model's Python state across the trace alone (snapshot, put back, compare),
 compile (FLOP/byte estimate + balanced cut), split (stage GraphModules), and one
 check that the chained stages reproduce the model. Target: capture + compile + split
-under 60 s on a 2-core CPU.
+under 60 s on a 2-core CPU. ``--again N`` also captures the model N more times in the
+same process and reports their median: a capture after an edit between generations,
+or any capture after the first of a process (torch's caches filled).
 
 ``--compare REV`` times the phases of this checkout and of git revision REV in one run,
 each in a fresh interpreter (a first capture and estimate fill torch's caches of fake
@@ -33,10 +36,10 @@ from asyncfx.zoo.tiny import sd21_unet
 from revisions import alternating
 
 
-def phases(size: int, batch: int, n_devices: int, freeu: bool = False) -> tuple:
+def phases(size: int, batch: int, n_devices: int, freeu: bool = False, again: int = 0) -> tuple:
     """Seconds of each phase, and what they made: ``(timings, model, args, kwargs, captured,
     plan, staged)``; ``freeu``: with FreeU on (its masks and slice scaling are in-place writes
-    the capture makes new values)."""
+    the capture makes new values); ``again``: captures after the first, timed apart."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model, args, kwargs = sd21_unet(batch=batch, size=size)
@@ -47,6 +50,9 @@ def phases(size: int, batch: int, n_devices: int, freeu: bool = False) -> tuple:
     start = time.perf_counter()
     captured = asyncfx.capture(model, args, kwargs)
     timings["capture (export + classify)"] = time.perf_counter() - start
+    if again:
+        timings["  capture again (median)"] = statistics.median(_capture_seconds(model, args, kwargs)
+                                                                for _ in range(again))
 
     roles = {n.name: n.meta[VALUE_CLASS] for n in captured.graph.nodes if n.op == "placeholder"}
     start = time.perf_counter()
@@ -69,6 +75,12 @@ def phases(size: int, batch: int, n_devices: int, freeu: bool = False) -> tuple:
     return timings, model, args, kwargs, captured, plan, staged
 
 
+def _capture_seconds(model: torch.nn.Module, args: tuple, kwargs: dict) -> float:
+    start = time.perf_counter()
+    asyncfx.capture(model, args, kwargs)
+    return time.perf_counter() - start
+
+
 def compare(revision: str, rounds: int, arguments: list[str]) -> list[str]:
     """Each phase's median seconds in ``revision`` and in this checkout, alternating in
     fresh interpreters."""
@@ -87,6 +99,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--n-devices", type=int, default=4)
     parser.add_argument("--freeu", action="store_true", help="with FreeU on (in-place writes)")
+    parser.add_argument("--again", type=int, default=0, metavar="N",
+                        help="capture N more times in the same process (median reported)")
     parser.add_argument("--compare", metavar="REV", help="also time git revision REV, alternating")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each with --compare")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one run, for --compare
@@ -94,11 +108,12 @@ def main() -> None:
     torch.set_grad_enabled(False)
     if options.compare:
         arguments = ["--size", str(options.size), "--batch", str(options.batch),
-                     "--n-devices", str(options.n_devices)] + ["--freeu"] * options.freeu
+                     "--n-devices", str(options.n_devices), "--again", str(options.again)]
+        arguments += ["--freeu"] * options.freeu
         print("\n".join(compare(options.compare, options.rounds, arguments)))
         return
-    timings, model, args, kwargs, captured, plan, staged = phases(options.size, options.batch,
-                                                                  options.n_devices, options.freeu)
+    timings, model, args, kwargs, captured, plan, staged = phases(
+        options.size, options.batch, options.n_devices, options.freeu, options.again)
     if options.json:
         print(json.dumps({"asyncfx": os.path.dirname(asyncfx.__file__), "timings": timings}))
         return
