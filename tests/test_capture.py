@@ -752,3 +752,24 @@ def test_a_call_a_model_built_without_weights_refuses_is_one_line_too():
     with pytest.raises(asyncfx.CaptureError, match=refused):
         asyncfx.capture(empty, (), {**kwargs, "sample": kwargs["sample"][:, :3]})
     assert all(p.is_meta for p in empty.parameters())
+
+
+def test_a_capture_generates_code_only_for_the_graph_that_runs(monkeypatch):
+    """The intermediate GraphModules of a capture (export's, unlift's, the normalised
+    graph's before pinning) never run: their Python code is generated when first run or
+    read. Only the exported program's own module makes its code as it is built."""
+    generated = []
+    python_code = torch.fx.Graph.python_code
+
+    def counting(graph, *args, **kwargs):
+        generated.append(graph)
+        return python_code(graph, *args, **kwargs)
+
+    model, args, kwargs = zoo_example("sd_unet")
+    monkeypatch.setattr(torch.fx.Graph, "python_code", counting)
+    captured = asyncfx.capture(model, args, kwargs)
+    assert len(generated) == 1 and generated[0] is not captured.graph
+    assert_same_output(captured(*args, **kwargs), model(*args, **kwargs))  # its code made at its first run
+    assert len(generated) == 2 and generated[1] is captured.graph
+    assert "def forward" in captured.graph_module.code
+    assert len(generated) == 2
