@@ -35,7 +35,7 @@ from asyncfx.partitioner.containers import check_objects_are_registered
 from asyncfx.partitioner.diagnose import check_capturable, warn_about_forward_hooks, warn_about_unnamed_latents
 from asyncfx.partitioner.trace import Traced, trace
 from asyncfx.passes.classify import classify
-from asyncfx.passes.copy_graph import copy_graph, finish
+from asyncfx.passes.copy_graph import finish
 from asyncfx.passes.flatten_io import flatten_io
 from asyncfx.passes.meta import ValueClass
 from asyncfx.passes.name_placeholders import name_placeholders
@@ -97,7 +97,7 @@ def normalise(traced: Traced, call: BoundCall, model_class: str) -> tuple[fx.Gra
     """The traced graph with flat tensor inputs named after the arguments and a flat
     tuple output (outputs of value-dependent size pinned), and its inputs."""
     tensors = call.tensors
-    graph = copy_graph(traced.graph_module)  # the passes below change it; its code made once
+    graph = traced.graph_module.graph  # made for this capture alone: the passes below change it
     if traced.method == "export":
         remove_checks(graph)
         flatten_io(graph, call.is_tensor, model_class)

@@ -46,8 +46,9 @@ from asyncfx.passes.view_writes import rewrite_view_writes
 @dataclasses.dataclass
 class Traced:
     """What tracing made: the graph (export's module, with the model's argument structure,
-    or symbolic_trace's, already flat), its output structure, the method, and the
-    arguments the call writes into (see ``containers.watching_argument_writes``)."""
+    or symbolic_trace's, already flat; made for this trace alone, so the capture changes
+    it in place), its output structure, the method, and the arguments the call writes
+    into (see ``containers.watching_argument_writes``)."""
 
     graph_module: fx.GraphModule
     out_spec: pytree.TreeSpec
