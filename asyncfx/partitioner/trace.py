@@ -141,7 +141,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, model_class: str, block
     """export's module of the model, its in-place writes to intermediates made new values;
     writes to weights, buffers or inputs are refused. The calls of ``blocks`` are recorded
     in the graph (``passes.block_calls``). None: an output to pin, and no source lines."""
-    with _failures_reported_by_the_capture(), _use_lazy_graph_module(True):  # see passes.copy_graph
+    # torch's switch to lazy GraphModules (see passes.copy_graph) is process-wide: graphs another
+    # thread makes meanwhile are lazy too, which changes only when their code is generated
+    with _failures_reported_by_the_capture(), _use_lazy_graph_module(True):
         exported = torch.export.export(model, args, kwargs, strict=False,
                                        preserve_module_call_signature=blocks)
     if not stack_traces and has_outputs_to_pin(exported.graph):
