@@ -73,7 +73,8 @@ def test_async_sample_with_warmup_covering_the_steps_equals_sequential(model):
 
 
 def test_training_script_writes_loadable_weights(tmp_path):
-    quick = ["--steps", "3", "--out", str(tmp_path), "--guidance", "2.0", "--check-per-class", "1", "--check-steps", "5"]
+    quick = ["--steps", "3", "--out", str(tmp_path), "--guidance", "2.0", "--check-per-class", "1",
+             "--check-steps", "5"]
     with pytest.raises(SystemExit, match="digits_classifier.safetensors is missing: train the classifier "
                                          "first with --model unet"):
         train_digits.main(["--model", "dit", *quick])

@@ -32,7 +32,8 @@ from asyncfx.errors import CaptureError
 from asyncfx.partitioner.binding import BoundCall, LatentOption, bind_call
 from asyncfx.partitioner.captured import _TENSOR, CallInterface, Captured
 from asyncfx.partitioner.containers import check_objects_are_registered
-from asyncfx.partitioner.diagnose import check_capturable, warn_about_forward_hooks, warn_about_unnamed_latents
+from asyncfx.partitioner.diagnose import (check_capturable, warn_about_forward_hooks,
+                                          warn_about_unnamed_latents)
 from asyncfx.partitioner.trace import Traced, trace
 from asyncfx.passes.classify import classify
 from asyncfx.passes.copy_graph import finish
