@@ -244,7 +244,7 @@ def _shapes(value: Any) -> Any:
         return tuple(value.shape), str(value.dtype)
     if type(value) in (tuple, list):
         return type(value)(_shapes(item) for item in value)
-    return pytree.tree_map_only(torch.Tensor, lambda t: (tuple(t.shape), str(t.dtype)), value)
+    return pytree.tree_map_only(torch.Tensor, _shapes, value)
 
 
 def _target_name(node: fx.Node) -> str:

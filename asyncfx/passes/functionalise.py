@@ -24,8 +24,13 @@ from torch.export import ExportedProgram
 
 def in_place_ops(graph: fx.Graph) -> list[fx.Node]:
     """The ATen ops of an exported graph whose schema writes to an argument."""
-    return [node for node in graph.nodes if node.op == "call_function"
-            and getattr(node.target, "_schema", None) is not None and node.target._schema.is_mutable]
+    return [node for node in graph.nodes if writes_in_place(node)]
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether ``node`` calls an ATen op whose schema writes to an argument."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def functionalise(exported: ExportedProgram) -> ExportedProgram:

@@ -22,6 +22,7 @@ import torch
 from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from asyncfx.passes.functionalise import in_place_ops, writes_in_place
 from asyncfx.passes.meta import VALUE
 
 #: View ops that a scatter inverts: the view's arguments, after the base, are the scatter's.
@@ -42,17 +43,14 @@ def rewrite_view_writes(graph: fx.Graph) -> bool:
     # which views share their input's storage, from export's values (a rewrite makes new
     # values for the bases it writes, which the views after it read without a value of their own)
     views = {node for node in graph.nodes if _returns_alias(node) and _shares_storage(node)}
-    for write in [n for n in graph.nodes if _writes(n)]:
+    for write in in_place_ops(graph):
         chain, functional = _written_chain(write, views), _functional(write.target)
-        if (chain is None or functional is None or _read_after(chain, write, views)
-                or not _rewrite(graph, write, chain, functional)):
+        if chain is None or functional is None:
+            return False
+        order = {node: index for index, node in enumerate(graph.nodes)}  # before this write's rewrite
+        if _read_after(chain, write, views, order) or not _rewrite(graph, write, chain, functional, order):
             return False
     return True
-
-
-def _writes(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def _returns_alias(node: fx.Node) -> bool:
@@ -107,12 +105,11 @@ def _concrete(sizes: Any) -> tuple[int, ...] | None:
     return tuple(sizes) if all(isinstance(size, int) for size in sizes) else None
 
 
-def _read_after(chain: list[fx.Node], write: fx.Node, views: set[fx.Node]) -> bool:
+def _read_after(chain: list[fx.Node], write: fx.Node, views: set[fx.Node], order: dict[fx.Node, int]) -> bool:
     """Whether a view of the chain's base made before ``write`` is read after it where the
     rewrite cannot give the read the written value: a view off the chain, or a view or a
-    write of a view on it."""
+    write of a view on it (``order``: each node's position in the graph)."""
     base = chain[0]
-    order = {node: index for index, node in enumerate(base.graph.nodes)}
     aliases, stack = set(), [base]
     while stack:
         for user in stack.pop().users:
@@ -121,16 +118,16 @@ def _read_after(chain: list[fx.Node], write: fx.Node, views: set[fx.Node]) -> bo
                 stack.append(user)
     for alias in aliases:
         later = [user for user in alias.users if order[user] > order[write]]
-        if later and (alias not in chain or any(u in views or _writes(u) for u in later)):
+        if later and (alias not in chain or any(u in views or writes_in_place(u) for u in later)):
             return True
     return False
 
 
-def _rewrite(graph: fx.Graph, write: fx.Node, chain: list[fx.Node], functional: Any) -> bool:
+def _rewrite(graph: fx.Graph, write: fx.Node, chain: list[fx.Node], functional: Any,
+             order: dict[fx.Node, int]) -> bool:
     """The written view computed by the functional op and scattered back up the chain:
     each link read after the write (the write's result included) reads its new value.
     False where the functional op promotes the dtype the write kept (half ``mul_`` float)."""
-    order = {node: index for index, node in enumerate(graph.nodes)}
     later = {node: [user for user in node.users if order[user] > order[write]] for node in chain}
     new = last = _made(graph, write, write, functional, (chain[-1], *write.args[1:]), write.kwargs)
     if new.meta[VALUE].dtype != chain[-1].meta[VALUE].dtype:
