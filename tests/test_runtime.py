@@ -532,7 +532,7 @@ def test_layer_hooks_added_after_the_capture_are_refused_at_the_next_call():
         den(**later)
     assert den._clock.step == 0  # refused before the call counted
     HookRegistry.check_if_exists_or_initialize(den).remove_hook("layer_skip_hook", recurse=True)
-    reference = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
+    reference = asyncfx.partition(zoo_captured("sd_unet"), 2, layout="1x2", warmup=1, executor="serial")
     reference(**kwargs)
     torch.testing.assert_close(den(**later).sample, reference(**later).sample, rtol=0, atol=0)
 
@@ -542,7 +542,8 @@ def test_alternating_captures_each_keep_their_generation_going():
     single = {**kwargs, "sample": kwargs["sample"][:1],
               "encoder_hidden_states": kwargs["encoder_hidden_states"][:1]}
     den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
-    alone = [asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial") for _ in range(2)]
+    alone = [asyncfx.partition(source, 2, layout="1x2", warmup=1, executor="serial")
+             for source in (zoo_captured("sd_unet"), model)]  # the whole batch's captured once for the suite
     captures = set()
     for step, t in enumerate((900, 800, 700, 600)):
         for kind, call in enumerate((kwargs, single)):
@@ -642,7 +643,7 @@ def test_shape_change_mid_generation_recaptures(caplog):
 def test_a_call_with_missing_arguments_is_an_error_that_keeps_the_generation():
     model, _, kwargs = zoo_example("sd_unet")
     den = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
-    untouched = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
+    untouched = asyncfx.partition(zoo_captured("sd_unet"), 2, layout="1x2", warmup=1, executor="serial")
     calls = [{**kwargs, "timestep": torch.tensor(t)} for t in (900, 800, 700)]
     torch.testing.assert_close(den(**calls[0]).sample, untouched(**calls[0]).sample, rtol=0, atol=0)
     interface, executor = den.interface, den.executor
@@ -675,7 +676,7 @@ def test_a_recapture_that_fails_keeps_the_current_build():
 def test_closing_stops_the_workers_and_the_next_call_starts_new_ones_from_the_same_plan():
     model, _, kwargs = zoo_example("sd_unet")
     den = asyncfx.partition(model, 2, layout="1x2", warmup=1)
-    reference = asyncfx.partition(model, 2, layout="1x2", warmup=1, executor="serial")
+    reference = asyncfx.partition(zoo_captured("sd_unet"), 2, layout="1x2", warmup=1, executor="serial")
     calls = [{**kwargs, "timestep": torch.tensor(t)} for t in (900, 800, 700, 600)]
     got = [den(**call).sample for call in calls[:2]]
     closed, plan = den.executor, den.plan
