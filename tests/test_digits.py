@@ -12,6 +12,7 @@ from asyncfx.quality import class_accuracy
 from asyncfx.zoo import train_digits
 from asyncfx.zoo.digits_model import (KINDS, WEIGHTS, digits, digits_classifier, digits_dataset,
                                       held_out_split, sample_digits, weight_files)
+from conftest import zoo_captured
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -100,3 +101,12 @@ def test_speed_quality_sweep_rows():
     assert exact.psnr == float("inf") and exact.ssim == pytest.approx(1.0)   # warm-up covers every step
     assert stale.psnr < 60 and stale.predicted_speedup > 1.0
     assert exact.predicted_speedup == pytest.approx(1.0) and exact.ideal_speedup == pytest.approx(1.0)
+
+
+def test_speed_quality_sweep_refuses_a_capture_of_another_model():
+    from asyncfx.app.sweep import speed_quality_sweep
+
+    with pytest.raises(asyncfx.AsyncFXError, match=r"given a UNet2DConditionModel captured with latents "
+                                                   r"\[\[2, 4, 8, 8\]\], but it samples a \w+ with a latent"):
+        speed_quality_sweep(asyncfx.zoo.digits(), asyncfx.zoo.digits_classifier(), torch.arange(4),
+                            captured=zoo_captured("sd_unet"))

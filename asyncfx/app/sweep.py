@@ -13,7 +13,9 @@ from typing import Sequence
 import torch
 
 import asyncfx
+from asyncfx.errors import AsyncFXError
 from asyncfx.partitioner.simulate import simulate
+from asyncfx.program import InputRole
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
 from asyncfx.zoo.digits_model import (IMAGE_SIZE, DigitClassifier, Digits,
                                       make_scheduler, sample_digits)
@@ -44,8 +46,11 @@ def digits_example_inputs(model: Digits, labels: torch.Tensor) -> tuple[tuple, d
 def speed_quality_sweep(model: Digits, classifier: DigitClassifier, labels: torch.Tensor, *,
                         stages: Sequence[int] = (2, 3), strides: Sequence[int] = (1, 2),
                         warmups: Sequence[int] = (1, 3, 5, 9), steps: int = 20, link: str = "cpu",
-                        real_features: torch.Tensor | None = None, repeats: int = 3) -> list[SweepRow]:
+                        real_features: torch.Tensor | None = None, repeats: int = 3,
+                        captured: asyncfx.Captured | None = None) -> list[SweepRow]:
     """Rows for every (N, stride, warm-up); plans compiled once per N with measured costs.
+    ``captured``: the denoiser already captured at ``digits_example_inputs(model, labels)``
+    (captured here when None).
 
     Example:
         >>> rows = speed_quality_sweep(asyncfx.zoo.digits(), asyncfx.zoo.digits_classifier(),
@@ -53,16 +58,28 @@ def speed_quality_sweep(model: Digits, classifier: DigitClassifier, labels: torc
         >>> [(r.warmup, round(r.psnr, 1)) for r in rows]
     """
     with torch.no_grad():
-        return _sweep(model, classifier, labels, stages, strides, warmups, steps, link, real_features,
-                      repeats)
+        inputs = digits_example_inputs(model, labels)
+        if captured is None:
+            captured = asyncfx.capture(model.denoiser, *inputs)
+        _check_captured_at(captured, model, inputs)
+        return _sweep(model, classifier, labels, captured, inputs, stages, strides, warmups, steps, link,
+                      real_features, repeats)
 
 
-def _sweep(model: Digits, classifier: DigitClassifier, labels: torch.Tensor, stages: Sequence[int],
-           strides: Sequence[int], warmups: Sequence[int], steps: int, link: str,
-           real_features: torch.Tensor | None, repeats: int) -> list[SweepRow]:
+def _check_captured_at(captured: asyncfx.Captured, model: Digits, inputs: tuple[tuple, dict]) -> None:
+    """Refuse a capture of another model, or made at another batch than the sweep's."""
+    denoiser, latent = type(model.denoiser).__name__, list(inputs[0][0].shape)
+    shapes = [list(i.shape) for i in captured.inputs if i.role is InputRole.LATENT]
+    if captured.model_class != denoiser or shapes != [latent]:
+        raise AsyncFXError(f"the sweep was given a {captured.model_class} captured with latents {shapes}, "
+                           f"but it samples a {denoiser} with a latent of shape {latent}; capture the "
+                           "model's denoiser at digits_example_inputs(model, labels), or pass captured=None.")
+
+
+def _sweep(model: Digits, classifier: DigitClassifier, labels: torch.Tensor, captured: asyncfx.Captured,
+           inputs: tuple[tuple, dict], stages: Sequence[int], strides: Sequence[int], warmups: Sequence[int],
+           steps: int, link: str, real_features: torch.Tensor | None, repeats: int) -> list[SweepRow]:
     sequential = sample_digits(model.denoiser, model, labels, steps=steps, seed=0)
-    inputs = digits_example_inputs(model, labels)
-    captured = asyncfx.capture(model.denoiser, *inputs)
     profile = asyncfx.profile(captured, inputs, repeats=repeats)
     rows = []
     for n in stages:
