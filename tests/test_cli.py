@@ -51,9 +51,14 @@ def test_demo_refuses_a_bad_forecast_before_sampling(tmp_path, capsys):
 
 
 def test_module_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "asyncfx", "--help"], capture_output=True,
-                            text=True, timeout=120)
+    """In a fresh interpreter, which imports all of asyncfx without importing torch's compiler
+    (torch._dynamo, a second or more: a capture or torch.compile imports it when it runs)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "asyncfx", "--help"],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "demo" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert {"asyncfx.api", "asyncfx.partitioner.capture", "torch"} <= imported
+    assert "torch._dynamo" not in imported
 
 
 def run_cli(*argv: str) -> int:

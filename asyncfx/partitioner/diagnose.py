@@ -5,6 +5,7 @@ from __future__ import annotations
 import linecache
 import os
 import re
+import sys
 import traceback
 import warnings
 from typing import Sequence
@@ -12,7 +13,6 @@ from typing import Sequence
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
-from torch._dynamo.eval_frame import OptimizedModule
 
 from asyncfx.errors import CaptureError
 from asyncfx.integration import check_no_forward_wrappers, check_no_step_cache
@@ -35,10 +35,17 @@ def check_capturable(model: nn.Module) -> None:
 def check_not_compiled(model: nn.Module) -> None:
     """Refuse a ``torch.compile()`` wrapper: its ``forward(*args, **kwargs)`` hides the
     argument names, and its compiled code would not run in the stages anyway."""
-    if isinstance(model, OptimizedModule):
+    if _compiled(model):
         raise CaptureError("the model was compiled with torch.compile(); asyncfx captures it with "
                            "torch.export and runs the stages itself (as CUDA graphs on GPUs), so pass "
                            f"the model before compiling: its _orig_mod, a {type(model._orig_mod).__name__}.")
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is torch.compile()'s wrapper, whose class torch._dynamo defines: no
+    model is one before torch.compile imported it (so asyncfx need not import it)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
 
 
 def warn_about_forward_hooks(model: nn.Module) -> None:

@@ -27,8 +27,8 @@ def check_call(proxy: nn.Module, model: nn.Module, module_dicts: Sequence[dict] 
     """Refuse what the stages cannot run: compile tracing, gradients, offloading hooks on
     the denoiser, hooks on the model's layers since the capture (``module_dicts``: its
     modules' attribute dicts then; None before the first capture)."""
-    if torch.compiler.is_compiling():
-        _refuse_compile(model)
+    if torch.compiler.is_compiling():  # torch.compile imported torch._dynamo: disabling is free now
+        torch.compiler.disable(_refuse_compile)(model)
     if torch.is_grad_enabled():
         _check_no_input_wants_gradients(model, args, kwargs)
     refuse_offloading(proxy, model)
@@ -80,10 +80,10 @@ class _Held:
         self.calls.release()
 
 
-@torch.compiler.disable
 def _refuse_compile(model: nn.Module) -> None:
     """Raised outside the trace (dynamo calls a disabled function eagerly), so that the
-    error reaches the caller instead of sending dynamo back to running forward eagerly."""
+    error reaches the caller instead of sending dynamo back to running forward eagerly;
+    disabled where it is called, which keeps importing asyncfx from importing dynamo."""
     raise CompiledDenoiserError(
         f"torch.compile() cannot trace an AsyncDenoiser (of {type(model).__name__}): "
         "its stages run on worker threads and devices, replayed as CUDA graphs on GPUs. Call the "
