@@ -13,9 +13,7 @@ from typing import Sequence
 import torch
 
 import asyncfx
-from asyncfx.errors import AsyncFXError
 from asyncfx.partitioner.simulate import simulate
-from asyncfx.program import InputRole
 from asyncfx.quality import class_accuracy, frechet_distance, psnr, ssim
 from asyncfx.zoo.digits_model import (IMAGE_SIZE, DigitClassifier, Digits,
                                       make_scheduler, sample_digits)
@@ -50,7 +48,7 @@ def speed_quality_sweep(model: Digits, classifier: DigitClassifier, labels: torc
                         captured: asyncfx.Captured | None = None) -> list[SweepRow]:
     """Rows for every (N, stride, warm-up); plans compiled once per N with measured costs.
     ``captured``: the denoiser already captured at ``digits_example_inputs(model, labels)``
-    (captured here when None).
+    (captured here when None; one made at another call is refused as the capture refuses it).
 
     Example:
         >>> rows = speed_quality_sweep(asyncfx.zoo.digits(), asyncfx.zoo.digits_classifier(),
@@ -61,19 +59,10 @@ def speed_quality_sweep(model: Digits, classifier: DigitClassifier, labels: torc
         inputs = digits_example_inputs(model, labels)
         if captured is None:
             captured = asyncfx.capture(model.denoiser, *inputs)
-        _check_captured_at(captured, model, inputs)
+        else:  # one of another model or batch refused before anything samples
+            captured.call.flatten(*inputs)
         return _sweep(model, classifier, labels, captured, inputs, stages, strides, warmups, steps, link,
                       real_features, repeats)
-
-
-def _check_captured_at(captured: asyncfx.Captured, model: Digits, inputs: tuple[tuple, dict]) -> None:
-    """Refuse a capture of another model, or made at another batch than the sweep's."""
-    denoiser, latent = type(model.denoiser).__name__, list(inputs[0][0].shape)
-    shapes = [list(i.shape) for i in captured.inputs if i.role is InputRole.LATENT]
-    if captured.model_class != denoiser or shapes != [latent]:
-        raise AsyncFXError(f"the sweep was given a {captured.model_class} captured with latents {shapes}, "
-                           f"but it samples a {denoiser} with a latent of shape {latent}; capture the "
-                           "model's denoiser at digits_example_inputs(model, labels), or pass captured=None.")
 
 
 def _sweep(model: Digits, classifier: DigitClassifier, labels: torch.Tensor, captured: asyncfx.Captured,
