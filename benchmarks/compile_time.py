@@ -32,6 +32,7 @@ import asyncfx
 from asyncfx.partitioner.traced_state import restoring_traced_state
 from asyncfx.passes.classify import classify
 from asyncfx.passes.meta import VALUE_CLASS
+from asyncfx.timing import median_wall_seconds
 from asyncfx.zoo.tiny import sd21_unet
 from revisions import alternating
 
@@ -51,8 +52,8 @@ def phases(size: int, batch: int, n_devices: int, freeu: bool = False, again: in
     captured = asyncfx.capture(model, args, kwargs)
     timings["capture (export + classify)"] = time.perf_counter() - start
     if again:
-        timings["  capture again (median)"] = statistics.median(_capture_seconds(model, args, kwargs)
-                                                                for _ in range(again))
+        recapture = lambda: asyncfx.capture(model, args, kwargs)
+        timings["  capture again (median)"] = median_wall_seconds(recapture, warmup=0, repeats=again)
 
     roles = {n.name: n.meta[VALUE_CLASS] for n in captured.graph.nodes if n.op == "placeholder"}
     start = time.perf_counter()
@@ -73,12 +74,6 @@ def phases(size: int, batch: int, n_devices: int, freeu: bool = False, again: in
     timings["split"] = time.perf_counter() - start
 
     return timings, model, args, kwargs, captured, plan, staged
-
-
-def _capture_seconds(model: torch.nn.Module, args: tuple, kwargs: dict) -> float:
-    start = time.perf_counter()
-    asyncfx.capture(model, args, kwargs)
-    return time.perf_counter() - start
 
 
 def compare(revision: str, rounds: int, arguments: list[str]) -> list[str]:
