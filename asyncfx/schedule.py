@@ -98,7 +98,8 @@ def schedule(step: int, n_stages: int, *, warmup: int, stride: int = 1, time_shi
              sequential: SequentialSteps | None = None) -> StepSchedule:
     """The runs of denoising step ``step`` (0-based) for ``n_stages`` stages; ``forecast``
     is the damping ``g`` of forecast stale values (see the module note; 0: off);
-    ``sequential`` places sequential steps after warm-up (cool-down, refresh).
+    ``sequential`` places sequential steps after warm-up (cool-down, refresh). A step's
+    schedule depends on these alone: it is made once and remembered (``SCHEDULES_KEPT``).
 
     Example (N=3, warm-up 2: step 5's last stage reads stage 1's step-4 output, which read
     stage 0's step-3 output):
@@ -106,7 +107,13 @@ def schedule(step: int, n_stages: int, *, warmup: int, stride: int = 1, time_shi
         [(0, 5, 4), (1, 5, 4), (2, 5, 4)]
     """
     _check(step, n_stages, warmup, stride, total_steps)
-    steps = _Steps(warmup, stride, total_steps, sequential or SequentialSteps())
+    return _remembered_schedule(step, n_stages, warmup, stride, time_shift, total_steps, forecast,
+                                sequential or SequentialSteps())
+
+
+def _scheduled(step: int, n_stages: int, warmup: int, stride: int, time_shift: bool, total_steps: int | None,
+               forecast: float, sequential: SequentialSteps) -> StepSchedule:
+    steps = _Steps(warmup, stride, total_steps, sequential)
     steps.check()
     plain = _plain_schedule(step, n_stages, steps, time_shift)
     written = [r.writes for r in plain.runs if r.writes is not None]
@@ -292,6 +299,12 @@ def check_settings(n_stages: int, warmup: int, stride: int) -> None:
                         + ("the last warm-up step fills the boundary buffers the first parallel step "
                            "reads, so warmup must be at least 1 with several stages." if least else
                            "the number of warm-up steps."))
+
+
+#: Schedules remembered: a schedule depends on its step and settings alone, and a denoiser
+#: asks for the same steps in every generation (a few streams of up to a few hundred steps).
+SCHEDULES_KEPT = 4096
+_remembered_schedule = functools.lru_cache(maxsize=SCHEDULES_KEPT)(_scheduled)
 
 
 @functools.lru_cache(maxsize=64)

@@ -2,10 +2,11 @@
 
     python benchmarks/runtime_overhead.py [--calls 300] [--stages 2,4] [--compare REV [--rounds 3]]
 
-A chain of tiny Linear layers (microseconds of arithmetic) is partitioned, so what a
-call costs beyond the model itself is the runtime: binding and checking the inputs,
-tracking the generation, scheduling the step, running or handing each stage to its
-worker, collecting and rebuilding the output. In one run it times the model alone (the
+A chain of tiny Linear layers (microseconds of arithmetic) is partitioned into N stages
+(layout 1xN, the whole batch through every stage), so what a call costs beyond the model
+itself is the runtime: binding and checking the inputs, tracking the generation,
+scheduling the step, running or handing each stage to its worker, collecting and
+rebuilding the output. In one run it times the model alone (the
 baseline), the serial executor (every stage in the calling thread: the runtime without
 threads) and the local executor on CPU worker threads, each as the median wall time of
 a parallel step and the CPU time the calling thread spent in it. On a GPU the calling
@@ -26,6 +27,7 @@ the capture (``diffusers_hooks``); that check is timed on the same UNets.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import pathlib
@@ -87,12 +89,20 @@ def measure(calls: int, stage_counts: Sequence[int]) -> dict[str, Any]:
         for n in stage_counts:
             for executor, devices in (("serial", None), ("local", ["cpu"] * n)):
                 den = asyncfx.partition(model, n, warmup=WARMUP, executor=executor, devices=devices,
-                                        example_inputs=(example, {}))
+                                        example_inputs=(example, {}), **stages_of_one_batch(n))
                 try:
                     rows[f"N={n}, {executor}"] = per_call(den, example[0], example[2], calls)
                 finally:
                     den.close()
     return {"asyncfx": os.path.dirname(asyncfx.__file__), "rows": rows}
+
+
+def stages_of_one_batch(n: int) -> dict[str, str]:
+    """``partition``'s option for ``n`` stages over the whole batch (``layout="1xN"``): left to
+    itself, the compiler may split this model's batch into groups, which is not the runtime
+    this measures; empty for a revision from before layouts (``--compare``), whose
+    partitions were always stages."""
+    return {"layout": f"1x{n}"} if "layout" in inspect.signature(asyncfx.partition).parameters else {}
 
 
 def run(calls: int, stage_counts: Sequence[int]) -> list[str]:

@@ -140,3 +140,11 @@ def test_a_run_reads_what_stage_0_made_k_steps_back_or_at_the_latest_sequential_
     assert origins == {0: [0, 0, 0], 1: [1, 1, 1], 2: [2, 1, 1], 3: [3, 2, 1], 4: [4, 3, 2], 5: [5, 5, 5],
                        6: [6, 5, 5], 7: [7, 6, 5], 8: [8, 7, 6]}
     assert all(run.origin is None for run in schedule(3, 2, warmup=1, stride=2, total_steps=8).runs)
+
+
+def test_a_steps_schedule_is_made_once_for_its_settings():
+    forecast = schedule(7, 3, warmup=2, forecast=0.5)
+    assert schedule(7, 3, warmup=2, forecast=0.5) is forecast  # remembered: denoisers ask at every call
+    plain = schedule(7, 3, warmup=2)
+    assert plain is not forecast and plain == schedule(7, 3, warmup=2)
+    assert [r.prior for r in forecast.runs] == [5, 5, 5] and [r.prior for r in plain.runs] == [None] * 3
