@@ -31,7 +31,8 @@ stages load their weights from its files, at every capture.
 
 Note (step caches): under a step cache asyncfx applies (``runtime.step_cache``) the stages
 run from the first step, each skipping its cached modules as the rules say; the rules are
-read from the model's hooks whenever they change (``enable_cache()``, ``disable_cache()``).
+read from the model's hooks whenever they change (``enable_cache()``, ``disable_cache()``):
+one scan of its modules at each call serves this and the refusal of other hooks.
 
 Note (filling calls): a call that writes into its arguments (a pipeline may first fill
 a KV cache with a reference image's keys and values) cannot run as a graph; the capture
@@ -49,7 +50,7 @@ import torch
 from torch import nn
 
 from asyncfx.errors import AsyncFXError, GenerationWarning, WeightsReleasedError
-from asyncfx.integration import NamedCalls, scheduled_timesteps
+from asyncfx.integration import NamedCalls, hooks_signature, scheduled_timesteps
 from asyncfx.program import CallSpec, Frontend, Layout, Program
 from asyncfx.runtime.captures import Capture, CaptureCache, Launch, first_tensor, running_on
 from asyncfx.runtime.clock import ClockState, CallFacts, Placement, advance, reset
@@ -126,8 +127,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
     @property
     def interface(self) -> CallSpec | None:
         """How calls bind to the current capture (None before the first call)."""
-        current = self._captures.current
-        return None if current is None else current.call
+        return getattr(self._captures.current, "call", None)
 
     @property
     def layout(self) -> Layout | None:
@@ -145,14 +145,12 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
     @property
     def program(self) -> Program | None:
         """The stages of the current capture (None until they are built)."""
-        current = self._captures.current
-        return None if current is None else current.program
+        return getattr(self._captures.current, "program", None)
 
     @property
     def executor(self) -> Any:
         """What runs the stages (None until the last warm-up step builds it)."""
-        current = self._captures.current
-        return None if current is None else current.executor
+        return getattr(self._captures.current, "executor", None)
 
     @property
     def plan(self) -> StagePlan | None:
@@ -215,14 +213,16 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
     # -- a call ---------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._calls.enter(type(self._model).__name__):
-            current = self._captures.current
-            check_call(self, self._model, None if current is None else current.module_dicts, args, kwargs)
+            dicts = getattr(self._captures.current, "module_dicts", None)
+            hooks = () if dicts is None else hooks_signature(dicts)  # see the note on step caches
+            check_call(self, self._model, dicts if hooks else None, args, kwargs)
             capture, flat = self._captures.bind(self._model, args, kwargs)
             named = dict(zip(capture.call.names, flat))
             if capture.call.written_arguments:
                 return self._fill(capture.call, named, args, kwargs)
             capture, named, placement = self._place(capture, named, args, kwargs)
-            return self._execute(capture, named, placement, args, kwargs)
+            hooks = hooks if capture.module_dicts is dicts else hooks_signature(capture.module_dicts)
+            return self._execute(capture, named, placement, args, kwargs, hooks)
 
     def _place(self, capture: Capture, named: dict[str, torch.Tensor], args: tuple,
                kwargs: dict) -> tuple[Capture, dict[str, torch.Tensor], Placement]:
@@ -256,7 +256,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
                          schedule=None if timesteps is None else Same(timesteps))
 
     def _execute(self, capture: Capture, named: dict[str, torch.Tensor], placement: Placement,
-                 args: tuple, kwargs: dict) -> Any:
+                 args: tuple, kwargs: dict, hooks: tuple) -> Any:
         call, step = capture.call, placement.stream_step
         stream = capture.stream(placement, self.warmup)
         timestep = named[call.timestep] if call.timestep is not None else None
@@ -267,8 +267,7 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         runs = schedule(step, capture.lowering.layout.stages, warmup=stream.warmup, stride=self.stride,
                         time_shift=self.time_shift, total_steps=total, forecast=self.forecast,
                         sequential=self.sequential)
-        cache = self._step_caches.current(self._model, capture.module_dicts, self.stride,  # see the note
-                                          capture.lowering.layout.groups)
+        cache = self._step_caches.current(self._model, hooks, self.stride, capture.lowering.layout.groups)
         if cache is not None:
             runs = runs._replace(cache=cache.step(step, stream.cache_decisions))
         stream.step = step + 1

@@ -26,7 +26,8 @@ def check_call(proxy: nn.Module, model: nn.Module, module_dicts: Sequence[dict] 
                args: tuple, kwargs: dict) -> None:
     """Refuse what the stages cannot run: compile tracing, gradients, offloading hooks on
     the denoiser, hooks on the model's layers since the capture (``module_dicts``: its
-    modules' attribute dicts then; None before the first capture)."""
+    modules' attribute dicts then; None before the first capture, or where none of them
+    holds a diffusers hook registry, as the caller's ``hooks_signature`` found)."""
     if torch.compiler.is_compiling():  # torch.compile imported torch._dynamo: disabling is free now
         torch.compiler.disable(_refuse_compile)(model)
     if torch.is_grad_enabled():

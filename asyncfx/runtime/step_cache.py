@@ -35,7 +35,6 @@ from torch import nn
 from asyncfx.cache_rules import Rule, SkipChain
 from asyncfx.errors import PlanError
 from asyncfx.cache_hooks import step_cache_rules
-from asyncfx.integration import hooks_signature
 from asyncfx.program import StageEditor
 from asyncfx.runtime.chain_skip import ChainPart, chain_part, check_decided
 
@@ -221,12 +220,11 @@ class CacheWatch:
         self._signature: tuple = ()
         self._cache: StepCache | None = None
 
-    def current(self, model: nn.Module, module_dicts: Sequence[dict], stride: int,
-                groups: int = 1) -> StepCache | None:
-        """The cache of ``model`` (whose modules' attribute dicts are ``module_dicts``), None
-        without one; refused with ``stride`` 2 (``check_stride``), and one that decides from
-        values with batch groups (``check_groups``)."""
-        signature = hooks_signature(module_dicts)
+    def current(self, model: nn.Module, signature: tuple, stride: int, groups: int = 1) -> StepCache | None:
+        """The cache of ``model``, whose diffusers hooks are now ``signature``
+        (``integration.hooks_signature``), None without one; refused with ``stride`` 2
+        (``check_stride``), and one that decides from values with batch groups
+        (``check_groups``)."""
         if signature != self._signature:
             rules = step_cache_rules(model)
             self._signature, self._cache = signature, StepCache(rules) if rules else None
