@@ -111,28 +111,26 @@ def advance(state: ClockState, facts: CallFacts) -> tuple[ClockState, Placement]
     why = _new_generation(state, facts)
     if why is not None:
         state = ClockState(generation=state.generation + 1, constant=state.constant, widths=state.widths)
-    state = _at_step(state, facts)
+    step, timestep, direction, calls, counts = _at_step(state, facts)
     group = (facts.capture, facts.context)
-    index = state.counts.get(group, 0)
+    index = counts.get(group, 0)
     key: StreamKey = (facts.capture, facts.context, index)
     stream = state.streams.get(key)
     kept, constant = None, state.constant
-    if stream is not None and stream.last == state.step - 1:
+    if stream is not None and stream.last == step - 1:
         same = [i for i, (a, b) in enumerate(zip(stream.conditions, facts.conditions)) if a == b]
         kept, start = len(same), stream.start
         if index == 0 and any((*group, i) not in constant for i in same):
             constant = constant | {(*group, i) for i in same}
     else:
-        start = state.step
-    streams = {**state.streams, key: StreamState(start, state.step, facts.conditions)}
+        start = step
     widths = state.widths
     if index + 1 > widths.get(group, 1):
         widths = {**widths, group: index + 1}
-    state = state._replace(calls=state.calls + 1, values=facts.values, schedule=facts.schedule,
-                           counts={**state.counts, group: index + 1}, streams=streams, constant=constant,
-                           widths=widths)
-    placement = Placement(state.generation, state.step, key, state.step - start, why, kept)
-    return state, placement
+    state = ClockState(state.generation, step, timestep, direction, calls + 1, facts.values, facts.schedule,
+                       {**counts, group: index + 1},
+                       {**state.streams, key: StreamState(start, step, facts.conditions)}, constant, widths)
+    return state, Placement(state.generation, step, key, step - start, why, kept)
 
 
 def _new_generation(state: ClockState, facts: CallFacts) -> str | None:
@@ -175,16 +173,17 @@ def _conditions_replaced(state: ClockState, facts: CallFacts, same_step: bool) -
                    if i < min(len(stream.conditions), len(facts.conditions)))
 
 
-def _at_step(state: ClockState, facts: CallFacts) -> ClockState:
-    """The state at the call's step: the current one for another call at its timestep,
-    else the next."""
+def _at_step(state: ClockState, facts: CallFacts) -> tuple[int, float | None, float | None, int,
+                                                           Mapping[tuple[Hashable, str | None], int]]:
+    """``(step, timestep, direction, calls, counts)`` at the call's step: the current
+    step's for another call at its timestep, else the next one's."""
     t = facts.timestep
     if t is not None and t == state.timestep:
-        return state
+        return state.step, t, state.direction, state.calls, state.counts
     direction = state.direction
     if t is not None and state.timestep is not None:
         direction = 1.0 if t > state.timestep else -1.0
-    return state._replace(step=state.step + 1, timestep=t, direction=direction, calls=0, counts={})
+    return state.step + 1, t, direction, 0, {}
 
 
 def reset(state: ClockState) -> ClockState:
