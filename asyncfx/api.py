@@ -98,8 +98,8 @@ def partition(model: nn.Module, n_devices: int = 2, *, layout: str | None = None
         check_argument_names(model, latent=latent, timestep=timestep)
     options = PartitionOptions(n_devices=n_devices, layout=layout, devices=devices, warmup=warmup,
                                stride=stride, executor=executor, plan=plan, scheduler=scheduler,
-                               time_shift=time_shift,
-                               forecast=forecast, cooldown=cooldown, refresh=refresh, switch_below=switch_below,
+                               time_shift=time_shift, forecast=forecast, cooldown=cooldown, refresh=refresh,
+                               switch_below=switch_below,
                                cost=cost, link=link, latent=latent, timestep=timestep,
                                cuda_graphs=cuda_graphs, rebalance=rebalance,
                                release_weights=release_weights, weights=weights, progress=progress)

@@ -30,7 +30,8 @@ a value that moves on as it did is extrapolated, one that turns back is read as 
 so a forecast does not amplify an oscillation (its own error coming back) step by
 step. Without B3 (the second parallel step after warm-up) the trend is 1. The first
 parallel step (round) after warm-up has one version, the last warm-up step's (the
-stages may not run before it), and reads it as it is. The store then keeps three versions (``StepSchedule.keep_from``).
+stages may not run before it), and reads it as it is. The store then keeps three
+versions (``StepSchedule.keep_from``).
 ``time_shift`` computes each stage at its inputs' own step, so there is nothing to
 forecast (r = 0).
 
@@ -179,7 +180,8 @@ class _Steps:
     def check(self) -> None:
         if self.placed.cooldown and self.total is None:
             raise PlanError("cooldown places sequential steps at the end of a generation, so the schedule "
-                            "needs its number of steps: pass scheduler=pipe.scheduler to asyncfx.partition().")
+                            "needs its number of steps: pass scheduler=pipe.scheduler to "
+                            "asyncfx.partition().")
 
     def sequential(self, step: int) -> bool:
         return self.placed.at(step, self.warmup, self.total)

@@ -144,15 +144,17 @@ def report(name: str, facts: list[dict], baseline: float, options: argparse.Name
           f"the original on 1 thread")
     stage_seconds = facts[0]["stage seconds"]
     if stage_seconds:
-        print(f"    stages measured in the last generation: "
-              f"{' / '.join(f'{s * 1e3:.0f}' for s in stage_seconds)} ms, max/mean {balance(stage_seconds):.3f}")
+        measured = " / ".join(f"{s * 1e3:.0f}" for s in stage_seconds)
+        print(f"    stages measured in the last generation: {measured} ms, "
+              f"max/mean {balance(stage_seconds):.3f}")
     for rank, rank_facts in enumerate(facts):
         memory = " ".join(f"{m / GB:.2f}" for m in rank_facts["rss"])
+        peak = f"{rank_facts['peak'] / GB:.2f} GB"
         if len(facts) == 1:  # one process holds every stage
-            print(f"    process: RSS after each generation {memory} GB, peak {rank_facts['peak'] / GB:.2f} GB")
+            print(f"    process: RSS after each generation {memory} GB, peak {peak}")
             continue
         own = rank_facts["stage bytes"][rank]
-        print(f"    rank {rank}: RSS after each generation {memory} GB, peak {rank_facts['peak'] / GB:.2f} GB; "
+        print(f"    rank {rank}: RSS after each generation {memory} GB, peak {peak}; "
               f"its stage's parameters {own / GB:.2f} GB (+{(rank_facts['rss'][0] - own) / GB:.2f} GB after "
               f"the first generation)")
     for note in facts[0]["notes"]:

@@ -122,7 +122,8 @@ def compare(revision: str, calls: int, stage_counts: Sequence[int], rounds: int)
     """This checkout against ``revision``, alternating in fresh interpreters."""
     arguments = ["--calls", str(calls), "--stages", ",".join(map(str, stage_counts))]
     samples = alternating(revision, pathlib.Path(__file__).resolve(), arguments, rounds, "rows")
-    lines = [f"calling-thread CPU per call, median of {rounds} alternating runs ({calls} calls a generation):",
+    lines = [f"calling-thread CPU per call, median of {rounds} alternating runs "
+             f"({calls} calls a generation):",
              f"{'':18} {revision:>14} {'this checkout':>14} {'ratio':>7}"]
     for name in samples["this checkout"]:
         before = statistics.median(cpu for _, cpu in samples[revision][name])
@@ -168,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stages", default="2,4", help="stage counts, comma-separated")
     parser.add_argument("--compare", metavar="REV", help="also measure git revision REV, alternating")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each with --compare")
-    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one measurement, for --compare
+    # one measurement as JSON, for --compare
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     try:
         stage_counts = [int(n) for n in options.stages.split(",")]

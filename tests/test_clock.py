@@ -22,7 +22,8 @@ def place(calls: list[CallFacts], state: ClockState | None = None) -> list[tuple
 
 def t(value: float, capture: object = 0, context: str | None = None, conditions: tuple = (),
       schedule: object = None) -> CallFacts:
-    return CallFacts(timestep=value, capture=capture, context=context, conditions=conditions, schedule=schedule)
+    return CallFacts(timestep=value, capture=capture, context=context, conditions=conditions,
+                     schedule=schedule)
 
 
 def test_one_call_per_step():
@@ -82,7 +83,8 @@ def test_named_contexts_are_the_streams():
 
 def test_alternating_captures_each_keep_their_streams():
     """Two kinds of call (two captures) at every step, and a third kind at one step."""
-    assert place([t(999, "a"), t(999, "b"), t(979, "a"), t(979, "b"), t(979, "c"), t(959, "a"), t(959, "b")]) == [
+    calls = [t(999, "a"), t(999, "b"), t(979, "a"), t(979, "b"), t(979, "c"), t(959, "a"), t(959, "b")]
+    assert place(calls) == [
         (0, 0, ("a", None, 0), 0), (0, 0, ("b", None, 0), 0),
         (0, 1, ("a", None, 0), 1), (0, 1, ("b", None, 0), 1), (0, 1, ("c", None, 0), 0),
         (0, 2, ("a", None, 0), 2), (0, 2, ("b", None, 0), 2)]

@@ -98,7 +98,8 @@ def _embeds(seed: int) -> torch.Tensor:
 def _image_to_image(pipe) -> np.ndarray:
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     return pipe(prompt_embeds=_embeds(2), negative_prompt_embeds=_embeds(3), image=image, strength=0.6,
-                num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np").images
+                num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
 
 
 @pytest.mark.parametrize("how", ["exception", "interrupt flag"])
@@ -113,7 +114,8 @@ def test_image_to_image_after_an_interrupted_text_to_image_run_is_a_fresh_run(ho
     pipe.unet = asyncfx.partition(unet, 2, layout="1x2", warmup=1, executor="serial")
     _text_to_image(pipe, how)
     pipe._interrupt = False
-    np.testing.assert_array_equal(_image_to_image(StableDiffusionImg2ImgPipeline(**pipe.components)), expected)
+    again = _image_to_image(StableDiffusionImg2ImgPipeline(**pipe.components))
+    np.testing.assert_array_equal(again, expected)
 
 
 #: Whether ``Gate`` calls wait, and the events they wait with (kept outside the model, whose
@@ -179,9 +181,11 @@ def test_calls_named_by_the_pipeline_keep_their_streams_in_any_order():
     the results are those of the calls made in one order."""
     _, _, kwargs = zoo_example("sd_unet")
     uncond = {**kwargs, "encoder_hidden_states": torch.zeros_like(kwargs["encoder_hidden_states"])}
-    named, ordered = (asyncfx.partition(zoo_captured("sd_unet"), 2, warmup=1, executor="serial") for _ in range(2))
+    named, ordered = (asyncfx.partition(zoo_captured("sd_unet"), 2, warmup=1, executor="serial")
+                      for _ in range(2))
     for step, t in enumerate((900, 800, 700, 600)):
-        calls = {"cond": {**kwargs, "timestep": torch.tensor(t)}, "uncond": {**uncond, "timestep": torch.tensor(t)}}
+        calls = {"cond": {**kwargs, "timestep": torch.tensor(t)},
+                 "uncond": {**uncond, "timestep": torch.tensor(t)}}
         expected = {name: ordered(**call).sample for name, call in calls.items()}
         for name in (("uncond", "cond") if step % 2 else ("cond", "uncond")):
             with named.cache_context(name):

@@ -53,7 +53,8 @@ def import_graph() -> nx.DiGraph:
             elif isinstance(node, ast.ImportFrom):
                 module = ".".join((package[:len(package) - node.level + 1] if node.level else [])
                                   + ([node.module] if node.module else []))
-                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in files else module for a in node.names]
+                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in files else module
+                           for a in node.names]
             else:
                 continue
             graph.add_edges_from((name, target) for target in targets if target in files and target != name)

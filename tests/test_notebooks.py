@@ -51,7 +51,8 @@ def process_state_kept(folder: pathlib.Path) -> Iterator[None]:
     """Run in ``folder``, then put back what a notebook may change in the process."""
     import matplotlib
 
-    grad, threads, rng, cwd = torch.is_grad_enabled(), torch.get_num_threads(), torch.get_rng_state(), os.getcwd()
+    grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
+    rng, cwd = torch.get_rng_state(), os.getcwd()
     backend = matplotlib.get_backend()
     os.chdir(folder)
     try:

@@ -103,7 +103,8 @@ def check_objects_are_registered(leaves: list[Any], names: list[str], model_clas
 def unregistered_input_error(error: Exception, leaves: list[Any], names: list[str],
                              model_class: str) -> CaptureError | None:
     """A clear error for export's refusal of an argument that is an object of an
-    unregistered class holding no tensors yet (a cache the call fills), or None when ``error`` is about something else."""
+    unregistered class holding no tensors yet (a cache the call fills), or None when
+    ``error`` is about something else."""
     match = re.search(r"Unsupported input type <class '([\w.]+)'>", str(error))
     for leaf, name in zip(leaves, names):
         if match is not None and any(_qualified(type(item)) == match.group(1)

@@ -2,12 +2,13 @@
 
 torch.export runs ``forward`` on fake tensors and ``torch.fx.symbolic_trace`` on proxies.
 A forward that keeps a value in Python between calls (a rotary table computed at its
-first call and cached in a plain object; a cache of the previous step's features) keeps the traced value, and every later eager call of the model reads it:
-wrong numbers or a crash, long after the capture. Parameters, buffers and submodules are
-export's own business; this restores the rest, to what it held before: the attributes of
-the model's modules that hold a traced value after tracing, and everything in the plain
-objects, lists and dicts the modules hold, four levels down, as torch.export does with
-the modules' own attributes: the trace was not a call.
+first call and cached in a plain object; a cache of the previous step's features) keeps
+the traced value, and every later eager call of the model reads it: wrong numbers or a
+crash, long after the capture. Parameters, buffers and submodules are export's own
+business; this restores the rest, to what it held before: the attributes of the model's
+modules that hold a traced value after tracing, and everything in the plain objects,
+lists and dicts the modules hold, four levels down, as torch.export does with the
+modules' own attributes: the trace was not a call.
 
 Other Python state the trace changed (a step counter an attention processor keeps, a
 flag flipped at each call) is also reported: the captured graph runs no Python, so such

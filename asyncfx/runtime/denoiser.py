@@ -98,9 +98,9 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
                  layout: Layout | None = None, progress: Progress = Progress(enabled=False)):
         super().__init__(model)
         self._frontend, self._launch = frontend, launch
-        self.n_devices, self.warmup, self.stride = n_devices, warmup, stride
+        self.n_devices, self.warmup, self.stride, self.sequential = n_devices, warmup, stride, sequential
         self.given_layout = layout  # None: chosen at the first call
-        self.time_shift, self.scheduler, self.forecast, self.sequential = time_shift, scheduler, forecast, sequential
+        self.time_shift, self.scheduler, self.forecast = time_shift, scheduler, forecast
         self.switch_below = switch_below  # warm-up goes on while the prediction changes this much
         self.rebuild = rebuild  # re-capture on new input shapes (not with a user's plan)
         self.convertible = convertible  # .to() may convert the model and re-capture it
@@ -288,7 +288,8 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         if runs.mode is Mode.CACHED:
             outputs = stream.cached.pop(step)
         else:
-            given = inputs_for(named, call, stream.times, step, self.stride == 2 or self.time_shift, self.forecast)
+            moves = self.stride == 2 or self.time_shift
+            given = inputs_for(named, call, stream.times, step, moves, self.forecast)
             results = executor.step(runs, given, stream.store)
             outputs = results.pop(step)
             stream.cached = results
@@ -365,10 +366,10 @@ class AsyncDenoiser(NamedCalls, ModelProxy):
         sequentially."""
         logger.debug("generation %d starts at timestep %s (%s): warm-up again", placement.generation,
                      facts.timestep, placement.new_generation)
-        previous = before.values
-        if facts.timestep is not None or not isinstance(previous, Equal) or len(previous) != len(facts.values):
+        previous, values = before.values, facts.values
+        if not (facts.timestep is None and isinstance(previous, Equal) and len(previous) == len(values)):
             return
-        changed = [name for name, a, b in zip(call.conditions, previous.tensors, facts.values.tensors)
+        changed = [name for name, a, b in zip(call.conditions, previous.tensors, values.tensors)
                    if not same_values(a, b)]
         latent = named[call.latent]
         batch = latent.shape[0] if latent.dim() else 1

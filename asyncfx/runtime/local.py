@@ -188,9 +188,8 @@ class LocalExecutor(Executor):
                                cache=cache_call(self.program, plan, run, own))
         written = ()
         if worker.device.type == "cuda":
-            graph_inputs = self.program.graph_inputs
-            written = _recorded_on_current_streams(
-                [arg for arg, name in zip(args, self.program.stages[run.stage].inputs) if name in graph_inputs])
+            names, graph_inputs = self.program.stages[run.stage].inputs, self.program.graph_inputs
+            written = _recorded_on_current_streams([a for a, n in zip(args, names) if n in graph_inputs])
         worker.tasks.put((handed, (group, run), args, written, threads, autocast))
 
     def close(self) -> None:

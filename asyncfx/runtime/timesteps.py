@@ -101,8 +101,8 @@ class StreamTimesteps:
     def sampler_timesteps(self, scheduler: Any, start: int) -> list[float]:
         """The scheduler's distinct timesteps from the stream's first call on (``start``: its
         first call's generation step), read at that call. A timestep listed twice in a row
-        (a second-order sampler's correction, a multistep sampler's first steps) is listed once: its second call is another
-        stream (see the call clock)."""
+        (a second-order sampler's correction, a multistep sampler's first steps) is listed
+        once: its second call is another stream (see the call clock)."""
         if self.scheduled is None:
             timesteps = scheduler_timesteps(scheduler)
             if timesteps is None:
@@ -180,7 +180,8 @@ def inputs_for(named: Mapping[str, torch.Tensor], call: CallSpec, times: StreamT
             return named
         if index not in made:
             moved = times.moved(timestep, index)
-            made[index] = {**named, **ahead(index - step), **{name: moved for name in (call.timestep, *copies)}}
+            made[index] = {**named, **ahead(index - step),
+                           **{name: moved for name in (call.timestep, *copies)}}
         return made[index]
     return moved_inputs
 
@@ -251,4 +252,5 @@ def _other_levels(timestep: torch.Tensor) -> torch.Tensor:
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors are the same object, or of one shape, dtype and device with equal values."""
-    return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                      and torch.equal(a, b))

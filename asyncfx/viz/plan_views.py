@@ -14,7 +14,8 @@ from asyncfx.partitioner.cost_graph import CostGraph, build_cost_graph
 from asyncfx.partitioner.device import DeviceSpec, device_spec
 from asyncfx.partitioner.profile import Profile
 from asyncfx.plan import BoundaryTensor, StagePlan, format_bytes
-from asyncfx.viz.style import MAIN_PATH_COLOR, SKIP_COLOR, axes, legend_patches, require_matplotlib, stage_colors
+from asyncfx.viz.style import (MAIN_PATH_COLOR, SKIP_COLOR, axes, legend_patches, require_matplotlib,
+                               stage_colors)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

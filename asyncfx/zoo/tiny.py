@@ -331,6 +331,6 @@ def sd_pipeline(unet: nn.Module | None = None, scheduler: Any = None) -> Any:
 
     return StableDiffusionPipeline(vae=vae(), text_encoder=None, tokenizer=None,
                                    unet=unet if unet is not None else sd_unet()[0],
-                                   scheduler=scheduler or DDIMScheduler(num_train_timesteps=1000, steps_offset=1,
-                                                                        clip_sample=False),
+                                   scheduler=scheduler or DDIMScheduler(num_train_timesteps=1000,
+                                                                        steps_offset=1, clip_sample=False),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
