@@ -1,9 +1,11 @@
 """The design's layering: compiler (partitioner, passes) and runtime meet only at the
 contract modules (``asyncfx.program``, ``asyncfx.plan``, ``asyncfx.schedule``); no
-module imports itself back through others; no module mixes concepts past 400 lines."""
+module imports itself back through others; no module mixes concepts past 400 lines; no
+line is longer than setup.cfg allows."""
 from __future__ import annotations
 
 import ast
+import configparser
 import pathlib
 
 import networkx as nx
@@ -92,6 +94,18 @@ def test_no_module_is_over_400_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}, f"split these by concept: {long}"
+
+
+def test_no_line_is_over_the_configured_length():
+    """setup.cfg's line limit, for the library, its tests and its benchmarks."""
+    config = configparser.ConfigParser()
+    config.read(PACKAGE.parent / "setup.cfg")
+    limit = config.getint("flake8", "max-line-length")
+    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "tests").glob("*.py"),
+             *(PACKAGE.parent / "benchmarks").glob("*.py")]
+    long = [f"{p.relative_to(PACKAGE.parent)}:{i}" for p in files
+            for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > limit]
+    assert long == [], f"lines over {limit} characters: {long}"
 
 
 def test_imports_are_found_absolute_relative_and_nested():
