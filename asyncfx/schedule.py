@@ -114,6 +114,7 @@ def schedule(step: int, n_stages: int, *, warmup: int, stride: int = 1, time_shi
 
 def _scheduled(step: int, n_stages: int, warmup: int, stride: int, time_shift: bool, total_steps: int | None,
                forecast: float, sequential: SequentialSteps) -> StepSchedule:
+    """``schedule``'s result, worked out (``_remembered_schedule`` keeps it)."""
     steps = _Steps(warmup, stride, total_steps, sequential)
     steps.check()
     plain = _plain_schedule(step, n_stages, steps, time_shift)
