@@ -9,8 +9,8 @@ scheduling the step, running or handing each stage to its worker, collecting and
 rebuilding the output. In one run it times the model alone (the baseline), the serial
 executor (every stage in the calling thread: the runtime without threads) and the local
 executor on CPU worker threads, each as the median wall time of a parallel step and the
-CPU time the calling thread spent in it. On a GPU the calling
-thread's time is what a round cannot hide; ``benchmarks/gpu.py`` measures the rest.
+CPU time the calling thread spent in it. On a GPU the calling thread's time is what a
+round cannot hide; ``benchmarks/gpu.py`` measures the rest.
 
 ``--compare REV`` measures the calls of this checkout and of git revision REV (checked
 out in a temporary worktree) in one run, alternating between them ``--rounds`` times in
