@@ -107,14 +107,19 @@ def schedule(step: int, n_stages: int, *, warmup: int, stride: int = 1, time_shi
         >>> [ (r.stage, r.timestep, r.reads) for r in schedule(5, 3, warmup=2).runs ]
         [(0, 5, 4), (1, 5, 4), (2, 5, 4)]
     """
-    _check(step, n_stages, warmup, stride, total_steps)
-    return _remembered_schedule(step, n_stages, warmup, stride, time_shift, total_steps, forecast,
-                                sequential or SequentialSteps())
+    try:
+        return _remembered_schedule(step, n_stages, warmup, stride, time_shift, total_steps, forecast,
+                                    sequential or SequentialSteps())
+    except TypeError:  # a setting that cannot be remembered (a list): refused by name where it can be
+        check_settings(n_stages, warmup, stride)
+        raise
 
 
 def _scheduled(step: int, n_stages: int, warmup: int, stride: int, time_shift: bool, total_steps: int | None,
                forecast: float, sequential: SequentialSteps) -> StepSchedule:
-    """``schedule``'s result, worked out (``_remembered_schedule`` keeps it)."""
+    """``schedule``'s result, checked and worked out (``_remembered_schedule`` keeps it: a
+    schedule remembered had its settings checked)."""
+    _check(step, n_stages, warmup, stride, total_steps)
     steps = _Steps(warmup, stride, total_steps, sequential)
     steps.check()
     plain = _plain_schedule(step, n_stages, steps, time_shift)
@@ -306,21 +311,13 @@ def check_settings(n_stages: int, warmup: int, stride: int) -> None:
 
 #: Schedules remembered: a schedule depends on its step and settings alone, and a denoiser
 #: asks for the same steps in every generation (a few streams of up to a few hundred steps).
+#: Typed: ``True`` is not remembered as the ``1`` it equals, so a bool setting is refused.
 SCHEDULES_KEPT = 4096
-_remembered_schedule = functools.lru_cache(maxsize=SCHEDULES_KEPT)(_scheduled)
-
-
-@functools.lru_cache(maxsize=64)
-def _settings_checked(n_stages: int, warmup: int, stride: int) -> None:
-    """``check_settings``, remembered for the settings a denoiser schedules every step with."""
-    check_settings(n_stages, warmup, stride)
+_remembered_schedule = functools.lru_cache(maxsize=SCHEDULES_KEPT, typed=True)(_scheduled)
 
 
 def _check(step: int, n_stages: int, warmup: int, stride: int, total_steps: int | None) -> None:
-    try:
-        _settings_checked(n_stages, warmup, stride)
-    except TypeError:  # settings that cannot be remembered (a list): checked, and named, anyway
-        check_settings(n_stages, warmup, stride)
+    check_settings(n_stages, warmup, stride)
     if step < 0:
         raise PlanError(f"step must be >= 0, got {step}.")
     if stride == 2 and total_steps is None:

@@ -148,3 +148,12 @@ def test_a_steps_schedule_is_made_once_for_its_settings():
     plain = schedule(7, 3, warmup=2)
     assert plain is not forecast and plain == schedule(7, 3, warmup=2)
     assert [r.prior for r in forecast.runs] == [5, 5, 5] and [r.prior for r in plain.runs] == [None] * 3
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(warmup=True), "warmup must be an integer"),
+                                             (dict(warmup=1, stride=True), "stride must be 1 or 2"),
+                                             (dict(warmup=[1]), "warmup must be an integer")])
+def test_a_setting_equal_to_a_remembered_one_is_still_checked(kwargs, message):
+    schedule(3, 2, warmup=1)  # remembered: True equals 1, and is refused all the same
+    with pytest.raises(ValueError, match=message):
+        schedule(3, 2, **kwargs)
